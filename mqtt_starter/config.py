@@ -1,0 +1,535 @@
+"""Settings: YAML + environment → validated, documented, frozen pydantic models.
+
+The models are the configuration reference: every field has a default (except the QRS URL)
+and a description, unknown keys are errors, and every problem is reported with its key path,
+all at once (ConfigError, exit 78). Loading order: YAML file → `${VAR}` interpolation →
+`<key>_file` secrets read → `MQTT_STARTER_<SECTION>__<KEY>` overrides → validation.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from .errors import ConfigError, ConfigProblem
+from .routing import TopicFilter
+
+ENV_PREFIX = "MQTT_STARTER_"
+# Secrets that may also be given as `<key>_file`; the file's content (trailing newline cut) is used.
+SECRET_KEYS = (("mqtt", "password"), ("qrs", "jwt"), ("http", "token"))
+_VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class TlsSettings(Section):
+    enabled: bool = Field(False, description="connect to the broker over TLS")
+    ca_file: Path | None = Field(
+        None,
+        description="CA bundle that signed the broker's certificate"
+        " (none: the system's trust store)",
+    )
+    cert_file: Path | None = Field(
+        None, description="client certificate (PEM) for mutual TLS"
+    )
+    key_file: Path | None = Field(None, description="private key (PEM) of `cert_file`")
+    insecure: bool = Field(
+        False, description="skip the broker host name check (never in production)"
+    )
+
+    @model_validator(mode="after")
+    def _pair(self) -> TlsSettings:
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError("cert_file and key_file go together")
+        return self
+
+
+class ReconnectSettings(Section):
+    min_s: float = Field(
+        1.0, gt=0, description="first wait before reconnecting to the broker"
+    )
+    max_s: float = Field(
+        60.0, gt=0, description="longest wait between reconnect attempts"
+    )
+
+
+class MqttSettings(Section):
+    host: str = Field("localhost", description="broker host name or address")
+    port: int = Field(
+        1883, ge=1, le=65535, description="broker port (8883 is usual with TLS)"
+    )
+    client_id: str = Field(
+        "mqtt-starter",
+        min_length=1,
+        max_length=128,
+        description="fixed client id: the persistent session hangs on it",
+    )
+    username: str | None = Field(None, description="broker user name")
+    password: SecretStr | None = Field(
+        None, description="broker password (or `password_file`)"
+    )
+    protocol: Literal["5", "3.1.1"] = Field(
+        "5", description="MQTT protocol version: 5 or 3.1.1"
+    )
+    tls: TlsSettings = Field(TlsSettings(), description="TLS to the broker")
+    base_topic: str = Field(
+        "butler", min_length=1, description="first levels of every topic"
+    )
+    session_expiry_s: int = Field(
+        86400,
+        ge=0,
+        description="how long the broker keeps the"
+        " session (and queued triggers) while the daemon is away",
+    )
+    accept_retained: bool = Field(
+        False,
+        description="act on retained trigger messages (a"
+        " retained start would fire at every reconnect)",
+    )
+    reply_topic_allow: list[str] = Field(
+        ["#"], min_length=1, description="filters a reply topic must match"
+    )
+    shared_group: str | None = Field(
+        None,
+        description="subscribe as $share/<group>/... so that"
+        " several instances share the triggers",
+    )
+    keepalive_s: int = Field(60, ge=5, le=65535, description="MQTT keep-alive interval")
+    max_in_flight: int = Field(
+        20,
+        ge=1,
+        le=65535,
+        description="triggers handled at once; the"
+        " broker holds the rest (MQTT 5 Receive Maximum)",
+    )
+    reconnect: ReconnectSettings = Field(
+        ReconnectSettings(),
+        description="broker reconnect backoff (jittered, exponential)",
+    )
+
+    @field_validator("protocol", mode="before")
+    @classmethod
+    def _protocol(cls, value: Any) -> Any:
+        text = str(value)
+        return {"5": "5", "5.0": "5", "3.1.1": "3.1.1", "311": "3.1.1"}.get(text, text)
+
+    @field_validator("base_topic")
+    @classmethod
+    def _base(cls, value: str) -> str:
+        if (
+            any(c in value for c in "+#")
+            or value.startswith(("$", "/"))
+            or value.endswith("/")
+        ):
+            raise ValueError("no wildcards, no leading $ or /, no trailing /")
+        return value
+
+    @field_validator("reply_topic_allow")
+    @classmethod
+    def _filters(cls, value: list[str]) -> list[str]:
+        for text in value:
+            TopicFilter.parse(text)
+        return value
+
+    @field_validator("shared_group")
+    @classmethod
+    def _group(cls, value: str | None) -> str | None:
+        if value is not None and (not value or any(c in value for c in "/+#")):
+            raise ValueError("a non-empty name without / + #")
+        return value
+
+
+class RetrySettings(Section):
+    attempts: int = Field(
+        5, ge=1, le=100, description="tries of one QRS call, the first included"
+    )
+    backoff_s: float = Field(
+        0.5,
+        ge=0,
+        description="wait before the first retry; doubles each time, with full jitter",
+    )
+    max_backoff_s: float = Field(
+        30.0, ge=0, description="longest wait between two tries"
+    )
+
+
+class QrsSettings(Section):
+    url: str = Field(
+        description="QRS base URL: https://host:4242, or https://host/<prefix> for"
+        " a virtual proxy"
+    )
+    auth: Literal["certificate", "jwt"] = Field(
+        "certificate",
+        description="certificate (mutual"
+        " TLS on 4242) or jwt (bearer via a virtual proxy)",
+    )
+    cert_file: Path = Field(
+        Path("/etc/mqtt-starter/client.pem"),
+        description="client certificate exported from the QMC",
+    )
+    key_file: Path = Field(
+        Path("/etc/mqtt-starter/client_key.pem"), description="its private key"
+    )
+    ca_file: Path | None = Field(
+        Path("/etc/mqtt-starter/root.pem"),
+        description="root.pem that"
+        " signed the Sense server certificate (none: system trust store)",
+    )
+    insecure: bool = Field(
+        False,
+        description="do not verify the QRS server certificate (warned at every start)",
+    )
+    jwt: SecretStr | None = Field(
+        None, description="JWT for a JWT virtual proxy (or `jwt_file`)"
+    )
+    user_directory: str = Field("INTERNAL", description="X-Qlik-User UserDirectory")
+    user_id: str = Field("sa_repository", description="X-Qlik-User UserId")
+    timeout_s: float = Field(30.0, gt=0, description="time limit of one QRS call")
+    max_concurrency: int = Field(
+        8, ge=1, le=256, description="QRS calls in flight at once"
+    )
+    poll_interval_s: float = Field(
+        2.0, gt=0, description="how often a running execution is polled"
+    )
+    retry: RetrySettings = Field(
+        RetrySettings(), description="retries on connection errors, timeouts and 5xx"
+    )
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, value: str) -> str:
+        if not re.match(r"^https?://[^/\s]+(/[^\s?#]*)?$", value):
+            raise ValueError("an http(s) URL without query or fragment")
+        return value.rstrip("/")
+
+    @field_validator("user_directory", "user_id")
+    @classmethod
+    def _header_safe(cls, value: str) -> str:
+        if not value or any(c in value for c in ";=\r\n"):
+            raise ValueError("must not be empty or contain ; = or line breaks")
+        return value
+
+    @model_validator(mode="after")
+    def _auth(self) -> QrsSettings:
+        if self.auth == "jwt" and self.jwt is None:
+            raise ValueError("auth: jwt needs `jwt` or `jwt_file`")
+        return self
+
+
+class CustomPropertySelector(Section):
+    name: str = Field(min_length=1, description="custom property name")
+    value: str = Field(description="custom property value")
+
+
+class AllowList(Section):
+    task_ids: list[str] = Field([], description="task ids that may be started")
+    tags: list[str] = Field(
+        [], description="tasks with one of these tags may be started"
+    )
+    custom_properties: list[CustomPropertySelector] = Field(
+        [], description="tasks with one of these custom property values may be started"
+    )
+
+
+class PolicySettings(Section):
+    allow: AllowList | None = Field(
+        None,
+        description="which tasks may be started; none: every task (warned at start)",
+    )
+    on_running: Literal["skip", "start"] = Field(
+        "skip",
+        description="skip (already_running) or start a task that is already running",
+    )
+    dedupe_window_s: float = Field(
+        600.0,
+        ge=0,
+        description="a repeated requestId within this window is answered from memory",
+    )
+    max_payload_bytes: int = Field(
+        65536, ge=64, description="larger payloads are refused"
+    )
+    max_tasks_per_request: int = Field(
+        100,
+        ge=1,
+        description="a request resolving to more tasks is refused (too_many_tasks)",
+    )
+
+
+class WhenCondition(Section):
+    field: str = Field(min_length=1, description="dotted path into the JSON payload")
+    equals: Any = Field(description="the value the field must have")
+
+
+class RouteSettings(Section):
+    topic: str = Field(
+        description="an MQTT filter; {1} in selectors is its first wildcard level"
+    )
+    task_ids: list[str] = Field([], description="task ids to start")
+    tags: list[str] = Field([], description="tags whose tasks to start")
+    custom_properties: list[CustomPropertySelector] = Field(
+        [], description="custom property values whose tasks to start"
+    )
+    names: list[str] = Field([], description="task names to start")
+    when: WhenCondition | None = Field(
+        None, description="start only when the payload matches"
+    )
+    debounce_s: float = Field(
+        0.0,
+        ge=0,
+        description="triggers within this time after a start"
+        " are answered without starting again",
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> RouteSettings:
+        topic_filter = TopicFilter.parse(self.topic)
+        if not (self.task_ids or self.tags or self.custom_properties or self.names):
+            raise ValueError(
+                "a route needs at least one of task_ids, tags, custom_properties, names"
+            )
+        templates = [
+            *self.task_ids,
+            *self.tags,
+            *self.names,
+            *(t for cp in self.custom_properties for t in (cp.name, cp.value)),
+        ]
+        for template in templates:
+            for index in re.findall(r"\{(\d+)\}", template):
+                if not 1 <= int(index) <= topic_filter.wildcards:
+                    raise ValueError(
+                        f"{{{index}}} in {template!r}: the topic has"
+                        f" {topic_filter.wildcards} wildcard level(s)"
+                    )
+        return self
+
+
+class StatusSettings(Section):
+    publish_task_events: bool = Field(
+        True,
+        description="publish each state change of started"
+        " executions on <base>/status/task/<taskId>",
+    )
+
+
+class HttpSettings(Section):
+    enabled: bool = Field(
+        False, description="serve health, metrics and Butler's REST start endpoint"
+    )
+    host: str = Field("127.0.0.1", description="address to listen on")
+    port: int = Field(8080, ge=0, le=65535, description="port to listen on")
+    token: SecretStr | None = Field(
+        None, description="bearer token required by every route (or `token_file`)"
+    )
+
+
+class LogSettings(Section):
+    level: Literal[
+        "TRACE", "DEBUG", "INFO", "SUCCESS", "WARNING", "ERROR", "CRITICAL"
+    ] = Field("INFO", description="lowest level written")
+    format: Literal["text", "json"] = Field(
+        "text", description="text (journald friendly) or json, one object a line"
+    )
+
+    @field_validator("level", mode="before")
+    @classmethod
+    def _upper(cls, value: Any) -> Any:
+        return value.upper() if isinstance(value, str) else value
+
+
+class Settings(Section):
+    mqtt: MqttSettings = Field(MqttSettings(), description="the broker")
+    qrs: QrsSettings = Field(description="the Qlik Sense Repository Service")
+    policy: PolicySettings = Field(
+        PolicySettings(), description="what may be started, and limits"
+    )
+    routes: list[RouteSettings] = Field(
+        [], description="IoT/OT topics mapped to selectors"
+    )
+    status: StatusSettings = Field(StatusSettings(), description="status events")
+    http: HttpSettings = Field(HttpSettings(), description="the HTTP endpoint")
+    log: LogSettings = Field(LogSettings(), description="logging")
+
+
+# -- loading ---------------------------------------------------------------------------------
+
+
+def _path(parts: tuple[Any, ...]) -> str:
+    text = ""
+    for part in parts:
+        text += (
+            f"[{part}]"
+            if isinstance(part, int)
+            else (f".{part}" if text else str(part))
+        )
+    return text
+
+
+def _interpolate(
+    node: Any,
+    env: Mapping[str, str],
+    where: tuple[Any, ...],
+    problems: list[ConfigProblem],
+) -> Any:
+    if isinstance(node, dict):
+        return {k: _interpolate(v, env, (*where, k), problems) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_interpolate(v, env, (*where, i), problems) for i, v in enumerate(node)]
+    if isinstance(node, str):
+
+        def sub(match: re.Match[str]) -> str:
+            name = match.group(1)
+            if name not in env:
+                problems.append(
+                    ConfigProblem(
+                        _path(where), f"environment variable {name} is not set"
+                    )
+                )
+                return ""
+            return env[name]
+
+        return _VAR.sub(sub, node)
+    return node
+
+
+def _apply_env(
+    data: dict[str, Any], env: Mapping[str, str], problems: list[ConfigProblem]
+) -> None:
+    for name, value in sorted(env.items()):
+        if not name.startswith(ENV_PREFIX):
+            continue
+        keys = [k.lower() for k in name[len(ENV_PREFIX) :].split("__")]
+        if len(keys) < 2 or not all(keys):
+            problems.append(
+                ConfigProblem(name, "expected MQTT_STARTER_<SECTION>__<KEY>")
+            )
+            continue
+        node = data
+        for key in keys[:-1]:
+            child = node.setdefault(key, {})
+            if not isinstance(child, dict):
+                problems.append(
+                    ConfigProblem(
+                        ".".join(keys),
+                        f"{name} sets a key inside a value that is not a section",
+                    )
+                )
+                break
+            node = child
+        else:
+            # Structured values ([...], {...}) are read as YAML; scalars stay text and pydantic
+            # converts them ("8080" → 8080, "true" → True), so a numeric password stays text.
+            node[keys[-1]] = (
+                yaml.safe_load(value) if value.strip()[:1] in "[{" else value
+            )
+
+
+def _read_secret_files(data: dict[str, Any], problems: list[ConfigProblem]) -> None:
+    for section, key in SECRET_KEYS:
+        node = data.get(section)
+        if not isinstance(node, dict) or f"{key}_file" not in node:
+            continue
+        file_key = f"{section}.{key}_file"
+        path = node.pop(f"{key}_file")
+        if node.get(key) is not None:
+            problems.append(
+                ConfigProblem(file_key, f"give {section}.{key} or {key}_file, not both")
+            )
+            continue
+        if path is None:
+            continue
+        try:
+            node[key] = Path(str(path)).read_text("utf-8").rstrip("\r\n")
+        except OSError as exc:
+            problems.append(
+                ConfigProblem(file_key, f"cannot read {path}: {exc.strerror}")
+            )
+
+
+def settings_from_mapping(data: Any, env: Mapping[str, str] | None = None) -> Settings:
+    """Validated settings from parsed YAML (`data`) and the environment (`env`)."""
+    env = os.environ if env is None else env
+    problems: list[ConfigProblem] = []
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(
+            [ConfigProblem("", "the configuration must be a YAML mapping")]
+        )
+    data = _interpolate(data, env, (), problems)
+    _apply_env(data, env, problems)
+    _read_secret_files(data, problems)
+    try:
+        settings = Settings.model_validate(data)
+    except ValidationError as exc:
+        for error in exc.errors():
+            loc = tuple(
+                p
+                for p in error["loc"]
+                if p not in ("function-after", "function-before")
+            )
+            message = error["msg"].removeprefix("Value error, ")
+            problems.append(
+                ConfigProblem(_path(loc), message[:1].lower() + message[1:])
+            )
+        raise ConfigError(problems) from None
+    if problems:
+        raise ConfigError(problems)
+    return settings
+
+
+def load_settings(path: Path | None, env: Mapping[str, str] | None = None) -> Settings:
+    """Settings from the YAML file at `path` (None: environment only)."""
+    data: Any = {}
+    if path is not None:
+        try:
+            data = yaml.safe_load(path.read_text("utf-8"))
+        except OSError as exc:
+            raise ConfigError(
+                [ConfigProblem("", f"cannot read {path}: {exc.strerror}")]
+            ) from None
+        except yaml.YAMLError as exc:
+            raise ConfigError(
+                [ConfigProblem("", f"{path} is not valid YAML: {exc}")]
+            ) from None
+    return settings_from_mapping(data, env)
+
+
+def file_problems(settings: Settings) -> list[ConfigProblem]:
+    """Files the settings name that cannot be read; checked at start, not at validation, so that
+    a configuration can be validated on another machine."""
+    wanted: list[tuple[str, Path | None]] = []
+    if settings.mqtt.tls.enabled:
+        tls = settings.mqtt.tls
+        wanted += [
+            ("mqtt.tls.ca_file", tls.ca_file),
+            ("mqtt.tls.cert_file", tls.cert_file),
+            ("mqtt.tls.key_file", tls.key_file),
+        ]
+    if settings.qrs.url.startswith("https"):
+        wanted.append(("qrs.ca_file", settings.qrs.ca_file))
+    if settings.qrs.auth == "certificate":
+        wanted += [
+            ("qrs.cert_file", settings.qrs.cert_file),
+            ("qrs.key_file", settings.qrs.key_file),
+        ]
+    problems = []
+    for key, path in wanted:
+        if path is not None and not os.access(path, os.R_OK):
+            problems.append(ConfigProblem(key, f"cannot read {path}"))
+    return problems

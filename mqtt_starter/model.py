@@ -1,0 +1,218 @@
+"""Plain values that flow through mqtt-starter: selectors, requests, tasks, executions, replies.
+
+Everything here is a frozen dataclass or an enum with no behaviour beyond naming itself; the
+rules that combine these values live in the core modules (codec, routing, qrs_query, resolution,
+policy), and I/O lives in the shells.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import IntEnum, StrEnum
+
+
+class SelectorKind(StrEnum):
+    ID = "id"
+    TAG = "tag"
+    CUSTOM_PROPERTY = "cp"
+    NAME = "name"
+
+
+@dataclass(frozen=True)
+class Selector:
+    """One way of choosing tasks; a custom property has a `name` and a `value`."""
+
+    kind: SelectorKind
+    value: str
+    name: str = ""
+
+    @property
+    def label(self) -> str:
+        """How the selector is named in `unmatched` and in logs: `tag:Nightly`, `cp:group=a`."""
+        if self.kind is SelectorKind.CUSTOM_PROPERTY:
+            return f"cp:{self.name}={self.value}"
+        return f"{self.kind.value}:{self.value}"
+
+    @property
+    def match_label(self) -> str:
+        """How the selector is named in a task's `matchedBy`.
+
+        An id or a name designates the task itself, so the kind alone says how it matched.
+        """
+        if self.kind in (SelectorKind.ID, SelectorKind.NAME):
+            return self.kind.value
+        return self.label
+
+
+class TaskStatus(IntEnum):
+    """QRS TaskExecutionStatus codes (qrs-api.md section 4)."""
+
+    NEVER_STARTED = 0
+    TRIGGERED = 1
+    STARTED = 2
+    QUEUED = 3
+    ABORT_INITIATED = 4
+    ABORTING = 5
+    ABORTED = 6
+    FINISHED_SUCCESS = 7
+    FINISHED_FAIL = 8
+    SKIPPED = 9
+    RETRY = 10
+    ERROR = 11
+    RESET = 12
+    DISTRIBUTION_QUEUE = 13
+    DISTRIBUTION_RUNNING = 14
+
+    @property
+    def qrs_name(self) -> str:
+        return _STATUS_NAMES[self]
+
+    @property
+    def terminal(self) -> bool:
+        return self in _TERMINAL
+
+
+_STATUS_NAMES = {
+    TaskStatus.NEVER_STARTED: "NeverStarted",
+    TaskStatus.TRIGGERED: "Triggered",
+    TaskStatus.STARTED: "Started",
+    TaskStatus.QUEUED: "Queued",
+    TaskStatus.ABORT_INITIATED: "AbortInitiated",
+    TaskStatus.ABORTING: "Aborting",
+    TaskStatus.ABORTED: "Aborted",
+    TaskStatus.FINISHED_SUCCESS: "FinishedSuccess",
+    TaskStatus.FINISHED_FAIL: "FinishedFail",
+    TaskStatus.SKIPPED: "Skipped",
+    TaskStatus.RETRY: "Retry",
+    TaskStatus.ERROR: "Error",
+    TaskStatus.RESET: "Reset",
+    TaskStatus.DISTRIBUTION_QUEUE: "DistributionQueue",
+    TaskStatus.DISTRIBUTION_RUNNING: "DistributionRunning",
+}
+_TERMINAL = frozenset(
+    {
+        TaskStatus.ABORTED,
+        TaskStatus.FINISHED_SUCCESS,
+        TaskStatus.FINISHED_FAIL,
+        TaskStatus.SKIPPED,
+        TaskStatus.ERROR,
+        TaskStatus.RESET,
+    }
+)
+
+
+@dataclass(frozen=True)
+class CustomPropertyValue:
+    name: str
+    value: str
+
+
+@dataclass(frozen=True)
+class TaskRef:
+    """What mqtt-starter knows of a QRS task."""
+
+    id: str
+    name: str
+    task_type: int = 0
+    enabled: bool = True
+    tags: tuple[str, ...] = ()
+    custom_properties: tuple[CustomPropertyValue, ...] = ()
+    last_status: TaskStatus = TaskStatus.NEVER_STARTED
+    app_name: str = ""
+
+
+@dataclass(frozen=True)
+class Execution:
+    """One execution result (one attempt) of a task, from /qrs/executionresult."""
+
+    execution_id: str
+    task_id: str
+    status: TaskStatus
+    start_time: str | None = None
+    stop_time: str | None = None
+    duration_ms: int = 0
+    message: str = ""
+
+
+@dataclass(frozen=True)
+class Request:
+    """A start request, whatever door it came through (MQTT topic + payload, or Butler's REST)."""
+
+    selectors: tuple[Selector, ...] = ()
+    request_id: str | None = None
+    reply_to: str | None = None
+    all_task_ids_must_exist: bool = False
+    wait: bool = False
+    dry_run: bool = False
+
+
+class UnmatchedReason(StrEnum):
+    INVALID_ID = "invalid_id"
+    NOT_FOUND = "not_found"
+    NO_TASKS = "no_tasks"
+
+
+@dataclass(frozen=True)
+class Unmatched:
+    selector: Selector
+    reason: UnmatchedReason
+
+
+@dataclass(frozen=True)
+class ResolvedTask:
+    task: TaskRef
+    matched_by: tuple[Selector, ...]
+
+
+@dataclass(frozen=True)
+class Resolution:
+    """Selectors resolved to tasks: each task once, with every selector that matched it."""
+
+    tasks: tuple[ResolvedTask, ...] = ()
+    unmatched: tuple[Unmatched, ...] = ()
+    # Tasks that only an id selector chose while allTaskIdsMustExist failed: known, not started.
+    withheld: tuple[ResolvedTask, ...] = ()
+
+
+class TaskResult(StrEnum):
+    STARTED = "started"
+    ALREADY_RUNNING = "already_running"
+    DENIED = "denied"
+    DISABLED = "disabled"
+    FAILED = "failed"
+    DRY_RUN = "dry_run"
+
+
+@dataclass(frozen=True)
+class TaskOutcome:
+    """One task's line in a reply."""
+
+    task: TaskRef
+    matched_by: tuple[Selector, ...]
+    result: TaskResult
+    execution_id: str | None = None
+    error: str | None = None
+    final: Execution | None = None  # set at stage "finished" for started tasks
+
+
+class ReplyStatus(StrEnum):
+    OK = "ok"
+    PARTIAL = "partial"
+    ERROR = "error"
+
+
+@dataclass(frozen=True)
+class ErrorInfo:
+    code: str
+    message: str
+
+
+@dataclass(frozen=True)
+class Reply:
+    status: ReplyStatus
+    stage: str = "accepted"
+    request_id: str | None = None
+    outcomes: tuple[TaskOutcome, ...] = ()
+    unmatched: tuple[Unmatched, ...] = ()
+    error: ErrorInfo | None = None
+    notes: tuple[str, ...] = field(default=())

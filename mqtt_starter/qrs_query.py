@@ -1,0 +1,176 @@
+"""QRS filters built from selectors, and QRS JSON read into model values.
+
+Pure: no I/O. Rules kept here:
+- every string that reaches a filter goes through `quote` (backslashes first, then quotes);
+- ids reach a filter only after `normalize_guid` accepted them, so they can stand bare;
+- nothing QRS returns is trusted to match: `selector_matches` re-checks each task.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+from .model import (
+    CustomPropertyValue,
+    Execution,
+    Selector,
+    SelectorKind,
+    TaskRef,
+    TaskStatus,
+)
+
+EMPTY_GUID = "00000000-0000-0000-0000-000000000000"
+NEVER = "1753-01-01T00:00:00.000Z"
+_GUID = re.compile(
+    r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$"
+)
+# Keeps each filter well under the URL lengths that proxies in front of QRS accept.
+MAX_TERMS_PER_FILTER = 50
+
+
+def normalize_guid(text: str) -> str | None:
+    """The lower-case GUID, or None when `text` is not one (surrounding white space ignored)."""
+    candidate = text.strip()
+    return candidate.lower() if _GUID.match(candidate) else None
+
+
+def quote(value: str) -> str:
+    """A QRS filter string literal: backslashes escaped first, then single quotes."""
+    return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+def _term(selector: Selector) -> str:
+    match selector.kind:
+        case SelectorKind.ID:
+            guid = normalize_guid(selector.value)
+            if guid is None:
+                raise ValueError(f"not a GUID: {selector.value!r}")
+            return f"id eq {guid}"
+        case SelectorKind.TAG:
+            return f"tags.name eq {quote(selector.value)}"
+        case SelectorKind.NAME:
+            return f"name eq {quote(selector.value)}"
+        case SelectorKind.CUSTOM_PROPERTY:
+            return (
+                f"(customProperties.definition.name eq {quote(selector.name)}"
+                f" and customProperties.value eq {quote(selector.value)})"
+            )
+
+
+def task_filters(selectors: Sequence[Selector]) -> list[str]:
+    """Filters for `/qrs/task/full` that together find every task of `selectors`.
+
+    Selectors are joined with `or`, at most MAX_TERMS_PER_FILTER to a filter, so a request costs
+    one query per chunk of selectors rather than one per task.
+    """
+    terms = [_term(s) for s in selectors]
+    return [
+        " or ".join(terms[i : i + MAX_TERMS_PER_FILTER])
+        for i in range(0, len(terms), MAX_TERMS_PER_FILTER)
+    ]
+
+
+def execution_filter(execution_id: str) -> str:
+    guid = normalize_guid(execution_id)
+    if guid is None:
+        raise ValueError(f"not a GUID: {execution_id!r}")
+    return f"executionID eq {guid}"
+
+
+def selector_matches(selector: Selector, task: TaskRef) -> bool:
+    """Whether `task` really matches `selector`, as QRS compares strings (case-insensitively)."""
+    match selector.kind:
+        case SelectorKind.ID:
+            return normalize_guid(selector.value) == task.id.lower()
+        case SelectorKind.TAG:
+            wanted = selector.value.casefold()
+            return any(tag.casefold() == wanted for tag in task.tags)
+        case SelectorKind.NAME:
+            return task.name.casefold() == selector.value.casefold()
+        case SelectorKind.CUSTOM_PROPERTY:
+            name, value = selector.name.casefold(), selector.value.casefold()
+            return any(
+                cp.name.casefold() == name and cp.value.casefold() == value
+                for cp in task.custom_properties
+            )
+
+
+def _status(value: Any) -> TaskStatus:
+    try:
+        return TaskStatus(int(value))
+    except (TypeError, ValueError):
+        return TaskStatus.NEVER_STARTED
+
+
+def _str(value: Any) -> str:
+    return value if isinstance(value, str) else ""
+
+
+def _named(items: Any) -> Iterable[Mapping[str, Any]]:
+    return (
+        [i for i in items if isinstance(i, Mapping)] if isinstance(items, list) else []
+    )
+
+
+def parse_task(data: Mapping[str, Any]) -> TaskRef:
+    """A TaskRef from a (full or condensed) QRS task object; missing parts become defaults."""
+    operational = data.get("operational")
+    last = (
+        operational.get("lastExecutionResult")
+        if isinstance(operational, Mapping)
+        else None
+    )
+    app = data.get("app")
+    return TaskRef(
+        id=_str(data.get("id")).lower(),
+        name=_str(data.get("name")),
+        task_type=int(data.get("taskType") or 0),
+        enabled=bool(data.get("enabled", True)),
+        tags=tuple(_str(t.get("name")) for t in _named(data.get("tags"))),
+        custom_properties=tuple(
+            CustomPropertyValue(
+                name=_str(cp["definition"].get("name"))
+                if isinstance(cp.get("definition"), Mapping)
+                else "",
+                value=_str(cp.get("value")),
+            )
+            for cp in _named(data.get("customProperties"))
+        ),
+        last_status=_status(last.get("status"))
+        if isinstance(last, Mapping)
+        else TaskStatus(0),
+        app_name=_str(app.get("name")) if isinstance(app, Mapping) else "",
+    )
+
+
+def _date(value: Any) -> str | None:
+    return value if isinstance(value, str) and value and value != NEVER else None
+
+
+def parse_execution(data: Mapping[str, Any]) -> Execution:
+    details = _named(data.get("details"))
+    errors = [_str(d.get("message")) for d in details if d.get("detailsType") == 0]
+    messages = errors or [_str(d.get("message")) for d in details]
+    duration = data.get("duration")
+    return Execution(
+        execution_id=_str(data.get("executionID")).lower(),
+        task_id=_str(data.get("taskID")).lower(),
+        status=_status(data.get("status")),
+        start_time=_date(data.get("startTime")),
+        stop_time=_date(data.get("stopTime")),
+        duration_ms=int(duration) if isinstance(duration, int | float) else 0,
+        message=messages[-1] if messages else "",
+    )
+
+
+def latest_execution(results: Sequence[Execution]) -> Execution | None:
+    """The attempt that tells the state of a session: retries add results under one session,
+    and the newest (latest start, a live one before a finished one) is the one that counts."""
+    if not results:
+        return None
+    return max(
+        enumerate(results),
+        key=lambda ir: (ir[1].start_time or "", not ir[1].status.terminal, ir[0]),
+    )[1]

@@ -1,0 +1,77 @@
+"""Simulated tasks as a fixture file describes them (YAML or JSON), validated with pydantic."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from importlib import resources
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+
+class Outcome(BaseModel):
+    """How each execution of a task goes."""
+
+    model_config = ConfigDict(extra="forbid")
+    duration_s: float = Field(1.0, ge=0, description="time from Started to the end")
+    result: Literal["success", "fail"] = Field(
+        "success", description="how the last attempt ends"
+    )
+    failures: int = Field(0, ge=0, description="attempts that fail before one succeeds")
+    queue_s: float = Field(
+        0.0, ge=0, description="time spent Queued before a start slot"
+    )
+    message: str = Field("", description="detail message of a failed attempt")
+
+
+class TaskFixture(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    id: str = Field(default_factory=lambda: str(uuid.uuid4()))
+    name: str
+    type: Literal["reload", "external"] = "reload"
+    enabled: bool = True
+    app: str = ""
+    tags: list[str] = []
+    custom_properties: dict[str, str | list[str]] = Field({}, alias="customProperties")
+    max_retries: int = Field(0, ge=0, alias="maxRetries")
+    outcome: Outcome = Outcome()
+
+    @field_validator("id")
+    @classmethod
+    def _lower_id(cls, value: str) -> str:
+        return str(uuid.UUID(value))
+
+
+class Fixture(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    max_concurrent: int = Field(
+        4, ge=1, description="executions Started at once; others Queue"
+    )
+    tasks: list[TaskFixture] = []
+
+
+class FixtureError(ValueError):
+    pass
+
+
+def parse_fixture(text: str, *, source: str = "fixture") -> Fixture:
+    try:
+        data = yaml.safe_load(text) if text.strip() else {}
+        return Fixture.model_validate(data)
+    except (yaml.YAMLError, json.JSONDecodeError, ValidationError) as exc:
+        raise FixtureError(f"{source}: {exc}") from None
+
+
+def load_fixture(path: Path | None = None) -> Fixture:
+    """Tasks from `path`, or the sample tasks shipped with the package."""
+    if path is None:
+        text = (
+            resources.files(__package__)
+            .joinpath("sample-tasks.yaml")
+            .read_text("utf-8")
+        )
+        return parse_fixture(text, source="sample-tasks.yaml")
+    return parse_fixture(path.read_text("utf-8"), source=str(path))

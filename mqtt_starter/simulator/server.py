@@ -1,0 +1,365 @@
+"""The simulator's HTTPS front: QRS endpoints, the request rules, faults and control endpoints.
+
+Order of checks on every /qrs call (qrs-api.md section 5): journal → faults → (proxy mode:
+bearer token, 401) → xrfkey (403) → X-Qlik-User format (403) → empty query values (400).
+Control endpoints under /_sim (journal, faults) sit outside /qrs and skip those rules.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import ssl
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+from urllib.parse import parse_qsl
+
+from aiohttp import web
+
+from .certs import CertPaths
+from .filter_engine import FilterError, evaluate, parse
+from .fixtures import Fixture
+from .state import JournalEntry, SimState, SimTask
+
+XSRF_TEXT = "XSRF prevention check failed. Possible XSRF discovered."
+_XRFKEY = re.compile(r"^[0-9a-zA-Z]{16}$")
+_QLIK_USER = re.compile(r"^\s*UserDirectory=[^;=]+;\s?UserId=[^;=]+\s*$", re.IGNORECASE)
+_TASK_KINDS = ("task", "reloadtask", "externalprogramtask")
+ABOUT = {
+    "buildVersion": "14.212.3",
+    "buildDate": "11/29/2026 00:00:00",
+    "databaseProvider": "Devart.Data.PostgreSql",
+    "nodeType": 1,
+    "sharedPersistence": True,
+    "requiresBootstrap": False,
+    "singleNodeOnly": False,
+    "schemaPath": "About",
+}
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+STATE_KEY = web.AppKey("state", SimState)
+
+
+def _text(status: int, text: str) -> web.Response:
+    return web.Response(status=status, text=text, content_type="text/plain")
+
+
+def _state(request: web.Request) -> SimState:
+    return request.config_dict[STATE_KEY]
+
+
+def _filtered(
+    request: web.Request, objects: list[dict[str, Any]]
+) -> list[dict[str, Any]]:
+    text = request.query.get("filter")
+    if text is None:
+        return objects
+    try:
+        node = parse(text)
+    except FilterError as exc:
+        raise web.HTTPBadRequest(text=exc.message) from None
+    return [o for o in objects if evaluate(node, o)]
+
+
+def _task(request: web.Request) -> SimTask:
+    task = _state(request).tasks.get(request.match_info["id"].lower())
+    if task is None:
+        raise web.HTTPNotFound(text=f"Task {request.match_info['id']} not found")
+    return task
+
+
+# -- /qrs handlers ---------------------------------------------------------------------------
+
+
+async def about(request: web.Request) -> web.Response:
+    return web.json_response(ABOUT)
+
+
+async def list_tasks(request: web.Request) -> web.Response:
+    kind, tail = request.match_info["kind"], request.match_info.get("tail", "")
+    if kind not in _TASK_KINDS or tail not in ("", "/full", "/count"):
+        raise web.HTTPNotFound(text="Not found")
+    objects = _filtered(request, _state(request).task_objects(kind, full=True))
+    if tail == "/count":
+        return web.json_response({"value": len(objects)})
+    if tail == "":
+        full_ids = {o["id"] for o in objects}
+        objects = [
+            o
+            for o in _state(request).task_objects(kind, full=False)
+            if o["id"] in full_ids
+        ]
+    return web.json_response(objects)
+
+
+async def task_by_id(request: web.Request) -> web.Response:
+    kind = request.match_info["kind"]
+    if kind == "task":
+        # qrs-api.md: GET /qrs/task/{id} does not exist.
+        raise web.HTTPNotFound(text="Not found")
+    if kind not in _TASK_KINDS:
+        raise web.HTTPNotFound(text="Not found")
+    task = _task(request)
+    if (kind == "reloadtask") != (task.spec.type == "reload"):
+        raise web.HTTPNotFound(text=f"{kind} {task.id} not found")
+    return web.json_response(task.full(_state(request).choice_values()))
+
+
+async def start_by_id(request: web.Request) -> web.Response:
+    session = _state(request).start(_task(request))
+    if request.match_info.get("sync"):
+        return web.json_response({"value": session}, status=201)
+    return web.Response(status=204)
+
+
+async def start_by_name(request: web.Request) -> web.Response:
+    name = request.query.get("name")
+    if name is None:
+        raise web.HTTPBadRequest(text="Missing parameter value(s)")
+    task = _state(request).find_by_name(name)
+    if task is None:
+        raise web.HTTPNotFound(text=f"Task {name} not found")
+    session = _state(request).start(task)
+    if request.match_info.get("sync"):
+        return web.json_response({"value": session}, status=201)
+    return web.Response(status=204)
+
+
+async def start_many(request: web.Request) -> web.Response:
+    try:
+        body = await request.json()
+    except json.JSONDecodeError:
+        raise web.HTTPBadRequest(text="Invalid body") from None
+    if not isinstance(body, list) or not all(isinstance(i, str) for i in body):
+        raise web.HTTPBadRequest(text="Invalid body")
+    state = _state(request)
+    for task_id in body:
+        task = state.tasks.get(task_id.lower())
+        if task is not None:
+            state.start(task)
+    return web.Response(status=204)
+
+
+async def stop_task(request: web.Request) -> web.Response:
+    _state(request).stop(_task(request))
+    return web.Response(status=204)
+
+
+async def execution_results(request: web.Request) -> web.Response:
+    tail = request.match_info.get("tail", "")
+    objects = _filtered(request, _state(request).execution_results())
+    objects = [{k: v for k, v in o.items() if not k.startswith("_")} for o in objects]
+    if tail == "/count":
+        return web.json_response({"value": len(objects)})
+    if tail not in ("", "/full"):
+        raise web.HTTPNotFound(text="Not found")
+    return web.json_response(objects)
+
+
+async def execution_session(request: web.Request) -> web.Response:
+    session = _state(request).sessions.get(request.match_info["id"].lower())
+    if session is None:
+        raise web.HTTPNotFound(text="Not found")
+    return web.json_response(
+        {
+            "id": session.id,
+            "reloadTask": {"id": session.task.id},
+            "schemaPath": "ExecutionSession",
+        }
+    )
+
+
+# -- middlewares -------------------------------------------------------------------------------
+
+
+@web.middleware
+async def journal(request: web.Request, handler: Handler) -> web.StreamResponse:
+    state = _state(request)
+    path = (
+        request.path[len(request.app["prefix"]) :]
+        if request.app["prefix"]
+        else request.path
+    )
+    entry = JournalEntry(
+        request.method,
+        path,
+        dict(parse_qsl(request.query_string, keep_blank_values=True)),
+        started=time.monotonic(),
+    )
+    state.journal.append(entry)
+    state.in_flight += 1
+    state.peak_in_flight = max(state.peak_in_flight, state.in_flight)
+    try:
+        response = await handler(request)
+        entry.status = response.status
+        return response
+    except web.HTTPException as exc:
+        entry.status = exc.status
+        raise
+    finally:
+        state.in_flight -= 1
+        entry.ended = time.monotonic()
+
+
+@web.middleware
+async def faults(request: web.Request, handler: Handler) -> web.StreamResponse:
+    state = _state(request)
+    if state.faults.delay_s:
+        await asyncio.sleep(state.faults.delay_s)
+    kind = state.faults.take()
+    if kind == "fail":
+        return _text(state.faults.fail_status, "Service Unavailable (injected)")
+    if kind == "hang":
+        await asyncio.sleep(state.faults.hang_s)
+    if kind == "drop":
+        if request.transport is not None:
+            request.transport.abort()
+        raise ConnectionResetError("connection dropped (injected)")
+    return await handler(request)
+
+
+@web.middleware
+async def qrs_rules(request: web.Request, handler: Handler) -> web.StreamResponse:
+    token = request.app["token"]
+    if token is not None and request.headers.get("Authorization") != f"Bearer {token}":
+        return _text(401, "Unauthorized")
+    params = parse_qsl(request.query_string, keep_blank_values=True)
+    keys = [v for k, v in params if k.lower() == "xrfkey"]
+    header = request.headers.get("X-Qlik-Xrfkey")
+    if len(keys) != 1 or not _XRFKEY.match(keys[0]) or header != keys[0]:
+        return _text(403, XSRF_TEXT)
+    user = request.headers.get("X-Qlik-User")
+    if user is not None and not _QLIK_USER.match(user):
+        return _text(403, "Forbidden: malformed X-Qlik-User header")
+    if any(v == "" for _, v in params):
+        return _text(400, "Missing parameter value(s)")
+    return await handler(request)
+
+
+# -- control endpoints ---------------------------------------------------------------------------
+
+
+async def get_journal(request: web.Request) -> web.Response:
+    state = _state(request)
+    return web.json_response(
+        {
+            "entries": [e.as_dict() for e in state.journal],
+            "started": state.started,
+            "peakInFlight": state.peak_in_flight,
+        }
+    )
+
+
+async def clear_journal(request: web.Request) -> web.Response:
+    _state(request).reset_journal()
+    return web.Response(status=204)
+
+
+async def set_faults(request: web.Request) -> web.Response:
+    """Body: any of {"failNext", "failStatus", "hangNext", "hangS", "dropNext", "delayS"}."""
+    body = await request.json()
+    state = _state(request)
+    names = {
+        "failNext": "fail_next",
+        "failStatus": "fail_status",
+        "hangNext": "hang_next",
+        "hangS": "hang_s",
+        "dropNext": "drop_next",
+        "delayS": "delay_s",
+    }
+    if not isinstance(body, dict) or not set(body) <= set(names):
+        raise web.HTTPBadRequest(text=f"fields: {sorted(names)}")
+    for key, value in body.items():
+        setattr(state.faults, names[key], value)
+    return web.json_response({k: getattr(state.faults, v) for k, v in names.items()})
+
+
+def build_app(
+    state: SimState, *, prefix: str = "", token: str | None = None
+) -> web.Application:
+    """The simulator's aiohttp application; `prefix` and `token` make it a JWT virtual proxy."""
+    qrs = web.Application(middlewares=[journal, faults, qrs_rules])
+    qrs["prefix"], qrs["token"] = prefix, token
+    qrs.add_routes(
+        [
+            web.get("/about", about),
+            web.post("/task/start/many", start_many),
+            web.post(r"/task/start{sync:(/synchronous)?}", start_by_name),
+            web.post(r"/task/{id}/start{sync:(/synchronous)?}", start_by_id),
+            web.post("/task/{id}/stop", stop_task),
+            web.get(r"/executionresult{tail:(/full|/count)?}", execution_results),
+            web.get("/executionsession/{id}", execution_session),
+            web.get(r"/{kind}{tail:(/full|/count)?}", list_tasks),
+            web.get("/{kind}/{id}", task_by_id),
+        ]
+    )
+    app = web.Application()
+    app[STATE_KEY] = state
+    app.add_routes(
+        [
+            web.get("/_sim/journal", get_journal),
+            web.delete("/_sim/journal", clear_journal),
+            web.post("/_sim/faults", set_faults),
+        ]
+    )
+    app.add_subapp(f"{prefix}/qrs", qrs)
+    return app
+
+
+def server_ssl_context(
+    certs: CertPaths, *, require_client_cert: bool
+) -> ssl.SSLContext:
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(certs.server, certs.server_key)
+    if require_client_cert:
+        context.verify_mode = ssl.CERT_REQUIRED
+        context.load_verify_locations(certs.root)
+    return context
+
+
+class QrsSimulator:
+    """A running simulator: `await sim.start()`, then `sim.url`, `sim.state`, `await sim.stop()`."""
+
+    def __init__(
+        self,
+        fixture: Fixture,
+        certs: CertPaths,
+        *,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        prefix: str = "",
+        token: str | None = None,
+    ) -> None:
+        self.fixture = fixture
+        self.certs = certs
+        self.host = host
+        self.port = port
+        self.prefix = prefix.rstrip("/")
+        if self.prefix and not self.prefix.startswith("/"):
+            self.prefix = "/" + self.prefix
+        self.token = token
+        self.state: SimState | None = None
+        self._runner: web.AppRunner | None = None
+
+    @property
+    def url(self) -> str:
+        return f"https://{self.host}:{self.port}{self.prefix}"
+
+    async def start(self) -> None:
+        self.state = SimState(self.fixture)
+        app = build_app(self.state, prefix=self.prefix, token=self.token)
+        context = server_ssl_context(self.certs, require_client_cert=self.token is None)
+        self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, self.host, self.port, ssl_context=context)
+        await site.start()
+        # Port 0 asks the kernel for a free port; the runner knows which one it got.
+        self.port = int(self._runner.addresses[0][1])
+
+    async def stop(self) -> None:
+        if self.state is not None:
+            await self.state.close()
+        if self._runner is not None:
+            await self._runner.cleanup()

@@ -1,0 +1,381 @@
+"""The simulated repository: tasks, execution sessions and results, the journal and faults.
+
+The state machine of qrs-api.md section 5 runs here, one asyncio task per execution session:
+Triggered → (Queued) → Started → FinishedSuccess | FinishedFail, a failed attempt with retries
+left ending FinishedFail and opening a new result under the same session (Retry → Triggered …),
+and stop: AbortInitiated → Aborting → Aborted. The web layer (server.py) only translates HTTP.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+import uuid
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from .fixtures import Fixture, TaskFixture
+
+EMPTY_GUID = "00000000-0000-0000-0000-000000000000"
+NEVER = "1753-01-01T00:00:00.000Z"
+
+TRIGGERED, STARTED, QUEUED, ABORT_INITIATED, ABORTING, ABORTED = 1, 2, 3, 4, 5, 6
+FINISHED_SUCCESS, FINISHED_FAIL, RETRY = 7, 8, 10
+_STATE_NAMES = {
+    1: "Triggered",
+    2: "Started",
+    3: "Queued",
+    4: "AbortInitiated",
+    5: "Aborting",
+    6: "Aborted",
+    7: "FinishedSuccess",
+    8: "FinishedFail",
+    10: "Retry",
+}
+_TERMINAL = {6, 7, 8, 9, 11, 12}
+# Short, fixed steps between states nobody scripts; long enough to be observed by a poller.
+_STEP_S = 0.02
+_RETRY_DELAY_S = 0.05
+
+
+def _now_iso() -> str:
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
+
+
+def _stable_id(*parts: str) -> str:
+    return str(uuid.uuid5(uuid.NAMESPACE_URL, "qrs-sim:" + ":".join(parts)))
+
+
+@dataclass
+class JournalEntry:
+    method: str
+    path: str
+    query: dict[str, str]
+    status: int = (
+        0  # 0: no answer was sent (a hang that was abandoned, a dropped connection)
+    )
+    started: float = 0.0
+    ended: float | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "method": self.method,
+            "path": self.path,
+            "query": self.query,
+            "status": self.status,
+            "started": self.started,
+            "ended": self.ended,
+        }
+
+
+@dataclass
+class Faults:
+    """Faults for the next calls to /qrs; each count is used up one call at a time."""
+
+    fail_next: int = 0
+    fail_status: int = 503
+    hang_next: int = 0
+    hang_s: float = 3600.0
+    drop_next: int = 0
+    delay_s: float = 0.0
+
+    def take(self) -> str | None:
+        for kind in ("fail", "hang", "drop"):
+            count = getattr(self, f"{kind}_next")
+            if count > 0:
+                setattr(self, f"{kind}_next", count - 1)
+                return kind
+        return None
+
+
+@dataclass
+class SimTask:
+    spec: TaskFixture
+    last_result: dict[str, Any] | None = None
+
+    @property
+    def id(self) -> str:
+        return self.spec.id
+
+    def condensed(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "name": self.spec.name,
+            "taskType": 0 if self.spec.type == "reload" else 1,
+            "enabled": self.spec.enabled,
+            "taskSessionTimeout": 1440,
+            "maxRetries": self.spec.max_retries,
+            "privileges": None,
+            "operational": {
+                "id": _stable_id(self.id, "operational"),
+                "nextExecution": NEVER,
+                "lastExecutionResult": self.last_result
+                or {
+                    "id": _stable_id(self.id, "never"),
+                    "status": 0,
+                    "startTime": NEVER,
+                    "stopTime": NEVER,
+                    "duration": 0,
+                    "details": [],
+                },
+            },
+        }
+
+    def full(self, choice_values: dict[str, list[str]]) -> dict[str, Any]:
+        data = self.condensed()
+        data.update(
+            {
+                "tags": [
+                    {"id": _stable_id("tag", t), "name": t, "privileges": None}
+                    for t in self.spec.tags
+                ],
+                "customProperties": [
+                    {
+                        "id": _stable_id(self.id, "cp", name, value),
+                        "value": value,
+                        "definition": {
+                            "id": _stable_id("cpdef", name),
+                            "name": name,
+                            "valueType": "Text",
+                            "choiceValues": choice_values[name],
+                            "privileges": None,
+                        },
+                    }
+                    for name, values in self.spec.custom_properties.items()
+                    for value in ([values] if isinstance(values, str) else values)
+                ],
+                "schemaPath": "ReloadTask"
+                if self.spec.type == "reload"
+                else "ExternalProgramTask",
+            }
+        )
+        if self.spec.type == "reload":
+            data["app"] = {
+                "id": _stable_id("app", self.spec.app or self.spec.name),
+                "name": self.spec.app or self.spec.name,
+            }
+        return data
+
+
+@dataclass
+class Session:
+    id: str
+    task: SimTask
+    results: list[dict[str, Any]] = field(default_factory=list)
+    abort: asyncio.Event = field(default_factory=asyncio.Event)
+    runner: asyncio.Task[None] | None = None
+
+
+class SimState:
+    """Everything the simulator knows; callers are the web handlers and in-process tests."""
+
+    def __init__(self, fixture: Fixture) -> None:
+        self.tasks: dict[str, SimTask] = {t.id: SimTask(t) for t in fixture.tasks}
+        self.max_concurrent = fixture.max_concurrent
+        self.sessions: dict[str, Session] = {}
+        self.results: list[dict[str, Any]] = []
+        self.journal: list[JournalEntry] = []
+        self.faults = Faults()
+        self.in_flight = 0
+        self.peak_in_flight = 0
+        self.started: list[
+            str
+        ] = []  # task id of every execution session opened, in order
+        self._slots = asyncio.Semaphore(fixture.max_concurrent)
+        self._changed = asyncio.Condition()
+
+    # -- tasks ------------------------------------------------------------------------------
+
+    def choice_values(self) -> dict[str, list[str]]:
+        values: dict[str, list[str]] = {}
+        for task in self.tasks.values():
+            for name, vals in task.spec.custom_properties.items():
+                for v in [vals] if isinstance(vals, str) else vals:
+                    if v not in values.setdefault(name, []):
+                        values[name].append(v)
+        return values
+
+    def task_objects(self, kind: str, *, full: bool) -> list[dict[str, Any]]:
+        """Tasks of `kind` ("task", "reloadtask" or "externalprogramtask") as QRS shows them."""
+        choices = self.choice_values()
+        wanted = {
+            "task": ("reload", "external"),
+            "reloadtask": ("reload",),
+            "externalprogramtask": ("external",),
+        }[kind]
+        return [
+            t.full(choices) if full else t.condensed()
+            for t in self.tasks.values()
+            if t.spec.type in wanted
+        ]
+
+    def find_by_name(self, name: str) -> SimTask | None:
+        return next(
+            (
+                t
+                for t in self.tasks.values()
+                if t.spec.name.casefold() == name.casefold()
+            ),
+            None,
+        )
+
+    def live_session(self, task_id: str) -> Session | None:
+        return next((s for s in self.sessions.values() if s.task.id == task_id), None)
+
+    # -- executions -------------------------------------------------------------------------
+
+    def start(self, task: SimTask) -> str:
+        """Start `task`; its execution session id, or the empty GUID when it cannot start."""
+        if not task.spec.enabled or self.live_session(task.id) is not None:
+            return EMPTY_GUID
+        session = Session(str(uuid.uuid4()), task)
+        self.sessions[session.id] = session
+        self.started.append(task.id)
+        self._new_result(session, TRIGGERED)
+        session.runner = asyncio.create_task(
+            self._run(session), name=f"sim-exec-{session.id}"
+        )
+        return session.id
+
+    def stop(self, task: SimTask) -> None:
+        session = self.live_session(task.id)
+        if session is not None:
+            session.abort.set()
+
+    def execution_results(self) -> list[dict[str, Any]]:
+        return list(self.results)
+
+    def _new_result(self, session: Session, status: int) -> dict[str, Any]:
+        task = session.task
+        result: dict[str, Any] = {
+            "id": str(uuid.uuid4()),
+            "taskID": task.id,
+            "executionID": session.id,
+            "appID": _stable_id("app", task.spec.app or task.spec.name)
+            if task.spec.type == "reload"
+            else EMPTY_GUID,
+            "status": status,
+            "startTime": NEVER,
+            "stopTime": NEVER,
+            "duration": 0,
+            "executingNodeName": "sim-node",
+            "scriptLogAvailable": False,
+            "details": [],
+            "schemaPath": "ExecutionResult",
+        }
+        self._detail(result, 2, f"Changing task state to {_STATE_NAMES[status]}")
+        session.results.append(result)
+        self.results.append(result)
+        return result
+
+    @staticmethod
+    def _detail(result: dict[str, Any], kind: int, message: str) -> None:
+        result["details"].append(
+            {"detailsType": kind, "message": message, "detailCreatedDate": _now_iso()}
+        )
+
+    def _set(self, result: dict[str, Any], status: int) -> None:
+        self._detail(
+            result,
+            2,
+            f"Changing task state from {_STATE_NAMES[result['status']]} "
+            f"to {_STATE_NAMES[status]}",
+        )
+        result["status"] = status
+        if status == STARTED:
+            result["startTime"] = _now_iso()
+            result["_t0"] = time.monotonic()
+        if status in _TERMINAL:
+            result["stopTime"] = _now_iso()
+            if result["startTime"] == NEVER:
+                result["startTime"] = result["stopTime"]
+            t0 = result.pop("_t0", None)
+            result["duration"] = round((time.monotonic() - t0) * 1000) if t0 else 0
+
+    async def _pause(self, session: Session, seconds: float) -> bool:
+        """Wait `seconds`; True when a stop request cut the wait short."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(session.abort.wait(), seconds)
+        return session.abort.is_set()
+
+    async def _run(self, session: Session) -> None:
+        spec = session.task.spec
+        result = session.results[-1]
+        attempt = 0
+        try:
+            while True:
+                self._detail(
+                    result, 2, "Trying to start task. Sending task to slave scheduler"
+                )
+                queued = spec.outcome.queue_s > 0 or self._slots.locked()
+                if queued:
+                    self._set(result, QUEUED)
+                    if await self._pause(session, spec.outcome.queue_s):
+                        return await self._abort(session, result)
+                await self._slots.acquire()
+                try:
+                    if session.abort.is_set():
+                        return await self._abort(session, result)
+                    self._set(result, STARTED)
+                    if await self._pause(session, spec.outcome.duration_s):
+                        return await self._abort(session, result)
+                finally:
+                    self._slots.release()
+                failed = (
+                    spec.outcome.result == "fail" or attempt < spec.outcome.failures
+                )
+                if not failed:
+                    self._set(result, FINISHED_SUCCESS)
+                    return self._finish(session, result)
+                self._detail(result, 0, spec.outcome.message or "The reload failed")
+                self._set(result, FINISHED_FAIL)
+                if attempt >= spec.max_retries:
+                    return self._finish(session, result)
+                attempt += 1
+                # The failed attempt keeps its terminal result; the retry opens a new one under
+                # the same session, so the session's newest result is never terminal mid-retry.
+                result = self._new_result(session, RETRY)
+                await asyncio.sleep(_RETRY_DELAY_S)
+                self._set(result, TRIGGERED)
+        except asyncio.CancelledError:
+            self.sessions.pop(session.id, None)
+            raise
+
+    async def _abort(self, session: Session, result: dict[str, Any]) -> None:
+        for status in (ABORT_INITIATED, ABORTING):
+            self._set(result, status)
+            await asyncio.sleep(_STEP_S)
+        self._set(result, ABORTED)
+        self._finish(session, result)
+
+    def _finish(self, session: Session, result: dict[str, Any]) -> None:
+        session.task.last_result = {
+            k: v
+            for k, v in result.items()
+            if k in ("id", "status", "startTime", "stopTime", "duration", "details")
+        }
+        self.sessions.pop(session.id, None)
+
+    async def close(self) -> None:
+        runners = [s.runner for s in self.sessions.values() if s.runner is not None]
+        for runner in runners:
+            runner.cancel()
+        await asyncio.gather(*runners, return_exceptions=True)
+
+    # -- journal ------------------------------------------------------------------------------
+
+    def calls(
+        self, method: str | None = None, path_prefix: str = ""
+    ) -> list[JournalEntry]:
+        return [
+            e
+            for e in self.journal
+            if (method is None or e.method == method) and e.path.startswith(path_prefix)
+        ]
+
+    def reset_journal(self) -> None:
+        self.journal.clear()
+        self.started.clear()
+        self.peak_in_flight = self.in_flight

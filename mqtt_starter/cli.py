@@ -18,7 +18,8 @@ from .simulator.server import QrsSimulator
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mqtt-starter",
-        description="Start Qlik Sense tasks when a machine publishes an MQTT message.")
+        description="Start Qlik Sense tasks when a machine publishes an MQTT message.",
+    )
     parser.add_argument("--version", action="version", version=f"mqtt-starter {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -26,11 +27,18 @@ def _parser() -> argparse.ArgumentParser:
     sim.add_argument("--tasks", type=Path, help="task fixture (YAML or JSON); default: samples")
     sim.add_argument("--host", default="127.0.0.1", help="address to listen on")
     sim.add_argument("--port", type=int, default=4242, help="port to listen on (0: any free)")
-    sim.add_argument("--cert-dir", type=Path, default=None,
-                     help="where root.pem, client.pem and client_key.pem are written or reused")
+    sim.add_argument(
+        "--cert-dir",
+        type=Path,
+        default=None,
+        help="where root.pem, client.pem and client_key.pem are written or reused",
+    )
     sim.add_argument("--prefix", default="", help="virtual proxy prefix (proxy mode)")
-    sim.add_argument("--token", default=None,
-                     help="bearer token required instead of a client certificate (proxy mode)")
+    sim.add_argument(
+        "--token",
+        default=None,
+        help="bearer token required instead of a client certificate (proxy mode)",
+    )
     return parser
 
 
@@ -43,12 +51,17 @@ async def _serve_until_signal(sim: QrsSimulator) -> None:
     certs = sim.certs
     print(f"QRS simulator on {sim.url} with {len(sim.fixture.tasks)} tasks", flush=True)
     print(f"certificates in {certs.folder}", flush=True)
-    auth = (f"-H 'Authorization: Bearer {sim.token}'" if sim.token else
-            f"--cert {certs.client} --key {certs.client_key}")
-    print("try: curl --cacert {root} {auth} -H 'X-Qlik-Xrfkey: 0123456789abcdef' "
-          "-H 'X-Qlik-User: UserDirectory=INTERNAL; UserId=sa_repository' "
-          "'{url}/qrs/task?xrfkey=0123456789abcdef'".format(root=certs.root, auth=auth,
-                                                           url=sim.url), flush=True)
+    auth = (
+        f"-H 'Authorization: Bearer {sim.token}'"
+        if sim.token
+        else f"--cert {certs.client} --key {certs.client_key}"
+    )
+    print(
+        f"try: curl --cacert {certs.root} {auth} -H 'X-Qlik-Xrfkey: 0123456789abcdef' "
+        "-H 'X-Qlik-User: UserDirectory=INTERNAL; UserId=sa_repository' "
+        f"'{sim.url}/qrs/task?xrfkey=0123456789abcdef'",
+        flush=True,
+    )
     try:
         await stop.wait()
     finally:
@@ -62,8 +75,9 @@ def _simulate_qrs(args: argparse.Namespace) -> int:
         print(f"mqtt-starter: {exc}", file=sys.stderr)
         return 78
     certs = ensure_certificates(args.cert_dir or default_cert_dir(), (args.host,))
-    sim = QrsSimulator(fixture, certs, host=args.host, port=args.port, prefix=args.prefix,
-                       token=args.token)
+    sim = QrsSimulator(
+        fixture, certs, host=args.host, port=args.port, prefix=args.prefix, token=args.token
+    )
     asyncio.run(_serve_until_signal(sim))
     return 0
 

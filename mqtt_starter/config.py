@@ -45,9 +45,7 @@ class TlsSettings(Section):
         description="CA bundle that signed the broker's certificate"
         " (none: the system's trust store)",
     )
-    cert_file: Path | None = Field(
-        None, description="client certificate (PEM) for mutual TLS"
-    )
+    cert_file: Path | None = Field(None, description="client certificate (PEM) for mutual TLS")
     key_file: Path | None = Field(None, description="private key (PEM) of `cert_file`")
     insecure: bool = Field(
         False, description="skip the broker host name check (never in production)"
@@ -61,19 +59,13 @@ class TlsSettings(Section):
 
 
 class ReconnectSettings(Section):
-    min_s: float = Field(
-        1.0, gt=0, description="first wait before reconnecting to the broker"
-    )
-    max_s: float = Field(
-        60.0, gt=0, description="longest wait between reconnect attempts"
-    )
+    min_s: float = Field(1.0, gt=0, description="first wait before reconnecting to the broker")
+    max_s: float = Field(60.0, gt=0, description="longest wait between reconnect attempts")
 
 
 class MqttSettings(Section):
     host: str = Field("localhost", description="broker host name or address")
-    port: int = Field(
-        1883, ge=1, le=65535, description="broker port (8883 is usual with TLS)"
-    )
+    port: int = Field(1883, ge=1, le=65535, description="broker port (8883 is usual with TLS)")
     client_id: str = Field(
         "mqtt-starter",
         min_length=1,
@@ -81,16 +73,10 @@ class MqttSettings(Section):
         description="fixed client id: the persistent session hangs on it",
     )
     username: str | None = Field(None, description="broker user name")
-    password: SecretStr | None = Field(
-        None, description="broker password (or `password_file`)"
-    )
-    protocol: Literal["5", "3.1.1"] = Field(
-        "5", description="MQTT protocol version: 5 or 3.1.1"
-    )
+    password: SecretStr | None = Field(None, description="broker password (or `password_file`)")
+    protocol: Literal["5", "3.1.1"] = Field("5", description="MQTT protocol version: 5 or 3.1.1")
     tls: TlsSettings = Field(TlsSettings(), description="TLS to the broker")
-    base_topic: str = Field(
-        "butler", min_length=1, description="first levels of every topic"
-    )
+    base_topic: str = Field("butler", min_length=1, description="first levels of every topic")
     session_expiry_s: int = Field(
         86400,
         ge=0,
@@ -107,16 +93,14 @@ class MqttSettings(Section):
     )
     shared_group: str | None = Field(
         None,
-        description="subscribe as $share/<group>/... so that"
-        " several instances share the triggers",
+        description="subscribe as $share/<group>/... so that several instances share the triggers",
     )
     keepalive_s: int = Field(60, ge=5, le=65535, description="MQTT keep-alive interval")
     max_in_flight: int = Field(
         20,
         ge=1,
         le=65535,
-        description="triggers handled at once; the"
-        " broker holds the rest (MQTT 5 Receive Maximum)",
+        description="triggers handled at once; the broker holds the rest (MQTT 5 Receive Maximum)",
     )
     reconnect: ReconnectSettings = Field(
         ReconnectSettings(),
@@ -132,11 +116,7 @@ class MqttSettings(Section):
     @field_validator("base_topic")
     @classmethod
     def _base(cls, value: str) -> str:
-        if (
-            any(c in value for c in "+#")
-            or value.startswith(("$", "/"))
-            or value.endswith("/")
-        ):
+        if any(c in value for c in "+#") or value.startswith(("$", "/")) or value.endswith("/"):
             raise ValueError("no wildcards, no leading $ or /, no trailing /")
         return value
 
@@ -156,57 +136,42 @@ class MqttSettings(Section):
 
 
 class RetrySettings(Section):
-    attempts: int = Field(
-        5, ge=1, le=100, description="tries of one QRS call, the first included"
-    )
+    attempts: int = Field(5, ge=1, le=100, description="tries of one QRS call, the first included")
     backoff_s: float = Field(
         0.5,
         ge=0,
         description="wait before the first retry; doubles each time, with full jitter",
     )
-    max_backoff_s: float = Field(
-        30.0, ge=0, description="longest wait between two tries"
-    )
+    max_backoff_s: float = Field(30.0, ge=0, description="longest wait between two tries")
 
 
 class QrsSettings(Section):
     url: str = Field(
-        description="QRS base URL: https://host:4242, or https://host/<prefix> for"
-        " a virtual proxy"
+        description="QRS base URL: https://host:4242, or https://host/<prefix> for a virtual proxy"
     )
     auth: Literal["certificate", "jwt"] = Field(
         "certificate",
-        description="certificate (mutual"
-        " TLS on 4242) or jwt (bearer via a virtual proxy)",
+        description="certificate (mutual TLS on 4242) or jwt (bearer via a virtual proxy)",
     )
     cert_file: Path = Field(
         Path("/etc/mqtt-starter/client.pem"),
         description="client certificate exported from the QMC",
     )
-    key_file: Path = Field(
-        Path("/etc/mqtt-starter/client_key.pem"), description="its private key"
-    )
+    key_file: Path = Field(Path("/etc/mqtt-starter/client_key.pem"), description="its private key")
     ca_file: Path | None = Field(
         Path("/etc/mqtt-starter/root.pem"),
-        description="root.pem that"
-        " signed the Sense server certificate (none: system trust store)",
+        description="root.pem that signed the Sense server certificate (none: system trust store)",
     )
     insecure: bool = Field(
         False,
         description="do not verify the QRS server certificate (warned at every start)",
     )
-    jwt: SecretStr | None = Field(
-        None, description="JWT for a JWT virtual proxy (or `jwt_file`)"
-    )
+    jwt: SecretStr | None = Field(None, description="JWT for a JWT virtual proxy (or `jwt_file`)")
     user_directory: str = Field("INTERNAL", description="X-Qlik-User UserDirectory")
     user_id: str = Field("sa_repository", description="X-Qlik-User UserId")
     timeout_s: float = Field(30.0, gt=0, description="time limit of one QRS call")
-    max_concurrency: int = Field(
-        8, ge=1, le=256, description="QRS calls in flight at once"
-    )
-    poll_interval_s: float = Field(
-        2.0, gt=0, description="how often a running execution is polled"
-    )
+    max_concurrency: int = Field(8, ge=1, le=256, description="QRS calls in flight at once")
+    poll_interval_s: float = Field(2.0, gt=0, description="how often a running execution is polled")
     retry: RetrySettings = Field(
         RetrySettings(), description="retries on connection errors, timeouts and 5xx"
     )
@@ -239,9 +204,7 @@ class CustomPropertySelector(Section):
 
 class AllowList(Section):
     task_ids: list[str] = Field([], description="task ids that may be started")
-    tags: list[str] = Field(
-        [], description="tasks with one of these tags may be started"
-    )
+    tags: list[str] = Field([], description="tasks with one of these tags may be started")
     custom_properties: list[CustomPropertySelector] = Field(
         [], description="tasks with one of these custom property values may be started"
     )
@@ -261,9 +224,7 @@ class PolicySettings(Section):
         ge=0,
         description="a repeated requestId within this window is answered from memory",
     )
-    max_payload_bytes: int = Field(
-        65536, ge=64, description="larger payloads are refused"
-    )
+    max_payload_bytes: int = Field(65536, ge=64, description="larger payloads are refused")
     max_tasks_per_request: int = Field(
         100,
         ge=1,
@@ -277,23 +238,18 @@ class WhenCondition(Section):
 
 
 class RouteSettings(Section):
-    topic: str = Field(
-        description="an MQTT filter; {1} in selectors is its first wildcard level"
-    )
+    topic: str = Field(description="an MQTT filter; {1} in selectors is its first wildcard level")
     task_ids: list[str] = Field([], description="task ids to start")
     tags: list[str] = Field([], description="tags whose tasks to start")
     custom_properties: list[CustomPropertySelector] = Field(
         [], description="custom property values whose tasks to start"
     )
     names: list[str] = Field([], description="task names to start")
-    when: WhenCondition | None = Field(
-        None, description="start only when the payload matches"
-    )
+    when: WhenCondition | None = Field(None, description="start only when the payload matches")
     debounce_s: float = Field(
         0.0,
         ge=0,
-        description="triggers within this time after a start"
-        " are answered without starting again",
+        description="triggers within this time after a start are answered without starting again",
     )
 
     @model_validator(mode="after")
@@ -339,9 +295,9 @@ class HttpSettings(Section):
 
 
 class LogSettings(Section):
-    level: Literal[
-        "TRACE", "DEBUG", "INFO", "SUCCESS", "WARNING", "ERROR", "CRITICAL"
-    ] = Field("INFO", description="lowest level written")
+    level: Literal["TRACE", "DEBUG", "INFO", "SUCCESS", "WARNING", "ERROR", "CRITICAL"] = Field(
+        "INFO", description="lowest level written"
+    )
     format: Literal["text", "json"] = Field(
         "text", description="text (journald friendly) or json, one object a line"
     )
@@ -355,12 +311,8 @@ class LogSettings(Section):
 class Settings(Section):
     mqtt: MqttSettings = Field(MqttSettings(), description="the broker")
     qrs: QrsSettings = Field(description="the Qlik Sense Repository Service")
-    policy: PolicySettings = Field(
-        PolicySettings(), description="what may be started, and limits"
-    )
-    routes: list[RouteSettings] = Field(
-        [], description="IoT/OT topics mapped to selectors"
-    )
+    policy: PolicySettings = Field(PolicySettings(), description="what may be started, and limits")
+    routes: list[RouteSettings] = Field([], description="IoT/OT topics mapped to selectors")
     status: StatusSettings = Field(StatusSettings(), description="status events")
     http: HttpSettings = Field(HttpSettings(), description="the HTTP endpoint")
     log: LogSettings = Field(LogSettings(), description="logging")
@@ -372,11 +324,7 @@ class Settings(Section):
 def _path(parts: tuple[Any, ...]) -> str:
     text = ""
     for part in parts:
-        text += (
-            f"[{part}]"
-            if isinstance(part, int)
-            else (f".{part}" if text else str(part))
-        )
+        text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else str(part))
     return text
 
 
@@ -396,9 +344,7 @@ def _interpolate(
             name = match.group(1)
             if name not in env:
                 problems.append(
-                    ConfigProblem(
-                        _path(where), f"environment variable {name} is not set"
-                    )
+                    ConfigProblem(_path(where), f"environment variable {name} is not set")
                 )
                 return ""
             return env[name]
@@ -407,17 +353,13 @@ def _interpolate(
     return node
 
 
-def _apply_env(
-    data: dict[str, Any], env: Mapping[str, str], problems: list[ConfigProblem]
-) -> None:
+def _apply_env(data: dict[str, Any], env: Mapping[str, str], problems: list[ConfigProblem]) -> None:
     for name, value in sorted(env.items()):
         if not name.startswith(ENV_PREFIX):
             continue
         keys = [k.lower() for k in name[len(ENV_PREFIX) :].split("__")]
         if len(keys) < 2 or not all(keys):
-            problems.append(
-                ConfigProblem(name, "expected MQTT_STARTER_<SECTION>__<KEY>")
-            )
+            problems.append(ConfigProblem(name, "expected MQTT_STARTER_<SECTION>__<KEY>"))
             continue
         node = data
         for key in keys[:-1]:
@@ -434,9 +376,7 @@ def _apply_env(
         else:
             # Structured values ([...], {...}) are read as YAML; scalars stay text and pydantic
             # converts them ("8080" → 8080, "true" → True), so a numeric password stays text.
-            node[keys[-1]] = (
-                yaml.safe_load(value) if value.strip()[:1] in "[{" else value
-            )
+            node[keys[-1]] = yaml.safe_load(value) if value.strip()[:1] in "[{" else value
 
 
 def _read_secret_files(data: dict[str, Any], problems: list[ConfigProblem]) -> None:
@@ -456,9 +396,7 @@ def _read_secret_files(data: dict[str, Any], problems: list[ConfigProblem]) -> N
         try:
             node[key] = Path(str(path)).read_text("utf-8").rstrip("\r\n")
         except OSError as exc:
-            problems.append(
-                ConfigProblem(file_key, f"cannot read {path}: {exc.strerror}")
-            )
+            problems.append(ConfigProblem(file_key, f"cannot read {path}: {exc.strerror}"))
 
 
 def settings_from_mapping(data: Any, env: Mapping[str, str] | None = None) -> Settings:
@@ -468,9 +406,7 @@ def settings_from_mapping(data: Any, env: Mapping[str, str] | None = None) -> Se
     if data is None:
         data = {}
     if not isinstance(data, dict):
-        raise ConfigError(
-            [ConfigProblem("", "the configuration must be a YAML mapping")]
-        )
+        raise ConfigError([ConfigProblem("", "the configuration must be a YAML mapping")])
     data = _interpolate(data, env, (), problems)
     _apply_env(data, env, problems)
     _read_secret_files(data, problems)
@@ -478,15 +414,9 @@ def settings_from_mapping(data: Any, env: Mapping[str, str] | None = None) -> Se
         settings = Settings.model_validate(data)
     except ValidationError as exc:
         for error in exc.errors():
-            loc = tuple(
-                p
-                for p in error["loc"]
-                if p not in ("function-after", "function-before")
-            )
+            loc = tuple(p for p in error["loc"] if p not in ("function-after", "function-before"))
             message = error["msg"].removeprefix("Value error, ")
-            problems.append(
-                ConfigProblem(_path(loc), message[:1].lower() + message[1:])
-            )
+            problems.append(ConfigProblem(_path(loc), message[:1].lower() + message[1:]))
         raise ConfigError(problems) from None
     if problems:
         raise ConfigError(problems)
@@ -500,13 +430,9 @@ def load_settings(path: Path | None, env: Mapping[str, str] | None = None) -> Se
         try:
             data = yaml.safe_load(path.read_text("utf-8"))
         except OSError as exc:
-            raise ConfigError(
-                [ConfigProblem("", f"cannot read {path}: {exc.strerror}")]
-            ) from None
+            raise ConfigError([ConfigProblem("", f"cannot read {path}: {exc.strerror}")]) from None
         except yaml.YAMLError as exc:
-            raise ConfigError(
-                [ConfigProblem("", f"{path} is not valid YAML: {exc}")]
-            ) from None
+            raise ConfigError([ConfigProblem("", f"{path} is not valid YAML: {exc}")]) from None
     return settings_from_mapping(data, env)
 
 

@@ -72,9 +72,7 @@ class ReplyTopicRefused(RequestError):
 class QrsError(MqttStarterError):
     code = "qrs_unavailable"
 
-    def __init__(
-        self, message: str, *, status: int | None = None, path: str = ""
-    ) -> None:
+    def __init__(self, message: str, *, status: int | None = None, path: str = "") -> None:
         self.status = status
         self.path = path
         super().__init__(message)

@@ -47,9 +47,7 @@ def new_xrfkey() -> str:
 
 def build_ssl_context(settings: QrsSettings) -> ssl.SSLContext:
     """Blocking (reads key files): call once, off the event loop."""
-    context = ssl.create_default_context(
-        cafile=str(settings.ca_file) if settings.ca_file else None
-    )
+    context = ssl.create_default_context(cafile=str(settings.ca_file) if settings.ca_file else None)
     if settings.insecure:
         context.check_hostname = False
         context.verify_mode = ssl.CERT_NONE
@@ -79,15 +77,11 @@ class QrsClient:
         self._rng = rng or random.Random()
         self._session: aiohttp.ClientSession | None = None
         self._gate = asyncio.Semaphore(settings.max_concurrency)
-        self.last_success: float | None = (
-            None  # monotonic time of the last answered call
-        )
+        self.last_success: float | None = None  # monotonic time of the last answered call
 
     async def start(self) -> None:
         context = await asyncio.to_thread(build_ssl_context, self.settings)
-        connector = aiohttp.TCPConnector(
-            ssl=context, limit=self.settings.max_concurrency
-        )
+        connector = aiohttp.TCPConnector(ssl=context, limit=self.settings.max_concurrency)
         headers = {
             "X-Qlik-User": f"UserDirectory={self.settings.user_directory}; "
             f"UserId={self.settings.user_id}",
@@ -118,8 +112,7 @@ class QrsClient:
 
     def _url(self, path: str, params: Mapping[str, str], xrfkey: str) -> URL:
         query = "&".join(
-            f"{k}={url_quote(v, safe='')}"
-            for k, v in {**params, "xrfkey": xrfkey}.items()
+            f"{k}={url_quote(v, safe='')}" for k, v in {**params, "xrfkey": xrfkey}.items()
         )
         return URL(f"{self.settings.url}/qrs/{path}?{query}", encoded=True)
 
@@ -142,14 +135,20 @@ class QrsClient:
                 return response.status, await response.text()
         except aiohttp.ClientConnectorCertificateError as exc:
             raise QrsAuthError(
-                f"TLS verification of {self.settings.url} failed:"
-                f" {exc.certificate_error}",
+                f"TLS verification of {self.settings.url} failed: {exc.certificate_error}",
                 path=path,
             ) from None
         except aiohttp.ClientSSLError as exc:
             raise QrsAuthError(
                 f"TLS handshake with {self.settings.url} failed: {exc}", path=path
             ) from None
+        except aiohttp.ServerDisconnectedError as exc:
+            hint = (
+                " (a server that refuses the client certificate disconnects like this)"
+                if self.settings.auth == "certificate"
+                else ""
+            )
+            raise _Retryable(f"{type(exc).__name__}: {exc}{hint}") from None
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
             raise _Retryable(f"{type(exc).__name__}: {exc}".rstrip(": ")) from None
 
@@ -174,8 +173,7 @@ class QrsClient:
             except _Retryable as exc:
                 if attempt == retry.attempts:
                     raise QrsUnavailable(
-                        f"QRS {method} /qrs/{path} failed after {attempt}"
-                        f" attempt(s): {exc}",
+                        f"QRS {method} /qrs/{path} failed after {attempt} attempt(s): {exc}",
                         status=exc.status or None,
                         path=path,
                     ) from None
@@ -194,8 +192,7 @@ class QrsClient:
                 )
             if status >= 400:
                 raise QrsRequestError(
-                    f"QRS answered {method} /qrs/{path} with HTTP {status}:"
-                    f" {text[:200]}",
+                    f"QRS answered {method} /qrs/{path} with HTTP {status}: {text[:200]}",
                     status=status,
                     path=path,
                 )
@@ -240,9 +237,7 @@ class QrsClient:
         selectors = dedupe_selectors(selectors)
         wanted = queryable(selectors)
         candidates = await self.find_tasks(wanted) if wanted else []
-        return resolve(
-            selectors, candidates, all_task_ids_must_exist=all_task_ids_must_exist
-        )
+        return resolve(selectors, candidates, all_task_ids_must_exist=all_task_ids_must_exist)
 
     async def task(self, task_id: str) -> TaskRef | None:
         """The task's current state (tags, enabled, last execution), None when it is unknown."""

@@ -23,9 +23,7 @@ from .model import (
 
 EMPTY_GUID = "00000000-0000-0000-0000-000000000000"
 NEVER = "1753-01-01T00:00:00.000Z"
-_GUID = re.compile(
-    r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$"
-)
+_GUID = re.compile(r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$")
 # Keeps each filter well under the URL lengths that proxies in front of QRS accept.
 MAX_TERMS_PER_FILTER = 50
 
@@ -109,19 +107,13 @@ def _str(value: Any) -> str:
 
 
 def _named(items: Any) -> Iterable[Mapping[str, Any]]:
-    return (
-        [i for i in items if isinstance(i, Mapping)] if isinstance(items, list) else []
-    )
+    return [i for i in items if isinstance(i, Mapping)] if isinstance(items, list) else []
 
 
 def parse_task(data: Mapping[str, Any]) -> TaskRef:
     """A TaskRef from a (full or condensed) QRS task object; missing parts become defaults."""
     operational = data.get("operational")
-    last = (
-        operational.get("lastExecutionResult")
-        if isinstance(operational, Mapping)
-        else None
-    )
+    last = operational.get("lastExecutionResult") if isinstance(operational, Mapping) else None
     app = data.get("app")
     return TaskRef(
         id=_str(data.get("id")).lower(),
@@ -138,9 +130,7 @@ def parse_task(data: Mapping[str, Any]) -> TaskRef:
             )
             for cp in _named(data.get("customProperties"))
         ),
-        last_status=_status(last.get("status"))
-        if isinstance(last, Mapping)
-        else TaskStatus(0),
+        last_status=_status(last.get("status")) if isinstance(last, Mapping) else TaskStatus(0),
         app_name=_str(app.get("name")) if isinstance(app, Mapping) else "",
     )
 
@@ -166,11 +156,11 @@ def parse_execution(data: Mapping[str, Any]) -> Execution:
 
 
 def latest_execution(results: Sequence[Execution]) -> Execution | None:
-    """The attempt that tells the state of a session: retries add results under one session,
-    and the newest (latest start, a live one before a finished one) is the one that counts."""
+    """The attempt that tells a session's state. Retries add results under one session; while
+    one of them is live it is the state, otherwise the one that started last."""
     if not results:
         return None
     return max(
         enumerate(results),
-        key=lambda ir: (ir[1].start_time or "", not ir[1].status.terminal, ir[0]),
+        key=lambda ir: (not ir[1].status.terminal, ir[1].start_time or "", ir[0]),
     )[1]

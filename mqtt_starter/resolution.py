@@ -46,9 +46,7 @@ def dedupe_selectors(selectors: Iterable[Selector]) -> list[Selector]:
 def queryable(selectors: Iterable[Selector]) -> list[Selector]:
     """The selectors worth sending to QRS: everything but malformed ids."""
     return [
-        s
-        for s in selectors
-        if s.kind is not SelectorKind.ID or normalize_guid(s.value) is not None
+        s for s in selectors if s.kind is not SelectorKind.ID or normalize_guid(s.value) is not None
     ]
 
 

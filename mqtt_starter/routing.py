@@ -101,9 +101,7 @@ def trigger_filters(base: str) -> tuple[TopicFilter, ...]:
     return (TopicFilter.parse(f"{base}/start"), TopicFilter.parse(f"{base}/start/#"))
 
 
-def parse_trigger_topic(
-    base: str, topic: str
-) -> tuple[str, tuple[Selector, ...]] | None:
+def parse_trigger_topic(base: str, topic: str) -> tuple[str, tuple[Selector, ...]] | None:
     """(topic kind, selectors) for a built-in trigger topic, None for a topic outside them.
 
     The kind is `payload` for `<base>/start`, else `id`, `tag`, `cp` or `name`.
@@ -117,15 +115,11 @@ def parse_trigger_topic(
     kind, values = levels[0], levels[1:]
     spec = _TOPIC_KINDS.get(kind)
     if spec is None:
-        raise BadTopic(
-            f"unknown trigger kind {kind!r}: use {base}/start/<id|tag|cp|name>/..."
-        )
+        raise BadTopic(f"unknown trigger kind {kind!r}: use {base}/start/<id|tag|cp|name>/...")
     count, build = spec
     if len(values) != count or not all(values):
         shape = "<name>/<value>" if kind == "cp" else "<value>"
-        raise BadTopic(
-            f"{prefix}/{kind} takes {shape}: percent-encode a / inside a value as %2F"
-        )
+        raise BadTopic(f"{prefix}/{kind} takes {shape}: percent-encode a / inside a value as %2F")
     return kind, (build([percent_decode(v) for v in values]),)
 
 
@@ -171,14 +165,10 @@ class Route:
         def fill(template: str) -> str:
             return re.sub(r"\{(\d+)\}", lambda m: values[int(m.group(1)) - 1], template)
 
-        return tuple(
-            Selector(s.kind, fill(s.value), fill(s.name)) for s in self.selectors
-        )
+        return tuple(Selector(s.kind, fill(s.value), fill(s.name)) for s in self.selectors)
 
 
-def match_route(
-    routes: Sequence[Route], topic: str
-) -> tuple[Route, tuple[Selector, ...]] | None:
+def match_route(routes: Sequence[Route], topic: str) -> tuple[Route, tuple[Selector, ...]] | None:
     """The first route whose filter matches `topic`, with its filled-in selectors."""
     for route in routes:
         selectors = route.selectors_for(topic)
@@ -192,11 +182,7 @@ def match_route(
 
 def default_reply_topic(base: str, request_topic: str) -> str:
     """`<base>/reply/<request topic after <base>/>`; a route topic outside <base> stays whole."""
-    rest = (
-        request_topic[len(base) + 1 :]
-        if request_topic.startswith(base + "/")
-        else request_topic
-    )
+    rest = request_topic[len(base) + 1 :] if request_topic.startswith(base + "/") else request_topic
     return f"{base}/reply/{rest}"
 
 
@@ -213,10 +199,6 @@ def check_reply_topic(
     if len(topic.encode("utf-8")) > 65535:
         raise ReplyTopicRefused("reply topic is longer than MQTT allows")
     if any(f.matches(topic) for f in triggers):
-        raise ReplyTopicRefused(
-            f"reply topic {topic!r} is a trigger topic of this daemon"
-        )
+        raise ReplyTopicRefused(f"reply topic {topic!r} is a trigger topic of this daemon")
     if not any(f.matches(topic) for f in allow):
-        raise ReplyTopicRefused(
-            f"reply topic {topic!r} is outside mqtt.reply_topic_allow"
-        )
+        raise ReplyTopicRefused(f"reply topic {topic!r} is outside mqtt.reply_topic_allow")

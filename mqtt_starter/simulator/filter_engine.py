@@ -40,9 +40,7 @@ class BoolOp:
 
 Node = Comparison | BoolOp
 
-_GUID = re.compile(
-    r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}"
-)
+_GUID = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
 _NUMBER = re.compile(r"-?\d+(\.\d+)?")
 _PATH = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*")
 _OPERATORS = {"eq", "ne", "gt", "ge", "lt", "le", "sw", "ew", "so"}
@@ -222,9 +220,7 @@ def _compare(op: str, actual: Any, wanted: Any) -> bool:
         if not isinstance(actual, str) or not isinstance(wanted, str):
             return False
         a, w = actual.casefold(), wanted.casefold()
-        return (
-            a.startswith(w) if op == "sw" else a.endswith(w) if op == "ew" else w in a
-        )
+        return a.startswith(w) if op == "sw" else a.endswith(w) if op == "ew" else w in a
     if op in ("eq", "ne"):
         same = _equal(actual, wanted)
         return same if op == "eq" else not same

@@ -17,13 +17,9 @@ class Outcome(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     duration_s: float = Field(1.0, ge=0, description="time from Started to the end")
-    result: Literal["success", "fail"] = Field(
-        "success", description="how the last attempt ends"
-    )
+    result: Literal["success", "fail"] = Field("success", description="how the last attempt ends")
     failures: int = Field(0, ge=0, description="attempts that fail before one succeeds")
-    queue_s: float = Field(
-        0.0, ge=0, description="time spent Queued before a start slot"
-    )
+    queue_s: float = Field(0.0, ge=0, description="time spent Queued before a start slot")
     message: str = Field("", description="detail message of a failed attempt")
 
 
@@ -47,9 +43,7 @@ class TaskFixture(BaseModel):
 
 class Fixture(BaseModel):
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
-    max_concurrent: int = Field(
-        4, ge=1, description="executions Started at once; others Queue"
-    )
+    max_concurrent: int = Field(4, ge=1, description="executions Started at once; others Queue")
     tasks: list[TaskFixture] = []
 
 
@@ -68,10 +62,6 @@ def parse_fixture(text: str, *, source: str = "fixture") -> Fixture:
 def load_fixture(path: Path | None = None) -> Fixture:
     """Tasks from `path`, or the sample tasks shipped with the package."""
     if path is None:
-        text = (
-            resources.files(__package__)
-            .joinpath("sample-tasks.yaml")
-            .read_text("utf-8")
-        )
+        text = resources.files(__package__).joinpath("sample-tasks.yaml").read_text("utf-8")
         return parse_fixture(text, source="sample-tasks.yaml")
     return parse_fixture(path.read_text("utf-8"), source=str(path))

@@ -40,6 +40,8 @@ ABOUT = {
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 STATE_KEY = web.AppKey("state", SimState)
+PREFIX_KEY = web.AppKey("prefix", str)
+TOKEN_KEY = web.AppKey("token", str)  # "" when no bearer token is required
 
 
 def _text(status: int, text: str) -> web.Response:
@@ -50,9 +52,7 @@ def _state(request: web.Request) -> SimState:
     return request.config_dict[STATE_KEY]
 
 
-def _filtered(
-    request: web.Request, objects: list[dict[str, Any]]
-) -> list[dict[str, Any]]:
+def _filtered(request: web.Request, objects: list[dict[str, Any]]) -> list[dict[str, Any]]:
     text = request.query.get("filter")
     if text is None:
         return objects
@@ -86,11 +86,7 @@ async def list_tasks(request: web.Request) -> web.Response:
         return web.json_response({"value": len(objects)})
     if tail == "":
         full_ids = {o["id"] for o in objects}
-        objects = [
-            o
-            for o in _state(request).task_objects(kind, full=False)
-            if o["id"] in full_ids
-        ]
+        objects = [o for o in _state(request).task_objects(kind, full=False) if o["id"] in full_ids]
     return web.json_response(objects)
 
 
@@ -177,11 +173,7 @@ async def execution_session(request: web.Request) -> web.Response:
 @web.middleware
 async def journal(request: web.Request, handler: Handler) -> web.StreamResponse:
     state = _state(request)
-    path = (
-        request.path[len(request.app["prefix"]) :]
-        if request.app["prefix"]
-        else request.path
-    )
+    path = request.path[len(request.app[PREFIX_KEY]) :] if request.app[PREFIX_KEY] else request.path
     entry = JournalEntry(
         request.method,
         path,
@@ -222,8 +214,8 @@ async def faults(request: web.Request, handler: Handler) -> web.StreamResponse:
 
 @web.middleware
 async def qrs_rules(request: web.Request, handler: Handler) -> web.StreamResponse:
-    token = request.app["token"]
-    if token is not None and request.headers.get("Authorization") != f"Bearer {token}":
+    token = request.app[TOKEN_KEY]
+    if token and request.headers.get("Authorization") != f"Bearer {token}":
         return _text(401, "Unauthorized")
     params = parse_qsl(request.query_string, keep_blank_values=True)
     keys = [v for k, v in params if k.lower() == "xrfkey"]
@@ -276,12 +268,10 @@ async def set_faults(request: web.Request) -> web.Response:
     return web.json_response({k: getattr(state.faults, v) for k, v in names.items()})
 
 
-def build_app(
-    state: SimState, *, prefix: str = "", token: str | None = None
-) -> web.Application:
+def build_app(state: SimState, *, prefix: str = "", token: str | None = None) -> web.Application:
     """The simulator's aiohttp application; `prefix` and `token` make it a JWT virtual proxy."""
     qrs = web.Application(middlewares=[journal, faults, qrs_rules])
-    qrs["prefix"], qrs["token"] = prefix, token
+    qrs[PREFIX_KEY], qrs[TOKEN_KEY] = prefix, token or ""
     qrs.add_routes(
         [
             web.get("/about", about),
@@ -308,9 +298,7 @@ def build_app(
     return app
 
 
-def server_ssl_context(
-    certs: CertPaths, *, require_client_cert: bool
-) -> ssl.SSLContext:
+def server_ssl_context(certs: CertPaths, *, require_client_cert: bool) -> ssl.SSLContext:
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     context.load_cert_chain(certs.server, certs.server_key)
     if require_client_cert:

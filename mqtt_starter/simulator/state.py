@@ -53,9 +53,7 @@ class JournalEntry:
     method: str
     path: str
     query: dict[str, str]
-    status: int = (
-        0  # 0: no answer was sent (a hang that was abandoned, a dropped connection)
-    )
+    status: int = 0  # 0: no answer was sent (a hang that was abandoned, a dropped connection)
     started: float = 0.0
     ended: float | None = None
 
@@ -146,9 +144,7 @@ class SimTask:
                     for name, values in self.spec.custom_properties.items()
                     for value in ([values] if isinstance(values, str) else values)
                 ],
-                "schemaPath": "ReloadTask"
-                if self.spec.type == "reload"
-                else "ExternalProgramTask",
+                "schemaPath": "ReloadTask" if self.spec.type == "reload" else "ExternalProgramTask",
             }
         )
         if self.spec.type == "reload":
@@ -180,9 +176,7 @@ class SimState:
         self.faults = Faults()
         self.in_flight = 0
         self.peak_in_flight = 0
-        self.started: list[
-            str
-        ] = []  # task id of every execution session opened, in order
+        self.started: list[str] = []  # task id of every execution session opened, in order
         self._slots = asyncio.Semaphore(fixture.max_concurrent)
         self._changed = asyncio.Condition()
 
@@ -213,11 +207,7 @@ class SimState:
 
     def find_by_name(self, name: str) -> SimTask | None:
         return next(
-            (
-                t
-                for t in self.tasks.values()
-                if t.spec.name.casefold() == name.casefold()
-            ),
+            (t for t in self.tasks.values() if t.spec.name.casefold() == name.casefold()),
             None,
         )
 
@@ -234,9 +224,7 @@ class SimState:
         self.sessions[session.id] = session
         self.started.append(task.id)
         self._new_result(session, TRIGGERED)
-        session.runner = asyncio.create_task(
-            self._run(session), name=f"sim-exec-{session.id}"
-        )
+        session.runner = asyncio.create_task(self._run(session), name=f"sim-exec-{session.id}")
         return session.id
 
     def stop(self, task: SimTask) -> None:
@@ -280,8 +268,7 @@ class SimState:
         self._detail(
             result,
             2,
-            f"Changing task state from {_STATE_NAMES[result['status']]} "
-            f"to {_STATE_NAMES[status]}",
+            f"Changing task state from {_STATE_NAMES[result['status']]} to {_STATE_NAMES[status]}",
         )
         result["status"] = status
         if status == STARTED:
@@ -306,9 +293,7 @@ class SimState:
         attempt = 0
         try:
             while True:
-                self._detail(
-                    result, 2, "Trying to start task. Sending task to slave scheduler"
-                )
+                self._detail(result, 2, "Trying to start task. Sending task to slave scheduler")
                 queued = spec.outcome.queue_s > 0 or self._slots.locked()
                 if queued:
                     self._set(result, QUEUED)
@@ -323,9 +308,7 @@ class SimState:
                         return await self._abort(session, result)
                 finally:
                     self._slots.release()
-                failed = (
-                    spec.outcome.result == "fail" or attempt < spec.outcome.failures
-                )
+                failed = spec.outcome.result == "fail" or attempt < spec.outcome.failures
                 if not failed:
                     self._set(result, FINISHED_SUCCESS)
                     return self._finish(session, result)
@@ -366,9 +349,7 @@ class SimState:
 
     # -- journal ------------------------------------------------------------------------------
 
-    def calls(
-        self, method: str | None = None, path_prefix: str = ""
-    ) -> list[JournalEntry]:
+    def calls(self, method: str | None = None, path_prefix: str = "") -> list[JournalEntry]:
         return [
             e
             for e in self.journal

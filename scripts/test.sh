@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# The whole check: install, then format, lint, types, and the test suite.
+# Extra arguments go to pytest (e.g. `scripts/test.sh -m "not slow"`).
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+bash scripts/setup.sh test,dev
+
+echo "== ruff format --check"
+.venv/bin/ruff format --check mqtt_starter tests benchmarks
+echo "== ruff check"
+.venv/bin/ruff check mqtt_starter tests benchmarks
+echo "== mypy --strict"
+.venv/bin/mypy mqtt_starter
+echo "== pytest"
+status=0
+.venv/bin/python -m pytest -p no:cacheprovider "$@" || status=$?
+if [ "$status" -eq 5 ]; then
+    echo "pytest collected no tests: that is a failure" >&2
+    exit 1
+fi
+exit "$status"

@@ -1,0 +1,79 @@
+"""Shared fixtures: certificates, the QRS simulator over real mutual TLS, and a QRS client."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+
+import pytest
+
+from mqtt_starter.config import QrsSettings, RetrySettings
+from mqtt_starter.qrs_client import QrsClient
+from mqtt_starter.simulator.certs import CertPaths, ensure_certificates
+from mqtt_starter.simulator.fixtures import Fixture, load_fixture
+from mqtt_starter.simulator.server import QrsSimulator
+from mqtt_starter.simulator.state import SimState
+
+DATA = Path(__file__).parent / "data"
+
+
+@pytest.fixture(scope="session")
+def certs(tmp_path_factory: pytest.TempPathFactory) -> CertPaths:
+    return ensure_certificates(tmp_path_factory.mktemp("qrs-certs"))
+
+
+@pytest.fixture(scope="session")
+def task_fixture() -> Fixture:
+    return load_fixture(DATA / "tasks.yaml")
+
+
+@pytest.fixture
+async def simulator(certs: CertPaths, task_fixture: Fixture) -> AsyncIterator[QrsSimulator]:
+    sim = QrsSimulator(task_fixture, certs)
+    await sim.start()
+    yield sim
+    await sim.stop()
+
+
+@pytest.fixture
+def sim_state(simulator: QrsSimulator) -> SimState:
+    assert simulator.state is not None
+    return simulator.state
+
+
+def qrs_settings_for(sim: QrsSimulator, **overrides: object) -> QrsSettings:
+    values: dict[str, object] = {
+        "url": sim.url,
+        "cert_file": sim.certs.client,
+        "key_file": sim.certs.client_key,
+        "ca_file": sim.certs.root,
+        "timeout_s": 2.0,
+        "poll_interval_s": 0.05,
+        "retry": RetrySettings(attempts=4, backoff_s=0.01, max_backoff_s=0.05),
+    }
+    values.update(overrides)
+    return QrsSettings.model_validate(values)
+
+
+@pytest.fixture
+async def qrs(simulator: QrsSimulator) -> AsyncIterator[QrsClient]:
+    async with QrsClient(qrs_settings_for(simulator)) as client:
+        yield client
+
+
+async def wait_until(
+    check: Callable[[], bool | Awaitable[bool]], *, timeout: float = 10.0, what: str = "condition"
+) -> None:
+    """Wait for `check` to hold, polling every 10 ms, failing the test after `timeout`."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = check()
+        if not isinstance(result, bool):
+            result = await result
+        if result:
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        await asyncio.sleep(0.01)

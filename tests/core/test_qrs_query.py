@@ -1,0 +1,234 @@
+"""Filter building and escaping, GUIDs, the status table, and reading QRS JSON."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from mqtt_starter.model import CustomPropertyValue, Selector, SelectorKind, TaskRef, TaskStatus
+from mqtt_starter.qrs_query import (
+    MAX_TERMS_PER_FILTER,
+    execution_filter,
+    latest_execution,
+    normalize_guid,
+    parse_execution,
+    parse_task,
+    quote,
+    selector_matches,
+    task_filters,
+)
+from mqtt_starter.simulator.filter_engine import evaluate, parse
+
+HOSTILE = [
+    ("plain", "'plain'"),
+    ("Q1'25", r"'Q1\'25'"),
+    ("x' or name ne '", r"'x\' or name ne \''"),
+    ("back\\slash", r"'back\\slash'"),
+    ("\\'", r"'\\\''"),
+    ("trailing\\", r"'trailing\\'"),
+    ("a&b#c+d/e%f", "'a&b#c+d/e%f'"),
+    ("Ünïcødé ☃", "'Ünïcødé ☃'"),
+    ("'') or (id ne '", r"'\'\') or (id ne \''"),
+    ("", "''"),
+    ("x" * 1000, "'" + "x" * 1000 + "'"),
+]
+
+
+@pytest.mark.parametrize(("value", "literal"), HOSTILE)
+def test_quote_escapes_backslashes_then_quotes(value: str, literal: str) -> None:
+    assert quote(value) == literal
+
+
+@pytest.mark.parametrize(("value", "_literal"), HOSTILE)
+def test_quoted_value_matches_only_itself_in_the_simulator_parser(
+    value: str, _literal: str
+) -> None:
+    node = parse(f"tags.name eq {quote(value)}")
+    assert evaluate(node, {"tags": [{"name": value}]})
+    assert not evaluate(node, {"tags": [{"name": value + "x"}]})
+    assert not evaluate(node, {"tags": [{"name": "other"}], "name": value})
+
+
+@given(st.text(min_size=0, max_size=200))
+def test_any_text_quotes_to_a_literal_that_matches_exactly_itself(value: str) -> None:
+    node = parse(f"name eq {quote(value)}")
+    assert evaluate(node, {"name": value})
+    assert not evaluate(node, {"name": value + "'"})
+
+
+def test_filters_per_selector_kind() -> None:
+    selectors = [
+        Selector(SelectorKind.ID, " 6CA1C5F2-2742-44D5-8ADF-D6CBA3701A4E "),
+        Selector(SelectorKind.TAG, "Nightly"),
+        Selector(SelectorKind.CUSTOM_PROPERTY, "tasks2", name="taskGroup"),
+        Selector(SelectorKind.NAME, "Reload Sales"),
+    ]
+    assert task_filters(selectors) == [
+        "id eq 6ca1c5f2-2742-44d5-8adf-d6cba3701a4e"
+        " or tags.name eq 'Nightly'"
+        " or (customProperties.definition.name eq 'taskGroup' and customProperties.value eq"
+        " 'tasks2')"
+        " or name eq 'Reload Sales'"
+    ]
+
+
+def test_many_selectors_are_chunked_not_one_query_per_task() -> None:
+    selectors = [Selector(SelectorKind.TAG, f"t{i}") for i in range(MAX_TERMS_PER_FILTER + 1)]
+    filters = task_filters(selectors)
+    assert len(filters) == 2
+    assert filters[1] == f"tags.name eq 't{MAX_TERMS_PER_FILTER}'"
+
+
+def test_an_invalid_id_never_reaches_a_filter() -> None:
+    with pytest.raises(ValueError, match="not a GUID"):
+        task_filters([Selector(SelectorKind.ID, "1 or 1 eq 1")])
+    with pytest.raises(ValueError, match="not a GUID"):
+        execution_filter("x' or '")
+
+
+@pytest.mark.parametrize(
+    ("text", "guid"),
+    [
+        ("6ca1c5f2-2742-44d5-8adf-d6cba3701a4e", "6ca1c5f2-2742-44d5-8adf-d6cba3701a4e"),
+        ("  6CA1C5F2-2742-44D5-8ADF-D6CBA3701A4E\n", "6ca1c5f2-2742-44d5-8adf-d6cba3701a4e"),
+        ("6ca1c5f2274244d58adfd6cba3701a4e", None),
+        ("{6ca1c5f2-2742-44d5-8adf-d6cba3701a4e}", None),
+        ("6ca1c5f2-2742-44d5-8adf-d6cba3701a4g", None),
+        ("", None),
+    ],
+)
+def test_normalize_guid(text: str, guid: str | None) -> None:
+    assert normalize_guid(text) == guid
+
+
+@pytest.mark.parametrize(
+    ("code", "name", "terminal"),
+    [
+        (0, "NeverStarted", False),
+        (1, "Triggered", False),
+        (2, "Started", False),
+        (3, "Queued", False),
+        (4, "AbortInitiated", False),
+        (5, "Aborting", False),
+        (6, "Aborted", True),
+        (7, "FinishedSuccess", True),
+        (8, "FinishedFail", True),
+        (9, "Skipped", True),
+        (10, "Retry", False),
+        (11, "Error", True),
+        (12, "Reset", True),
+        (13, "DistributionQueue", False),
+        (14, "DistributionRunning", False),
+    ],
+)
+def test_status_table(code: int, name: str, terminal: bool) -> None:
+    status = TaskStatus(code)
+    assert (status.qrs_name, status.terminal) == (name, terminal)
+
+
+DECOY = TaskRef(
+    id="77777777-7777-4777-8777-777777777777",
+    name="CP decoy",
+    custom_properties=(
+        CustomPropertyValue("taskGroup", "tasks1"),
+        CustomPropertyValue("Other", "tasks2"),
+    ),
+)
+
+
+def test_custom_property_recheck_needs_name_and_value_on_one_entry() -> None:
+    assert not selector_matches(
+        Selector(SelectorKind.CUSTOM_PROPERTY, "tasks2", "taskGroup"), DECOY
+    )
+    assert selector_matches(Selector(SelectorKind.CUSTOM_PROPERTY, "TASKS1", "taskgroup"), DECOY)
+
+
+def test_tag_and_name_recheck_ignore_case_only() -> None:
+    task = TaskRef(id="1" * 8, name="Reload Sales", tags=("Nightly",))
+    assert selector_matches(Selector(SelectorKind.TAG, "nightly"), task)
+    assert not selector_matches(Selector(SelectorKind.TAG, "Nightly "), task)
+    assert selector_matches(Selector(SelectorKind.NAME, "RELOAD SALES"), task)
+    assert not selector_matches(Selector(SelectorKind.NAME, "Reload"), task)
+
+
+def test_parse_full_task() -> None:
+    task = parse_task(
+        {
+            "id": "6CA1C5F2-2742-44D5-8ADF-D6CBA3701A4E",
+            "name": "Reload Sales",
+            "taskType": 0,
+            "enabled": True,
+            "tags": [{"id": "t", "name": "Nightly"}],
+            "customProperties": [{"value": "tasks2", "definition": {"name": "taskGroup"}}],
+            "app": {"id": "a", "name": "Sales"},
+            "operational": {"lastExecutionResult": {"status": 7}},
+        }
+    )
+    assert task == TaskRef(
+        id="6ca1c5f2-2742-44d5-8adf-d6cba3701a4e",
+        name="Reload Sales",
+        task_type=0,
+        enabled=True,
+        tags=("Nightly",),
+        custom_properties=(CustomPropertyValue("taskGroup", "tasks2"),),
+        last_status=TaskStatus.FINISHED_SUCCESS,
+        app_name="Sales",
+    )
+
+
+def test_parse_condensed_task_and_junk_fields() -> None:
+    task = parse_task(
+        {
+            "id": "x",
+            "name": "n",
+            "tags": "junk",
+            "operational": None,
+            "customProperties": [None, {"value": 1}],
+        }
+    )
+    assert task.tags == ()
+    assert task.custom_properties == (CustomPropertyValue("", ""),)
+    assert task.last_status is TaskStatus.NEVER_STARTED
+
+
+def test_parse_execution_prefers_error_details_and_hides_never_dates() -> None:
+    execution = parse_execution(
+        {
+            "executionID": "E",
+            "taskID": "T",
+            "status": 8,
+            "startTime": "2026-11-29T10:00:00.000Z",
+            "stopTime": "1753-01-01T00:00:00.000Z",
+            "duration": 1500,
+            "details": [
+                {"detailsType": 2, "message": "Changing task state to Triggered"},
+                {"detailsType": 0, "message": "Field 'Amount' not found"},
+                {"detailsType": 2, "message": "Changing task state from Started to FinishedFail"},
+            ],
+        }
+    )
+    assert (execution.execution_id, execution.task_id, execution.status) == (
+        "e",
+        "t",
+        TaskStatus.FINISHED_FAIL,
+    )
+    assert (execution.start_time, execution.stop_time, execution.duration_ms) == (
+        "2026-11-29T10:00:00.000Z",
+        None,
+        1500,
+    )
+    assert execution.message == "Field 'Amount' not found"
+
+
+def test_latest_execution_prefers_the_live_retry() -> None:
+    failed = parse_execution(
+        {"executionID": "e", "status": 8, "startTime": "2026-11-29T10:00:00.000Z"}
+    )
+    retry = parse_execution({"executionID": "e", "status": 10})
+    assert latest_execution([failed, retry]) is retry
+    done = parse_execution(
+        {"executionID": "e", "status": 7, "startTime": "2026-11-29T10:00:01.000Z"}
+    )
+    assert latest_execution([failed, done]) is done
+    assert latest_execution([]) is None

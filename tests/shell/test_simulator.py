@@ -1,0 +1,429 @@
+"""The QRS simulator over real HTTPS with mutual TLS: rules, endpoints, state machine, faults."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import ssl
+from collections.abc import AsyncIterator
+from typing import Any
+from urllib.parse import quote
+
+import aiohttp
+import pytest
+import trustme
+
+from mqtt_starter.simulator.certs import CertPaths
+from mqtt_starter.simulator.fixtures import Fixture
+from mqtt_starter.simulator.server import QrsSimulator
+from mqtt_starter.simulator.state import SimState
+from tests.conftest import wait_until
+
+KEY = "abcdefghij012345"
+USER = "UserDirectory=INTERNAL; UserId=sa_repository"
+SALES = "11111111-1111-4111-8111-111111111111"
+FORECAST = "33333333-3333-4333-8333-333333333333"
+BUDGET = "44444444-4444-4444-8444-444444444444"
+ARCHIVE = "55555555-5555-4555-8555-555555555555"
+LONG = "99999999-9999-4999-8999-999999999999"
+QUEUED = "aaaaaaaa-aaaa-4aaa-8aaa-aaaaaaaaaaaa"
+EMPTY = "00000000-0000-0000-0000-000000000000"
+
+
+def client_context(certs: CertPaths) -> ssl.SSLContext:
+    context = ssl.create_default_context(cafile=str(certs.root))
+    context.load_cert_chain(certs.client, certs.client_key)
+    return context
+
+
+class Raw:
+    """Plain HTTP calls to the simulator, with full control over every header and parameter."""
+
+    def __init__(self, sim: QrsSimulator, session: aiohttp.ClientSession) -> None:
+        self.sim = sim
+        self.session = session
+
+    async def __call__(
+        self,
+        method: str,
+        path: str,
+        query: str = "",
+        *,
+        xrfkey: str | None = KEY,
+        header_key: str | None = None,
+        user: str | None = USER,
+        body: Any = None,
+    ) -> tuple[int, Any]:
+        headers = {}
+        if xrfkey is not None:
+            query = f"{query}&xrfkey={xrfkey}" if query else f"xrfkey={xrfkey}"
+            headers["X-Qlik-Xrfkey"] = header_key or xrfkey
+        if user is not None:
+            headers["X-Qlik-User"] = user
+        url = f"{self.sim.url}{path}" + (f"?{query}" if query else "")
+        async with self.session.request(method, url, headers=headers, json=body) as response:
+            text = await response.text()
+            is_json = response.content_type == "application/json"
+            return response.status, json.loads(text) if is_json else text
+
+
+@pytest.fixture
+async def raw(simulator: QrsSimulator) -> AsyncIterator[Raw]:
+    connector = aiohttp.TCPConnector(ssl=client_context(simulator.certs))
+    async with aiohttp.ClientSession(connector=connector) as session:
+        yield Raw(simulator, session)
+
+
+def f(text: str) -> str:
+    return "filter=" + quote(text, safe="")
+
+
+# -- request rules ---------------------------------------------------------------------------
+
+
+XSRF = "XSRF prevention check failed. Possible XSRF discovered."
+
+
+@pytest.mark.parametrize(
+    ("xrfkey", "header_key"),
+    [(None, None), ("short", None), ("abcdefghij01234!", None), (KEY, "abcdefghij012346")],
+)
+async def test_xrfkey_rule(raw: Raw, xrfkey: str | None, header_key: str | None) -> None:
+    assert await raw("GET", "/qrs/about", xrfkey=xrfkey, header_key=header_key) == (403, XSRF)
+
+
+async def test_xrfkey_parameter_name_is_case_insensitive(raw: Raw) -> None:
+    status, _ = await raw("GET", "/qrs/about", f"Xrfkey={KEY}", xrfkey=None)
+    assert status == 403  # no header
+    url = f"{raw.sim.url}/qrs/about?Xrfkey={KEY}"
+    async with raw.session.get(url, headers={"X-Qlik-Xrfkey": KEY}) as response:
+        assert response.status == 200
+
+
+@pytest.mark.parametrize("user", [USER, "UserDirectory=INTERNAL;UserId=sa_repository", None])
+async def test_qlik_user_header_accepted_forms(raw: Raw, user: str | None) -> None:
+    status, body = await raw("GET", "/qrs/about", user=user)
+    assert status == 200
+    assert body["schemaPath"] == "About"
+
+
+async def test_malformed_qlik_user_is_refused_after_the_xrfkey_rule(raw: Raw) -> None:
+    assert (await raw("GET", "/qrs/about", user="sa_repository"))[0] == 403
+    assert await raw("GET", "/qrs/about", xrfkey=None, user="junk") == (403, XSRF)
+
+
+async def test_empty_query_value(raw: Raw) -> None:
+    assert await raw("GET", "/qrs/task", "filter=") == (400, "Missing parameter value(s)")
+
+
+async def test_client_without_certificate_is_refused(simulator: QrsSimulator) -> None:
+    context = ssl.create_default_context(cafile=str(simulator.certs.root))
+    async with aiohttp.ClientSession() as session:
+        with pytest.raises(aiohttp.ClientError):
+            async with session.get(f"{simulator.url}/qrs/about", ssl=context) as response:
+                await response.read()
+
+
+async def test_client_with_certificate_from_another_ca_is_refused(
+    simulator: QrsSimulator, tmp_path: object
+) -> None:
+    other = trustme.CA().issue_cert("QlikClient")
+    context = ssl.create_default_context(cafile=str(simulator.certs.root))
+    other.configure_cert(context)
+    async with aiohttp.ClientSession() as session:
+        with pytest.raises(aiohttp.ClientError):
+            async with session.get(f"{simulator.url}/qrs/about", ssl=context) as response:
+                await response.read()
+
+
+async def test_proxy_mode_wants_prefix_and_bearer_token(
+    certs: CertPaths, task_fixture: Fixture
+) -> None:
+    sim = QrsSimulator(task_fixture, certs, prefix="jwt", token="s3cret")
+    await sim.start()
+    try:
+        context = ssl.create_default_context(cafile=str(certs.root))
+        headers = {"X-Qlik-Xrfkey": KEY, "X-Qlik-User": USER}
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=context)) as s:
+            url = f"{sim.url}/qrs/about?xrfkey={KEY}"
+            assert url.startswith(f"https://127.0.0.1:{sim.port}/jwt/qrs/")
+            async with s.get(url, headers=headers) as r:
+                assert r.status == 401
+            async with s.get(url, headers={**headers, "Authorization": "Bearer s3cret"}) as r:
+                assert r.status == 200
+        assert sim.state is not None
+        assert [(e.path, e.status) for e in sim.state.journal] == [
+            ("/qrs/about", 401),
+            ("/qrs/about", 200),
+        ]
+    finally:
+        await sim.stop()
+
+
+# -- endpoints and filters -------------------------------------------------------------------
+
+
+async def test_task_by_id_does_not_exist_but_typed_lookups_do(raw: Raw) -> None:
+    assert (await raw("GET", f"/qrs/task/{SALES}"))[0] == 404
+    status, body = await raw("GET", f"/qrs/reloadtask/{SALES}")
+    assert (status, body["name"], body["schemaPath"]) == (200, "Reload Sales", "ReloadTask")
+    assert (await raw("GET", f"/qrs/externalprogramtask/{SALES}"))[0] == 404
+    status, body = await raw("GET", "/qrs/task/full", f(f"id eq {SALES}"))
+    assert [t["name"] for t in body] == ["Reload Sales"]
+
+
+async def test_lists_by_type_condensed_and_full(raw: Raw, task_fixture: Fixture) -> None:
+    _, condensed = await raw("GET", "/qrs/task")
+    assert len(condensed) == len(task_fixture.tasks)
+    assert set(condensed[0]) == {
+        "id",
+        "name",
+        "taskType",
+        "enabled",
+        "taskSessionTimeout",
+        "maxRetries",
+        "privileges",
+        "operational",
+    }
+    _, external = await raw("GET", "/qrs/externalprogramtask/full")
+    assert sorted(t["name"] for t in external) == ["Export to Data Lake", "Queued Cleanup"]
+    assert {t["taskType"] for t in external} == {1}
+    assert await raw("GET", "/qrs/reloadtask/count") == (200, {"value": 8})
+    _, never = await raw("GET", "/qrs/task/full", f(f"id eq {SALES}"))
+    assert never[0]["operational"]["lastExecutionResult"]["startTime"] == (
+        "1753-01-01T00:00:00.000Z"
+    )
+
+
+@pytest.mark.parametrize(
+    ("text", "names"),
+    [
+        ("tags.name eq 'nightly'", ["Reload Sales", "Reload Stock", "Reload Archive"]),
+        ("TAGS.NAME EQ 'Nightly' AND enabled eq false", ["Reload Archive"]),
+        (
+            "name eq 'Reload Sales' or name eq 'Reload Stock' and tags.name eq 'none'",
+            ["Reload Sales"],
+        ),
+        (
+            "(name eq 'Reload Sales' or name eq 'Reload Stock') and tags.name eq 'startTask1'",
+            ["Reload Sales"],
+        ),
+        (r"tags.name eq 'Q1\'25'", ["Quarter report"]),
+        (r"tags.name eq 'back\\slash'", ["Quarter report"]),
+        ("tags.name eq 'a&b#c+d/e%f'", ["Quarter report"]),
+        ("tags.name eq 'Ünïcødé ☃'", ["Quarter report"]),
+        ("name sw 'reload s'", ["Reload Sales", "Reload Stock"]),
+        ("name ew 'lake'", ["Export to Data Lake"]),
+        ("name so 'CAST'", ["Reload Forecast"]),
+        (
+            "customProperties.definition.name eq 'taskGroup'"
+            " and customProperties.value eq 'tasks2'",
+            ["Reload Stock", "CP decoy"],
+        ),
+        (f"id eq {SALES.upper()}", ["Reload Sales"]),
+        ("maxRetries ge 2", ["Reload Budget"]),
+        ("maxRetries gt 2", []),
+        ("tags.name ne 'Nightly' and name eq 'Reload Sales'", ["Reload Sales"]),
+        ("operational.lastExecutionResult.startTime lt '1800-01-01'", None),
+    ],
+)
+async def test_filter_engine(
+    raw: Raw, task_fixture: Fixture, text: str, names: list[str] | None
+) -> None:
+    status, body = await raw("GET", "/qrs/task/full", f(text))
+    assert status == 200
+    expected = names if names is not None else [t.name for t in task_fixture.tasks]
+    assert sorted(t["name"] for t in body) == sorted(expected)
+
+
+@pytest.mark.parametrize(
+    ("text", "answer"),
+    [
+        ("()", "Invalid expression"),
+        ("name eq 'a' and ()", "Invalid expression"),
+        ("name eq 'a''b'", "Cannot parse the expression: name eq 'a''b'"),
+        ("name eq 'open", "Cannot parse the expression: name eq 'open"),
+        ("name eq unquoted", "Cannot parse the expression: name eq unquoted"),
+        ("name like 'x'", "Cannot parse the expression: name like 'x'"),
+        ("not name eq 'x'", "Cannot parse the expression: not name eq 'x'"),
+        ("(name eq 'x'", "Cannot parse the expression: (name eq 'x'"),
+        ("name eq 'x' or", "Cannot parse the expression: name eq 'x' or"),
+        (r"name eq 'bad \escape'", r"Cannot parse the expression: name eq 'bad \escape'"),
+    ],
+)
+async def test_filter_errors(raw: Raw, text: str, answer: str) -> None:
+    assert await raw("GET", "/qrs/task/full", f(text)) == (400, answer)
+
+
+async def test_unencoded_plus_reads_as_a_space(raw: Raw) -> None:
+    # Why the client encodes the whole filter: a bare `+` in a query is a space.
+    status, body = await raw("GET", "/qrs/task/full", "filter=name%20eq%20'Reload+Sales'")
+    assert (status, [t["name"] for t in body]) == (200, ["Reload Sales"])
+
+
+# -- state machine ---------------------------------------------------------------------------
+
+
+async def results(raw: Raw, session: str) -> list[dict[str, Any]]:
+    _, body = await raw("GET", "/qrs/executionresult", f(f"executionID eq {session}"))
+    assert isinstance(body, list)
+    return body
+
+
+async def run_to_end(raw: Raw, session: str) -> list[dict[str, Any]]:
+    async def ended() -> bool:
+        return (await raw("GET", f"/qrs/executionsession/{session}"))[0] == 404
+
+    await wait_until(ended, what=f"session {session} to end")
+    return await results(raw, session)
+
+
+def states(result: dict[str, Any]) -> list[str]:
+    return [d["message"] for d in result["details"] if d["detailsType"] == 2]
+
+
+async def test_successful_execution(raw: Raw, sim_state: SimState) -> None:
+    status, body = await raw("POST", f"/qrs/task/{SALES}/start/synchronous")
+    assert status == 201
+    session = body["value"]
+    assert (await raw("GET", f"/qrs/executionsession/{session}"))[0] == 200
+    # Already running: the empty GUID, and /start does nothing.
+    assert await raw("POST", f"/qrs/task/{SALES}/start/synchronous") == (201, {"value": EMPTY})
+    assert await raw("POST", f"/qrs/task/{SALES}/start") == (204, "")
+    [result] = await run_to_end(raw, session)
+    assert result["status"] == 7
+    assert result["taskID"] == SALES
+    assert 250 <= result["duration"] <= 3000
+    assert result["stopTime"] > result["startTime"] > "1753"
+    assert states(result) == [
+        "Changing task state to Triggered",
+        "Trying to start task. Sending task to slave scheduler",
+        "Changing task state from Triggered to Started",
+        "Changing task state from Started to FinishedSuccess",
+    ]
+    _, [task] = await raw("GET", "/qrs/task/full", f(f"id eq {SALES}"))
+    assert task["operational"]["lastExecutionResult"]["status"] == 7
+    assert sim_state.started == [SALES]
+
+
+async def test_failure_with_retry_adds_results_under_one_session(raw: Raw) -> None:
+    _, body = await raw("POST", f"/qrs/task/{BUDGET}/start/synchronous")
+    first, second = await run_to_end(raw, body["value"])
+    assert (first["status"], second["status"]) == (8, 7)
+    assert first["executionID"] == second["executionID"] == body["value"]
+    assert states(second)[:2] == [
+        "Changing task state to Retry",
+        "Changing task state from Retry to Triggered",
+    ]
+
+
+async def test_failure_without_retries(raw: Raw) -> None:
+    _, body = await raw("POST", f"/qrs/task/{FORECAST}/start/synchronous")
+    [result] = await run_to_end(raw, body["value"])
+    assert result["status"] == 8
+    assert [d["message"] for d in result["details"] if d["detailsType"] == 0] == [
+        "Field 'Amount' not found"
+    ]
+
+
+async def test_disabled_task_does_not_start(raw: Raw, sim_state: SimState) -> None:
+    assert await raw("POST", f"/qrs/task/{ARCHIVE}/start/synchronous") == (201, {"value": EMPTY})
+    assert sim_state.started == []
+
+
+async def test_concurrency_limit_queues_and_stop_aborts(raw: Raw) -> None:
+    # max_concurrent is 2 in the test fixture: the third execution waits Queued.
+    sessions = []
+    for task_id in (LONG, SALES, "22222222-2222-4222-8222-222222222222"):
+        sessions.append((await raw("POST", f"/qrs/task/{task_id}/start/synchronous"))[1]["value"])
+
+    async def third_queued() -> bool:
+        return bool([r["status"] for r in await results(raw, sessions[2])] == [3])
+
+    await wait_until(third_queued, what="the third execution to be Queued")
+    assert (await raw("POST", f"/qrs/task/{LONG}/stop")) == (204, "")
+    [aborted] = await run_to_end(raw, sessions[0])
+    assert aborted["status"] == 6
+    assert states(aborted)[-3:] == [
+        "Changing task state from Started to AbortInitiated",
+        "Changing task state from AbortInitiated to Aborting",
+        "Changing task state from Aborting to Aborted",
+    ]
+    [third] = await run_to_end(raw, sessions[2])
+    assert third["status"] == 7
+    assert "Changing task state from Triggered to Queued" in states(third)
+
+
+async def test_scripted_queue_time(raw: Raw) -> None:
+    _, body = await raw("POST", f"/qrs/task/{QUEUED}/start/synchronous")
+    [result] = await run_to_end(raw, body["value"])
+    assert states(result)[2:4] == [
+        "Changing task state from Triggered to Queued",
+        "Changing task state from Queued to Started",
+    ]
+
+
+async def test_start_by_name_many_and_unknown(raw: Raw, sim_state: SimState) -> None:
+    assert await raw("POST", "/qrs/task/start", f"name={quote('reload sales')}") == (204, "")
+    status, body = await raw("POST", "/qrs/task/start/synchronous", "name=Reload%20Stock")
+    assert status == 201 and body["value"] != EMPTY
+    assert (await raw("POST", "/qrs/task/start", "name=Nope"))[0] == 404
+    assert (await raw("POST", "/qrs/task/99999999-0000-4000-8000-000000000000/start"))[0] == 404
+    many = [FORECAST, "00000000-1111-4000-8000-000000000000", QUEUED]
+    assert await raw("POST", "/qrs/task/start/many", body=many) == (204, "")
+    assert sim_state.started == [SALES, "22222222-2222-4222-8222-222222222222", FORECAST, QUEUED]
+
+
+# -- faults and journal ------------------------------------------------------------------------
+
+
+async def test_fail_next_then_recover_and_journal(raw: Raw, sim_state: SimState) -> None:
+    sim_state.faults.fail_next = 2
+    assert (await raw("GET", "/qrs/about"))[0] == 503
+    assert (await raw("GET", "/qrs/about"))[0] == 503
+    assert (await raw("GET", "/qrs/about", f"extra={quote('a b')}"))[0] == 200
+    assert [(e.method, e.path, e.query, e.status) for e in sim_state.journal] == [
+        ("GET", "/qrs/about", {"xrfkey": KEY}, 503),
+        ("GET", "/qrs/about", {"xrfkey": KEY}, 503),
+        ("GET", "/qrs/about", {"extra": "a b", "xrfkey": KEY}, 200),
+    ]
+
+
+async def test_hang_and_drop(raw: Raw, sim_state: SimState) -> None:
+    sim_state.faults.hang_next, sim_state.faults.hang_s = 1, 0.5
+    sim_state.faults.drop_next = 1
+    with pytest.raises(asyncio.TimeoutError):
+        await asyncio.wait_for(raw("GET", "/qrs/about"), 0.2)
+    # A POST: aiohttp itself retries an idempotent GET once on a dropped keep-alive connection.
+    with pytest.raises(aiohttp.ClientError):
+        await raw("POST", f"/qrs/task/{SALES}/stop")
+    assert (await raw("GET", "/qrs/about"))[0] == 200
+    await wait_until(
+        lambda: all(e.ended is not None for e in sim_state.journal),
+        what="the hung call to be closed",
+    )
+    assert [e.status for e in sim_state.journal] == [200, 0, 200]
+
+
+async def test_delay_and_peak_in_flight(raw: Raw, sim_state: SimState) -> None:
+    sim_state.faults.delay_s = 0.2
+    await asyncio.gather(*(raw("GET", "/qrs/about") for _ in range(5)))
+    assert sim_state.peak_in_flight == 5
+
+
+async def test_control_endpoints(raw: Raw, sim_state: SimState) -> None:
+    await raw("POST", f"/qrs/task/{SALES}/start")
+    status, body = await raw(
+        "POST", "/_sim/faults", body={"failNext": 1, "failStatus": 500}, xrfkey=None
+    )
+    assert status == 200 and body["failNext"] == 1
+    assert (await raw("GET", "/qrs/about"))[0] == 500
+    status, journal = await raw("GET", "/_sim/journal", xrfkey=None)
+    assert [(e["method"], e["path"], e["status"]) for e in journal["entries"]] == [
+        ("POST", f"/qrs/task/{SALES}/start", 204),
+        ("GET", "/qrs/about", 500),
+    ]
+    assert journal["started"] == [SALES]
+    assert (await raw("DELETE", "/_sim/journal", xrfkey=None))[0] == 204
+    assert sim_state.journal == [] and sim_state.started == []
+    assert (await raw("POST", "/_sim/faults", body={"bogus": 1}, xrfkey=None))[0] == 400

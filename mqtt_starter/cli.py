@@ -10,9 +10,40 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from . import __version__
+from .app import Daemon
+from .config import Settings, file_problems, load_settings
+from .errors import EXIT_CONFIG, ConfigError
+from .logs import configure_logging
 from .simulator.certs import default_cert_dir, ensure_certificates
 from .simulator.fixtures import FixtureError, load_fixture
 from .simulator.server import QrsSimulator
+
+DEFAULT_CONFIG = Path("/etc/mqtt-starter/mqtt-starter.yaml")
+
+
+def _config_failed(error: ConfigError) -> int:
+    print("mqtt-starter: invalid configuration:", file=sys.stderr)
+    for problem in error.problems:
+        print(f"  {problem}", file=sys.stderr)
+    return EXIT_CONFIG
+
+
+def _run(args: argparse.Namespace) -> int:
+    path: Path = args.config
+
+    def load() -> Settings:
+        settings = load_settings(path)
+        problems = file_problems(settings)
+        if problems:
+            raise ConfigError(problems)
+        return settings
+
+    try:
+        settings = load()
+    except ConfigError as error:
+        return _config_failed(error)
+    configure_logging(settings.log)
+    return asyncio.run(Daemon(settings, reload=load).run())
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -22,6 +53,15 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"mqtt-starter {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = commands.add_parser("run", help="run the daemon")
+    run.add_argument(
+        "-c",
+        "--config",
+        type=Path,
+        default=DEFAULT_CONFIG,
+        help=f"configuration file (default: {DEFAULT_CONFIG})",
+    )
 
     sim = commands.add_parser("simulate-qrs", help="run the QRS simulator (HTTPS, mutual TLS)")
     sim.add_argument("--tasks", type=Path, help="task fixture (YAML or JSON); default: samples")
@@ -73,7 +113,7 @@ def _simulate_qrs(args: argparse.Namespace) -> int:
         fixture = load_fixture(args.tasks)
     except (FixtureError, OSError) as exc:
         print(f"mqtt-starter: {exc}", file=sys.stderr)
-        return 78
+        return EXIT_CONFIG
     certs = ensure_certificates(args.cert_dir or default_cert_dir(), (args.host,))
     sim = QrsSimulator(
         fixture, certs, host=args.host, port=args.port, prefix=args.prefix, token=args.token
@@ -84,5 +124,5 @@ def _simulate_qrs(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    commands = {"simulate-qrs": _simulate_qrs}
+    commands = {"run": _run, "simulate-qrs": _simulate_qrs}
     return commands[args.command](args)

@@ -102,6 +102,12 @@ class MqttSettings(Section):
         le=65535,
         description="triggers handled at once; the broker holds the rest (MQTT 5 Receive Maximum)",
     )
+    stop_timeout_s: float = Field(
+        30.0,
+        gt=0,
+        description="at a stop, how long requests in"
+        " flight may take to finish; the rest are redelivered later",
+    )
     reconnect: ReconnectSettings = Field(
         ReconnectSettings(),
         description="broker reconnect backoff (jittered, exponential)",

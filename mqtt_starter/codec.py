@@ -1,0 +1,306 @@
+"""Payload bytes → Request, and Reply / status event → bytes.
+
+Pure. Every refusal is a RequestError whose message names the field (`tags[2]: expected a
+string`), so the error reply tells the sender exactly what to fix. Two request shapes exist:
+the JSON object of DESIGN.md section 2, and Butler's REST body (a JSON array of
+`{type, payload}` items), accepted on `<base>/start` only.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+from .errors import BadPayload, PayloadTooLarge
+from .model import (
+    Execution,
+    Reply,
+    ReplyStatus,
+    Request,
+    Selector,
+    SelectorKind,
+    TaskOutcome,
+    TaskResult,
+    TaskStatus,
+)
+
+MAX_ID_LENGTH = 256
+# The JSON nesting a request can need is 3 (object → list → object); anything much deeper is
+# an attack on the parser, refused before json.loads recurses into it.
+MAX_DEPTH = 32
+
+
+def decode_json(payload: bytes, max_bytes: int) -> Any:
+    """The JSON value of `payload` (None when empty), refusing oversize and malformed input."""
+    if len(payload) > max_bytes:
+        raise PayloadTooLarge(f"payload is {len(payload)} bytes; the limit is {max_bytes}")
+    if not payload.strip():
+        return None
+    try:
+        text = payload.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise BadPayload(f"payload is not UTF-8 (byte {exc.start})") from None
+    depth = deepest = 0
+    in_string = escaped = False
+    for ch in text:
+        if in_string:
+            escaped, in_string = (False, True) if escaped else (ch == "\\", ch != '"')
+        elif ch == '"':
+            in_string = True
+        elif ch in "[{":
+            depth += 1
+            deepest = max(deepest, depth)
+            if deepest > MAX_DEPTH:
+                raise BadPayload(f"JSON is nested deeper than {MAX_DEPTH} levels")
+        elif ch in "]}":
+            depth -= 1
+    try:
+        return json.loads(text)
+    except (json.JSONDecodeError, RecursionError) as exc:
+        raise BadPayload(f"invalid JSON: {exc}") from None
+
+
+def request_id_of(data: Any) -> str | None:
+    """The requestId of a payload, when it has a usable one: echoed even in error replies."""
+    if isinstance(data, Mapping):
+        value = data.get("requestId")
+        if isinstance(value, str) and len(value) <= MAX_ID_LENGTH:
+            return value
+    return None
+
+
+# -- the JSON request --------------------------------------------------------------------------
+
+
+def _string(value: Any, where: str) -> str:
+    if not isinstance(value, str):
+        raise BadPayload(f"{where}: expected a string")
+    return value
+
+
+def _strings(value: Any, where: str) -> list[str]:
+    if not isinstance(value, list):
+        raise BadPayload(f"{where}: expected a list of strings")
+    return [_string(v, f"{where}[{i}]") for i, v in enumerate(value)]
+
+
+def _flag(value: Any, where: str) -> bool:
+    if not isinstance(value, bool):
+        raise BadPayload(f"{where}: expected true or false")
+    return value
+
+
+def _object(value: Any, where: str, fields: Sequence[str]) -> Mapping[str, Any]:
+    if not isinstance(value, Mapping):
+        raise BadPayload(f"{where}: expected an object")
+    unknown = [k for k in value if k not in fields]
+    if unknown:
+        raise BadPayload(f"{where + '.' if where else ''}{unknown[0]}: unknown field")
+    return value
+
+
+def _required(data: Mapping[str, Any], key: str, where: str) -> Any:
+    if key not in data:
+        raise BadPayload(f"{where}.{key}: field required")
+    return data[key]
+
+
+def _custom_properties(value: Any, where: str) -> list[Selector]:
+    if not isinstance(value, list):
+        raise BadPayload(f"{where}: expected a list of {{name, value}} objects")
+    result = []
+    for i, item in enumerate(value):
+        here = f"{where}[{i}]"
+        item = _object(item, here, ("name", "value"))
+        name = _string(_required(item, "name", here), f"{here}.name")
+        result.append(
+            Selector(
+                SelectorKind.CUSTOM_PROPERTY,
+                _string(_required(item, "value", here), f"{here}.value"),
+                name,
+            )
+        )
+    return result
+
+
+_SELECTOR_FIELDS: dict[str, Callable[[Any, str], list[Selector]]] = {
+    "taskIds": lambda v, w: [Selector(SelectorKind.ID, s) for s in _strings(v, w)],
+    "tags": lambda v, w: [Selector(SelectorKind.TAG, s) for s in _strings(v, w)],
+    "names": lambda v, w: [Selector(SelectorKind.NAME, s) for s in _strings(v, w)],
+    "customProperties": _custom_properties,
+}
+REQUEST_FIELDS = (
+    "requestId",
+    "replyTo",
+    *_SELECTOR_FIELDS,
+    "allTaskIdsMustExist",
+    "wait",
+    "dryRun",
+)
+
+
+def parse_request(
+    data: Any, topic_selectors: Sequence[Selector] = (), *, butler_array: bool = False
+) -> Request:
+    """A Request from decoded JSON (`data`, None for an empty payload) and the topic's selectors.
+
+    `butler_array` allows Butler's REST body (a JSON array), as `<base>/start` does.
+    """
+    if data is None:
+        data = {}
+    if isinstance(data, list) and butler_array:
+        return Request(selectors=(*topic_selectors, *parse_butler_items(data)))
+    data = _object(data, "", REQUEST_FIELDS) if isinstance(data, Mapping) else None
+    if data is None:
+        raise BadPayload(
+            "payload must be a JSON object"
+            + (" or Butler's array of {type, payload} items" if butler_array else "")
+        )
+    selectors = list(topic_selectors)
+    for key, parse in _SELECTOR_FIELDS.items():
+        if key in data:
+            selectors += parse(data[key], key)
+    request_id = data.get("requestId")
+    if request_id is not None:
+        request_id = _string(request_id, "requestId")
+        if not request_id or len(request_id) > MAX_ID_LENGTH:
+            raise BadPayload(f"requestId: 1 to {MAX_ID_LENGTH} characters")
+    reply_to = data.get("replyTo")
+    return Request(
+        selectors=tuple(selectors),
+        request_id=request_id,
+        reply_to=None if reply_to is None else _string(reply_to, "replyTo"),
+        all_task_ids_must_exist=_flag(
+            data.get("allTaskIdsMustExist", False), "allTaskIdsMustExist"
+        ),
+        wait=_flag(data.get("wait", False), "wait"),
+        dry_run=_flag(data.get("dryRun", False), "dryRun"),
+    )
+
+
+_BUTLER_ITEMS: dict[str, tuple[tuple[str, ...], Callable[[Mapping[str, Any], str], Selector]]] = {
+    "starttaskid": (
+        ("taskId",),
+        lambda p, w: Selector(SelectorKind.ID, _string(_required(p, "taskId", w), f"{w}.taskId")),
+    ),
+    "starttasktag": (
+        ("tag",),
+        lambda p, w: Selector(SelectorKind.TAG, _string(_required(p, "tag", w), f"{w}.tag")),
+    ),
+    "starttaskcustomproperty": (
+        ("customPropertyName", "customPropertyValue"),
+        lambda p, w: Selector(
+            SelectorKind.CUSTOM_PROPERTY,
+            _string(_required(p, "customPropertyValue", w), f"{w}.customPropertyValue"),
+            _string(_required(p, "customPropertyName", w), f"{w}.customPropertyName"),
+        ),
+    ),
+}
+
+
+def parse_butler_items(items: list[Any]) -> list[Selector]:
+    """Selectors from Butler's REST body; `keyvaluestore` items are acknowledged and ignored."""
+    selectors = []
+    for i, item in enumerate(items):
+        where = f"[{i}]"
+        item = _object(item, where, ("type", "payload"))
+        kind = _string(_required(item, "type", where), f"{where}.type")
+        if kind.lower() == "keyvaluestore":
+            continue
+        spec = _BUTLER_ITEMS.get(kind.lower())
+        if spec is None:
+            raise BadPayload(
+                f"{where}.type: unknown type {kind!r}; expected one of"
+                f" {', '.join(_BUTLER_ITEMS)}, keyvaluestore"
+            )
+        fields, build = spec
+        payload = _object(_required(item, "payload", where), f"{where}.payload", fields)
+        selectors.append(build(payload, f"{where}.payload"))
+    return selectors
+
+
+# -- replies and status events -----------------------------------------------------------------
+
+
+def reply_status(
+    outcomes: Sequence[TaskOutcome], unmatched_count: int, *, finished: bool
+) -> ReplyStatus:
+    """ok: all asked for was started (at `finished`: and succeeded); error: nothing started."""
+    going = (TaskResult.STARTED, TaskResult.DRY_RUN)
+    if not any(o.result in going for o in outcomes):
+        return ReplyStatus.ERROR
+    all_going = all(o.result in going for o in outcomes) and unmatched_count == 0
+    if finished:
+        all_going = all_going and all(
+            o.result is TaskResult.DRY_RUN
+            or (o.final is not None and o.final.status is TaskStatus.FINISHED_SUCCESS)
+            for o in outcomes
+        )
+    return ReplyStatus.OK if all_going else ReplyStatus.PARTIAL
+
+
+def _outcome_json(outcome: TaskOutcome) -> dict[str, Any]:
+    data: dict[str, Any] = {
+        "taskId": outcome.task.id,
+        "taskName": outcome.task.name,
+        "matchedBy": [s.match_label for s in outcome.matched_by],
+        "result": outcome.result.value,
+    }
+    if outcome.execution_id is not None:
+        data["executionId"] = outcome.execution_id
+    if outcome.error is not None:
+        data["error"] = outcome.error
+    if outcome.final is not None:
+        data.update(
+            state=outcome.final.status.qrs_name,
+            stateCode=int(outcome.final.status),
+            durationMs=outcome.final.duration_ms,
+        )
+        if outcome.final.message:
+            data["message"] = outcome.final.message
+    return data
+
+
+def reply_json(reply: Reply, instance: str) -> dict[str, Any]:
+    data: dict[str, Any] = {
+        "requestId": reply.request_id,
+        "status": reply.status.value,
+        "stage": reply.stage,
+    }
+    if reply.error is not None:
+        data["error"] = {"code": reply.error.code, "message": reply.error.message}
+    else:
+        data["tasks"] = [_outcome_json(o) for o in reply.outcomes]
+        data["unmatched"] = [
+            {"selector": u.selector.label, "reason": u.reason.value} for u in reply.unmatched
+        ]
+    if reply.notes:
+        data["notes"] = list(reply.notes)
+    data["instance"] = instance
+    return data
+
+
+def encode_reply(reply: Reply, instance: str) -> bytes:
+    return json.dumps(
+        reply_json(reply, instance), ensure_ascii=False, separators=(",", ":")
+    ).encode("utf-8")
+
+
+def encode_status_event(execution: Execution, task_name: str, request_id: str | None) -> bytes:
+    return json.dumps(
+        {
+            "taskId": execution.task_id,
+            "taskName": task_name,
+            "executionId": execution.execution_id,
+            "state": execution.status.qrs_name,
+            "stateCode": int(execution.status),
+            "requestId": request_id,
+            "startTime": execution.start_time,
+            "stopTime": execution.stop_time,
+            "durationMs": execution.duration_ms,
+            "message": execution.message,
+        },
+        ensure_ascii=False,
+        separators=(",", ":"),
+    ).encode("utf-8")

@@ -1,0 +1,279 @@
+"""The broker connection: the only module that imports the MQTT library (aiomqtt over paho).
+
+What it promises (mqtt-notes.md):
+- a fixed client id and a persistent session (v5: clean_start=False and a Session Expiry
+  Interval; 3.1.1: clean_session=False), so triggers published while the daemon is away wait;
+- manual acknowledgement: a QoS 1 message is acked only when its handler returned, and only
+  on the connection it arrived on (a mid means nothing on the next one: the broker redelivers);
+- at most `max_in_flight` handlers at once (also sent as MQTT 5 Receive Maximum): the broker
+  holds the rest, so nothing piles up here;
+- TCP_NODELAY, `online` retained after every connect, `offline` as the Last Will and before a
+  clean stop; reconnect with jittered exponential backoff, subscribing again each time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+import socket
+import ssl
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+
+import aiomqtt
+from loguru import logger
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from .config import MqttSettings
+from .errors import MqttLinkError
+
+
+@dataclass(frozen=True)
+class Incoming:
+    """A received message, as the rest of the daemon sees it."""
+
+    topic: str
+    payload: bytes
+    retain: bool
+    response_topic: str | None = None
+    correlation_data: bytes | None = None
+
+
+Handler = Callable[[Incoming], Awaitable[None]]
+
+
+def _properties(packet_type: int) -> Properties:
+    return Properties(packet_type)  # type: ignore[no-untyped-call]  # paho has no annotations
+
+
+def build_tls_context(settings: MqttSettings) -> ssl.SSLContext | None:
+    """Blocking (reads files): call once, off the event loop."""
+    tls = settings.tls
+    if not tls.enabled:
+        return None
+    context = ssl.create_default_context(cafile=str(tls.ca_file) if tls.ca_file else None)
+    if tls.insecure:
+        context.check_hostname = False
+    if tls.cert_file is not None and tls.key_file is not None:
+        context.load_cert_chain(tls.cert_file, tls.key_file)
+    return context
+
+
+class MqttLink:
+    """Owns the broker connection. `run(handler)` until `stop()`; `publish` any time."""
+
+    def __init__(
+        self,
+        settings: MqttSettings,
+        subscriptions: Sequence[str],
+        availability_topic: str,
+        *,
+        on_connect: Callable[[], None] | None = None,
+        on_disconnect: Callable[[], None] | None = None,
+    ) -> None:
+        self.settings = settings
+        self.subscriptions = tuple(subscriptions)
+        self.availability_topic = availability_topic
+        self.connected = asyncio.Event()
+        self.reconnects = 0
+        self._on_connect = on_connect
+        self._on_disconnect = on_disconnect
+        self._client: aiomqtt.Client | None = None
+        self._slots = asyncio.Semaphore(settings.max_in_flight)
+        self._handlers: set[asyncio.Task[None]] = set()
+        self._stopping = asyncio.Event()
+        self._say_offline = True
+        self._tls: ssl.SSLContext | None = None
+        self._rng = random.Random()
+
+    @property
+    def v5(self) -> bool:
+        return self.settings.protocol == "5"
+
+    def _new_client(self) -> aiomqtt.Client:
+        s = self.settings
+        properties = None
+        if self.v5:
+            properties = _properties(PacketTypes.CONNECT)
+            properties.SessionExpiryInterval = s.session_expiry_s
+            properties.ReceiveMaximum = s.max_in_flight
+        client = aiomqtt.Client(
+            s.host,
+            s.port,
+            identifier=s.client_id,
+            username=s.username,
+            password=s.password.get_secret_value() if s.password else None,
+            protocol=aiomqtt.ProtocolVersion.V5 if self.v5 else aiomqtt.ProtocolVersion.V311,
+            clean_session=None if self.v5 else False,
+            clean_start=False,
+            properties=properties,
+            keepalive=s.keepalive_s,
+            will=aiomqtt.Will(self.availability_topic, b"offline", qos=1, retain=True),
+            tls_context=self._tls,
+            tls_insecure=s.tls.insecure if s.tls.enabled else None,
+            socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)],
+            timeout=10,
+        )
+        # aiomqtt 2.5 does not expose manual acknowledgement; paho has it. It must be on
+        # before CONNECT: queued session messages may arrive before we subscribe again.
+        client._client.manual_ack_set(True)
+        return client
+
+    def _subscription(self, topic_filter: str) -> str:
+        group = self.settings.shared_group
+        return f"$share/{group}/{topic_filter}" if group else topic_filter
+
+    async def run(self, handler: Handler) -> None:
+        """Connect, subscribe and hand each message to `handler` until `stop()`."""
+        self._tls = await asyncio.to_thread(build_tls_context, self.settings)
+        delay = self.settings.reconnect.min_s
+        while not self._stopping.is_set():
+            try:
+                await self._session(handler)
+                delay = self.settings.reconnect.min_s
+            except aiomqtt.MqttError as exc:
+                logger.warning(
+                    "broker {}:{}: {}; reconnecting in at most {:.1f}s",
+                    self.settings.host,
+                    self.settings.port,
+                    exc,
+                    delay,
+                )
+            finally:
+                self._client = None
+                if self.connected.is_set():
+                    self.connected.clear()
+                    if self._on_disconnect:
+                        self._on_disconnect()
+            if self._stopping.is_set():
+                break
+            self.reconnects += 1
+            # Full jitter spreads the reconnects of many instances after a broker restart.
+            with_jitter = self._rng.uniform(delay / 2, delay)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stopping.wait(), with_jitter)
+            delay = min(delay * 2, self.settings.reconnect.max_s)
+
+    async def _session(self, handler: Handler) -> None:
+        client = self._new_client()
+        async with client:
+            self._client = client
+            for topic_filter in self.subscriptions:
+                await client.subscribe(self._subscription(topic_filter), qos=1)
+            await client.publish(self.availability_topic, b"online", qos=1, retain=True)
+            self.connected.set()
+            if self._on_connect:
+                self._on_connect()
+            logger.info(
+                "connected to broker {}:{} as {} (MQTT {}), subscribed to {}",
+                self.settings.host,
+                self.settings.port,
+                self.settings.client_id,
+                self.settings.protocol,
+                ", ".join(self.subscriptions),
+            )
+            messages = aiter(client.messages)
+            while not self._stopping.is_set():
+                # Take a slot before taking a message: unacknowledged messages beyond
+                # max_in_flight stay with the broker instead of piling up here.
+                await self._slots.acquire()
+                try:
+                    next_message = asyncio.ensure_future(anext(messages))
+                    stopping = asyncio.ensure_future(self._stopping.wait())
+                    done, _ = await asyncio.wait(
+                        {next_message, stopping}, return_when=asyncio.FIRST_COMPLETED
+                    )
+                    stopping.cancel()
+                    if next_message not in done:
+                        next_message.cancel()
+                        self._slots.release()
+                        break
+                    message = next_message.result()
+                except BaseException:
+                    self._slots.release()
+                    raise
+                task = asyncio.create_task(
+                    self._handle(client, message, handler), name=f"mqtt-message-{message.mid}"
+                )
+                self._handlers.add(task)
+                task.add_done_callback(self._handlers.discard)
+            if not await self.drain(self.settings.stop_timeout_s):
+                # Left unacknowledged: the broker delivers them again to the next session.
+                for task in list(self._handlers):
+                    task.cancel()
+                logger.warning(
+                    "stopped {} request(s) still in flight after {}s; the broker"
+                    " will deliver them again",
+                    len(self._handlers),
+                    self.settings.stop_timeout_s,
+                )
+            if self._stopping.is_set() and self._say_offline:
+                await client.publish(self.availability_topic, b"offline", qos=1, retain=True)
+
+    async def _handle(
+        self, client: aiomqtt.Client, message: aiomqtt.Message, handler: Handler
+    ) -> None:
+        try:
+            props = message.properties
+            correlation = getattr(props, "CorrelationData", None) if props else None
+            incoming = Incoming(
+                topic=message.topic.value,
+                payload=bytes(message.payload)
+                if isinstance(message.payload, bytes | bytearray)
+                else b"",
+                retain=bool(message.retain),
+                response_topic=getattr(props, "ResponseTopic", None) if props else None,
+                correlation_data=bytes(correlation) if correlation is not None else None,
+            )
+            acknowledge = True
+            try:
+                await handler(incoming)
+            except asyncio.CancelledError:
+                acknowledge = False
+                raise
+            except Exception:
+                # The handler answers every error it knows; anything else is a bug. The message
+                # is not acknowledged, so the broker delivers it again after a reconnect.
+                acknowledge = False
+                logger.exception("handling a message on {} failed", incoming.topic)
+            if acknowledge and message.qos > 0 and client is self._client:
+                client._client.ack(message.mid, message.qos)
+        finally:
+            self._slots.release()
+
+    async def drain(self, timeout: float | None = None) -> bool:
+        """Wait for the handlers in flight; True when all of them finished in time."""
+        pending = set(self._handlers)
+        if not pending:
+            return True
+        _, left = await asyncio.wait(pending, timeout=timeout)
+        return not left
+
+    async def publish(
+        self,
+        topic: str,
+        payload: bytes,
+        *,
+        retain: bool = False,
+        correlation_data: bytes | None = None,
+    ) -> None:
+        """Publish at QoS 1; MqttLinkError when there is no connection or the broker refuses."""
+        client = self._client
+        if client is None:
+            raise MqttLinkError("not connected to the broker")
+        properties = None
+        if correlation_data is not None and self.v5:
+            properties = _properties(PacketTypes.PUBLISH)
+            properties.CorrelationData = correlation_data
+        try:
+            await client.publish(topic, payload, qos=1, retain=retain, properties=properties)
+        except (aiomqtt.MqttError, ValueError) as exc:
+            raise MqttLinkError(f"publishing to {topic!r} failed: {exc}") from None
+
+    def stop(self, *, offline: bool = True) -> None:
+        """Stop taking messages; `run` finishes the handlers in flight, says `offline` (unless
+        told not to: a reload reconnects at once), and returns."""
+        self._say_offline = offline
+        self._stopping.set()

@@ -1,0 +1,155 @@
+"""One received message → what to do with it: accept a request, refuse it, or ignore it.
+
+Pure: the handler in app.py acts on the result. The reply topic is chosen first (MQTT 5 Response
+Topic, else the payload's `replyTo`, else `<base>/reply/...`), so that even a refusal reaches
+the requester: `mosquitto_rr` waits on its response topic whatever went wrong.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from .codec import decode_json, parse_request, request_id_of
+from .errors import BadPayload, ReplyTopicRefused, RequestError, TooManyTasks
+from .model import Request
+from .routing import (
+    Route,
+    TopicFilter,
+    check_reply_topic,
+    default_reply_topic,
+    match_route,
+    parse_trigger_topic,
+    trigger_filters,
+)
+
+
+@dataclass(frozen=True)
+class TriggerRules:
+    base: str
+    routes: tuple[Route, ...] = ()
+    reply_allow: tuple[TopicFilter, ...] = (TopicFilter.parse("#"),)
+    accept_retained: bool = False
+    max_payload_bytes: int = 65536
+    max_tasks_per_request: int = 100
+
+    @property
+    def subscriptions(self) -> tuple[TopicFilter, ...]:
+        return (*trigger_filters(self.base), *(r.filter for r in self.routes))
+
+
+@dataclass(frozen=True)
+class Ignore:
+    reason: str
+
+
+@dataclass(frozen=True)
+class Refuse:
+    error: RequestError
+    reply_topic: str | None  # None: the default reply topic would itself trigger; no reply
+    request_id: str | None = None
+
+
+@dataclass(frozen=True)
+class Accept:
+    request: Request
+    reply_topic: str | None
+    kind: str  # id | tag | cp | name | payload | route
+    debounce_key: Hashable | None = None
+    debounce_s: float = 0.0
+
+
+Decision = Ignore | Refuse | Accept
+
+
+def _reply_to_hint(data: Any) -> str | None:
+    value = data.get("replyTo") if isinstance(data, Mapping) else None
+    return value if isinstance(value, str) else None
+
+
+def interpret(
+    rules: TriggerRules,
+    topic: str,
+    payload: bytes,
+    *,
+    retain: bool = False,
+    response_topic: str | None = None,
+) -> Decision:
+    if retain and not rules.accept_retained:
+        return Ignore("retained message on a trigger topic (mqtt.accept_retained is false)")
+    triggers = rules.subscriptions
+    default: str | None = default_reply_topic(rules.base, topic)
+    if any(f.matches(default or "") for f in triggers):
+        default = None  # a route subscribed so widely that its own reply would trigger it
+    reply_topic, request_id = default, None
+
+    def choose(candidate: str | None) -> ReplyTopicRefused | None:
+        nonlocal reply_topic
+        if candidate is None:
+            return None
+        try:
+            check_reply_topic(candidate, rules.reply_allow, triggers)
+        except ReplyTopicRefused as refused:
+            return refused
+        reply_topic = candidate
+        return None
+
+    refused = choose(response_topic)
+    try:
+        builtin = parse_trigger_topic(rules.base, topic)
+        route = None if builtin is not None else match_route(rules.routes, topic)
+        if builtin is None and route is None:
+            return Ignore("no trigger topic or route matches")
+        if route is not None:
+            return _route_request(rules, route, payload, reply_topic, refused)
+        assert builtin is not None
+        kind, selectors = builtin
+        data = decode_json(payload, rules.max_payload_bytes)
+        request_id = request_id_of(data)
+        if refused is None and response_topic is None:
+            refused = choose(_reply_to_hint(data))
+        if refused is not None:
+            raise refused
+        request = parse_request(data, selectors, butler_array=kind == "payload")
+        if not request.selectors:
+            raise BadPayload("no selectors: give taskIds, tags, customProperties or names")
+        if len(request.selectors) > rules.max_tasks_per_request:
+            raise TooManyTasks(
+                f"{len(request.selectors)} selectors; the limit is {rules.max_tasks_per_request}"
+            )
+        return Accept(request, reply_topic, kind)
+    except RequestError as error:
+        return Refuse(error, reply_topic, request_id)
+
+
+def _route_request(
+    rules: TriggerRules,
+    found: tuple[Route, Sequence[Any]],
+    payload: bytes,
+    reply_topic: str | None,
+    refused: ReplyTopicRefused | None,
+) -> Decision:
+    route, selectors = found
+    data: Any = None
+    if route.when is not None or payload.strip():
+        try:
+            data = decode_json(payload, rules.max_payload_bytes)
+        except BadPayload:
+            if route.when is not None:
+                return Ignore(f"route {route.filter.text}: payload is not JSON, so `when` fails")
+    if route.when is not None and not route.when.holds(data):
+        return Ignore(
+            f"route {route.filter.text}: {route.when.field} does not equal {route.when.equals!r}"
+        )
+    request_id = request_id_of(data)
+    if refused is not None:
+        return Refuse(refused, reply_topic, request_id)
+    request = Request(selectors=tuple(selectors), request_id=request_id)
+    return Accept(
+        request,
+        reply_topic,
+        "route",
+        debounce_key=(route.filter.text, request.selectors),
+        debounce_s=route.debounce_s,
+    )

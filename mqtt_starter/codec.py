@@ -127,8 +127,8 @@ def _custom_properties(value: Any, where: str) -> list[Selector]:
 _SELECTOR_FIELDS: dict[str, Callable[[Any, str], list[Selector]]] = {
     "taskIds": lambda v, w: [Selector(SelectorKind.ID, s) for s in _strings(v, w)],
     "tags": lambda v, w: [Selector(SelectorKind.TAG, s) for s in _strings(v, w)],
-    "names": lambda v, w: [Selector(SelectorKind.NAME, s) for s in _strings(v, w)],
     "customProperties": _custom_properties,
+    "names": lambda v, w: [Selector(SelectorKind.NAME, s) for s in _strings(v, w)],
 }
 REQUEST_FIELDS = (
     "requestId",

@@ -1,0 +1,321 @@
+"""A real mosquitto on a free loopback port, the daemon as a subprocess, and an MQTT test client.
+
+The daemon is ready when it says READY=1 on a real datagram socket standing in for systemd's
+NOTIFY_SOCKET, so no test sleeps to wait for it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import getpass
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import aiomqtt
+import pytest
+import yaml
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from mqtt_starter.simulator.server import QrsSimulator
+
+if shutil.which("mosquitto") is None:
+    pytest.exit("mosquitto is not installed: run scripts/test.sh, which installs it", 1)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class Broker:
+    """mosquitto with its own configuration, persistence folder and log, in `folder`."""
+
+    def __init__(self, folder: Path, *, extra: str = "") -> None:
+        self.folder = folder
+        self.port = free_port()
+        self.extra = extra
+        self.process: subprocess.Popen[bytes] | None = None
+        folder.mkdir(parents=True, exist_ok=True)
+
+    @property
+    def log(self) -> str:
+        path = self.folder / "mosquitto.log"
+        return path.read_text(errors="replace") if path.exists() else ""
+
+    def start(self) -> None:
+        conf = self.folder / "mosquitto.conf"
+        conf.write_text(
+            f"listener {self.port} 127.0.0.1\n"
+            "allow_anonymous true\n"
+            "persistence true\n"
+            f"persistence_location {self.folder}/\n"
+            "autosave_interval 1\n"
+            f"user {getpass.getuser()}\n"
+            "set_tcp_nodelay true\n"
+            f"log_dest file {self.folder}/mosquitto.log\n"
+            "log_type error\nlog_type warning\nlog_type notice\nlog_type information\n"
+            + self.extra)
+        self.process = subprocess.Popen(["mosquitto", "-c", str(conf)],
+                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 10
+        while True:
+            with contextlib.suppress(OSError), socket.create_connection(
+                    ("127.0.0.1", self.port), timeout=0.2):
+                return
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"mosquitto did not start:\n{self.log}")
+            time.sleep(0.02)
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(sig)
+            self.process.wait(10)
+        self.process = None
+
+
+@pytest.fixture
+def broker(tmp_path: Path) -> Iterator[Broker]:
+    b = Broker(tmp_path / "broker")
+    b.start()
+    yield b
+    b.stop()
+
+
+class Notify:
+    """A datagram socket standing in for systemd's NOTIFY_SOCKET."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(str(path))
+        self.sock.setblocking(False)
+        self.messages: list[str] = []
+
+    async def wait_for(self, line: str, timeout: float = 15.0) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while not any(line in m.splitlines() for m in self.messages):
+            left = deadline - loop.time()
+            if left <= 0:
+                raise AssertionError(f"no {line} from the daemon; got {self.messages}")
+            data = await asyncio.wait_for(loop.sock_recv(self.sock, 4096), left)
+            self.messages.append(data.decode())
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def daemon_config(broker: Broker, sim: QrsSimulator, **sections: Any) -> dict[str, Any]:
+    config: dict[str, Any] = {
+        "mqtt": {"host": "127.0.0.1", "port": broker.port, "client_id": "starter-test",
+                 "reconnect": {"min_s": 0.2, "max_s": 1.0}, "stop_timeout_s": 10},
+        "qrs": {"url": sim.url, "cert_file": str(sim.certs.client),
+                "key_file": str(sim.certs.client_key), "ca_file": str(sim.certs.root),
+                "poll_interval_s": 0.05, "timeout_s": 5,
+                "retry": {"attempts": 3, "backoff_s": 0.05, "max_backoff_s": 0.2}},
+        "log": {"level": "DEBUG"},
+    }
+    for name, values in sections.items():
+        if isinstance(values, dict) and isinstance(config.get(name), dict):
+            config[name] = {**config[name], **values}
+        else:
+            config[name] = values
+    return config
+
+
+class Daemon:
+    """`mqtt-starter run` as a subprocess, as it runs in production."""
+
+    def __init__(self, folder: Path, config: dict[str, Any]) -> None:
+        self.folder = folder
+        self.config_path = folder / "mqtt-starter.yaml"
+        self.config = config
+        self.process: asyncio.subprocess.Process | None = None
+        self.log_path = folder / "daemon.log"
+        self.notify: Notify | None = None
+        folder.mkdir(parents=True, exist_ok=True)
+
+    @property
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def write_config(self, config: dict[str, Any] | None = None) -> None:
+        if config is not None:
+            self.config = config
+        self.config_path.write_text(yaml.safe_dump(self.config))
+
+    async def start(self, *, wait_ready: bool = True,
+                    env: dict[str, str] | None = None) -> None:
+        self.write_config()
+        if self.notify is not None:
+            self.notify.close()
+        socket_path = self.folder / f"notify-{uuid.uuid4().hex[:8]}.sock"
+        self.notify = Notify(socket_path)
+        with self.log_path.open("a") as log:
+            self.process = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "mqtt_starter", "run", "-c", str(self.config_path),
+                stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+                env={**os.environ, "NOTIFY_SOCKET": str(socket_path), **(env or {})})
+        if wait_ready:
+            try:
+                await self.notify.wait_for("READY=1")
+            except (AssertionError, TimeoutError):
+                raise AssertionError(f"daemon not ready; its log:\n{self.log}") from None
+
+    def signal(self, sig: int) -> None:
+        assert self.process is not None
+        self.process.send_signal(sig)
+
+    async def wait(self, timeout: float = 20.0) -> int:
+        assert self.process is not None
+        return await asyncio.wait_for(self.process.wait(), timeout)
+
+    async def kill(self) -> None:
+        if self.process is not None and self.process.returncode is None:
+            self.process.kill()
+            await self.process.wait()
+
+    async def stop(self) -> None:
+        if self.process is not None and self.process.returncode is None:
+            self.process.terminate()
+            try:
+                await self.wait()
+            except TimeoutError:
+                await self.kill()
+        if self.notify is not None:
+            self.notify.close()
+            self.notify = None
+
+
+@pytest.fixture
+async def make_daemon(tmp_path: Path, broker: Broker,
+                      simulator: QrsSimulator) -> AsyncIterator[Any]:
+    made: list[Daemon] = []
+
+    async def make(start: bool = True, **sections: Any) -> Daemon:
+        d = Daemon(tmp_path / f"daemon{len(made)}", daemon_config(broker, simulator, **sections))
+        made.append(d)
+        if start:
+            await d.start()
+        return d
+
+    yield make
+    for d in made:
+        await d.stop()
+
+
+@pytest.fixture
+async def daemon(make_daemon: Any) -> Daemon:
+    d: Daemon = await make_daemon()
+    return d
+
+
+def props(response_topic: str | None = None,
+          correlation: bytes | None = None) -> Properties | None:
+    if response_topic is None and correlation is None:
+        return None
+    p = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
+    if response_topic is not None:
+        p.ResponseTopic = response_topic
+    if correlation is not None:
+        p.CorrelationData = correlation
+    return p
+
+
+class Received:
+    def __init__(self, message: aiomqtt.Message) -> None:
+        self.topic = message.topic.value
+        self.payload = bytes(message.payload) if isinstance(message.payload, bytes) else b""
+        self.retain = message.retain
+        p = message.properties
+        self.correlation = getattr(p, "CorrelationData", None) if p else None
+
+    def json(self) -> Any:
+        return json.loads(self.payload)
+
+
+class Client:
+    """A test's MQTT client: everything it receives lands in a list it can wait on."""
+
+    def __init__(self, broker: Broker, *, v5: bool = True, client_id: str | None = None) -> None:
+        self.client = aiomqtt.Client(
+            "127.0.0.1", broker.port, identifier=client_id or f"test-{uuid.uuid4().hex[:8]}",
+            protocol=aiomqtt.ProtocolVersion.V5 if v5 else aiomqtt.ProtocolVersion.V311)
+        self.received: list[Received] = []
+        self._changed = asyncio.Event()
+        self._reader: asyncio.Task[None] | None = None
+
+    async def __aenter__(self) -> Client:
+        await self.client.__aenter__()
+        self._reader = asyncio.create_task(self._read())
+        return self
+
+    async def __aexit__(self, *exc: Any) -> None:
+        if self._reader is not None:
+            self._reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError, aiomqtt.MqttError):
+                await self._reader
+        with contextlib.suppress(aiomqtt.MqttError):
+            await self.client.__aexit__(None, None, None)
+
+    async def _read(self) -> None:
+        async for message in self.client.messages:
+            self.received.append(Received(message))
+            self._changed.set()
+
+    async def subscribe(self, *topics: str) -> None:
+        for topic in topics:
+            await self.client.subscribe(topic, qos=1)
+
+    async def publish(self, topic: str, payload: bytes | str | dict[str, Any] | list[Any] = b"",
+                      *, retain: bool = False, response_topic: str | None = None,
+                      correlation: bytes | None = None, qos: int = 1) -> None:
+        if isinstance(payload, dict | list):
+            payload = json.dumps(payload)
+        await self.client.publish(topic, payload, qos=qos, retain=retain,
+                                  properties=props(response_topic, correlation))
+
+    def on(self, topic_filter: str) -> list[Received]:
+        return [r for r in self.received if aiomqtt.Topic(r.topic).matches(topic_filter)]
+
+    async def wait_for(self, topic_filter: str, count: int = 1,
+                       timeout: float = 15.0) -> list[Received]:
+        """The first `count` messages on `topic_filter`, waiting up to `timeout` for them."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while len(self.on(topic_filter)) < count:
+            left = deadline - loop.time()
+            if left <= 0:
+                got = [(r.topic, r.payload[:200]) for r in self.received]
+                raise AssertionError(f"expected {count} message(s) on {topic_filter}; got {got}")
+            self._changed.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._changed.wait(), left)
+        return self.on(topic_filter)[:count]
+
+    async def request(self, topic: str, payload: Any = b"", **kwargs: Any) -> Any:
+        """Publish with a fresh MQTT 5 response topic and return the decoded reply."""
+        reply_topic = f"test/reply/{uuid.uuid4().hex}"
+        await self.subscribe(reply_topic)
+        await self.publish(topic, payload, response_topic=reply_topic, **kwargs)
+        [reply] = await self.wait_for(reply_topic)
+        return reply.json()
+
+
+@pytest.fixture
+async def mqtt(broker: Broker) -> AsyncIterator[Client]:
+    async with Client(broker) as client:
+        yield client

@@ -257,7 +257,7 @@ def _outcome_json(outcome: TaskOutcome) -> dict[str, Any]:
             stateCode=int(outcome.final.status),
             durationMs=outcome.final.duration_ms,
         )
-        if outcome.final.message:
+        if outcome.final.message and outcome.final.status is not TaskStatus.FINISHED_SUCCESS:
             data["message"] = outcome.final.message
     return data
 

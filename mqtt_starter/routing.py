@@ -97,8 +97,12 @@ _TOPIC_KINDS: dict[str, tuple[int, Callable[[list[str]], Selector]]] = {
 
 
 def trigger_filters(base: str) -> tuple[TopicFilter, ...]:
-    """What the daemon subscribes to for its built-in topics."""
-    return (TopicFilter.parse(f"{base}/start"), TopicFilter.parse(f"{base}/start/#"))
+    """What the daemon subscribes to for its built-in topics.
+
+    One filter: `#` also matches its parent level, so `<base>/start/#` covers `<base>/start`,
+    and a second, overlapping subscription would make the broker deliver each trigger twice.
+    """
+    return (TopicFilter.parse(f"{base}/start/#"),)
 
 
 def parse_trigger_topic(base: str, topic: str) -> tuple[str, tuple[Selector, ...]] | None:

@@ -30,13 +30,13 @@ def executions(state: SimState, task_id: str) -> list[str]:
     return seen
 
 
-def line(state: SimState | None, task_id: str, matched: list[str], result: str,
+def line(sim: SimState | None, task_id: str, matched: list[str], result: str,
          **extra: Any) -> dict[str, Any]:
     data: dict[str, Any] = {"taskId": task_id, "taskName": NAMES[task_id], "matchedBy": matched,
                             "result": result}
     if result == "started":
-        assert state is not None
-        [execution_id] = executions(state, task_id)[-1:]
+        assert sim is not None
+        [execution_id] = executions(sim, task_id)[-1:]
         data["executionId"] = execution_id
     data.update(extra)
     return data

@@ -22,6 +22,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
 import aiomqtt
+import paho.mqtt.client as paho
 from loguru import logger
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
@@ -107,7 +108,9 @@ class MqttLink:
             password=s.password.get_secret_value() if s.password else None,
             protocol=aiomqtt.ProtocolVersion.V5 if self.v5 else aiomqtt.ProtocolVersion.V311,
             clean_session=None if self.v5 else False,
-            clean_start=False,
+            # paho refuses any clean_start but its neutral default on 3.1.1, where
+            # clean_session=False alone keeps the session.
+            clean_start=False if self.v5 else paho.MQTT_CLEAN_START_FIRST_ONLY,
             properties=properties,
             keepalive=s.keepalive_s,
             will=aiomqtt.Will(self.availability_topic, b"offline", qos=1, retain=True),
@@ -141,6 +144,9 @@ class MqttLink:
                     exc,
                     delay,
                 )
+            except Exception:
+                # Whatever went wrong, the link must not die silently: log it and reconnect.
+                logger.exception("broker link failed; reconnecting in at most {:.1f}s", delay)
             finally:
                 self._client = None
                 if self.connected.is_set():

@@ -7,7 +7,6 @@ Control endpoints under /_sim (journal, faults) sit outside /qrs and skip those 
 
 from __future__ import annotations
 
-import asyncio
 import json
 import re
 import ssl
@@ -199,12 +198,12 @@ async def journal(request: web.Request, handler: Handler) -> web.StreamResponse:
 async def faults(request: web.Request, handler: Handler) -> web.StreamResponse:
     state = _state(request)
     if state.faults.delay_s:
-        await asyncio.sleep(state.faults.delay_s)
+        await state.pause(state.faults.delay_s)
     kind = state.faults.take()
     if kind == "fail":
         return _text(state.faults.fail_status, "Service Unavailable (injected)")
     if kind == "hang":
-        await asyncio.sleep(state.faults.hang_s)
+        await state.pause(state.faults.hang_s)
     if kind == "drop":
         if request.transport is not None:
             request.transport.abort()

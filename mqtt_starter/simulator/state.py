@@ -178,7 +178,7 @@ class SimState:
         self.peak_in_flight = 0
         self.started: list[str] = []  # task id of every execution session opened, in order
         self._slots = asyncio.Semaphore(fixture.max_concurrent)
-        self._changed = asyncio.Condition()
+        self._closing = asyncio.Event()
 
     # -- tasks ------------------------------------------------------------------------------
 
@@ -341,7 +341,13 @@ class SimState:
         }
         self.sessions.pop(session.id, None)
 
+    async def pause(self, seconds: float) -> None:
+        """Sleep for a fault (delay, hang), cut short when the simulator stops."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._closing.wait(), seconds)
+
     async def close(self) -> None:
+        self._closing.set()
         runners = [s.runner for s in self.sessions.values() if s.runner is not None]
         for runner in runners:
             runner.cancel()

@@ -1,0 +1,95 @@
+"""No trigger lost: daemon killed, broker restarted, graceful stop with a request in flight."""
+
+from __future__ import annotations
+
+import signal
+import uuid
+from typing import Any
+
+import pytest
+
+from mqtt_starter.simulator.fixtures import Fixture, Outcome, TaskFixture
+from mqtt_starter.simulator.state import SimState
+from tests.conftest import wait_until
+from tests.integration.conftest import Broker, Client
+
+BULK = [str(uuid.UUID(int=0xB0 << 120 | i, version=4)) for i in range(20)]
+
+
+@pytest.fixture(scope="module")
+def task_fixture() -> Fixture:
+    return Fixture(max_concurrent=50, tasks=[
+        TaskFixture(id=task_id, name=f"Bulk {i:02d}", tags=["bulk"],
+                    outcome=Outcome(duration_s=0.05))
+        for i, task_id in enumerate(BULK)])
+
+
+@pytest.mark.parametrize("protocol", ["5", "3.1.1"])
+async def test_triggers_waiting_while_the_daemon_is_dead_are_all_served(
+        make_daemon: Any, mqtt: Client, sim_state: SimState, protocol: str) -> None:
+    daemon = await make_daemon(mqtt={"protocol": protocol})
+    await daemon.kill()  # SIGKILL: no offline, no clean disconnect, the session stays
+    await mqtt.subscribe("butler/reply/#")
+    for i in range(20):
+        await mqtt.publish(f"butler/start/name/Bulk {i:02d}", {"requestId": f"kill-{i}"})
+    assert sim_state.started == []
+    await daemon.start()
+    replies = await mqtt.wait_for("butler/reply/start/name/#", 20)
+    assert sorted(r.json()["requestId"] for r in replies) == sorted(f"kill-{i}" for i in range(20))
+    assert {r.json()["status"] for r in replies} == {"ok"}
+    assert sorted(sim_state.started) == sorted(BULK)  # every task once, none twice
+
+
+async def test_a_trigger_unacknowledged_at_a_crash_is_delivered_again(
+        make_daemon: Any, mqtt: Client, sim_state: SimState) -> None:
+    daemon = await make_daemon()
+    sim_state.faults.delay_s = 30  # QRS hangs: the trigger is in flight, not acknowledged
+    await mqtt.subscribe("butler/reply/#")
+    await mqtt.publish(f"butler/start/id/{BULK[3]}", {"requestId": "crash"})
+    await wait_until(lambda: any(e.path == "/qrs/task/full" for e in sim_state.journal),
+                     what="the trigger to reach QRS")
+    await daemon.kill()
+    sim_state.faults.delay_s = 0
+    await daemon.start()
+    [answer] = await mqtt.wait_for(f"butler/reply/start/id/{BULK[3]}")
+    assert answer.json()["requestId"] == "crash"
+    assert answer.json()["status"] == "ok"
+    assert sim_state.started == [BULK[3]]
+
+
+async def test_broker_restart_the_daemon_reconnects_and_serves(
+        make_daemon: Any, broker: Broker, sim_state: SimState) -> None:
+    daemon = await make_daemon()
+    broker.stop()
+    broker.start()
+    async with Client(broker) as client:
+        answer = await client.request(f"butler/start/id/{BULK[0]}", {"requestId": "after"})
+        assert answer["status"] == "ok"
+        await client.subscribe("butler/availability/starter-test")
+        [online] = await client.wait_for("butler/availability/starter-test")
+        assert (online.payload, online.retain) == (b"online", True)
+    assert daemon.log.count("connected to broker") == 2
+    assert sim_state.started == [BULK[0]]
+
+
+async def test_sigterm_finishes_the_request_in_flight_then_says_offline(
+        make_daemon: Any, broker: Broker, mqtt: Client, sim_state: SimState) -> None:
+    daemon = await make_daemon()
+    sim_state.faults.delay_s = 0.5
+    await mqtt.subscribe("test/in-flight")
+    await mqtt.publish("butler/start/tag/bulk", {"requestId": "in-flight"},
+                       response_topic="test/in-flight")
+    await wait_until(lambda: any(e.path == "/qrs/task/full" for e in sim_state.journal),
+                     what="the request to reach QRS")
+    daemon.signal(signal.SIGTERM)
+    [answer] = await mqtt.wait_for("test/in-flight", timeout=30)
+    assert answer.json()["status"] == "ok"
+    assert len(answer.json()["tasks"]) == 20
+    assert await daemon.wait() == 0
+    assert daemon.notify is not None
+    await daemon.notify.wait_for("STOPPING=1")
+    async with Client(broker) as client:
+        await client.subscribe("butler/availability/starter-test")
+        [offline] = await client.wait_for("butler/availability/starter-test")
+    assert (offline.payload, offline.retain) == (b"offline", True)
+    assert sorted(sim_state.started) == sorted(BULK)

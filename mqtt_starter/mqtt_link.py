@@ -178,7 +178,7 @@ class MqttLink:
                 self.settings.port,
                 self.settings.client_id,
                 self.settings.protocol,
-                ", ".join(self.subscriptions),
+                ", ".join(self._subscription(f) for f in self.subscriptions),
             )
             messages = aiter(client.messages)
             while not self._stopping.is_set():

@@ -43,9 +43,10 @@ def free_port() -> int:
 class Broker:
     """mosquitto with its own configuration, persistence folder and log, in `folder`."""
 
-    def __init__(self, folder: Path, *, extra: str = "") -> None:
+    def __init__(self, folder: Path, *, head: str = "", extra: str = "") -> None:
         self.folder = folder
         self.port = free_port()
+        self.head = head
         self.extra = extra
         self.process: subprocess.Popen[bytes] | None = None
         folder.mkdir(parents=True, exist_ok=True)
@@ -58,7 +59,7 @@ class Broker:
     def start(self) -> None:
         conf = self.folder / "mosquitto.conf"
         conf.write_text(
-            f"listener {self.port} 127.0.0.1\n"
+            self.head + f"listener {self.port} 127.0.0.1\n"
             "allow_anonymous true\n"
             "persistence true\n"
             f"persistence_location {self.folder}/\n"
@@ -66,14 +67,17 @@ class Broker:
             f"user {getpass.getuser()}\n"
             "set_tcp_nodelay true\n"
             f"log_dest file {self.folder}/mosquitto.log\n"
-            "log_type error\nlog_type warning\nlog_type notice\nlog_type information\n"
-            + self.extra)
-        self.process = subprocess.Popen(["mosquitto", "-c", str(conf)],
-                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            "log_type error\nlog_type warning\nlog_type notice\nlog_type information\n" + self.extra
+        )
+        self.process = subprocess.Popen(
+            ["mosquitto", "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
         deadline = time.monotonic() + 10
         while True:
-            with contextlib.suppress(OSError), socket.create_connection(
-                    ("127.0.0.1", self.port), timeout=0.2):
+            with (
+                contextlib.suppress(OSError),
+                socket.create_connection(("127.0.0.1", self.port), timeout=0.2),
+            ):
                 return
             if self.process.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"mosquitto did not start:\n{self.log}")
@@ -104,10 +108,11 @@ class Notify:
         self.sock.setblocking(False)
         self.messages: list[str] = []
 
-    async def wait_for(self, line: str, timeout: float = 15.0) -> None:
+    async def wait_for(self, line: str, timeout: float = 15.0, after: int = 0) -> None:
+        """Wait for a datagram holding `line`, among those from number `after` on."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
-        while not any(line in m.splitlines() for m in self.messages):
+        while not any(line in m.splitlines() for m in self.messages[after:]):
             left = deadline - loop.time()
             if left <= 0:
                 raise AssertionError(f"no {line} from the daemon; got {self.messages}")
@@ -120,12 +125,22 @@ class Notify:
 
 def daemon_config(broker: Broker, sim: QrsSimulator, **sections: Any) -> dict[str, Any]:
     config: dict[str, Any] = {
-        "mqtt": {"host": "127.0.0.1", "port": broker.port, "client_id": "starter-test",
-                 "reconnect": {"min_s": 0.2, "max_s": 1.0}, "stop_timeout_s": 10},
-        "qrs": {"url": sim.url, "cert_file": str(sim.certs.client),
-                "key_file": str(sim.certs.client_key), "ca_file": str(sim.certs.root),
-                "poll_interval_s": 0.05, "timeout_s": 5,
-                "retry": {"attempts": 3, "backoff_s": 0.05, "max_backoff_s": 0.2}},
+        "mqtt": {
+            "host": "127.0.0.1",
+            "port": broker.port,
+            "client_id": "starter-test",
+            "reconnect": {"min_s": 0.2, "max_s": 1.0},
+            "stop_timeout_s": 10,
+        },
+        "qrs": {
+            "url": sim.url,
+            "cert_file": str(sim.certs.client),
+            "key_file": str(sim.certs.client_key),
+            "ca_file": str(sim.certs.root),
+            "poll_interval_s": 0.05,
+            "timeout_s": 5,
+            "retry": {"attempts": 3, "backoff_s": 0.05, "max_backoff_s": 0.2},
+        },
         "log": {"level": "DEBUG"},
     }
     for name, values in sections.items():
@@ -157,8 +172,7 @@ class Daemon:
             self.config = config
         self.config_path.write_text(yaml.safe_dump(self.config))
 
-    async def start(self, *, wait_ready: bool = True,
-                    env: dict[str, str] | None = None) -> None:
+    async def start(self, *, wait_ready: bool = True, env: dict[str, str] | None = None) -> None:
         self.write_config()
         if self.notify is not None:
             self.notify.close()
@@ -166,9 +180,17 @@ class Daemon:
         self.notify = Notify(socket_path)
         with self.log_path.open("a") as log:
             self.process = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "mqtt_starter", "run", "-c", str(self.config_path),
-                stdin=subprocess.DEVNULL, stdout=log, stderr=log,
-                env={**os.environ, "NOTIFY_SOCKET": str(socket_path), **(env or {})})
+                sys.executable,
+                "-m",
+                "mqtt_starter",
+                "run",
+                "-c",
+                str(self.config_path),
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=log,
+                env={**os.environ, "NOTIFY_SOCKET": str(socket_path), **(env or {})},
+            )
         if wait_ready:
             try:
                 await self.notify.wait_for("READY=1")
@@ -201,8 +223,9 @@ class Daemon:
 
 
 @pytest.fixture
-async def make_daemon(tmp_path: Path, broker: Broker,
-                      simulator: QrsSimulator) -> AsyncIterator[Any]:
+async def make_daemon(
+    tmp_path: Path, broker: Broker, simulator: QrsSimulator
+) -> AsyncIterator[Any]:
     made: list[Daemon] = []
 
     async def make(start: bool = True, **sections: Any) -> Daemon:
@@ -223,8 +246,7 @@ async def daemon(make_daemon: Any) -> Daemon:
     return d
 
 
-def props(response_topic: str | None = None,
-          correlation: bytes | None = None) -> Properties | None:
+def props(response_topic: str | None = None, correlation: bytes | None = None) -> Properties | None:
     if response_topic is None and correlation is None:
         return None
     p = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
@@ -252,8 +274,11 @@ class Client:
 
     def __init__(self, broker: Broker, *, v5: bool = True, client_id: str | None = None) -> None:
         self.client = aiomqtt.Client(
-            "127.0.0.1", broker.port, identifier=client_id or f"test-{uuid.uuid4().hex[:8]}",
-            protocol=aiomqtt.ProtocolVersion.V5 if v5 else aiomqtt.ProtocolVersion.V311)
+            "127.0.0.1",
+            broker.port,
+            identifier=client_id or f"test-{uuid.uuid4().hex[:8]}",
+            protocol=aiomqtt.ProtocolVersion.V5 if v5 else aiomqtt.ProtocolVersion.V311,
+        )
         self.received: list[Received] = []
         self._changed = asyncio.Event()
         self._reader: asyncio.Task[None] | None = None
@@ -280,19 +305,28 @@ class Client:
         for topic in topics:
             await self.client.subscribe(topic, qos=1)
 
-    async def publish(self, topic: str, payload: bytes | str | dict[str, Any] | list[Any] = b"",
-                      *, retain: bool = False, response_topic: str | None = None,
-                      correlation: bytes | None = None, qos: int = 1) -> None:
+    async def publish(
+        self,
+        topic: str,
+        payload: bytes | str | dict[str, Any] | list[Any] = b"",
+        *,
+        retain: bool = False,
+        response_topic: str | None = None,
+        correlation: bytes | None = None,
+        qos: int = 1,
+    ) -> None:
         if isinstance(payload, dict | list):
             payload = json.dumps(payload)
-        await self.client.publish(topic, payload, qos=qos, retain=retain,
-                                  properties=props(response_topic, correlation))
+        await self.client.publish(
+            topic, payload, qos=qos, retain=retain, properties=props(response_topic, correlation)
+        )
 
     def on(self, topic_filter: str) -> list[Received]:
         return [r for r in self.received if aiomqtt.Topic(r.topic).matches(topic_filter)]
 
-    async def wait_for(self, topic_filter: str, count: int = 1,
-                       timeout: float = 15.0) -> list[Received]:
+    async def wait_for(
+        self, topic_filter: str, count: int = 1, timeout: float = 15.0
+    ) -> list[Received]:
         """The first `count` messages on `topic_filter`, waiting up to `timeout` for them."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout

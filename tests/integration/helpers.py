@@ -15,9 +15,17 @@ QUARTER = "66666666-6666-4666-8666-666666666666"
 DECOY = "77777777-7777-4777-8777-777777777777"
 EXPORT = "88888888-8888-4888-8888-888888888888"
 LONG = "99999999-9999-4999-8999-999999999999"
-NAMES = {SALES: "Reload Sales", STOCK: "Reload Stock", FORECAST: "Reload Forecast",
-         BUDGET: "Reload Budget", ARCHIVE: "Reload Archive", QUARTER: "Quarter report",
-         DECOY: "CP decoy", EXPORT: "Export to Data Lake", LONG: "Long Reload"}
+NAMES = {
+    SALES: "Reload Sales",
+    STOCK: "Reload Stock",
+    FORECAST: "Reload Forecast",
+    BUDGET: "Reload Budget",
+    ARCHIVE: "Reload Archive",
+    QUARTER: "Quarter report",
+    DECOY: "CP decoy",
+    EXPORT: "Export to Data Lake",
+    LONG: "Long Reload",
+}
 INSTANCE = "starter-test"
 
 
@@ -30,10 +38,15 @@ def executions(state: SimState, task_id: str) -> list[str]:
     return seen
 
 
-def line(sim: SimState | None, task_id: str, matched: list[str], result: str,
-         **extra: Any) -> dict[str, Any]:
-    data: dict[str, Any] = {"taskId": task_id, "taskName": NAMES[task_id], "matchedBy": matched,
-                            "result": result}
+def line(
+    sim: SimState | None, task_id: str, matched: list[str], result: str, **extra: Any
+) -> dict[str, Any]:
+    data: dict[str, Any] = {
+        "taskId": task_id,
+        "taskName": NAMES[task_id],
+        "matchedBy": matched,
+        "result": result,
+    }
     if result == "started":
         assert sim is not None
         [execution_id] = executions(sim, task_id)[-1:]
@@ -42,18 +55,37 @@ def line(sim: SimState | None, task_id: str, matched: list[str], result: str,
     return data
 
 
-def reply(status: str, tasks: list[dict[str, Any]], unmatched: list[dict[str, str]] | None = None,
-          request_id: str | None = None, stage: str = "accepted") -> dict[str, Any]:
-    return {"requestId": request_id, "status": status, "stage": stage, "tasks": tasks,
-            "unmatched": unmatched or [], "instance": INSTANCE}
+def reply(
+    status: str,
+    tasks: list[dict[str, Any]],
+    unmatched: list[dict[str, str]] | None = None,
+    request_id: str | None = None,
+    stage: str = "accepted",
+) -> dict[str, Any]:
+    return {
+        "requestId": request_id,
+        "status": status,
+        "stage": stage,
+        "tasks": tasks,
+        "unmatched": unmatched or [],
+        "instance": INSTANCE,
+    }
 
 
 def refusal(code: str, message: str, request_id: str | None = None) -> dict[str, Any]:
-    return {"requestId": request_id, "status": "error", "stage": "accepted",
-            "error": {"code": code, "message": message}, "instance": INSTANCE}
+    return {
+        "requestId": request_id,
+        "status": "error",
+        "stage": "accepted",
+        "error": {"code": code, "message": message},
+        "instance": INSTANCE,
+    }
 
 
 def task_calls(state: SimState) -> list[tuple[str, str, str]]:
     """The daemon's task lookups and starts (not its polling), as (method, path, filter)."""
-    return [(e.method, e.path, e.query.get("filter", "")) for e in state.journal
-            if e.path.startswith("/qrs/task")]
+    return [
+        (e.method, e.path, e.query.get("filter", ""))
+        for e in state.journal
+        if e.path.startswith("/qrs/task")
+    ]

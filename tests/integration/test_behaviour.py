@@ -24,29 +24,43 @@ from tests.integration.helpers import (
 STATE_ORDER = ["Triggered", "Queued", "Started", "FinishedSuccess"]
 
 
-def finished_line(state: SimState, task_id: str, matched: list[str], status: str, code: int,
-                  **extra: Any) -> dict[str, Any]:
+def finished_line(
+    state: SimState, task_id: str, matched: list[str], status: str, code: int, **extra: Any
+) -> dict[str, Any]:
     [execution_id] = executions(state, task_id)
     results = [r for r in state.results if r["executionID"] == execution_id]
-    data = line(state, task_id, matched, "started", state=status, stateCode=code,
-                durationMs=results[-1]["duration"])
+    data = line(
+        state,
+        task_id,
+        matched,
+        "started",
+        state=status,
+        stateCode=code,
+        durationMs=results[-1]["duration"],
+    )
     data.update(extra)
     return data
 
 
-async def test_wait_success_and_the_status_events(daemon: Daemon, mqtt: Client,
-                                                  sim_state: SimState) -> None:
+async def test_wait_success_and_the_status_events(
+    daemon: Daemon, mqtt: Client, sim_state: SimState
+) -> None:
     await mqtt.subscribe("butler/status/#")
     topic = "test/wait-ok"
     await mqtt.subscribe(topic)
-    await mqtt.publish(f"butler/start/id/{SALES}", {"requestId": "w1", "wait": True},
-                       response_topic=topic)
+    await mqtt.publish(
+        f"butler/start/id/{SALES}", {"requestId": "w1", "wait": True}, response_topic=topic
+    )
     accepted, finished = await mqtt.wait_for(topic, 2)
-    assert accepted.json() == reply("ok", [line(sim_state, SALES, ["id"], "started")],
-                                    request_id="w1")
-    assert finished.json() == reply("ok", [
-        finished_line(sim_state, SALES, ["id"], "FinishedSuccess", 7)],
-        request_id="w1", stage="finished")
+    assert accepted.json() == reply(
+        "ok", [line(sim_state, SALES, ["id"], "started")], request_id="w1"
+    )
+    assert finished.json() == reply(
+        "ok",
+        [finished_line(sim_state, SALES, ["id"], "FinishedSuccess", 7)],
+        request_id="w1",
+        stage="finished",
+    )
     events = [e.json() for e in mqtt.on(f"butler/status/task/{SALES}")]
     states = [e["state"] for e in events]
     # Each observed state once, in the order of the state machine, ending in success.
@@ -54,28 +68,43 @@ async def test_wait_success_and_the_status_events(daemon: Daemon, mqtt: Client,
     assert states[-1] == "FinishedSuccess"
     [result] = [r for r in sim_state.results if r["taskID"] == SALES]
     assert events[-1] == {
-        "taskId": SALES, "taskName": "Reload Sales", "executionId": result["executionID"],
-        "state": "FinishedSuccess", "stateCode": 7, "requestId": "w1",
-        "startTime": result["startTime"], "stopTime": result["stopTime"],
+        "taskId": SALES,
+        "taskName": "Reload Sales",
+        "executionId": result["executionID"],
+        "state": "FinishedSuccess",
+        "stateCode": 7,
+        "requestId": "w1",
+        "startTime": result["startTime"],
+        "stopTime": result["stopTime"],
         "durationMs": result["duration"],
-        "message": "Changing task state from Started to FinishedSuccess"}
+        "message": "Changing task state from Started to FinishedSuccess",
+    }
 
 
-async def test_wait_with_failure_and_retry(daemon: Daemon, mqtt: Client,
-                                           sim_state: SimState) -> None:
+async def test_wait_with_failure_and_retry(
+    daemon: Daemon, mqtt: Client, sim_state: SimState
+) -> None:
     await mqtt.subscribe("butler/status/#")
     answer_topic = "test/wait-fail"
     await mqtt.subscribe(answer_topic)
-    await mqtt.publish("butler/start", {"requestId": "w2", "wait": True,
-                                        "taskIds": [FORECAST, BUDGET]},
-                       response_topic=answer_topic)
+    await mqtt.publish(
+        "butler/start",
+        {"requestId": "w2", "wait": True, "taskIds": [FORECAST, BUDGET]},
+        response_topic=answer_topic,
+    )
     accepted, finished = await mqtt.wait_for(answer_topic, 2)
     assert accepted.json()["status"] == "ok"
-    assert finished.json() == reply("partial", [
-        finished_line(sim_state, FORECAST, ["id"], "FinishedFail", 8,
-                      message="Field 'Amount' not found"),
-        finished_line(sim_state, BUDGET, ["id"], "FinishedSuccess", 7),
-    ], request_id="w2", stage="finished")
+    assert finished.json() == reply(
+        "partial",
+        [
+            finished_line(
+                sim_state, FORECAST, ["id"], "FinishedFail", 8, message="Field 'Amount' not found"
+            ),
+            finished_line(sim_state, BUDGET, ["id"], "FinishedSuccess", 7),
+        ],
+        request_id="w2",
+        stage="finished",
+    )
     # The retry shows up as a second attempt under the same execution.
     budget = [e.json() for e in mqtt.on(f"butler/status/task/{BUDGET}")]
     assert len({e["executionId"] for e in budget}) == 1
@@ -91,58 +120,81 @@ async def test_already_running(daemon: Daemon, mqtt: Client, sim_state: SimState
     assert sim_state.started == [LONG]
 
 
-async def test_disabled_makes_no_start_call(daemon: Daemon, mqtt: Client,
-                                            sim_state: SimState) -> None:
+async def test_disabled_makes_no_start_call(
+    daemon: Daemon, mqtt: Client, sim_state: SimState
+) -> None:
     answer = await mqtt.request(f"butler/start/id/{ARCHIVE}")
     assert answer == reply("error", [line(None, ARCHIVE, ["id"], "disabled")])
     assert [c[0] for c in task_calls(sim_state)] == ["GET"]
 
 
-async def test_allow_list_denies_per_task(make_daemon: Any, mqtt: Client,
-                                          sim_state: SimState) -> None:
+async def test_allow_list_denies_per_task(
+    make_daemon: Any, mqtt: Client, sim_state: SimState
+) -> None:
     await make_daemon(policy={"allow": {"tags": ["nightly"]}})
     answer = await mqtt.request("butler/start/tag/startTask1")
-    assert answer == reply("partial", [
-        line(sim_state, SALES, ["tag:startTask1"], "started"),
-        line(None, EXPORT, ["tag:startTask1"], "denied", error="not in policy.allow"),
-    ])
+    assert answer == reply(
+        "partial",
+        [
+            line(sim_state, SALES, ["tag:startTask1"], "started"),
+            line(None, EXPORT, ["tag:startTask1"], "denied", error="not in policy.allow"),
+        ],
+    )
     assert sim_state.started == [SALES]
 
 
 async def test_dry_run_starts_nothing(daemon: Daemon, mqtt: Client, sim_state: SimState) -> None:
     answer = await mqtt.request("butler/start/tag/Nightly", {"dryRun": True})
-    assert answer == reply("partial", [
-        line(None, SALES, ["tag:Nightly"], "dry_run"),
-        line(None, STOCK, ["tag:Nightly"], "dry_run"),
-        line(None, ARCHIVE, ["tag:Nightly"], "disabled"),
-    ])
+    assert answer == reply(
+        "partial",
+        [
+            line(None, SALES, ["tag:Nightly"], "dry_run"),
+            line(None, STOCK, ["tag:Nightly"], "dry_run"),
+            line(None, ARCHIVE, ["tag:Nightly"], "disabled"),
+        ],
+    )
     assert [c[0] for c in task_calls(sim_state)] == ["GET"]
 
 
 async def test_all_task_ids_must_exist(daemon: Daemon, mqtt: Client, sim_state: SimState) -> None:
-    answer = await mqtt.request("butler/start", {
-        "taskIds": [SALES, "not-a-guid"], "names": ["Reload Stock"],
-        "allTaskIdsMustExist": True})
-    assert answer == reply("partial", [
-        line(sim_state, STOCK, ["name"], "started"),
-        line(None, SALES, ["id"], "denied",
-             error="allTaskIdsMustExist: an id in the request is unknown or invalid"),
-    ], unmatched=[{"selector": "id:not-a-guid", "reason": "invalid_id"}])
+    answer = await mqtt.request(
+        "butler/start",
+        {"taskIds": [SALES, "not-a-guid"], "names": ["Reload Stock"], "allTaskIdsMustExist": True},
+    )
+    assert answer == reply(
+        "partial",
+        [
+            line(sim_state, STOCK, ["name"], "started"),
+            line(
+                None,
+                SALES,
+                ["id"],
+                "denied",
+                error="allTaskIdsMustExist: an id in the request is unknown or invalid",
+            ),
+        ],
+        unmatched=[{"selector": "id:not-a-guid", "reason": "invalid_id"}],
+    )
     assert sim_state.started == [STOCK]
 
 
-async def test_repeated_request_id_is_answered_from_memory(daemon: Daemon, mqtt: Client,
-                                                           sim_state: SimState) -> None:
+async def test_repeated_request_id_is_answered_from_memory(
+    daemon: Daemon, mqtt: Client, sim_state: SimState
+) -> None:
     first = await mqtt.request(f"butler/start/id/{SALES}", {"requestId": "once"})
     again = await mqtt.request(f"butler/start/id/{SALES}", {"requestId": "once"})
-    assert again == first == reply("ok", [line(sim_state, SALES, ["id"], "started")],
-                                   request_id="once")
+    assert (
+        again
+        == first
+        == reply("ok", [line(sim_state, SALES, ["id"], "started")], request_id="once")
+    )
     assert sim_state.started == [SALES]
     assert [c[0] for c in task_calls(sim_state)] == ["GET", "POST"]
 
 
-async def test_retained_trigger_is_ignored(make_daemon: Any, mqtt: Client,
-                                           sim_state: SimState) -> None:
+async def test_retained_trigger_is_ignored(
+    make_daemon: Any, mqtt: Client, sim_state: SimState
+) -> None:
     # (An empty retained payload would delete the retained message instead.)
     await mqtt.publish(f"butler/start/id/{SALES}", {"requestId": "stale"}, retain=True)
     daemon = await make_daemon()
@@ -154,48 +206,89 @@ async def test_retained_trigger_is_ignored(make_daemon: Any, mqtt: Client,
 
 
 BAD_INPUT = [
-    ("butler/start/id/" + SALES, b"{not json", "bad_payload",
-     "invalid JSON: Expecting property name enclosed in double quotes: line 1 column 2"
-     " (char 1)"),
+    (
+        "butler/start/id/" + SALES,
+        b"{not json",
+        "bad_payload",
+        "invalid JSON: Expecting property name enclosed in double quotes: line 1 column 2 (char 1)",
+    ),
     ("butler/start", {"tags": "Nightly"}, "bad_payload", "tags: expected a list of strings"),
-    ("butler/start", {"customProperties": [{"name": "taskGroup"}]}, "bad_payload",
-     "customProperties[0].value: field required"),
+    (
+        "butler/start",
+        {"customProperties": [{"name": "taskGroup"}]},
+        "bad_payload",
+        "customProperties[0].value: field required",
+    ),
     ("butler/start", {"tags": ["a"], "wait": "yes"}, "bad_payload", "wait: expected true or false"),
     ("butler/start", {"tags": ["a"], "colour": "red"}, "bad_payload", "colour: unknown field"),
-    ("butler/start", {}, "bad_payload",
-     "no selectors: give taskIds, tags, customProperties or names"),
-    ("butler/start", [{"type": "startall", "payload": {}}], "bad_payload",
-     "[0].type: unknown type 'startall'; expected one of starttaskid, starttasktag,"
-     " starttaskcustomproperty, keyvaluestore"),
-    ("butler/start", b"[" * 40 + b"]" * 40, "bad_payload",
-     "JSON is nested deeper than 32 levels"),
-    ("butler/start", b'"just a string"', "bad_payload",
-     "payload must be a JSON object or Butler's array of {type, payload} items"),
-    ("butler/start/tag/Nightly", b"x" * 70000, "payload_too_large",
-     "payload is 70000 bytes; the limit is 65536"),
-    ("butler/start/tag/bad%zzescape", b"", "bad_topic",
-     "malformed percent-encoding in topic level 'bad%zzescape'"),
+    (
+        "butler/start",
+        {},
+        "bad_payload",
+        "no selectors: give taskIds, tags, customProperties or names",
+    ),
+    (
+        "butler/start",
+        [{"type": "startall", "payload": {}}],
+        "bad_payload",
+        "[0].type: unknown type 'startall'; expected one of starttaskid, starttasktag,"
+        " starttaskcustomproperty, keyvaluestore",
+    ),
+    ("butler/start", b"[" * 40 + b"]" * 40, "bad_payload", "JSON is nested deeper than 32 levels"),
+    (
+        "butler/start",
+        b'"just a string"',
+        "bad_payload",
+        "payload must be a JSON object or Butler's array of {type, payload} items",
+    ),
+    (
+        "butler/start/tag/Nightly",
+        b"x" * 70000,
+        "payload_too_large",
+        "payload is 70000 bytes; the limit is 65536",
+    ),
+    (
+        "butler/start/tag/bad%zzescape",
+        b"",
+        "bad_topic",
+        "malformed percent-encoding in topic level 'bad%zzescape'",
+    ),
     ("butler/start/tag/%FF", b"", "bad_topic", "topic level '%FF' does not decode to UTF-8"),
-    ("butler/start/everything/now", b"", "bad_topic",
-     "unknown trigger kind 'everything': use butler/start/<id|tag|cp|name>/..."),
-    ("butler/start/cp/onlyname", b"", "bad_topic",
-     "butler/start/cp takes <name>/<value>: percent-encode a / inside a value as %2F"),
-    ("butler/start", {"taskIds": [f"{i:08d}-0000-4000-8000-000000000000" for i in range(101)]},
-     "too_many_tasks", "101 selectors; the limit is 100"),
+    (
+        "butler/start/everything/now",
+        b"",
+        "bad_topic",
+        "unknown trigger kind 'everything': use butler/start/<id|tag|cp|name>/...",
+    ),
+    (
+        "butler/start/cp/onlyname",
+        b"",
+        "bad_topic",
+        "butler/start/cp takes <name>/<value>: percent-encode a / inside a value as %2F",
+    ),
+    (
+        "butler/start",
+        {"taskIds": [f"{i:08d}-0000-4000-8000-000000000000" for i in range(101)]},
+        "too_many_tasks",
+        "101 selectors; the limit is 100",
+    ),
 ]
 
 
-async def test_bad_input_gets_an_error_and_the_daemon_goes_on(daemon: Daemon, mqtt: Client,
-                                                              sim_state: SimState) -> None:
+async def test_bad_input_gets_an_error_and_the_daemon_goes_on(
+    daemon: Daemon, mqtt: Client, sim_state: SimState
+) -> None:
     for topic, payload, code, message in BAD_INPUT:
         answer = await mqtt.request(topic, payload)
         assert answer == refusal(code, message), (topic, payload)
     bad_guid = await mqtt.request("butler/start", {"requestId": "g", "taskIds": ["6ca1-nope"]})
-    assert bad_guid == reply("error", [], [{"selector": "id:6ca1-nope", "reason": "invalid_id"}],
-                             request_id="g")
+    assert bad_guid == reply(
+        "error", [], [{"selector": "id:6ca1-nope", "reason": "invalid_id"}], request_id="g"
+    )
     assert sim_state.started == []
     assert await mqtt.request(f"butler/start/id/{SALES}") == reply(
-        "ok", [line(sim_state, SALES, ["id"], "started")])
+        "ok", [line(sim_state, SALES, ["id"], "started")]
+    )
     assert daemon.process is not None and daemon.process.returncode is None
 
 

@@ -18,17 +18,29 @@ BULK = [str(uuid.UUID(int=0xB0 << 120 | i, version=4)) for i in range(20)]
 
 @pytest.fixture(scope="module")
 def task_fixture() -> Fixture:
-    return Fixture(max_concurrent=50, tasks=[
-        TaskFixture(id=task_id, name=f"Bulk {i:02d}", tags=["bulk"],
-                    outcome=Outcome(duration_s=0.05))
-        for i, task_id in enumerate(BULK)])
+    return Fixture(
+        max_concurrent=50,
+        tasks=[
+            TaskFixture(
+                id=task_id, name=f"Bulk {i:02d}", tags=["bulk"], outcome=Outcome(duration_s=0.05)
+            )
+            for i, task_id in enumerate(BULK)
+        ],
+    )
 
 
 @pytest.mark.parametrize("protocol", ["5", "3.1.1"])
 async def test_triggers_waiting_while_the_daemon_is_dead_are_all_served(
-        make_daemon: Any, mqtt: Client, sim_state: SimState, protocol: str) -> None:
+    make_daemon: Any, mqtt: Client, sim_state: SimState, protocol: str
+) -> None:
     daemon = await make_daemon(mqtt={"protocol": protocol})
-    await daemon.kill()  # SIGKILL: no offline, no clean disconnect, the session stays
+    await daemon.kill()  # SIGKILL: no clean disconnect, the session stays
+    # The broker publishes the Last Will for the dead connection.
+    await mqtt.subscribe("butler/availability/starter-test")
+    await wait_until(
+        lambda: [m.payload for m in mqtt.on("butler/availability/#")][-1:] == [b"offline"],
+        what="the Last Will",
+    )
     await mqtt.subscribe("butler/reply/#")
     for i in range(20):
         await mqtt.publish(f"butler/start/name/Bulk {i:02d}", {"requestId": f"kill-{i}"})
@@ -41,13 +53,16 @@ async def test_triggers_waiting_while_the_daemon_is_dead_are_all_served(
 
 
 async def test_a_trigger_unacknowledged_at_a_crash_is_delivered_again(
-        make_daemon: Any, mqtt: Client, sim_state: SimState) -> None:
+    make_daemon: Any, mqtt: Client, sim_state: SimState
+) -> None:
     daemon = await make_daemon()
     sim_state.faults.delay_s = 30  # QRS hangs: the trigger is in flight, not acknowledged
     await mqtt.subscribe("butler/reply/#")
     await mqtt.publish(f"butler/start/id/{BULK[3]}", {"requestId": "crash"})
-    await wait_until(lambda: any(e.path == "/qrs/task/full" for e in sim_state.journal),
-                     what="the trigger to reach QRS")
+    await wait_until(
+        lambda: any(e.path == "/qrs/task/full" for e in sim_state.journal),
+        what="the trigger to reach QRS",
+    )
     await daemon.kill()
     sim_state.faults.delay_s = 0
     await daemon.start()
@@ -58,7 +73,8 @@ async def test_a_trigger_unacknowledged_at_a_crash_is_delivered_again(
 
 
 async def test_broker_restart_the_daemon_reconnects_and_serves(
-        make_daemon: Any, broker: Broker, sim_state: SimState) -> None:
+    make_daemon: Any, broker: Broker, sim_state: SimState
+) -> None:
     daemon = await make_daemon()
     broker.stop()
     broker.start()
@@ -73,14 +89,18 @@ async def test_broker_restart_the_daemon_reconnects_and_serves(
 
 
 async def test_sigterm_finishes_the_request_in_flight_then_says_offline(
-        make_daemon: Any, broker: Broker, mqtt: Client, sim_state: SimState) -> None:
+    make_daemon: Any, broker: Broker, mqtt: Client, sim_state: SimState
+) -> None:
     daemon = await make_daemon()
     sim_state.faults.delay_s = 0.5
     await mqtt.subscribe("test/in-flight")
-    await mqtt.publish("butler/start/tag/bulk", {"requestId": "in-flight"},
-                       response_topic="test/in-flight")
-    await wait_until(lambda: any(e.path == "/qrs/task/full" for e in sim_state.journal),
-                     what="the request to reach QRS")
+    await mqtt.publish(
+        "butler/start/tag/bulk", {"requestId": "in-flight"}, response_topic="test/in-flight"
+    )
+    await wait_until(
+        lambda: any(e.path == "/qrs/task/full" for e in sim_state.journal),
+        what="the request to reach QRS",
+    )
     daemon.signal(signal.SIGTERM)
     [answer] = await mqtt.wait_for("test/in-flight", timeout=30)
     assert answer.json()["status"] == "ok"
@@ -93,3 +113,20 @@ async def test_sigterm_finishes_the_request_in_flight_then_says_offline(
         [offline] = await client.wait_for("butler/availability/starter-test")
     assert (offline.payload, offline.retain) == (b"offline", True)
     assert sorted(sim_state.started) == sorted(BULK)
+
+
+async def test_two_instances_share_one_subscription_group(
+    make_daemon: Any, mqtt: Client, sim_state: SimState
+) -> None:
+    first = await make_daemon(mqtt={"shared_group": "starters", "client_id": "starter-a"})
+    second = await make_daemon(mqtt={"shared_group": "starters", "client_id": "starter-b"})
+    await mqtt.subscribe("butler/reply/#")
+    for i in range(6):
+        await mqtt.publish(f"butler/start/name/Bulk {i:02d}", {"requestId": f"shared-{i}"})
+    replies = await mqtt.wait_for("butler/reply/#", 6)
+    assert sorted(r.json()["requestId"] for r in replies) == [f"shared-{i}" for i in range(6)]
+    # Each trigger went to one member only; mosquitto deals them out round robin.
+    assert {r.json()["instance"] for r in replies} == {"starter-a", "starter-b"}
+    assert sorted(sim_state.started) == sorted(BULK[:6])
+    assert "$share/starters/butler/start/#" in first.log
+    assert "$share/starters/butler/start/#" in second.log

@@ -39,19 +39,24 @@ async def test_start_by_id(daemon: Daemon, mqtt: Client, sim_state: SimState) ->
     assert task_calls(sim_state) == [by_id(SALES), start(SALES)]
 
 
-async def test_start_by_tag_reports_disabled_tasks(daemon: Daemon, mqtt: Client,
-                                                   sim_state: SimState) -> None:
+async def test_start_by_tag_reports_disabled_tasks(
+    daemon: Daemon, mqtt: Client, sim_state: SimState
+) -> None:
     answer = await mqtt.request("butler/start/tag/Nightly")
-    assert answer == reply("partial", [
-        line(sim_state, SALES, ["tag:Nightly"], "started"),
-        line(sim_state, STOCK, ["tag:Nightly"], "started"),
-        line(None, ARCHIVE, ["tag:Nightly"], "disabled"),
-    ])
+    assert answer == reply(
+        "partial",
+        [
+            line(sim_state, SALES, ["tag:Nightly"], "started"),
+            line(sim_state, STOCK, ["tag:Nightly"], "started"),
+            line(None, ARCHIVE, ["tag:Nightly"], "disabled"),
+        ],
+    )
     assert sorted(task_calls(sim_state)[1:]) == sorted([start(SALES), start(STOCK)])
 
 
-async def test_start_by_custom_property_skips_the_decoy(daemon: Daemon, mqtt: Client,
-                                                       sim_state: SimState) -> None:
+async def test_start_by_custom_property_skips_the_decoy(
+    daemon: Daemon, mqtt: Client, sim_state: SimState
+) -> None:
     answer = await mqtt.request("butler/start/cp/taskGroup/tasks2")
     assert answer == reply("ok", [line(sim_state, STOCK, ["cp:taskGroup=tasks2"], "started")])
     assert sim_state.started == [STOCK]
@@ -67,60 +72,91 @@ async def test_start_by_custom_property_skips_the_decoy(daemon: Daemon, mqtt: Cl
         ("butler/start/tag/%C3%9Cn%C3%AFc%C3%B8d%C3%A9 ☃", QUARTER, "tag:Ünïcødé ☃"),
     ],
 )
-async def test_names_and_percent_encoded_levels(daemon: Daemon, mqtt: Client, sim_state: SimState,
-                                                topic: str, task_id: str, label: str) -> None:
+async def test_names_and_percent_encoded_levels(
+    daemon: Daemon, mqtt: Client, sim_state: SimState, topic: str, task_id: str, label: str
+) -> None:
     answer = await mqtt.request(topic)
     assert answer == reply("ok", [line(sim_state, task_id, [label], "started")])
 
 
-async def test_json_body_unites_selectors(daemon: Daemon, mqtt: Client,
-                                          sim_state: SimState) -> None:
-    answer = await mqtt.request("butler/start", {
-        "requestId": "r-json", "taskIds": [f" {SALES} "], "tags": ["startTask1"],
-        "customProperties": [{"name": "taskGroup", "value": "tasks1"}],
-        "names": ["Reload Sales"]})
-    assert answer == reply("ok", [
-        line(sim_state, SALES, ["id", "tag:startTask1", "cp:taskGroup=tasks1", "name"],
-             "started"),
-        line(sim_state, EXPORT, ["tag:startTask1"], "started"),
-        line(sim_state, DECOY, ["cp:taskGroup=tasks1"], "started"),
-    ], request_id="r-json")
+async def test_json_body_unites_selectors(
+    daemon: Daemon, mqtt: Client, sim_state: SimState
+) -> None:
+    answer = await mqtt.request(
+        "butler/start",
+        {
+            "requestId": "r-json",
+            "taskIds": [f" {SALES} "],
+            "tags": ["startTask1"],
+            "customProperties": [{"name": "taskGroup", "value": "tasks1"}],
+            "names": ["Reload Sales"],
+        },
+    )
+    assert answer == reply(
+        "ok",
+        [
+            line(
+                sim_state, SALES, ["id", "tag:startTask1", "cp:taskGroup=tasks1", "name"], "started"
+            ),
+            line(sim_state, EXPORT, ["tag:startTask1"], "started"),
+            line(sim_state, DECOY, ["cp:taskGroup=tasks1"], "started"),
+        ],
+        request_id="r-json",
+    )
     assert sorted(sim_state.started) == sorted([SALES, EXPORT, DECOY])
     [lookup] = [c for c in task_calls(sim_state) if c[0] == "GET"]
     assert lookup[2] == (
         f"id eq {SALES} or tags.name eq 'startTask1' or (customProperties.definition.name eq"
-        " 'taskGroup' and customProperties.value eq 'tasks1') or name eq 'Reload Sales'")
+        " 'taskGroup' and customProperties.value eq 'tasks1') or name eq 'Reload Sales'"
+    )
 
 
-async def test_topic_and_payload_selectors_are_united(daemon: Daemon, mqtt: Client,
-                                                      sim_state: SimState) -> None:
+async def test_topic_and_payload_selectors_are_united(
+    daemon: Daemon, mqtt: Client, sim_state: SimState
+) -> None:
     answer = await mqtt.request(f"butler/start/id/{SALES}", {"names": ["Reload Stock"]})
-    assert answer == reply("ok", [line(sim_state, SALES, ["id"], "started"),
-                                  line(sim_state, STOCK, ["name"], "started")])
+    assert answer == reply(
+        "ok",
+        [line(sim_state, SALES, ["id"], "started"), line(sim_state, STOCK, ["name"], "started")],
+    )
 
 
 async def test_butler_array_body(daemon: Daemon, mqtt: Client, sim_state: SimState) -> None:
-    answer = await mqtt.request("butler/start", [
-        {"type": "starttaskid", "payload": {"taskId": EXPORT}},
-        {"type": "starttasktag", "payload": {"tag": "startTask1"}},
-        {"type": "starttaskcustomproperty",
-         "payload": {"customPropertyName": "taskGroup", "customPropertyValue": "tasks2"}},
-        {"type": "keyvaluestore", "payload": {"namespace": "ns", "key": "k", "value": "v"}},
-    ])
-    assert answer == reply("ok", [
-        line(sim_state, EXPORT, ["id", "tag:startTask1"], "started"),
-        line(sim_state, SALES, ["tag:startTask1"], "started"),
-        line(sim_state, STOCK, ["cp:taskGroup=tasks2"], "started"),
-    ])
+    answer = await mqtt.request(
+        "butler/start",
+        [
+            {"type": "starttaskid", "payload": {"taskId": EXPORT}},
+            {"type": "starttasktag", "payload": {"tag": "startTask1"}},
+            {
+                "type": "starttaskcustomproperty",
+                "payload": {"customPropertyName": "taskGroup", "customPropertyValue": "tasks2"},
+            },
+            {"type": "keyvaluestore", "payload": {"namespace": "ns", "key": "k", "value": "v"}},
+        ],
+    )
+    assert answer == reply(
+        "ok",
+        [
+            line(sim_state, EXPORT, ["id", "tag:startTask1"], "started"),
+            line(sim_state, SALES, ["tag:startTask1"], "started"),
+            line(sim_state, STOCK, ["cp:taskGroup=tasks2"], "started"),
+        ],
+    )
 
 
-async def test_routes_with_wildcards_when_and_debounce(make_daemon: Any, mqtt: Client,
-                                                       sim_state: SimState) -> None:
-    await make_daemon(routes=[
-        {"topic": "factory/+/data-ready", "names": ["Reload {1}"],
-         "when": {"field": "status", "equals": "complete"}},
-        {"topic": "plant/+/+/done", "tags": ["{2}"], "debounce_s": 600},
-    ])
+async def test_routes_with_wildcards_when_and_debounce(
+    make_daemon: Any, mqtt: Client, sim_state: SimState
+) -> None:
+    await make_daemon(
+        routes=[
+            {
+                "topic": "factory/+/data-ready",
+                "names": ["Reload {1}"],
+                "when": {"field": "status", "equals": "complete"},
+            },
+            {"topic": "plant/+/+/done", "tags": ["{2}"], "debounce_s": 600},
+        ]
+    )
     await mqtt.subscribe("butler/reply/#")
     await mqtt.publish("factory/Sales/data-ready", {"status": "running"})
     await mqtt.publish("factory/Sales/data-ready", "not json")
@@ -133,38 +169,72 @@ async def test_routes_with_wildcards_when_and_debounce(make_daemon: Any, mqtt: C
         await mqtt.publish("plant/a/Fragile/done")
     answers = await mqtt.wait_for("butler/reply/plant/a/Fragile/done", 3)
     # The debounced ones answer without a QRS call, so they may arrive before the first.
-    debounced = {"requestId": None, "status": "ok", "stage": "accepted", "tasks": [],
-                 "unmatched": [], "notes": ["debounced: started less than 600.0s ago"],
-                 "instance": "starter-test"}
+    debounced = {
+        "requestId": None,
+        "status": "ok",
+        "stage": "accepted",
+        "tasks": [],
+        "unmatched": [],
+        "notes": ["debounced: started less than 600.0s ago"],
+        "instance": "starter-test",
+    }
     assert sorted((a.json() == debounced, a.json()["status"]) for a in answers) == [
-        (False, "ok"), (True, "ok"), (True, "ok")]
+        (False, "ok"),
+        (True, "ok"),
+        (True, "ok"),
+    ]
     assert sim_state.started == [SALES, FORECAST]
 
 
-async def test_mosquitto_rr_round_trip_with_correlation_data(daemon: Daemon, broker: Broker,
-                                                             sim_state: SimState) -> None:
+async def test_mosquitto_rr_round_trip_with_correlation_data(
+    daemon: Daemon, broker: Broker, sim_state: SimState
+) -> None:
     process = await asyncio.create_subprocess_exec(
-        "mosquitto_rr", "-h", "127.0.0.1", "-p", str(broker.port), "-V", "5",
-        "-t", f"butler/start/id/{SALES}", "-e", "rr/answer", "-D", "PUBLISH", "correlation-data",
-        "corr-42", "-m", json.dumps({"requestId": "rr-1"}), "-W", "10", "-F", "%D|%p",
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        "mosquitto_rr",
+        "-h",
+        "127.0.0.1",
+        "-p",
+        str(broker.port),
+        "-V",
+        "5",
+        "-t",
+        f"butler/start/id/{SALES}",
+        "-e",
+        "rr/answer",
+        "-D",
+        "PUBLISH",
+        "correlation-data",
+        "corr-42",
+        "-m",
+        json.dumps({"requestId": "rr-1"}),
+        "-W",
+        "10",
+        "-F",
+        "%D|%p",
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
     out, err = await process.communicate()
     assert process.returncode == 0, err
     correlation, payload = out.decode().strip().split("|", 1)
     assert correlation == "corr-42"
-    assert json.loads(payload) == reply("ok", [line(sim_state, SALES, ["id"], "started")],
-                                        request_id="rr-1")
+    assert json.loads(payload) == reply(
+        "ok", [line(sim_state, SALES, ["id"], "started")], request_id="rr-1"
+    )
 
 
-async def test_mqtt_311_client_with_reply_to(daemon: Daemon, broker: Broker,
-                                             sim_state: SimState) -> None:
+async def test_mqtt_311_client_with_reply_to(
+    daemon: Daemon, broker: Broker, sim_state: SimState
+) -> None:
     async with Client(broker, v5=False) as old:
         await old.subscribe("erp/replies")
-        await old.publish(f"butler/start/id/{STOCK}", {"requestId": "erp-1",
-                                                       "replyTo": "erp/replies"})
+        await old.publish(
+            f"butler/start/id/{STOCK}", {"requestId": "erp-1", "replyTo": "erp/replies"}
+        )
         [answer] = await old.wait_for("erp/replies")
-    assert answer.json() == reply("ok", [line(sim_state, STOCK, ["id"], "started")],
-                                  request_id="erp-1")
+    assert answer.json() == reply(
+        "ok", [line(sim_state, STOCK, ["id"], "started")], request_id="erp-1"
+    )
 
 
 async def test_default_reply_topic(daemon: Daemon, mqtt: Client, sim_state: SimState) -> None:
@@ -178,8 +248,11 @@ async def test_default_reply_topic(daemon: Daemon, mqtt: Client, sim_state: SimS
 @pytest.mark.parametrize(
     ("how", "topic", "message"),
     [
-        ("response", "butler/start/tag/Nightly",
-         "reply topic 'butler/start/tag/Nightly' is a trigger topic of this daemon"),
+        (
+            "response",
+            "butler/start/tag/Nightly",
+            "reply topic 'butler/start/tag/Nightly' is a trigger topic of this daemon",
+        ),
         ("replyTo", "butler/start", "reply topic 'butler/start' is a trigger topic of this daemon"),
         ("replyTo", "$SYS/broker/x", "reply topic '$SYS/broker/x' starts with $"),
         ("response", "replies/+/x", "reply topic 'replies/+/x' contains a wildcard or NUL"),
@@ -187,16 +260,17 @@ async def test_default_reply_topic(daemon: Daemon, mqtt: Client, sim_state: SimS
         ("replyTo", "elsewhere/x", "reply topic 'elsewhere/x' is outside mqtt.reply_topic_allow"),
     ],
 )
-async def test_refused_reply_topics(make_daemon: Any, mqtt: Client, sim_state: SimState,
-                                    how: str, topic: str, message: str) -> None:
+async def test_refused_reply_topics(
+    make_daemon: Any, mqtt: Client, sim_state: SimState, how: str, topic: str, message: str
+) -> None:
     await make_daemon(mqtt={"reply_topic_allow": ["replies/#", "butler/#"]})
     await mqtt.subscribe("butler/reply/#")
     if how == "response":
-        await mqtt.publish(f"butler/start/id/{SALES}", {"requestId": "bad-reply"},
-                           response_topic=topic)
+        await mqtt.publish(
+            f"butler/start/id/{SALES}", {"requestId": "bad-reply"}, response_topic=topic
+        )
     else:
-        await mqtt.publish(f"butler/start/id/{SALES}", {"requestId": "bad-reply",
-                                                        "replyTo": topic})
+        await mqtt.publish(f"butler/start/id/{SALES}", {"requestId": "bad-reply", "replyTo": topic})
     [answer] = await mqtt.wait_for(f"butler/reply/start/id/{SALES}")
     assert answer.json() == refusal("reply_topic_refused", message, "bad-reply")
     assert sim_state.started == []

@@ -1,0 +1,167 @@
+"""The configuration model: defaults, interpolation, secrets from files, environment, errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from mqtt_starter.config import Settings, file_problems, load_settings, settings_from_mapping
+from mqtt_starter.errors import ConfigError
+
+EXAMPLE = Path(__file__).parents[2] / "config" / "mqtt-starter.yaml"
+MINIMAL = {"qrs": {"url": "https://sense:4242"}}
+
+
+def problems(data: object, env: dict[str, str] | None = None) -> list[str]:
+    with pytest.raises(ConfigError) as info:
+        settings_from_mapping(data, env or {})
+    return [str(p) for p in info.value.problems]
+
+
+def test_the_example_is_valid_and_equals_the_defaults() -> None:
+    example = load_settings(EXAMPLE, env={})
+    assert example == Settings.model_validate(
+        MINIMAL | {"qrs": {"url": "https://sense.example.com:4242"}}
+    )
+
+
+def test_every_field_has_a_description() -> None:
+    def walk(model: type[object], path: str) -> list[str]:
+        missing = []
+        for name, field in model.model_fields.items():  # type: ignore[attr-defined]
+            if not field.description:
+                missing.append(f"{path}{name}")
+            annotation = field.annotation
+            for candidate in (annotation, *getattr(annotation, "__args__", ())):
+                if hasattr(candidate, "model_fields"):
+                    missing += walk(candidate, f"{path}{name}.")
+        return missing
+
+    assert walk(Settings, "") == []
+
+
+def test_all_errors_at_once_with_their_key_paths() -> None:
+    assert problems(
+        {
+            "mqtt": {"port": 0, "colour": "red", "protocol": 4},
+            "policy": {"on_running": "maybe"},
+            "routes": [{"topic": "a/+"}],
+        }
+    ) == [
+        "mqtt.port: input should be greater than or equal to 1",
+        "mqtt.protocol: input should be '5' or '3.1.1'",
+        "mqtt.colour: extra inputs are not permitted",
+        "qrs: field required",
+        "policy.on_running: input should be 'skip' or 'start'",
+        "routes[0]: a route needs at least one of task_ids, tags, custom_properties, names",
+    ]
+
+
+def test_interpolation_and_missing_variables() -> None:
+    settings = settings_from_mapping(
+        {"qrs": {"url": "https://${HOST}:4242", "user_id": "${USER_ID}"}},
+        {"HOST": "sense", "USER_ID": "svc"},
+    )
+    assert (settings.qrs.url, settings.qrs.user_id) == ("https://sense:4242", "svc")
+    assert problems({"qrs": {"url": "${NOPE}"}}) == [
+        "qrs.url: environment variable NOPE is not set",
+        "qrs.url: an http(s) URL without query or fragment",
+    ]
+
+
+def test_environment_overrides() -> None:
+    settings = settings_from_mapping(
+        MINIMAL,
+        {
+            "MQTT_STARTER_MQTT__PORT": "8883",
+            "MQTT_STARTER_MQTT__TLS__ENABLED": "true",
+            "MQTT_STARTER_MQTT__PASSWORD": "123456",
+            "MQTT_STARTER_QRS__URL": "https://other:4242",
+            "MQTT_STARTER_MQTT__REPLY_TOPIC_ALLOW": '["replies/#"]',
+            "UNRELATED": "x",
+        },
+    )
+    assert (settings.mqtt.port, settings.mqtt.tls.enabled, settings.qrs.url) == (
+        8883,
+        True,
+        "https://other:4242",
+    )
+    assert settings.mqtt.password is not None
+    assert settings.mqtt.password.get_secret_value() == "123456"
+    assert settings.mqtt.reply_topic_allow == ["replies/#"]
+    assert problems(MINIMAL, {"MQTT_STARTER_PORT": "1"}) == [
+        "MQTT_STARTER_PORT: expected MQTT_STARTER_<SECTION>__<KEY>"
+    ]
+
+
+def test_secrets_from_files(tmp_path: Path) -> None:
+    (tmp_path / "pw").write_text("s3cret\n")
+    settings = settings_from_mapping(
+        {
+            "mqtt": {"password_file": str(tmp_path / "pw")},
+            "qrs": {"url": "https://s:4242", "auth": "jwt", "jwt_file": str(tmp_path / "pw")},
+        },
+        {},
+    )
+    assert settings.mqtt.password is not None and settings.qrs.jwt is not None
+    assert settings.mqtt.password.get_secret_value() == "s3cret"
+    assert "s3cret" not in repr(settings)
+    assert problems(
+        {
+            "mqtt": {"password": "x", "password_file": str(tmp_path / "pw")},
+            "qrs": {"url": "https://s:4242"},
+            "http": {"token_file": str(tmp_path / "missing")},
+        }
+    ) == [
+        "mqtt.password_file: give mqtt.password or password_file, not both",
+        f"http.token_file: cannot read {tmp_path / 'missing'}: No such file or directory",
+    ]
+
+
+def test_cross_field_checks() -> None:
+    assert problems(
+        {
+            "qrs": {"url": "https://s:4242", "auth": "jwt"},
+            "mqtt": {"tls": {"cert_file": "/c.pem"}, "base_topic": "a/#", "shared_group": "a/b"},
+        }
+    ) == [
+        "mqtt.tls: cert_file and key_file go together",
+        "mqtt.base_topic: no wildcards, no leading $ or /, no trailing /",
+        "mqtt.shared_group: a non-empty name without / + #",
+        "qrs: auth: jwt needs `jwt` or `jwt_file`",
+    ]
+
+
+def test_route_templates_must_fit_the_filter() -> None:
+    assert problems(
+        MINIMAL
+        | {"routes": [{"topic": "a/+/b", "tags": ["x-{2}"]}, {"topic": "a/#/b", "tags": ["y"]}]}
+    ) == [
+        "routes[0]: {2} in 'x-{2}': the topic has 1 wildcard level(s)",
+        "routes[1]: 'a/#/b': # must be the last level",
+    ]
+
+
+def test_unreadable_files_are_named(tmp_path: Path) -> None:
+    settings = settings_from_mapping(
+        {"qrs": {"url": "https://s:4242", "cert_file": str(tmp_path / "nope.pem")}}, {}
+    )
+    assert [str(p) for p in file_problems(settings)] == [
+        "qrs.ca_file: cannot read /etc/mqtt-starter/root.pem",
+        f"qrs.cert_file: cannot read {tmp_path / 'nope.pem'}",
+        "qrs.key_file: cannot read /etc/mqtt-starter/client_key.pem",
+    ]
+
+
+def test_yaml_and_file_errors(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("mqtt: [unclosed")
+    with pytest.raises(ConfigError, match="is not valid YAML"):
+        load_settings(bad, {})
+    with pytest.raises(ConfigError, match="cannot read"):
+        load_settings(tmp_path / "missing.yaml", {})
+    bad.write_text(yaml.safe_dump(["a list"]))
+    with pytest.raises(ConfigError, match="must be a YAML mapping"):
+        load_settings(bad, {})

@@ -1,0 +1,210 @@
+"""The daemon as an operator meets it: configuration errors, reload, logs, TLS to the broker."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trustme
+
+from mqtt_starter.simulator.server import QrsSimulator
+from mqtt_starter.simulator.state import SimState
+from tests.conftest import wait_until
+from tests.integration.conftest import Broker, Client, Daemon, daemon_config, free_port
+from tests.integration.helpers import EXPORT, SALES, line, reply
+
+
+def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "mqtt_starter", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+        stdin=subprocess.DEVNULL,
+    )
+
+
+def test_invalid_configuration_exits_78_naming_every_key(tmp_path: Path) -> None:
+    config = tmp_path / "bad.yaml"
+    config.write_text("mqtt:\n  port: 99999\n  colour: red\npolicy:\n  allow: {tags: Nightly}\n")
+    result = run_cli("run", "-c", str(config))
+    assert result.returncode == 78
+    assert result.stderr.splitlines() == [
+        "mqtt-starter: invalid configuration:",
+        "  mqtt.port: input should be less than or equal to 65535",
+        "  mqtt.colour: extra inputs are not permitted",
+        "  qrs: field required",
+        "  policy.allow.tags: input should be a valid list",
+    ]
+
+
+def test_unreadable_certificates_exit_78(tmp_path: Path) -> None:
+    config = tmp_path / "c.yaml"
+    config.write_text(
+        f"qrs:\n  url: https://sense:4242\n  cert_file: {tmp_path}/none.pem\n"
+        f"  key_file: {tmp_path}/none_key.pem\n  ca_file: {tmp_path}/root.pem\n"
+    )
+    result = run_cli("run", "-c", str(config))
+    assert result.returncode == 78
+    assert f"  qrs.cert_file: cannot read {tmp_path}/none.pem" in result.stderr.splitlines()
+
+
+async def test_sighup_reloads_policy_and_routes_keeping_the_session(
+    make_daemon: Any, mqtt: Client, sim_state: SimState
+) -> None:
+    daemon: Daemon = await make_daemon()
+    assert daemon.notify is not None
+    config = dict(daemon.config)
+    config["policy"] = {"allow": {"tags": ["Nightly"]}}
+    config["routes"] = [{"topic": "line/+/done", "names": ["Reload {1}"]}]
+    daemon.write_config(config)
+    seen = len(daemon.notify.messages)
+    daemon.signal(signal.SIGHUP)
+    await daemon.notify.wait_for("STATUS=configuration reloaded", after=seen)
+    answer = await mqtt.request("butler/start/tag/startTask1")
+    assert answer == reply(
+        "partial",
+        [
+            line(sim_state, SALES, ["tag:startTask1"], "started"),
+            line(None, EXPORT, ["tag:startTask1"], "denied", error="not in policy.allow"),
+        ],
+    )
+    await mqtt.subscribe("butler/reply/line/#")
+    await mqtt.publish("line/Stock/done")
+    [routed] = await mqtt.wait_for("butler/reply/line/Stock/done")
+    assert routed.json()["tasks"][0]["taskName"] == "Reload Stock"
+    # New subscriptions mean a new connection, under the same client id and session.
+    assert daemon.log.count("connected to broker") == 2
+    assert daemon.log.count("as starter-test (MQTT 5)") == 2
+
+
+async def test_an_invalid_reload_keeps_the_running_configuration(
+    make_daemon: Any, mqtt: Client, sim_state: SimState
+) -> None:
+    daemon: Daemon = await make_daemon()
+    assert daemon.notify is not None
+    daemon.config_path.write_text("mqtt: {port: nope}\n")
+    seen = len(daemon.notify.messages)
+    daemon.signal(signal.SIGHUP)
+    await daemon.notify.wait_for("STATUS=reload refused: invalid configuration", after=seen)
+    assert "reload refused, keeping the running configuration: mqtt.port:" in daemon.log
+    answer = await mqtt.request(f"butler/start/id/{SALES}")
+    assert answer["status"] == "ok"
+
+
+async def test_json_logs_carry_no_secret(make_daemon: Any, mqtt: Client, tmp_path: Path) -> None:
+    secret_file = tmp_path / "jwt"
+    secret_file.write_text("file-secret-123\n")
+    daemon: Daemon = await make_daemon(
+        start=False,
+        log={"format": "json", "level": "DEBUG"},
+        mqtt={"username": "starter", "password": "${MQTT_PW}"},
+        http={"token_file": str(secret_file)},
+    )
+    await daemon.start(env={"MQTT_PW": "env-secret-456"})
+    answer = await mqtt.request(f"butler/start/id/{SALES}", {"requestId": "log-me"})
+    assert answer["status"] == "ok"
+    await mqtt.request("butler/start", b"{broken")
+    await daemon.stop()
+    records = [json.loads(text) for text in daemon.log.splitlines()]
+    assert {"time", "level", "logger", "message"} <= set(records[0])
+    messages = [r["message"] for r in records]
+    assert any("requestId=log-me -> ok" in m for m in messages)
+    assert any("refused butler/start requestId=None: bad_payload" in m for m in messages)
+    for secret in ("env-secret-456", "file-secret-123"):
+        assert secret not in daemon.log
+        assert secret not in json.dumps(answer)
+
+
+@pytest.fixture
+def tls_broker(tmp_path: Path) -> Any:
+    """Two listeners: plain and anonymous for the test client, TLS with a client certificate
+    and a password file for the daemon."""
+    ca = trustme.CA()
+    folder = tmp_path / "tls-broker"
+    folder.mkdir()
+    server = ca.issue_cert("localhost", "127.0.0.1")
+    ca.cert_pem.write_to_path(str(folder / "ca.pem"))
+    server.cert_chain_pems[0].write_to_path(str(folder / "server.pem"))
+    server.private_key_pem.write_to_path(str(folder / "server_key.pem"))
+    client = ca.issue_cert("mqtt-starter")
+    client.cert_chain_pems[0].write_to_path(str(folder / "client.pem"))
+    client.private_key_pem.write_to_path(str(folder / "client_key.pem"))
+    subprocess.run(
+        ["mosquitto_passwd", "-c", "-b", str(folder / "passwd"), "starter", "pw-789"],
+        check=True,
+        capture_output=True,
+    )
+    tls_port = free_port()
+    broker = Broker(
+        folder,
+        head="per_listener_settings true\n",
+        extra=(
+            f"listener {tls_port} 127.0.0.1\n"
+            f"cafile {folder}/ca.pem\ncertfile {folder}/server.pem\n"
+            f"keyfile {folder}/server_key.pem\n"
+            "require_certificate true\n"
+            f"allow_anonymous false\npassword_file {folder}/passwd\n"
+        ),
+    )
+    broker.start()
+    yield broker, tls_port, folder
+    broker.stop()
+
+
+def tls_settings(port: int, folder: Path, password: str) -> dict[str, Any]:
+    return {
+        "host": "localhost",
+        "port": port,
+        "username": "starter",
+        "password": password,
+        "tls": {
+            "enabled": True,
+            "ca_file": str(folder / "ca.pem"),
+            "cert_file": str(folder / "client.pem"),
+            "key_file": str(folder / "client_key.pem"),
+        },
+    }
+
+
+async def test_broker_tls_with_client_certificate_and_password(
+    tls_broker: Any, simulator: QrsSimulator, sim_state: SimState, tmp_path: Path
+) -> None:
+    broker, tls_port, folder = tls_broker
+    config = daemon_config(broker, simulator, mqtt=tls_settings(tls_port, folder, "pw-789"))
+    daemon = Daemon(tmp_path / "tls-daemon", config)
+    await daemon.start()
+    try:
+        async with Client(broker) as client:
+            answer = await client.request(f"butler/start/id/{SALES}")
+        assert answer == reply("ok", [line(sim_state, SALES, ["id"], "started")])
+    finally:
+        await daemon.stop()
+    assert "pw-789" not in daemon.log
+
+
+async def test_wrong_broker_password_is_retried_and_logged(
+    tls_broker: Any, simulator: QrsSimulator, tmp_path: Path
+) -> None:
+    broker, tls_port, folder = tls_broker
+    config = daemon_config(broker, simulator, mqtt=tls_settings(tls_port, folder, "wrong-pw"))
+    daemon = Daemon(tmp_path / "tls-daemon", config)
+    await daemon.start(wait_ready=False)
+    try:
+        await wait_until(
+            lambda: daemon.log.count("Not authorized") >= 2,
+            what="two refused connection attempts in the log",
+        )
+        assert daemon.log.count("reconnecting in at most") >= 2
+        assert daemon.process is not None and daemon.process.returncode is None
+        assert daemon.notify is not None
+        assert not any("READY=1" in m for m in daemon.notify.messages)
+    finally:
+        await daemon.stop()
+    assert "wrong-pw" not in daemon.log

@@ -23,7 +23,9 @@ from loguru import logger
 from .codec import encode_reply, encode_status_event
 from .config import Settings
 from .errors import ConfigError, MqttLinkError, QrsError
+from .http_api import HttpApi
 from .logs import configure_logging
+from .metrics import Metrics
 from .model import Execution, Reply, ReplyStatus, Request, Selector, SelectorKind, TaskOutcome
 from .mqtt_link import Incoming, MqttLink
 from .policy import Debouncer
@@ -32,7 +34,10 @@ from .routing import Route, TopicFilter, When
 from .starter import Handled, Starter, error_reply, finished_reply
 from .systemd import Notifier
 from .tracker import Tracker
-from .triggers import Accept, Ignore, Refuse, TriggerRules, interpret
+from .triggers import Accept, Ignore, Refuse, TriggerRules, interpret, topic_kind
+
+# Readiness asks QRS again when its last answer is older than this.
+QRS_FRESH_S = 30.0
 
 
 def build_routes(settings: Settings) -> tuple[Route, ...]:
@@ -98,6 +103,9 @@ class Daemon:
         self.starter: Starter | None = None
         self.tracker: Tracker | None = None
         self.qrs_ready = asyncio.Event()
+        self.metrics = Metrics()
+        self.http: HttpApi | None = None
+        self._connected_once = False
 
     @property
     def instance(self) -> str:
@@ -125,6 +133,7 @@ class Daemon:
         warn_about_settings(self.settings)
         await self._start_qrs()
         self._start_link()
+        await self._start_http()
         watchdog = asyncio.create_task(self.notifier.watchdog(), name="watchdog")
         ready = asyncio.create_task(self._announce_ready(), name="ready")
         try:
@@ -141,6 +150,7 @@ class Daemon:
             self.notifier.stopping()
             logger.info("stopping: finishing requests in flight")
             await self._stop_link(offline=True)
+            await self._stop_http()
             ready.cancel()
             watchdog.cancel()
             for task in list(self._background):
@@ -152,9 +162,10 @@ class Daemon:
         return 0
 
     async def _start_qrs(self) -> None:
-        self.qrs = QrsClient(self.settings.qrs)
+        self.qrs = QrsClient(self.settings.qrs, observer=self.metrics.observe_qrs)
         await self.qrs.start()
-        self.tracker = Tracker(self.qrs, self.settings.qrs.poll_interval_s)
+        tracker = self.tracker = Tracker(self.qrs, self.settings.qrs.poll_interval_s)
+        self.metrics.follow_executions(lambda: tracker.following)
         self.starter = Starter(self.qrs, self.settings.policy)
         self.qrs_ready.clear()
         self._spawn(self._probe_qrs(), "qrs-probe")
@@ -182,8 +193,53 @@ class Daemon:
             s,
             [f.text for f in self.rules.subscriptions],
             f"{s.base_topic}/availability/{s.client_id}",
+            on_connect=self._on_connect,
+            on_disconnect=self._on_disconnect,
         )
         self._link_task = asyncio.create_task(self.link.run(self._on_message), name="mqtt-link")
+
+    def _on_connect(self) -> None:
+        if self._connected_once:
+            self.metrics.reconnects.inc()
+        self._connected_once = True
+        self.metrics.broker_connected.set(1)
+
+    def _on_disconnect(self) -> None:
+        self.metrics.broker_connected.set(0)
+
+    async def not_ready(self) -> list[str]:
+        """Why the daemon cannot serve now; empty when it can."""
+        reasons = []
+        if self.link is None or not self.link.connected.is_set():
+            reasons.append(
+                f"not connected to the broker {self.settings.mqtt.host}:{self.settings.mqtt.port}"
+            )
+        qrs = self.qrs
+        if qrs is None:
+            reasons.append("no QRS client")
+        elif qrs.last_success is None or time.monotonic() - qrs.last_success > QRS_FRESH_S:
+            try:
+                await asyncio.wait_for(qrs.about(), self.settings.qrs.timeout_s)
+            except (QrsError, TimeoutError) as exc:
+                reasons.append(f"QRS does not answer: {exc}")
+        return reasons
+
+    async def _start_http(self) -> None:
+        if not self.settings.http.enabled:
+            return
+
+        def current_starter() -> Starter:
+            assert self.starter is not None
+            return self.starter
+
+        self.http = HttpApi(self.settings.http, current_starter, self.metrics, self.not_ready)
+        await self.http.start_serving()
+        logger.info("HTTP endpoint on http://{}:{}", self.settings.http.host, self.http.port)
+
+    async def _stop_http(self) -> None:
+        if self.http is not None:
+            await self.http.stop()
+            self.http = None
 
     async def _stop_link(self, *, offline: bool) -> None:
         if self.link is None or self._link_task is None:
@@ -228,6 +284,9 @@ class Daemon:
         if new.mqtt != old.mqtt or old_rules.subscriptions != self.rules.subscriptions:
             await self._stop_link(offline=False)
             self._start_link()
+        if new.http != old.http:
+            await self._stop_http()
+            await self._start_http()
         logger.info("configuration reloaded")
         self.notifier.ready("configuration reloaded")
 
@@ -257,11 +316,14 @@ class Daemon:
             retain=incoming.retain,
             response_topic=incoming.response_topic,
         )
+        kind = topic_kind(self.rules, incoming.topic)
         if isinstance(decision, Ignore):
+            self.metrics.triggers.labels(kind, "ignored").inc()
             logger.info("ignored {}: {}", incoming.topic, decision.reason)
             return
         if isinstance(decision, Refuse):
             reply = error_reply(decision.request_id, decision.error.code, str(decision.error))
+            self.metrics.count_reply(kind, reply)
             await self._reply(decision.reply_topic, reply, incoming)
             logger.info(
                 "refused {} requestId={}: {} ({})",
@@ -272,6 +334,7 @@ class Daemon:
             )
             return
         handled = await self._accept(decision)
+        self.metrics.count_reply(kind, handled.reply)
         await self._reply(decision.reply_topic, handled.reply, incoming)
         self._log_outcome(incoming.topic, handled, started)
         self._follow(decision, handled, incoming)

@@ -63,6 +63,17 @@ class Accept:
 Decision = Ignore | Refuse | Accept
 
 
+def topic_kind(rules: TriggerRules, topic: str) -> str:
+    """The kind of a trigger topic for metrics and logs, without judging whether it is valid."""
+    prefix = f"{rules.base}/start"
+    if topic == prefix:
+        return "payload"
+    if topic.startswith(prefix + "/"):
+        kind = topic[len(prefix) + 1 :].split("/")[0]
+        return kind if kind in ("id", "tag", "cp", "name") else "unknown"
+    return "route"
+
+
 def _reply_to_hint(data: Any) -> str | None:
     value = data.get("replyTo") if isinstance(data, Mapping) else None
     return value if isinstance(value, str) else None

@@ -1,0 +1,166 @@
+"""The HTTP endpoint: health, readiness, metrics, and Butler's REST start API.
+
+`PUT|POST /v4/reloadtask/{taskId}/start` answers in exactly Butler's shape, through the same
+Starter as MQTT (one code path). Unlike Butler, each start is awaited, and a task matched by
+several selectors is started once (and listed under each selector that matched it).
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from aiohttp import web
+
+from .codec import parse_butler_items
+from .config import HttpSettings
+from .errors import RequestError
+from .metrics import CONTENT_TYPE, Metrics
+from .model import Reply, Request, Selector, SelectorKind, TaskResult
+from .starter import Starter
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+ReadyCheck = Callable[[], Awaitable[list[str]]]  # why the daemon is not ready; [] when it is
+
+
+def butler_answer(reply: Reply) -> dict[str, Any]:
+    """Butler's response body for a reply of the Starter."""
+    started_by_id: list[dict[str, str]] = []
+    denied_ids: list[dict[str, str]] = []
+    tags: list[dict[str, str]] = []
+    cps: list[dict[str, str]] = []
+    denied_tags: list[dict[str, str]] = []
+    denied_cps: list[dict[str, str]] = []
+    for outcome in reply.outcomes:
+        named = {"taskId": outcome.task.id, "taskName": outcome.task.name}
+        for selector in outcome.matched_by:
+            started = outcome.result is TaskResult.STARTED
+            if selector.kind is SelectorKind.ID:
+                # Butler's shape has no place for "running" or "disabled": not started is denied.
+                (started_by_id if started else denied_ids).append(
+                    named if started else {"taskId": outcome.task.id}
+                )
+            elif selector.kind is SelectorKind.TAG:
+                if started:
+                    tags.append(named)
+                elif (
+                    outcome.result is TaskResult.DENIED
+                    and {"tag": selector.value} not in denied_tags
+                ):
+                    denied_tags.append({"tag": selector.value})
+            elif selector.kind is SelectorKind.CUSTOM_PROPERTY:
+                entry = {"name": selector.name, "value": selector.value}
+                if started:
+                    cps.append(named)
+                elif outcome.result is TaskResult.DENIED and entry not in denied_cps:
+                    denied_cps.append(entry)
+    invalid = [
+        {"taskId": u.selector.value} for u in reply.unmatched if u.selector.kind is SelectorKind.ID
+    ]
+    return {
+        "tasksId": {"started": started_by_id, "invalid": invalid, "denied": denied_ids},
+        "tasksTag": tags,
+        "tasksTagDenied": denied_tags,
+        "tasksCP": cps,
+        "tasksCPDenied": denied_cps,
+    }
+
+
+def _error(status: int, code: str, message: str) -> web.Response:
+    return web.json_response({"code": code, "message": message}, status=status)
+
+
+class HttpApi:
+    def __init__(
+        self,
+        settings: HttpSettings,
+        starter: Callable[[], Starter],
+        metrics: Metrics,
+        not_ready: ReadyCheck,
+    ) -> None:
+        self.settings = settings
+        self._starter = starter
+        self._metrics = metrics
+        self._not_ready = not_ready
+        self._runner: web.AppRunner | None = None
+        self.port = settings.port
+
+    @web.middleware
+    async def _auth(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        token = self.settings.token
+        if token is not None:
+            expected = f"Bearer {token.get_secret_value()}".encode()
+            given = request.headers.get("Authorization", "").encode()
+            if not hmac.compare_digest(given, expected):
+                return _error(401, "unauthorized", "a valid bearer token is required")
+        return await handler(request)
+
+    async def healthz(self, request: web.Request) -> web.Response:
+        return web.json_response({"status": "alive"})
+
+    async def readyz(self, request: web.Request) -> web.Response:
+        reasons = await self._not_ready()
+        if reasons:
+            return web.json_response({"status": "not ready", "reasons": reasons}, status=503)
+        return web.json_response({"status": "ready"})
+
+    async def metrics(self, request: web.Request) -> web.Response:
+        response = web.Response(body=self._metrics.render())
+        response.headers["Content-Type"] = CONTENT_TYPE
+        return response
+
+    async def start(self, request: web.Request) -> web.Response:
+        task_id = request.match_info["taskId"]
+        flag = request.query.get("allTaskIdsMustExist", "false").lower()
+        if flag not in ("true", "false"):
+            return _error(400, "bad_payload", "allTaskIdsMustExist: expected true or false")
+        body = await request.read()
+        try:
+            items: Any = json.loads(body) if body.strip() else []
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
+            return _error(400, "bad_payload", f"invalid JSON: {exc}")
+        if not isinstance(items, list):
+            return _error(400, "bad_payload", "body must be a JSON array of {type, payload} items")
+        try:
+            selectors = parse_butler_items(items)
+        except RequestError as exc:
+            return _error(400, exc.code, str(exc))
+        if task_id != "-":
+            selectors.insert(0, Selector(SelectorKind.ID, task_id))
+        if not selectors:
+            return _error(400, "bad_payload", "no task id in the path and no items in the body")
+        handled = await self._starter().handle(
+            Request(tuple(selectors), all_task_ids_must_exist=flag == "true")
+        )
+        self._metrics.count_reply("http", handled.reply)
+        if handled.reply.error is not None:
+            status = 503 if handled.reply.error.code == "qrs_unavailable" else 400
+            return _error(status, handled.reply.error.code, handled.reply.error.message)
+        return web.json_response(butler_answer(handled.reply))
+
+    def app(self) -> web.Application:
+        app = web.Application(middlewares=[self._auth], client_max_size=1024 * 1024)
+        app.add_routes(
+            [
+                web.get("/healthz", self.healthz),
+                web.get("/readyz", self.readyz),
+                web.get("/metrics", self.metrics),
+                web.put("/v4/reloadtask/{taskId}/start", self.start),
+                web.post("/v4/reloadtask/{taskId}/start", self.start),
+            ]
+        )
+        return app
+
+    async def start_serving(self) -> None:
+        self._runner = web.AppRunner(self.app(), access_log=None, handle_signals=False)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, self.settings.host, self.settings.port)
+        await site.start()
+        self.port = int(self._runner.addresses[0][1])
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None

@@ -1,0 +1,64 @@
+"""Prometheus metrics, on a registry of their own (no process-wide globals)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+from .model import Reply
+
+CONTENT_TYPE = CONTENT_TYPE_LATEST
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.triggers = Counter(
+            "mqtt_starter_triggers",
+            "Requests received, by topic kind"
+            " (id, tag, cp, name, payload, route, http) and outcome"
+            " (accepted, refused, ignored)",
+            ["kind", "outcome"],
+            registry=self.registry,
+        )
+        self.tasks = Counter(
+            "mqtt_starter_tasks", "Tasks in replies, by result", ["result"], registry=self.registry
+        )
+        self.qrs_seconds = Histogram(
+            "mqtt_starter_qrs_request_seconds",
+            "QRS call latency, by operation and HTTP status",
+            ["operation", "status"],
+            registry=self.registry,
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+        )
+        self.reconnects = Counter(
+            "mqtt_starter_broker_reconnects",
+            "Reconnects to the broker after a lost or failed connection",
+            registry=self.registry,
+        )
+        self.executions = Gauge(
+            "mqtt_starter_executions_in_flight",
+            "Executions being followed to their end",
+            registry=self.registry,
+        )
+        self.broker_connected = Gauge(
+            "mqtt_starter_broker_connected",
+            "1 while connected to the broker",
+            registry=self.registry,
+        )
+
+    def observe_qrs(self, operation: str, seconds: float, status: int) -> None:
+        self.qrs_seconds.labels(operation, str(status)).observe(seconds)
+
+    def count_reply(self, kind: str, reply: Reply) -> None:
+        self.triggers.labels(kind, "refused" if reply.error else "accepted").inc()
+        for outcome in reply.outcomes:
+            self.tasks.labels(outcome.result.value).inc()
+
+    def follow_executions(self, count: Callable[[], float]) -> None:
+        self.executions.set_function(count)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -11,12 +11,14 @@ from pathlib import Path
 
 from . import __version__
 from .app import Daemon
+from .check import run_checks
 from .config import Settings, file_problems, load_settings
-from .errors import EXIT_CONFIG, ConfigError
+from .errors import EXIT_CONFIG, ConfigError, MqttStarterError
 from .logs import configure_logging
 from .simulator.certs import default_cert_dir, ensure_certificates
 from .simulator.fixtures import FixtureError, load_fixture
 from .simulator.server import QrsSimulator
+from .task_list import list_tasks, parse_selectors, render_json, render_table
 
 DEFAULT_CONFIG = Path("/etc/mqtt-starter/mqtt-starter.yaml")
 
@@ -46,6 +48,34 @@ def _run(args: argparse.Namespace) -> int:
     return asyncio.run(Daemon(settings, reload=load).run())
 
 
+def _check(args: argparse.Namespace) -> int:
+    checks, code = asyncio.run(run_checks(args.config))
+    print(f"mqtt-starter check: {args.config}")
+    for check in checks:
+        print(check.line())
+    print("everything works" if code == 0 else "something does not work: see FAIL above")
+    return code
+
+
+def _tasks(args: argparse.Namespace) -> int:
+    try:
+        settings = load_settings(args.config)
+        selectors = parse_selectors(args.id, args.tag, args.cp, args.name)
+    except ConfigError as error:
+        return _config_failed(error)
+    except ValueError as exc:
+        print(f"mqtt-starter: {exc}", file=sys.stderr)
+        return 2
+    configure_logging(settings.log.model_copy(update={"level": "WARNING"}))
+    try:
+        resolution = asyncio.run(list_tasks(settings, selectors))
+    except MqttStarterError as exc:
+        print(f"mqtt-starter: {exc}", file=sys.stderr)
+        return 1
+    print(render_json(settings, resolution) if args.json else render_table(settings, resolution))
+    return 0
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mqtt-starter",
@@ -62,6 +92,35 @@ def _parser() -> argparse.ArgumentParser:
         default=DEFAULT_CONFIG,
         help=f"configuration file (default: {DEFAULT_CONFIG})",
     )
+
+    check = commands.add_parser(
+        "check", help="validate the configuration, reach the broker and QRS, and say what fails"
+    )
+    check.add_argument(
+        "-c",
+        "--config",
+        type=Path,
+        default=DEFAULT_CONFIG,
+        help=f"configuration file (default: {DEFAULT_CONFIG})",
+    )
+
+    tasks = commands.add_parser(
+        "tasks", help="resolve selectors against QRS and list the tasks; starts nothing"
+    )
+    tasks.add_argument(
+        "-c",
+        "--config",
+        type=Path,
+        default=DEFAULT_CONFIG,
+        help=f"configuration file (default: {DEFAULT_CONFIG})",
+    )
+    tasks.add_argument("--id", action="append", default=[], metavar="ID", help="task id")
+    tasks.add_argument("--tag", action="append", default=[], metavar="TAG", help="tag")
+    tasks.add_argument(
+        "--cp", action="append", default=[], metavar="NAME=VALUE", help="custom property value"
+    )
+    tasks.add_argument("--name", action="append", default=[], metavar="NAME", help="task name")
+    tasks.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
     sim = commands.add_parser("simulate-qrs", help="run the QRS simulator (HTTPS, mutual TLS)")
     sim.add_argument("--tasks", type=Path, help="task fixture (YAML or JSON); default: samples")
@@ -124,5 +183,5 @@ def _simulate_qrs(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    commands = {"run": _run, "simulate-qrs": _simulate_qrs}
+    commands = {"run": _run, "check": _check, "tasks": _tasks, "simulate-qrs": _simulate_qrs}
     return commands[args.command](args)

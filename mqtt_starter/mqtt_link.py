@@ -18,7 +18,7 @@ import contextlib
 import random
 import socket
 import ssl
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
 import aiomqtt
@@ -283,3 +283,79 @@ class MqttLink:
         told not to: a reload reconnects at once), and returns."""
         self._say_offline = offline
         self._stopping.set()
+
+
+def _why(exc: BaseException) -> str:
+    """A broker connection failure in an operator's words."""
+    text = str(exc)
+    if "CERTIFICATE_VERIFY_FAILED" in text or "certificate verify failed" in text:
+        return f"TLS verification of the broker failed: {text}"
+    if "code:135" in text or "code:134" in text or "Not authorized" in text:
+        return f"the broker refused the login (wrong user name or password?): {text}"
+    if "Connection refused" in text:
+        return f"connection refused: is the broker listening there? ({text})"
+    return text
+
+
+class MqttPeer:
+    """A plain client for the operator commands (check, demo): clean session, no Last Will.
+
+    `async with MqttPeer(settings, client_id) as peer`, then `subscribe`, `publish`, and
+    `messages()`; a failed connect raises MqttLinkError saying why.
+    """
+
+    def __init__(self, settings: MqttSettings, client_id: str) -> None:
+        self.settings = settings
+        self.client_id = client_id
+        self._client: aiomqtt.Client | None = None
+
+    async def __aenter__(self) -> MqttPeer:
+        s = self.settings
+        try:
+            tls = await asyncio.to_thread(build_tls_context, s)
+        except (OSError, ssl.SSLError) as exc:
+            raise MqttLinkError(f"a TLS file is unreadable: {exc}") from None
+        self._client = aiomqtt.Client(
+            s.host,
+            s.port,
+            identifier=self.client_id,
+            username=s.username,
+            password=s.password.get_secret_value() if s.password else None,
+            protocol=aiomqtt.ProtocolVersion.V5
+            if s.protocol == "5"
+            else aiomqtt.ProtocolVersion.V311,
+            tls_context=tls,
+            tls_insecure=s.tls.insecure if s.tls.enabled else None,
+            socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)],
+            timeout=10,
+        )
+        try:
+            await self._client.__aenter__()
+        except aiomqtt.MqttError as exc:
+            raise MqttLinkError(_why(exc)) from None
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._client is not None:
+            with contextlib.suppress(aiomqtt.MqttError):
+                await self._client.__aexit__(None, None, None)
+
+    async def subscribe(self, topic_filter: str) -> None:
+        assert self._client is not None
+        await self._client.subscribe(topic_filter, qos=1)
+
+    async def publish(
+        self, topic: str, payload: bytes, *, response_topic: str | None = None, retain: bool = False
+    ) -> None:
+        assert self._client is not None
+        properties = None
+        if response_topic is not None:
+            properties = _properties(PacketTypes.PUBLISH)
+            properties.ResponseTopic = response_topic
+        await self._client.publish(topic, payload, qos=1, retain=retain, properties=properties)
+
+    async def messages(self) -> AsyncIterator[Incoming]:
+        assert self._client is not None
+        async for message in self._client.messages:
+            payload = message.payload if isinstance(message.payload, bytes) else b""
+            yield Incoming(message.topic.value, payload, bool(message.retain))

@@ -80,7 +80,10 @@ class QrsClient:
         self.last_success: float | None = None  # monotonic time of the last answered call
 
     async def start(self) -> None:
-        context = await asyncio.to_thread(build_ssl_context, self.settings)
+        try:
+            context = await asyncio.to_thread(build_ssl_context, self.settings)
+        except (OSError, ssl.SSLError) as exc:
+            raise QrsAuthError(f"a QRS certificate or key is unreadable: {exc}") from None
         connector = aiohttp.TCPConnector(ssl=context, limit=self.settings.max_concurrency)
         headers = {
             "X-Qlik-User": f"UserDirectory={self.settings.user_directory}; "
@@ -238,6 +241,12 @@ class QrsClient:
         wanted = queryable(selectors)
         candidates = await self.find_tasks(wanted) if wanted else []
         return resolve(selectors, candidates, all_task_ids_must_exist=all_task_ids_must_exist)
+
+    async def all_tasks(self) -> list[TaskRef]:
+        data = await self._json("GET", "task/full")
+        return (
+            [parse_task(i) for i in data if isinstance(i, dict)] if isinstance(data, list) else []
+        )
 
     async def task(self, task_id: str) -> TaskRef | None:
         """The task's current state (tags, enabled, last execution), None when it is unknown."""

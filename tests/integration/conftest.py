@@ -24,6 +24,7 @@ from typing import Any
 
 import aiomqtt
 import pytest
+import trustme
 import yaml
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
@@ -353,3 +354,54 @@ class Client:
 async def mqtt(broker: Broker) -> AsyncIterator[Client]:
     async with Client(broker) as client:
         yield client
+
+
+@pytest.fixture
+def tls_broker(tmp_path: Path) -> Iterator[tuple[Broker, int, Path]]:
+    """Two listeners: plain and anonymous for the test client, TLS with a client certificate
+    and a password file for the daemon."""
+    ca = trustme.CA()
+    folder = tmp_path / "tls-broker"
+    folder.mkdir()
+    server = ca.issue_cert("localhost", "127.0.0.1")
+    ca.cert_pem.write_to_path(str(folder / "ca.pem"))
+    server.cert_chain_pems[0].write_to_path(str(folder / "server.pem"))
+    server.private_key_pem.write_to_path(str(folder / "server_key.pem"))
+    client = ca.issue_cert("mqtt-starter")
+    client.cert_chain_pems[0].write_to_path(str(folder / "client.pem"))
+    client.private_key_pem.write_to_path(str(folder / "client_key.pem"))
+    subprocess.run(
+        ["mosquitto_passwd", "-c", "-b", str(folder / "passwd"), "starter", "pw-789"],
+        check=True,
+        capture_output=True,
+    )
+    tls_port = free_port()
+    broker = Broker(
+        folder,
+        head="per_listener_settings true\n",
+        extra=(
+            f"listener {tls_port} 127.0.0.1\n"
+            f"cafile {folder}/ca.pem\ncertfile {folder}/server.pem\n"
+            f"keyfile {folder}/server_key.pem\n"
+            "require_certificate true\n"
+            f"allow_anonymous false\npassword_file {folder}/passwd\n"
+        ),
+    )
+    broker.start()
+    yield broker, tls_port, folder
+    broker.stop()
+
+
+def tls_settings(port: int, folder: Path, password: str) -> dict[str, Any]:
+    return {
+        "host": "localhost",
+        "port": port,
+        "username": "starter",
+        "password": password,
+        "tls": {
+            "enabled": True,
+            "ca_file": str(folder / "ca.pem"),
+            "cert_file": str(folder / "client.pem"),
+            "key_file": str(folder / "client_key.pem"),
+        },
+    }

@@ -9,13 +9,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import pytest
-import trustme
-
 from mqtt_starter.simulator.server import QrsSimulator
 from mqtt_starter.simulator.state import SimState
 from tests.conftest import wait_until
-from tests.integration.conftest import Broker, Client, Daemon, daemon_config, free_port
+from tests.integration.conftest import Client, Daemon, daemon_config, tls_settings
 from tests.integration.helpers import EXPORT, SALES, line, reply
 
 
@@ -120,57 +117,6 @@ async def test_json_logs_carry_no_secret(make_daemon: Any, mqtt: Client, tmp_pat
     for secret in ("env-secret-456", "file-secret-123"):
         assert secret not in daemon.log
         assert secret not in json.dumps(answer)
-
-
-@pytest.fixture
-def tls_broker(tmp_path: Path) -> Any:
-    """Two listeners: plain and anonymous for the test client, TLS with a client certificate
-    and a password file for the daemon."""
-    ca = trustme.CA()
-    folder = tmp_path / "tls-broker"
-    folder.mkdir()
-    server = ca.issue_cert("localhost", "127.0.0.1")
-    ca.cert_pem.write_to_path(str(folder / "ca.pem"))
-    server.cert_chain_pems[0].write_to_path(str(folder / "server.pem"))
-    server.private_key_pem.write_to_path(str(folder / "server_key.pem"))
-    client = ca.issue_cert("mqtt-starter")
-    client.cert_chain_pems[0].write_to_path(str(folder / "client.pem"))
-    client.private_key_pem.write_to_path(str(folder / "client_key.pem"))
-    subprocess.run(
-        ["mosquitto_passwd", "-c", "-b", str(folder / "passwd"), "starter", "pw-789"],
-        check=True,
-        capture_output=True,
-    )
-    tls_port = free_port()
-    broker = Broker(
-        folder,
-        head="per_listener_settings true\n",
-        extra=(
-            f"listener {tls_port} 127.0.0.1\n"
-            f"cafile {folder}/ca.pem\ncertfile {folder}/server.pem\n"
-            f"keyfile {folder}/server_key.pem\n"
-            "require_certificate true\n"
-            f"allow_anonymous false\npassword_file {folder}/passwd\n"
-        ),
-    )
-    broker.start()
-    yield broker, tls_port, folder
-    broker.stop()
-
-
-def tls_settings(port: int, folder: Path, password: str) -> dict[str, Any]:
-    return {
-        "host": "localhost",
-        "port": port,
-        "username": "starter",
-        "password": password,
-        "tls": {
-            "enabled": True,
-            "ca_file": str(folder / "ca.pem"),
-            "cert_file": str(folder / "client.pem"),
-            "key_file": str(folder / "client_key.pem"),
-        },
-    }
 
 
 async def test_broker_tls_with_client_certificate_and_password(

@@ -19,11 +19,19 @@ class Http:
         self.session = session
         self.base = f"http://127.0.0.1:{port}"
 
-    async def __call__(self, method: str, path: str, *, body: Any = None, raw: bytes | None = None,
-                       token: str | None = None) -> tuple[int, Any]:
+    async def __call__(
+        self,
+        method: str,
+        path: str,
+        *,
+        body: Any = None,
+        raw: bytes | None = None,
+        token: str | None = None,
+    ) -> tuple[int, Any]:
         headers = {"Authorization": f"Bearer {token}"} if token else {}
-        async with self.session.request(method, self.base + path, json=body, data=raw,
-                                        headers=headers) as response:
+        async with self.session.request(
+            method, self.base + path, json=body, data=raw, headers=headers
+        ) as response:
             if response.content_type == "application/json":
                 return response.status, await response.json()
             return response.status, await response.text()
@@ -32,10 +40,15 @@ class Http:
 @pytest.fixture
 async def http(make_daemon: Any) -> AsyncIterator[Http]:
     port = free_port()
-    await make_daemon(http={"enabled": True, "port": port},
-                      policy={"allow": {"tags": ["Nightly", "startTask1"],
-                                        "custom_properties": [{"name": "taskGroup",
-                                                               "value": "tasks2"}]}})
+    await make_daemon(
+        http={"enabled": True, "port": port},
+        policy={
+            "allow": {
+                "tags": ["Nightly", "startTask1"],
+                "custom_properties": [{"name": "taskGroup", "value": "tasks2"}],
+            }
+        },
+    )
     async with aiohttp.ClientSession() as session:
         yield Http(session, port)
 
@@ -50,85 +63,137 @@ async def test_readiness_fails_without_the_broker(http: Http, broker: Broker) ->
 
     async def not_ready() -> bool:
         return (await http("GET", "/readyz"))[0] == 503
+
     await wait_until(not_ready, what="readyz to say 503")
-    status, body = await http("GET", "/readyz")
-    assert body == {"status": "not ready",
-                    "reasons": [f"not connected to the broker 127.0.0.1:{broker.port}"]}
+    _, body = await http("GET", "/readyz")
+    assert body == {
+        "status": "not ready",
+        "reasons": [f"not connected to the broker 127.0.0.1:{broker.port}"],
+    }
 
 
 async def test_butler_start_by_id_in_the_path(http: Http, sim_state: SimState) -> None:
-    assert await http("PUT", f"/v4/reloadtask/{SALES}/start") == (200, {
-        "tasksId": {"started": [{"taskId": SALES, "taskName": "Reload Sales"}], "invalid": [],
-                    "denied": []},
-        "tasksTag": [], "tasksTagDenied": [], "tasksCP": [], "tasksCPDenied": []})
+    assert await http("PUT", f"/v4/reloadtask/{SALES}/start") == (
+        200,
+        {
+            "tasksId": {
+                "started": [{"taskId": SALES, "taskName": "Reload Sales"}],
+                "invalid": [],
+                "denied": [],
+            },
+            "tasksTag": [],
+            "tasksTagDenied": [],
+            "tasksCP": [],
+            "tasksCPDenied": [],
+        },
+    )
     assert sim_state.started == [SALES]
 
 
 async def test_butler_body_with_every_item_kind(http: Http, sim_state: SimState) -> None:
-    status, body = await http("POST", "/v4/reloadtask/-/start", body=[
-        {"type": "starttaskid", "payload": {"taskId": STOCK}},
-        {"type": "starttaskid", "payload": {"taskId": "not-a-guid"}},
-        {"type": "starttaskid", "payload": {"taskId": DECOY}},
-        {"type": "starttasktag", "payload": {"tag": "startTask1"}},
-        {"type": "starttaskcustomproperty",
-         "payload": {"customPropertyName": "taskGroup", "customPropertyValue": "tasks1"}},
-        {"type": "keyvaluestore", "payload": {"namespace": "a", "key": "b", "value": "c"}},
-    ])
-    assert (status, body) == (200, {
-        "tasksId": {"started": [{"taskId": STOCK, "taskName": "Reload Stock"}],
-                    "invalid": [{"taskId": "not-a-guid"}], "denied": [{"taskId": DECOY}]},
-        # Reload Sales matched by tag and custom property: started once, listed under both.
-        "tasksTag": [{"taskId": SALES, "taskName": "Reload Sales"},
-                     {"taskId": EXPORT, "taskName": "Export to Data Lake"}],
-        "tasksTagDenied": [],
-        "tasksCP": [{"taskId": SALES, "taskName": "Reload Sales"}],
-        "tasksCPDenied": [{"name": "taskGroup", "value": "tasks1"}],
-    })
+    status, body = await http(
+        "POST",
+        "/v4/reloadtask/-/start",
+        body=[
+            {"type": "starttaskid", "payload": {"taskId": STOCK}},
+            {"type": "starttaskid", "payload": {"taskId": "not-a-guid"}},
+            {"type": "starttaskid", "payload": {"taskId": DECOY}},
+            {"type": "starttasktag", "payload": {"tag": "startTask1"}},
+            {
+                "type": "starttaskcustomproperty",
+                "payload": {"customPropertyName": "taskGroup", "customPropertyValue": "tasks1"},
+            },
+            {"type": "keyvaluestore", "payload": {"namespace": "a", "key": "b", "value": "c"}},
+        ],
+    )
+    assert (status, body) == (
+        200,
+        {
+            "tasksId": {
+                "started": [{"taskId": STOCK, "taskName": "Reload Stock"}],
+                "invalid": [{"taskId": "not-a-guid"}],
+                "denied": [{"taskId": DECOY}],
+            },
+            # Reload Sales matched by tag and custom property: started once, listed under both.
+            "tasksTag": [
+                {"taskId": SALES, "taskName": "Reload Sales"},
+                {"taskId": EXPORT, "taskName": "Export to Data Lake"},
+            ],
+            "tasksTagDenied": [],
+            "tasksCP": [{"taskId": SALES, "taskName": "Reload Sales"}],
+            "tasksCPDenied": [{"name": "taskGroup", "value": "tasks1"}],
+        },
+    )
     assert sorted(sim_state.started) == sorted([STOCK, SALES, EXPORT])
 
 
 async def test_butler_denied_tag(http: Http, sim_state: SimState) -> None:
-    status, body = await http("PUT", "/v4/reloadtask/-/start",
-                              body=[{"type": "starttasktag", "payload": {"tag": "Fragile"}}])
+    status, body = await http(
+        "PUT",
+        "/v4/reloadtask/-/start",
+        body=[{"type": "starttasktag", "payload": {"tag": "Fragile"}}],
+    )
     assert (status, body["tasksTag"], body["tasksTagDenied"]) == (200, [], [{"tag": "Fragile"}])
     assert sim_state.started == []
 
 
 async def test_butler_all_task_ids_must_exist(http: Http, sim_state: SimState) -> None:
     status, body = await http(
-        "POST", f"/v4/reloadtask/{SALES}/start?allTaskIdsMustExist=true",
-        body=[{"type": "starttaskid", "payload": {"taskId": "99999999-0000-4000-8000-0000"}}])
-    assert (status, body["tasksId"]) == (200, {
-        "started": [], "invalid": [{"taskId": "99999999-0000-4000-8000-0000"}],
-        "denied": [{"taskId": SALES}]})
+        "POST",
+        f"/v4/reloadtask/{SALES}/start?allTaskIdsMustExist=true",
+        body=[{"type": "starttaskid", "payload": {"taskId": "99999999-0000-4000-8000-0000"}}],
+    )
+    assert (status, body["tasksId"]) == (
+        200,
+        {
+            "started": [],
+            "invalid": [{"taskId": "99999999-0000-4000-8000-0000"}],
+            "denied": [{"taskId": SALES}],
+        },
+    )
     assert sim_state.started == []
 
 
 async def test_butler_not_started_ids_are_denied(http: Http, sim_state: SimState) -> None:
     status, body = await http("PUT", f"/v4/reloadtask/{ARCHIVE}/start")
-    assert (status, body["tasksId"]) == (200, {"started": [], "invalid": [],
-                                               "denied": [{"taskId": ARCHIVE}]})
+    assert (status, body["tasksId"]) == (
+        200,
+        {"started": [], "invalid": [], "denied": [{"taskId": ARCHIVE}]},
+    )
 
 
 @pytest.mark.parametrize(
     ("path", "raw", "message"),
     [
-        ("/v4/reloadtask/-/start", b"{bad", "invalid JSON: Expecting property name enclosed in"
-                                            " double quotes: line 1 column 2 (char 1)"),
-        ("/v4/reloadtask/-/start", b'{"type": "starttaskid"}',
-         "body must be a JSON array of {type, payload} items"),
-        ("/v4/reloadtask/-/start", b'[{"type": "nope", "payload": {}}]',
-         "[0].type: unknown type 'nope'; expected one of starttaskid, starttasktag,"
-         " starttaskcustomproperty, keyvaluestore"),
+        (
+            "/v4/reloadtask/-/start",
+            b"{bad",
+            "invalid JSON: Expecting property name enclosed in"
+            " double quotes: line 1 column 2 (char 1)",
+        ),
+        (
+            "/v4/reloadtask/-/start",
+            b'{"type": "starttaskid"}',
+            "body must be a JSON array of {type, payload} items",
+        ),
+        (
+            "/v4/reloadtask/-/start",
+            b'[{"type": "nope", "payload": {}}]',
+            "[0].type: unknown type 'nope'; expected one of starttaskid, starttasktag,"
+            " starttaskcustomproperty, keyvaluestore",
+        ),
         ("/v4/reloadtask/-/start", b"", "no task id in the path and no items in the body"),
-        (f"/v4/reloadtask/{SALES}/start?allTaskIdsMustExist=maybe", b"",
-         "allTaskIdsMustExist: expected true or false"),
+        (
+            f"/v4/reloadtask/{SALES}/start?allTaskIdsMustExist=maybe",
+            b"",
+            "allTaskIdsMustExist: expected true or false",
+        ),
     ],
 )
-async def test_butler_bad_requests(http: Http, sim_state: SimState, path: str, raw: bytes,
-                                   message: str) -> None:
-    assert await http("POST", path, raw=raw) == (400, {"code": "bad_payload",
-                                                       "message": message})
+async def test_butler_bad_requests(
+    http: Http, sim_state: SimState, path: str, raw: bytes, message: str
+) -> None:
+    assert await http("POST", path, raw=raw) == (400, {"code": "bad_payload", "message": message})
     assert sim_state.started == []
 
 
@@ -148,8 +213,12 @@ async def test_metrics(http: Http, mqtt: Client, sim_state: SimState) -> None:
         "mqtt_starter_broker_reconnects_total 0.0",
     ):
         assert expected in lines, expected
-    assert any(line.startswith('mqtt_starter_qrs_request_seconds_count{operation="POST task",'
-                               'status="201"} 2.0') for line in lines)
+    assert any(
+        line.startswith(
+            'mqtt_starter_qrs_request_seconds_count{operation="POST task",status="201"} 2.0'
+        )
+        for line in lines
+    )
     assert any(line.startswith("mqtt_starter_executions_in_flight ") for line in lines)
 
 
@@ -158,8 +227,10 @@ async def test_token_is_required_when_set(make_daemon: Any) -> None:
     daemon: Daemon = await make_daemon(http={"enabled": True, "port": port, "token": "t-1"})
     async with aiohttp.ClientSession() as session:
         http = Http(session, port)
-        assert await http("GET", "/healthz") == (401, {
-            "code": "unauthorized", "message": "a valid bearer token is required"})
+        assert await http("GET", "/healthz") == (
+            401,
+            {"code": "unauthorized", "message": "a valid bearer token is required"},
+        )
         assert (await http("GET", "/metrics", token="wrong"))[0] == 401
         assert await http("GET", "/healthz", token="t-1") == (200, {"status": "alive"})
     assert "t-1" not in daemon.log

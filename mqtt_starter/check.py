@@ -1,0 +1,83 @@
+"""`mqtt-starter check`: validate the configuration, reach the broker and QRS, say what fails.
+
+The broker is reached under a client id of its own (`<client_id>-check-<pid>`, clean session,
+no Last Will), so that a running daemon keeps its session and nobody sees it go `offline`.
+QRS is asked once (no retries): /qrs/about, then one task query.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from .config import Settings, file_problems, load_settings
+from .errors import ConfigError, MqttLinkError, QrsError
+from .mqtt_link import MqttPeer
+from .qrs_client import QrsClient
+
+
+@dataclass(frozen=True)
+class Check:
+    ok: bool | None  # None: skipped, because an earlier check failed
+    what: str
+    detail: str
+
+    def line(self) -> str:
+        mark = {True: "ok  ", False: "FAIL", None: "skip"}[self.ok]
+        return f"  {mark}  {self.what}: {self.detail}"
+
+
+async def check_broker(settings: Settings) -> Check:
+    s = settings.mqtt
+    client_id = f"{s.client_id}-check-{os.getpid()}"
+    what = f"broker {s.host}:{s.port} (MQTT {s.protocol}, TLS {'on' if s.tls.enabled else 'off'})"
+    try:
+        async with MqttPeer(s, client_id):
+            pass
+    except MqttLinkError as exc:
+        return Check(False, what, str(exc))
+    return Check(True, what, f"connected as {client_id}")
+
+
+async def check_qrs(settings: Settings) -> list[Check]:
+    quick = settings.qrs.model_copy(
+        update={
+            "retry": settings.qrs.retry.model_copy(update={"attempts": 1}),
+            "timeout_s": min(settings.qrs.timeout_s, 10.0),
+        }
+    )
+    what = f"QRS {settings.qrs.url} ({settings.qrs.auth})"
+    try:
+        async with QrsClient(quick) as qrs:
+            about = await qrs.about()
+            first = Check(True, what, f"answered, build {about.get('buildVersion', '?')}")
+            try:
+                _, text = await qrs.call("GET", "task/count")
+                count = json.loads(text).get("value", "?")
+            except QrsError as exc:
+                return [first, Check(False, "QRS task query", str(exc))]
+            except (ValueError, AttributeError):
+                return [first, Check(False, "QRS task query", f"unexpected answer {text[:80]!r}")]
+            return [first, Check(True, "QRS task query", f"{count} tasks visible")]
+    except QrsError as exc:
+        return [Check(False, what, str(exc)), Check(None, "QRS task query", "QRS did not answer")]
+
+
+async def run_checks(path: Path | None) -> tuple[list[Check], int]:
+    """The checklist and the exit code: 0 all fine, 78 invalid configuration, 1 otherwise."""
+    where = str(path) if path else "environment"
+    try:
+        settings = load_settings(path)
+    except ConfigError as exc:
+        return [Check(False, f"configuration {where}", str(p)) for p in exc.problems], 78
+    checks = [Check(True, f"configuration {where}", "valid")]
+    problems = file_problems(settings)
+    checks += [Check(False, p.path, p.message) for p in problems] or [
+        Check(True, "files", "every file the configuration names is readable")
+    ]
+    checks.append(await check_broker(settings))
+    checks += await check_qrs(settings)
+    failed = any(c.ok is False for c in checks)
+    return checks, (1 if failed else 0)

@@ -12,7 +12,8 @@ from pathlib import Path
 from . import __version__
 from .app import Daemon
 from .check import run_checks
-from .config import Settings, file_problems, load_settings
+from .config import LogSettings, Settings, file_problems, load_settings
+from .demo import run_demo
 from .errors import EXIT_CONFIG, ConfigError, MqttStarterError
 from .logs import configure_logging
 from .simulator.certs import default_cert_dir, ensure_certificates
@@ -76,6 +77,11 @@ def _tasks(args: argparse.Namespace) -> int:
     return 0
 
 
+def _demo(args: argparse.Namespace) -> int:
+    configure_logging(LogSettings(level="WARNING"))
+    return asyncio.run(run_demo(sys.stdout, once=args.once))
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mqtt-starter",
@@ -121,6 +127,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     tasks.add_argument("--name", action="append", default=[], metavar="NAME", help="task name")
     tasks.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+    demo = commands.add_parser(
+        "demo",
+        help="a local broker, the QRS simulator and the daemon, end to end, with a short tour",
+    )
+    demo.add_argument("--once", action="store_true", help="play the tour, then stop and exit")
 
     sim = commands.add_parser("simulate-qrs", help="run the QRS simulator (HTTPS, mutual TLS)")
     sim.add_argument("--tasks", type=Path, help="task fixture (YAML or JSON); default: samples")
@@ -183,5 +195,11 @@ def _simulate_qrs(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    commands = {"run": _run, "check": _check, "tasks": _tasks, "simulate-qrs": _simulate_qrs}
+    commands = {
+        "run": _run,
+        "check": _check,
+        "tasks": _tasks,
+        "demo": _demo,
+        "simulate-qrs": _simulate_qrs,
+    }
     return commands[args.command](args)

@@ -1,0 +1,286 @@
+"""`mqtt-starter demo`: a private broker, the QRS simulator and the daemon, end to end.
+
+Everything runs on loopback in a temporary folder: mosquitto on a free port, the simulator
+(in this process) with the sample tasks, and `mqtt-starter run` as a child process, ready when
+it says READY=1 on a notify socket as it would to systemd. Then a short tour publishes real
+triggers and prints each reply and status event as it arrives.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any, TextIO
+
+import yaml
+
+from .config import MqttSettings
+from .mqtt_link import MqttPeer
+from .simulator.certs import ensure_certificates
+from .simulator.fixtures import load_fixture
+from .simulator.server import QrsSimulator
+
+SALES = "6ca1c5f2-2742-44d5-8adf-d6cba3701a4e"
+
+
+class DemoError(Exception):
+    pass
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+async def _wait_port(port: int, process: asyncio.subprocess.Process, what: str) -> None:
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        if process.returncode is not None:
+            raise DemoError(f"{what} exited with code {process.returncode}")
+        with contextlib.suppress(OSError):
+            _, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.close()
+            return
+        await asyncio.sleep(0.05)
+    raise DemoError(f"{what} did not listen on port {port} within 10 s")
+
+
+@contextlib.asynccontextmanager
+async def _broker(folder: Path) -> AsyncIterator[int]:
+    binary = shutil.which("mosquitto")
+    if binary is None:
+        raise DemoError(
+            "mosquitto is not installed (Debian: apt-get install mosquitto), or run"
+            " scripts/demo.sh, which installs it"
+        )
+    port = _free_port()
+    conf = folder / "mosquitto.conf"
+    conf.write_text(
+        f"listener {port} 127.0.0.1\nallow_anonymous true\n"
+        f"persistence false\nset_tcp_nodelay true\n"
+        f"log_dest file {folder}/mosquitto.log\n"
+    )
+    process = await asyncio.create_subprocess_exec(
+        binary,
+        "-c",
+        str(conf),
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.DEVNULL,
+    )
+    try:
+        await _wait_port(port, process, "mosquitto")
+        yield port
+    finally:
+        if process.returncode is None:
+            process.terminate()
+            await process.wait()
+
+
+@contextlib.asynccontextmanager
+async def _daemon(folder: Path, config: dict[str, Any]) -> AsyncIterator[Path]:
+    config_path = folder / "mqtt-starter.yaml"
+    config_path.write_text(yaml.safe_dump(config))
+    notify_path = folder / "notify.sock"
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    notify.bind(str(notify_path))
+    notify.setblocking(False)
+    log = (folder / "daemon.log").open("w")
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "mqtt_starter",
+        "run",
+        "-c",
+        str(config_path),
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=log,
+        stderr=log,
+        # The demo's configuration is complete: overrides meant for a real daemon stay out.
+        env={
+            **{k: v for k, v in os.environ.items() if not k.startswith("MQTT_STARTER_")},
+            "NOTIFY_SOCKET": str(notify_path),
+        },
+    )
+    try:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 20
+        while True:
+            left = deadline - loop.time()
+            if left <= 0 or process.returncode is not None:
+                raise DemoError(f"the daemon did not get ready; see {folder}/daemon.log")
+            with contextlib.suppress(TimeoutError):
+                data = await asyncio.wait_for(loop.sock_recv(notify, 4096), min(left, 0.5))
+                if "READY=1" in data.decode().splitlines():
+                    break
+        yield config_path
+    finally:
+        if process.returncode is None:
+            process.send_signal(signal.SIGTERM)
+            try:
+                await asyncio.wait_for(process.wait(), 15)
+            except TimeoutError:
+                process.kill()
+                await process.wait()
+        log.close()
+        notify.close()
+
+
+class Tour:
+    """Publishes triggers and prints what comes back, as it comes back."""
+
+    def __init__(self, peer: MqttPeer, out: TextIO) -> None:
+        self.peer = peer
+        self.out = out
+        self.replies: dict[str, asyncio.Queue[dict[str, Any]]] = {}
+        self.started = time.monotonic()
+        self.names: dict[str, str] = {}
+
+    def say(self, text: str = "") -> None:
+        print(text, file=self.out, flush=True)
+
+    async def listen(self) -> None:
+        async for message in self.peer.messages():
+            try:
+                data = json.loads(message.payload)
+            except ValueError:
+                continue
+            if message.topic.startswith("butler/status/task/"):
+                elapsed = time.monotonic() - self.started
+                extra = f" in {data['durationMs'] / 1000:.1f} s" if data.get("stopTime") else ""
+                note = f" ({data['message']})" if data["stateCode"] in (8, 11) else ""
+                self.say(
+                    f"      [{elapsed:5.1f} s] status  {data['taskName']}: "
+                    f"{data['state']}{extra}{note}"
+                )
+            elif message.topic in self.replies:
+                await self.replies[message.topic].put(data)
+
+    async def request(
+        self, title: str, topic: str, payload: dict[str, Any] | None = None, replies: int = 1
+    ) -> None:
+        self.say(f"\n>>> {title}")
+        body = json.dumps(payload) if payload else ""
+        self.say(f"    publish {topic} {body}".rstrip())
+        reply_topic = f"demo/replies/{uuid.uuid4().hex[:8]}"
+        queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+        self.replies[reply_topic] = queue
+        await self.peer.subscribe(reply_topic)
+        await self.peer.publish(topic, body.encode(), response_topic=reply_topic)
+        for _ in range(replies):
+            self.show(await asyncio.wait_for(queue.get(), 60))
+
+    def show(self, reply: dict[str, Any]) -> None:
+        self.say(f"    reply ({reply['stage']}): status {reply['status']}")
+        for task in reply.get("tasks", []):
+            state = f" -> {task['state']}" if "state" in task else ""
+            self.say(
+                f"      {task['result']:<16}{task['taskName']}{state}"
+                f"   matched by {', '.join(task['matchedBy'])}"
+            )
+        for missing in reply.get("unmatched", []):
+            self.say(f"      {missing['reason']:<16}{missing['selector']}")
+        if "error" in reply:
+            self.say(f"      error {reply['error']['code']}: {reply['error']['message']}")
+
+
+async def run_demo(out: TextIO, *, once: bool) -> int:
+    folder = Path(tempfile.mkdtemp(prefix="mqtt-starter-demo-"))
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        async with _broker(folder) as port:
+            certs = ensure_certificates(folder / "certs")
+            sim = QrsSimulator(load_fixture(), certs, port=0)
+            await sim.start()
+            try:
+                config = {
+                    "mqtt": {"host": "127.0.0.1", "port": port, "client_id": "mqtt-starter-demo"},
+                    "qrs": {
+                        "url": sim.url,
+                        "cert_file": str(certs.client),
+                        "key_file": str(certs.client_key),
+                        "ca_file": str(certs.root),
+                        "poll_interval_s": 0.25,
+                    },
+                }
+                async with _daemon(folder, config) as config_path:
+                    print(
+                        f"mqtt-starter demo: broker 127.0.0.1:{port}, QRS simulator {sim.url}"
+                        f" with {len(sim.fixture.tasks)} sample tasks, daemon ready"
+                        f"\n(files and logs in {folder})",
+                        file=out,
+                        flush=True,
+                    )
+                    await _tour(port, out)
+                    if not once:
+                        _print_try(out, port, config_path)
+                        await stop.wait()
+            finally:
+                await sim.stop()
+    except DemoError as exc:
+        print(f"mqtt-starter demo: {exc}", file=sys.stderr)
+        return 1
+    shutil.rmtree(folder, ignore_errors=True)
+    print("\ndemo finished: broker, simulator and daemon stopped", file=out)
+    return 0
+
+
+async def _tour(port: int, out: TextIO) -> None:
+    settings = MqttSettings(host="127.0.0.1", port=port)
+    async with MqttPeer(settings, f"demo-tour-{uuid.uuid4().hex[:6]}") as peer:
+        tour = Tour(peer, out)
+        await peer.subscribe("butler/status/task/#")
+        listener = asyncio.create_task(tour.listen())
+        try:
+            await tour.request("Start one task by id", f"butler/start/id/{SALES}")
+            await tour.request(
+                "Start every task tagged Nightly (Reload Sales is still running)",
+                "butler/start/tag/Nightly",
+            )
+            await tour.request(
+                "Start the tasks whose custom property taskGroup is tasks2",
+                "butler/start/cp/taskGroup/tasks2",
+                {"requestId": "demo-cp"},
+            )
+            await tour.request(
+                "A JSON request that waits for the end: one task fails, one succeeds on retry",
+                "butler/start",
+                {"requestId": "demo-wait", "tags": ["Monthly", "Nightly-fragile"], "wait": True},
+                replies=2,
+            )
+        finally:
+            listener.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await listener
+
+
+def _print_try(out: TextIO, port: int, config_path: Path) -> None:
+    print(
+        f"""
+The demo keeps running. Try these in another terminal (Ctrl-C here stops everything):
+
+  mosquitto_rr -h 127.0.0.1 -p {port} -V 5 -t butler/start/tag/startTask1 -e demo/try \\
+      -m '{{"requestId": "try-1"}}'
+  mosquitto_sub -h 127.0.0.1 -p {port} -t 'butler/status/#' -t 'butler/reply/#' -v
+  mosquitto_pub -h 127.0.0.1 -p {port} -t butler/start -m '{{"names": ["Reload HR"]}}'
+  mosquitto_pub -h 127.0.0.1 -p {port} -t 'butler/start/tag/Q1%2725' -m ''
+  {sys.executable} -m mqtt_starter tasks -c {config_path} --tag Nightly
+""",
+        file=out,
+        flush=True,
+    )

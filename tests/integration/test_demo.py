@@ -1,0 +1,64 @@
+"""`mqtt-starter demo --once`: the whole product, end to end, as a newcomer runs it."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+
+def test_demo_once_plays_the_tour_and_exits_0() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "mqtt_starter", "demo", "--once"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        stdin=subprocess.DEVNULL,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith("mqtt-starter demo: broker 127.0.0.1:")
+    assert lines[0].endswith("with 12 sample tasks, daemon ready")
+    # Status events interleave by timing; replies and requests come in a fixed order.
+    fixed = [line for line in lines[2:] if not line.startswith("      [")]
+    assert fixed == [
+        "",
+        ">>> Start one task by id",
+        "    publish butler/start/id/6ca1c5f2-2742-44d5-8adf-d6cba3701a4e",
+        "    reply (accepted): status ok",
+        "      started         Reload Sales   matched by id",
+        "",
+        ">>> Start every task tagged Nightly (Reload Sales is still running)",
+        "    publish butler/start/tag/Nightly",
+        "    reply (accepted): status partial",
+        "      already_running Reload Sales   matched by tag:Nightly",
+        "      started         Reload Stock   matched by tag:Nightly",
+        "      started         Reload Finance   matched by tag:Nightly",
+        "      disabled        Reload Archive (disabled)   matched by tag:Nightly",
+        "",
+        ">>> Start the tasks whose custom property taskGroup is tasks2",
+        '    publish butler/start/cp/taskGroup/tasks2 {"requestId": "demo-cp"}',
+        "    reply (accepted): status partial",
+        "      already_running Reload Finance   matched by cp:taskGroup=tasks2",
+        "      started         Reload HR   matched by cp:taskGroup=tasks2",
+        "      started         Reload Customer 360 (long)   matched by cp:taskGroup=tasks2",
+        "      started         Export to Data Lake   matched by cp:taskGroup=tasks2",
+        "",
+        ">>> A JSON request that waits for the end: one task fails, one succeeds on retry",
+        '    publish butler/start {"requestId": "demo-wait", "tags": ["Monthly",'
+        ' "Nightly-fragile"], "wait": true}',
+        "    reply (accepted): status ok",
+        "      started         Reload Budget (retries once)   matched by tag:Monthly",
+        "      started         Reload Forecast (fails)   matched by tag:Nightly-fragile",
+        "    reply (finished): status partial",
+        "      started         Reload Budget (retries once) -> FinishedSuccess"
+        "   matched by tag:Monthly",
+        "      started         Reload Forecast (fails) -> FinishedFail"
+        "   matched by tag:Nightly-fragile",
+        "",
+        "demo finished: broker, simulator and daemon stopped",
+    ]
+    status = [line for line in lines if line.startswith("      [")]
+    assert any(
+        "Reload Forecast (fails): FinishedFail in 1.5 s (Field 'Amount' not found)" in line
+        for line in status
+    )

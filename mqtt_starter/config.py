@@ -73,7 +73,7 @@ class MqttSettings(Section):
         description="fixed client id: the persistent session hangs on it",
     )
     username: str | None = Field(None, description="broker user name")
-    password: SecretStr | None = Field(None, description="broker password (or `password_file`)")
+    password: SecretStr | None = Field(None, description="broker password")
     protocol: Literal["5", "3.1.1"] = Field("5", description="MQTT protocol version: 5 or 3.1.1")
     tls: TlsSettings = Field(TlsSettings(), description="TLS to the broker")
     base_topic: str = Field("butler", min_length=1, description="first levels of every topic")
@@ -172,7 +172,7 @@ class QrsSettings(Section):
         False,
         description="do not verify the QRS server certificate (warned at every start)",
     )
-    jwt: SecretStr | None = Field(None, description="JWT for a JWT virtual proxy (or `jwt_file`)")
+    jwt: SecretStr | None = Field(None, description="JWT for a JWT virtual proxy")
     user_directory: str = Field("INTERNAL", description="X-Qlik-User UserDirectory")
     user_id: str = Field("sa_repository", description="X-Qlik-User UserId")
     timeout_s: float = Field(30.0, gt=0, description="time limit of one QRS call")
@@ -295,9 +295,7 @@ class HttpSettings(Section):
     )
     host: str = Field("127.0.0.1", description="address to listen on")
     port: int = Field(8080, ge=0, le=65535, description="port to listen on")
-    token: SecretStr | None = Field(
-        None, description="bearer token required by every route (or `token_file`)"
-    )
+    token: SecretStr | None = Field(None, description="bearer token required by every route")
 
 
 class LogSettings(Section):

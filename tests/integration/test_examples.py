@@ -41,25 +41,22 @@ async def test_rr_script_runs_against_the_daemon(
     assert STOCK in sim_state.started
 
 
+def write_passwords(path: Path, users: tuple[str, ...]) -> None:
+    for i, user in enumerate(users):
+        subprocess.run(
+            ["mosquitto_passwd", *(["-c"] if i == 0 else []), "-b", str(path), user, f"{user}-pw"],
+            check=True,
+            capture_output=True,
+        )
+
+
 async def test_acl_example_stops_an_unauthorised_publisher(
     tmp_path: Path, simulator: QrsSimulator, sim_state: SimState
 ) -> None:
     folder = tmp_path / "acl-broker"
     folder.mkdir()
     passwd = folder / "passwd"
-    for i, user in enumerate(("mqtt-starter", "erp", "nodered", "guest")):
-        subprocess.run(
-            [
-                "mosquitto_passwd",
-                *(["-c"] if i == 0 else []),
-                "-b",
-                str(passwd),
-                user,
-                f"{user}-pw",
-            ],
-            check=True,
-            capture_output=True,
-        )
+    await asyncio.to_thread(write_passwords, passwd, ("mqtt-starter", "erp", "nodered", "guest"))
     conf = (EXAMPLES / "mosquitto" / "mosquitto.conf").read_text()
     settings = [
         line

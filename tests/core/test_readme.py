@@ -1,0 +1,28 @@
+"""The README's configuration reference is the one the config model generates."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from mqtt_starter.config_doc import END, START, reference, rewrite
+
+README = Path(__file__).parents[2] / "README.md"
+
+
+def test_readme_configuration_reference_matches_the_model() -> None:
+    text = README.read_text("utf-8")
+    assert START in text and END in text
+    assert rewrite(text) == text, "run: python -m mqtt_starter.config_doc README.md"
+
+
+def test_reference_names_every_key_of_the_example() -> None:
+    table = reference()
+    for key in (
+        "mqtt.tls.cert_file",
+        "qrs.retry.max_backoff_s",
+        "policy.allow.task_ids",
+        "routes[].when.equals",
+        "http.token",
+        "log.format",
+    ):
+        assert f"| `{key}` |" in table

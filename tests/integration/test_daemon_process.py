@@ -154,3 +154,16 @@ async def test_wrong_broker_password_is_retried_and_logged(
     finally:
         await daemon.stop()
     assert "wrong-pw" not in daemon.log
+
+
+async def test_daemon_pings_the_watchdog_and_reports_status(make_daemon: Any) -> None:
+    daemon: Daemon = await make_daemon(start=False)
+    await daemon.start(env={"WATCHDOG_USEC": "400000"})
+    assert daemon.notify is not None
+    seen = len(daemon.notify.messages)
+    await daemon.notify.wait_for("WATCHDOG=1", after=seen)
+    await daemon.notify.wait_for("WATCHDOG=1", after=len(daemon.notify.messages))
+    ready = next(m for m in daemon.notify.messages if "READY=1" in m)
+    assert ready.splitlines() == ["READY=1", "STATUS=serving butler/start on 127.0.0.1:"
+                                  f"{daemon.config['mqtt']['port']}"]
+    await daemon.stop()

@@ -92,6 +92,19 @@ class Faults:
 class SimTask:
     spec: TaskFixture
     last_result: dict[str, Any] | None = None
+    # The JSON objects are rebuilt only when the task changes (its last result), so that a
+    # list call costs a filter, not a rebuild of every task.
+    _cache: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def set_last_result(self, result: dict[str, Any]) -> None:
+        self.last_result = result
+        self._cache.clear()
+
+    def cached(self, full: bool, choice_values: dict[str, list[str]]) -> dict[str, Any]:
+        key = "full" if full else "condensed"
+        if key not in self._cache:
+            self._cache[key] = self.full(choice_values) if full else self.condensed()
+        return self._cache[key]
 
     @property
     def id(self) -> str:
@@ -179,16 +192,21 @@ class SimState:
         self.started: list[str] = []  # task id of every execution session opened, in order
         self._slots = asyncio.Semaphore(fixture.max_concurrent)
         self._closing = asyncio.Event()
+        self._choices: dict[str, list[str]] | None = None
 
     # -- tasks ------------------------------------------------------------------------------
 
     def choice_values(self) -> dict[str, list[str]]:
+        """Each custom property's values over all tasks (the fixture never changes)."""
+        if self._choices is not None:
+            return self._choices
         values: dict[str, list[str]] = {}
         for task in self.tasks.values():
             for name, vals in task.spec.custom_properties.items():
                 for v in [vals] if isinstance(vals, str) else vals:
                     if v not in values.setdefault(name, []):
                         values[name].append(v)
+        self._choices = values
         return values
 
     def task_objects(self, kind: str, *, full: bool) -> list[dict[str, Any]]:
@@ -199,11 +217,7 @@ class SimState:
             "reloadtask": ("reload",),
             "externalprogramtask": ("external",),
         }[kind]
-        return [
-            t.full(choices) if full else t.condensed()
-            for t in self.tasks.values()
-            if t.spec.type in wanted
-        ]
+        return [t.cached(full, choices) for t in self.tasks.values() if t.spec.type in wanted]
 
     def find_by_name(self, name: str) -> SimTask | None:
         return next(
@@ -334,11 +348,13 @@ class SimState:
         self._finish(session, result)
 
     def _finish(self, session: Session, result: dict[str, Any]) -> None:
-        session.task.last_result = {
-            k: v
-            for k, v in result.items()
-            if k in ("id", "status", "startTime", "stopTime", "duration", "details")
-        }
+        session.task.set_last_result(
+            {
+                k: v
+                for k, v in result.items()
+                if k in ("id", "status", "startTime", "stopTime", "duration", "details")
+            }
+        )
         self.sessions.pop(session.id, None)
 
     async def pause(self, seconds: float) -> None:

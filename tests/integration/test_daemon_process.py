@@ -164,6 +164,8 @@ async def test_daemon_pings_the_watchdog_and_reports_status(make_daemon: Any) ->
     await daemon.notify.wait_for("WATCHDOG=1", after=seen)
     await daemon.notify.wait_for("WATCHDOG=1", after=len(daemon.notify.messages))
     ready = next(m for m in daemon.notify.messages if "READY=1" in m)
-    assert ready.splitlines() == ["READY=1", "STATUS=serving butler/start on 127.0.0.1:"
-                                  f"{daemon.config['mqtt']['port']}"]
+    assert ready.splitlines() == [
+        "READY=1",
+        f"STATUS=serving butler/start on 127.0.0.1:{daemon.config['mqtt']['port']}",
+    ]
     await daemon.stop()

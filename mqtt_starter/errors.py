@@ -14,7 +14,7 @@ calls the foreign library; nothing above that edge catches anything else.
     ├── QrsError                     "qrs_unavailable" unless a subclass says otherwise
     │   ├── QrsUnavailable           connection errors, timeouts, 5xx after the last retry
     │   ├── QrsAuthError             401/403 or a TLS failure: retrying cannot help
-    │   └── QrsRequestError          any other 4xx: the request itself was wrong
+    │   └── QrsRequestError          any other 4xx: the request itself was wrong ("internal")
     └── MqttLinkError                the broker refused or dropped the connection
 """
 
@@ -87,7 +87,8 @@ class QrsAuthError(QrsError):
 
 
 class QrsRequestError(QrsError):
-    pass
+    # QRS is up but refused what it was sent: not "unavailable", a fault on this side.
+    code = "internal"
 
 
 class MqttLinkError(MqttStarterError):

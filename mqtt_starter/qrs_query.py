@@ -11,6 +11,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
+from urllib.parse import quote as url_quote
 
 from .model import (
     CustomPropertyValue,
@@ -26,6 +27,12 @@ NEVER = "1753-01-01T00:00:00.000Z"
 _GUID = re.compile(r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$")
 # Keeps each filter well under the URL lengths that proxies in front of QRS accept.
 MAX_TERMS_PER_FILTER = 50
+# ... and keeps each filter's URL-encoded form within this many bytes: HTTP servers refuse
+# request lines over 8 KiB (aiohttp) or less (proxies), whatever the number of terms.
+MAX_FILTER_BYTES = 6000
+# A tag, name or custom property longer than this is refused: with the worst-case encoding
+# (12 bytes for a 4-byte character) one term still fits into MAX_FILTER_BYTES.
+MAX_VALUE_LENGTH = 300
 
 
 def normalize_guid(text: str) -> str | None:
@@ -60,14 +67,27 @@ def _term(selector: Selector) -> str:
 def task_filters(selectors: Sequence[Selector]) -> list[str]:
     """Filters for `/qrs/task/full` that together find every task of `selectors`.
 
-    Selectors are joined with `or`, at most MAX_TERMS_PER_FILTER to a filter, so a request costs
-    one query per chunk of selectors rather than one per task.
+    Selectors are joined with `or`, at most MAX_TERMS_PER_FILTER and MAX_FILTER_BYTES (encoded)
+    to a filter, so a request costs one query per chunk of selectors rather than one per task.
     """
-    terms = [_term(s) for s in selectors]
-    return [
-        " or ".join(terms[i : i + MAX_TERMS_PER_FILTER])
-        for i in range(0, len(terms), MAX_TERMS_PER_FILTER)
-    ]
+    filters: list[list[str]] = []
+    size = 0
+    for term in (_term(s) for s in selectors):
+        cost = len(url_quote(term, safe="")) + len("%20or%20")
+        if (
+            not filters
+            or len(filters[-1]) >= MAX_TERMS_PER_FILTER
+            or size + cost > (MAX_FILTER_BYTES)
+        ):
+            filters.append([])
+            size = 0
+        filters[-1].append(term)
+        size += cost
+    return [" or ".join(chunk) for chunk in filters]
+
+
+def too_long(selector: Selector) -> bool:
+    return max(len(selector.value), len(selector.name)) > MAX_VALUE_LENGTH
 
 
 def execution_filter(execution_id: str) -> str:

@@ -16,7 +16,7 @@ from loguru import logger
 
 from .codec import reply_status
 from .config import PolicySettings
-from .errors import QrsError, TooManyTasks
+from .errors import BadPayload, QrsError, TooManyTasks
 from .model import (
     ErrorInfo,
     Reply,
@@ -27,6 +27,7 @@ from .model import (
 )
 from .policy import AllowList, Decision, ExpiringMemory, decide
 from .qrs_client import QrsClient
+from .qrs_query import MAX_VALUE_LENGTH, too_long
 
 
 def allow_list(policy: PolicySettings) -> AllowList | None:
@@ -94,6 +95,12 @@ class Starter:
     async def _handle(self, request: Request) -> Reply:
         limit = self._policy.max_tasks_per_request
         try:
+            long = next((sel for sel in request.selectors if too_long(sel)), None)
+            if long is not None:
+                raise BadPayload(
+                    f"{long.label[:60]}...: a selector value may have at most"
+                    f" {MAX_VALUE_LENGTH} characters"
+                )
             if len(request.selectors) > limit:
                 raise TooManyTasks(f"{len(request.selectors)} selectors; the limit is {limit}")
             resolution = await self._qrs.resolve(
@@ -103,7 +110,7 @@ class Starter:
                 raise TooManyTasks(
                     f"the selectors match {len(resolution.tasks)} tasks; the limit is {limit}"
                 )
-        except (QrsError, TooManyTasks) as exc:
+        except (QrsError, TooManyTasks, BadPayload) as exc:
             return error_reply(request.request_id, exc.code, str(exc))
         decisions = [
             decide(

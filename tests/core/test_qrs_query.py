@@ -232,3 +232,17 @@ def test_latest_execution_prefers_the_live_retry() -> None:
     )
     assert latest_execution([failed, done]) is done
     assert latest_execution([]) is None
+
+
+def test_filters_are_chunked_by_encoded_size_too() -> None:
+    from urllib.parse import quote as url_quote
+
+    from mqtt_starter.qrs_query import MAX_FILTER_BYTES, MAX_VALUE_LENGTH, too_long
+
+    selectors = [Selector(SelectorKind.TAG, "☃" * MAX_VALUE_LENGTH) for _ in range(6)]
+    filters = task_filters(selectors)
+    assert len(filters) > 1
+    assert all(len(url_quote(f, safe="")) <= MAX_FILTER_BYTES for f in filters)
+    assert sum(f.count("tags.name eq") for f in filters) == 6
+    assert not too_long(Selector(SelectorKind.TAG, "x" * MAX_VALUE_LENGTH))
+    assert too_long(Selector(SelectorKind.CUSTOM_PROPERTY, "v", "n" * (MAX_VALUE_LENGTH + 1)))

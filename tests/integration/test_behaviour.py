@@ -307,3 +307,52 @@ async def test_qrs_unavailable(make_daemon: Any, mqtt: Client, sim_state: SimSta
     # Not remembered: the same requestId is served once QRS is back.
     again = await mqtt.request(f"butler/start/id/{SALES}", {"requestId": "down"})
     assert again == reply("ok", [line(sim_state, SALES, ["id"], "started")], request_id="down")
+
+
+INJECTIONS = [
+    "x' or name ne '",
+    "x\\' or name ne \\'",
+    "') or (id ne '",
+    "Nightly' or tags.name ne 'x",
+    "' or 1 eq 1 or '",
+    "*",
+    "%",
+    "a&filter=name ne 'x'",
+    "Nightly#",
+    "Night+ly",
+    "Nightly/..",
+    "Ünïcødé' or ''='",
+    "name eq 'x' or name so ''",
+    "x" * 3000,
+]
+
+
+async def test_injection_attempts_never_start_a_task_outside_the_selector(
+    daemon: Daemon, mqtt: Client, sim_state: SimState
+) -> None:
+    for value in INJECTIONS:
+        encoded = "".join(
+            f"%{b:02X}" if chr(b) in "%/+#" or b > 127 else chr(b) for b in value.encode()
+        )
+        for topic, payload in [
+            (f"butler/start/tag/{encoded}", {}),
+            (f"butler/start/name/{encoded}", {}),
+            (f"butler/start/cp/taskGroup/{encoded}", {}),
+            (f"butler/start/cp/{encoded}/tasks1", {}),
+            (
+                "butler/start",
+                {
+                    "tags": [value],
+                    "names": [value],
+                    "customProperties": [{"name": value, "value": value}],
+                },
+            ),
+        ]:
+            answer = await mqtt.request(topic, payload)
+            assert answer["status"] == "error", (topic, answer)
+            assert answer.get("tasks", []) == []
+            if len(value) > 300:
+                assert answer["error"]["code"] == "bad_payload"
+    assert sim_state.started == []
+    lookups = [e.status for e in sim_state.journal if e.path == "/qrs/task/full"]
+    assert lookups == [200] * (5 * (len(INJECTIONS) - 1))  # the long one never reached QRS

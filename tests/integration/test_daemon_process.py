@@ -9,6 +9,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import trustme
+
 from mqtt_starter.simulator.server import QrsSimulator
 from mqtt_starter.simulator.state import SimState
 from tests.conftest import wait_until
@@ -169,3 +171,24 @@ async def test_daemon_pings_the_watchdog_and_reports_status(make_daemon: Any) ->
         f"STATUS=serving butler/start on 127.0.0.1:{daemon.config['mqtt']['port']}",
     ]
     await daemon.stop()
+
+
+async def test_qrs_certificate_is_verified_unless_configured_off(
+    make_daemon: Any, mqtt: Client, sim_state: SimState, tmp_path: Path
+) -> None:
+    foreign = tmp_path / "foreign-root.pem"
+    trustme.CA().cert_pem.write_to_path(str(foreign))
+    strict: Daemon = await make_daemon(start=False, qrs={"ca_file": str(foreign)})
+    await strict.start(wait_ready=False)
+    await wait_until(
+        lambda: "QRS not ready: TLS verification of" in strict.log,
+        what="the daemon to refuse the unverified QRS",
+    )
+    answer = await mqtt.request(f"butler/start/id/{SALES}")
+    assert answer["error"]["code"] == "qrs_unavailable"
+    assert sim_state.started == []
+    await strict.stop()
+
+    lax: Daemon = await make_daemon(qrs={"ca_file": str(foreign), "insecure": True})
+    assert "qrs.insecure is true: the QRS server certificate is NOT verified" in lax.log
+    assert (await mqtt.request(f"butler/start/id/{SALES}"))["status"] == "ok"

@@ -16,14 +16,13 @@ import dataclasses
 import signal
 import time
 from collections.abc import Callable, Coroutine
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from loguru import logger
 
 from .codec import encode_reply, encode_status_event
 from .config import Settings
 from .errors import ConfigError, MqttLinkError, QrsError
-from .http_api import HttpApi
 from .logs import configure_logging
 from .metrics import Metrics
 from .model import Execution, Reply, ReplyStatus, Request, Selector, SelectorKind, TaskOutcome
@@ -35,6 +34,9 @@ from .starter import Handled, Starter, error_reply, finished_reply
 from .systemd import Notifier
 from .tracker import Tracker
 from .triggers import Accept, Ignore, Refuse, TriggerRules, interpret, topic_kind
+
+if TYPE_CHECKING:
+    from .http_api import HttpApi
 
 # Readiness asks QRS again when its last answer is older than this.
 QRS_FRESH_S = 30.0
@@ -231,6 +233,8 @@ class Daemon:
         def current_starter() -> Starter:
             assert self.starter is not None
             return self.starter
+
+        from .http_api import HttpApi  # aiohttp.web only when the endpoint is on
 
         self.http = HttpApi(self.settings.http, current_starter, self.metrics, self.not_ready)
         await self.http.start_serving()

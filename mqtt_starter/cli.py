@@ -8,18 +8,18 @@ import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from . import __version__
-from .app import Daemon
-from .check import run_checks
 from .config import LogSettings, Settings, file_problems, load_settings
-from .demo import run_demo
 from .errors import EXIT_CONFIG, ConfigError, MqttStarterError
 from .logs import configure_logging
-from .simulator.certs import default_cert_dir, ensure_certificates
-from .simulator.fixtures import FixtureError, load_fixture
-from .simulator.server import QrsSimulator
-from .task_list import list_tasks, parse_selectors, render_json, render_table
+
+if TYPE_CHECKING:
+    from .simulator.server import QrsSimulator
+
+# Each command imports what it needs when it runs: the daemon then does not carry the
+# simulator, the demo or certificate generation in memory (about 10 MiB).
 
 DEFAULT_CONFIG = Path("/etc/mqtt-starter/mqtt-starter.yaml")
 
@@ -46,10 +46,14 @@ def _run(args: argparse.Namespace) -> int:
     except ConfigError as error:
         return _config_failed(error)
     configure_logging(settings.log)
+    from .app import Daemon
+
     return asyncio.run(Daemon(settings, reload=load).run())
 
 
 def _check(args: argparse.Namespace) -> int:
+    from .check import run_checks
+
     checks, code = asyncio.run(run_checks(args.config))
     print(f"mqtt-starter check: {args.config}")
     for check in checks:
@@ -59,6 +63,8 @@ def _check(args: argparse.Namespace) -> int:
 
 
 def _tasks(args: argparse.Namespace) -> int:
+    from .task_list import list_tasks, parse_selectors, render_json, render_table
+
     try:
         settings = load_settings(args.config)
         selectors = parse_selectors(args.id, args.tag, args.cp, args.name)
@@ -78,6 +84,8 @@ def _tasks(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
     configure_logging(LogSettings(level="WARNING"))
     return asyncio.run(run_demo(sys.stdout, once=args.once))
 
@@ -180,6 +188,10 @@ async def _serve_until_signal(sim: QrsSimulator) -> None:
 
 
 def _simulate_qrs(args: argparse.Namespace) -> int:
+    from .simulator.certs import default_cert_dir, ensure_certificates
+    from .simulator.fixtures import FixtureError, load_fixture
+    from .simulator.server import QrsSimulator
+
     try:
         fixture = load_fixture(args.tasks)
     except (FixtureError, OSError) as exc:

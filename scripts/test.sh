@@ -3,7 +3,7 @@
 # Extra arguments go to pytest (e.g. `scripts/test.sh -m "not slow"`).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
-bash scripts/setup.sh test,dev
+bash scripts/setup.sh test,dev,bench
 
 echo "== ruff format --check"
 .venv/bin/ruff format --check mqtt_starter tests benchmarks

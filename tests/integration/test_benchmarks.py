@@ -1,0 +1,30 @@
+"""The benchmark harness still runs end to end (at smoke-test sizes; figures are not judged)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+
+@pytest.mark.slow
+def test_benchmarks_quick_run_writes_every_result(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "benchmarks.run", "--quick", "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        stdin=subprocess.DEVNULL,
+    )
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    report = json.loads((tmp_path / "results.json").read_text())
+    assert set(report["summary"]) == {"zero", "slow"}
+    fan = report["fan_out_slow"]["daemon"]
+    assert {n: fan[n]["qrs_calls"] for n in fan} == {"1": 2, "10": 11, "100": 101, "1000": 1001}
+    assert max(fan[n]["peak_in_flight"] for n in fan) <= 8
+    assert len(report["targets"]) == 9
+    assert (tmp_path / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (tmp_path / "results.md").read_text().startswith("# Benchmark results")

@@ -2,8 +2,9 @@
 
 Receives a trigger on `butler/start/id/<id>` or `butler/start/tag/<tag>`, makes the same QRS
 calls as the daemon (resolve the selector, then start each task, at most MAX_CONCURRENCY calls
-at once), and publishes a reply to the MQTT 5 response topic with the correlation data. No validation, policy, dedupe, tracking or logging: the cost of those is what
-the benchmark shows as the daemon's ratio to this floor.
+at once), and publishes a reply to the MQTT 5 response topic with the correlation data.
+No validation, policy, dedupe, tracking or logging: the cost of those is what the benchmark
+shows as the daemon's ratio to this floor.
 
     python -m benchmarks.floor HOST PORT QRS_URL CERT_DIR MAX_CONCURRENCY
 """

@@ -14,7 +14,6 @@ import json
 import random
 import secrets
 import ssl
-import string
 import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -36,13 +35,14 @@ from .qrs_query import (
 )
 from .resolution import dedupe_selectors, queryable, resolve
 
-_XRF_ALPHABET = string.ascii_letters + string.digits
 # Called after each QRS call with (operation, seconds, HTTP status or 0 when none came back).
 Observer = Callable[[str, float, int], None]
 
 
 def new_xrfkey() -> str:
-    return "".join(secrets.choice(_XRF_ALPHABET) for _ in range(16))
+    # 16 characters of 0-9a-f (within QRS's 0-9a-zA-Z) from one urandom call: drawing each
+    # character with secrets.choice cost 4% of the daemon's time under load.
+    return secrets.token_hex(8)
 
 
 def build_ssl_context(settings: QrsSettings) -> ssl.SSLContext:

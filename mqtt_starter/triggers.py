@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
 from .codec import decode_json, parse_request, request_id_of
@@ -34,7 +35,7 @@ class TriggerRules:
     max_payload_bytes: int = 65536
     max_tasks_per_request: int = 100
 
-    @property
+    @cached_property
     def subscriptions(self) -> tuple[TopicFilter, ...]:
         return (*trigger_filters(self.base), *(r.filter for r in self.routes))
 

@@ -98,36 +98,21 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"mqtt-starter {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    run = commands.add_parser("run", help="run the daemon")
-    run.add_argument(
-        "-c",
-        "--config",
-        type=Path,
-        default=DEFAULT_CONFIG,
-        help=f"configuration file (default: {DEFAULT_CONFIG})",
-    )
-
-    check = commands.add_parser(
-        "check", help="validate the configuration, reach the broker and QRS, and say what fails"
-    )
-    check.add_argument(
-        "-c",
-        "--config",
-        type=Path,
-        default=DEFAULT_CONFIG,
-        help=f"configuration file (default: {DEFAULT_CONFIG})",
-    )
-
-    tasks = commands.add_parser(
-        "tasks", help="resolve selectors against QRS and list the tasks; starts nothing"
-    )
-    tasks.add_argument(
-        "-c",
-        "--config",
-        type=Path,
-        default=DEFAULT_CONFIG,
-        help=f"configuration file (default: {DEFAULT_CONFIG})",
-    )
+    configured = {}
+    for name, text in (
+        ("run", "run the daemon"),
+        ("check", "validate the configuration, reach the broker and QRS, and say what fails"),
+        ("tasks", "resolve selectors against QRS and list the tasks; starts nothing"),
+    ):
+        configured[name] = commands.add_parser(name, help=text)
+        configured[name].add_argument(
+            "-c",
+            "--config",
+            type=Path,
+            default=DEFAULT_CONFIG,
+            help=f"configuration file (default: {DEFAULT_CONFIG})",
+        )
+    tasks = configured["tasks"]
     tasks.add_argument("--id", action="append", default=[], metavar="ID", help="task id")
     tasks.add_argument("--tag", action="append", default=[], metavar="TAG", help="tag")
     tasks.add_argument(

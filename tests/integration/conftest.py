@@ -276,11 +276,21 @@ class Received:
 class Client:
     """A test's MQTT client: everything it receives lands in a list it can wait on."""
 
-    def __init__(self, broker: Broker, *, v5: bool = True, client_id: str | None = None) -> None:
+    def __init__(
+        self,
+        broker: Broker,
+        *,
+        v5: bool = True,
+        client_id: str | None = None,
+        username: str | None = None,
+        password: str | None = None,
+    ) -> None:
         self.client = aiomqtt.Client(
             "127.0.0.1",
             broker.port,
             identifier=client_id or f"test-{uuid.uuid4().hex[:8]}",
+            username=username,
+            password=password,
             protocol=aiomqtt.ProtocolVersion.V5 if v5 else aiomqtt.ProtocolVersion.V311,
             # Without it a publish waits ~40 ms behind the PUBACK of a received reply (Nagle).
             socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)],

@@ -7,8 +7,6 @@ import json
 import subprocess
 from pathlib import Path
 
-import aiomqtt
-
 from mqtt_starter.simulator.server import QrsSimulator
 from mqtt_starter.simulator.state import SimState
 from tests.integration.conftest import Broker, Client, Daemon, daemon_config
@@ -84,24 +82,8 @@ async def test_acl_example_stops_an_unauthorised_publisher(
     )
     try:
         await daemon.start()
-        guest = Client(broker)
-        guest.client = aiomqtt.Client(
-            "127.0.0.1",
-            broker.port,
-            identifier="guest",
-            username="guest",
-            password="guest-pw",
-            protocol=aiomqtt.ProtocolVersion.V5,
-        )
-        erp = Client(broker)
-        erp.client = aiomqtt.Client(
-            "127.0.0.1",
-            broker.port,
-            identifier="erp",
-            username="erp",
-            password="erp-pw",
-            protocol=aiomqtt.ProtocolVersion.V5,
-        )
+        guest = Client(broker, client_id="guest", username="guest", password="guest-pw")
+        erp = Client(broker, client_id="erp", username="erp", password="erp-pw")
         async with guest, erp:
             await erp.subscribe("erp/replies/1")
             # The guest may publish nothing; the ERP user only by tag.

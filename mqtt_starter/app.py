@@ -30,7 +30,7 @@ from .mqtt_link import Incoming, MqttLink
 from .policy import Debouncer
 from .qrs_client import QrsClient
 from .routing import Route, TopicFilter, When
-from .starter import Handled, Starter, error_reply, finished_reply
+from .starter import Answered, Handled, Starter, error_reply, finished_reply
 from .systemd import Notifier
 from .tracker import Tracker
 from .triggers import Accept, Ignore, Refuse, TriggerRules, interpret, topic_kind
@@ -98,6 +98,7 @@ class Daemon:
         self._reload = asyncio.Event()
         self._background: set[asyncio.Task[Any]] = set()
         self._debouncer = Debouncer()
+        self._answered = Answered(settings.policy.dedupe_window_s)
         self.qrs: QrsClient | None = None
         self.link: MqttLink | None = None
         self._link_task: asyncio.Task[None] | None = None
@@ -168,7 +169,7 @@ class Daemon:
         await self.qrs.start()
         tracker = self.tracker = Tracker(self.qrs, self.settings.qrs.poll_interval_s)
         self.metrics.follow_executions(lambda: tracker.following)
-        self.starter = Starter(self.qrs, self.settings.policy)
+        self.starter = Starter(self.qrs, self.settings.policy, answered=self._answered)
         self.qrs_ready.clear()
         self._spawn(self._probe_qrs(), "qrs-probe")
 
@@ -284,7 +285,7 @@ class Daemon:
             await self._start_qrs()
         else:
             assert self.qrs is not None
-            self.starter = Starter(self.qrs, new.policy)
+            self.starter = Starter(self.qrs, new.policy, answered=self._answered)
         if new.mqtt != old.mqtt or old_rules.subscriptions != self.rules.subscriptions:
             await self._stop_link(offline=False)
             self._start_link()

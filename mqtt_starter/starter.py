@@ -59,15 +59,25 @@ def error_reply(request_id: str | None, code: str, message: str) -> Reply:
     return Reply(ReplyStatus.ERROR, request_id=request_id, error=ErrorInfo(code, message))
 
 
+Answered = ExpiringMemory[str, Reply]
+
+
 class Starter:
     def __init__(
-        self, qrs: QrsClient, policy: PolicySettings, *, clock: Callable[[], float] = time.monotonic
+        self,
+        qrs: QrsClient,
+        policy: PolicySettings,
+        *,
+        answered: Answered | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
+        """`answered`: the requestId memory, passed in so that it outlives a reload."""
         self._qrs = qrs
         self._policy = policy
         self._allow = allow_list(policy)
         self._clock = clock
-        self._answered: ExpiringMemory[str, Reply] = ExpiringMemory(policy.dedupe_window_s)
+        self._answered = answered if answered is not None else Answered(policy.dedupe_window_s)
+        self._answered.window_s = policy.dedupe_window_s
         self._pending: dict[str, asyncio.Future[Reply]] = {}
 
     async def handle(self, request: Request) -> Handled:

@@ -15,7 +15,7 @@ from mqtt_starter.simulator.server import QrsSimulator
 from mqtt_starter.simulator.state import SimState
 from tests.conftest import wait_until
 from tests.integration.conftest import Client, Daemon, daemon_config, tls_settings
-from tests.integration.helpers import EXPORT, SALES, line, reply
+from tests.integration.helpers import EXPORT, FORECAST, SALES, line, reply
 
 
 def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
@@ -59,6 +59,7 @@ async def test_sighup_reloads_policy_and_routes_keeping_the_session(
 ) -> None:
     daemon: Daemon = await make_daemon()
     assert daemon.notify is not None
+    before = await mqtt.request(f"butler/start/id/{FORECAST}", {"requestId": "before-reload"})
     config = dict(daemon.config)
     config["policy"] = {"allow": {"tags": ["Nightly"]}}
     config["routes"] = [{"topic": "line/+/done", "names": ["Reload {1}"]}]
@@ -81,6 +82,10 @@ async def test_sighup_reloads_policy_and_routes_keeping_the_session(
     # New subscriptions mean a new connection, under the same client id and session.
     assert daemon.log.count("connected to broker") == 2
     assert daemon.log.count("as starter-test (MQTT 5)") == 2
+    # The requestId memory outlives the reload: a repeat starts nothing.
+    again = await mqtt.request(f"butler/start/id/{FORECAST}", {"requestId": "before-reload"})
+    assert again == before
+    assert sim_state.started.count(FORECAST) == 1
 
 
 async def test_an_invalid_reload_keeps_the_running_configuration(

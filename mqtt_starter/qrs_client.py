@@ -263,9 +263,6 @@ class QrsClient:
         session = normalize_guid(value) if isinstance(value, str) else None
         return None if session in (None, EMPTY_GUID) else session
 
-    async def stop_task(self, task_id: str) -> None:
-        await self.call("POST", f"task/{normalize_guid(task_id) or task_id}/stop")
-
     async def execution_results(self, execution_id: str) -> list[Execution]:
         data = await self._json(
             "GET", "executionresult", {"filter": execution_filter(execution_id)}

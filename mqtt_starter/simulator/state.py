@@ -371,13 +371,6 @@ class SimState:
 
     # -- journal ------------------------------------------------------------------------------
 
-    def calls(self, method: str | None = None, path_prefix: str = "") -> list[JournalEntry]:
-        return [
-            e
-            for e in self.journal
-            if (method is None or e.method == method) and e.path.startswith(path_prefix)
-        ]
-
     def reset_journal(self) -> None:
         self.journal.clear()
         self.started.clear()

@@ -9,6 +9,7 @@ the JSON object of DESIGN.md section 2, and Butler's REST body (a JSON array of
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -31,6 +32,18 @@ MAX_ID_LENGTH = 256
 MAX_DEPTH = 32
 
 
+_STRING = re.compile(r'"(?:[^"\\]|\\.)*"')
+_BRACKET = re.compile(r"[\[\]{}]")
+
+
+def _deepest(text: str) -> int:
+    depth = deepest = 0
+    for match in _BRACKET.finditer(_STRING.sub("", text)):
+        depth += 1 if match.group() in "[{" else -1
+        deepest = max(deepest, depth)
+    return deepest
+
+
 def decode_json(payload: bytes, max_bytes: int) -> Any:
     """The JSON value of `payload` (None when empty), refusing oversize and malformed input."""
     if len(payload) > max_bytes:
@@ -41,20 +54,10 @@ def decode_json(payload: bytes, max_bytes: int) -> Any:
         text = payload.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise BadPayload(f"payload is not UTF-8 (byte {exc.start})") from None
-    depth = deepest = 0
-    in_string = escaped = False
-    for ch in text:
-        if in_string:
-            escaped, in_string = (False, True) if escaped else (ch == "\\", ch != '"')
-        elif ch == '"':
-            in_string = True
-        elif ch in "[{":
-            depth += 1
-            deepest = max(deepest, depth)
-            if deepest > MAX_DEPTH:
-                raise BadPayload(f"JSON is nested deeper than {MAX_DEPTH} levels")
-        elif ch in "]}":
-            depth -= 1
+    # Counting brackets runs in C; only a payload with more of them than the limit allows can
+    # be nested too deep, and only then are they walked (strings cut out first).
+    if text.count("[") + text.count("{") > MAX_DEPTH and _deepest(text) > MAX_DEPTH:
+        raise BadPayload(f"JSON is nested deeper than {MAX_DEPTH} levels")
     try:
         return json.loads(text)
     except (json.JSONDecodeError, RecursionError) as exc:

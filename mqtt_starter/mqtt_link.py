@@ -20,6 +20,7 @@ import socket
 import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import aiomqtt
 import paho.mqtt.client as paho
@@ -47,6 +48,24 @@ Handler = Callable[[Incoming], Awaitable[None]]
 
 def _properties(packet_type: int) -> Properties:
     return Properties(packet_type)  # type: ignore[no-untyped-call]  # paho has no annotations
+
+
+def _connection(settings: MqttSettings, tls: ssl.SSLContext | None) -> dict[str, Any]:
+    """What the daemon's link and the operator commands' peer connect with alike."""
+    return {
+        "hostname": settings.host,
+        "port": settings.port,
+        "username": settings.username,
+        "password": settings.password.get_secret_value() if settings.password else None,
+        "protocol": aiomqtt.ProtocolVersion.V5
+        if settings.protocol == "5"
+        else aiomqtt.ProtocolVersion.V311,
+        "tls_context": tls,
+        "tls_insecure": settings.tls.insecure if settings.tls.enabled else None,
+        # Without it a reply written right after an acknowledgement waits ~40 ms (Nagle).
+        "socket_options": [(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)],
+        "timeout": 10,
+    }
 
 
 def build_tls_context(settings: MqttSettings) -> ssl.SSLContext | None:
@@ -78,7 +97,6 @@ class MqttLink:
         self.subscriptions = tuple(subscriptions)
         self.availability_topic = availability_topic
         self.connected = asyncio.Event()
-        self.reconnects = 0
         self._on_connect = on_connect
         self._on_disconnect = on_disconnect
         self._client: aiomqtt.Client | None = None
@@ -101,12 +119,8 @@ class MqttLink:
             properties.SessionExpiryInterval = s.session_expiry_s
             properties.ReceiveMaximum = s.max_in_flight
         client = aiomqtt.Client(
-            s.host,
-            s.port,
+            **_connection(s, self._tls),
             identifier=s.client_id,
-            username=s.username,
-            password=s.password.get_secret_value() if s.password else None,
-            protocol=aiomqtt.ProtocolVersion.V5 if self.v5 else aiomqtt.ProtocolVersion.V311,
             clean_session=None if self.v5 else False,
             # paho refuses any clean_start but its neutral default on 3.1.1, where
             # clean_session=False alone keeps the session.
@@ -114,10 +128,6 @@ class MqttLink:
             properties=properties,
             keepalive=s.keepalive_s,
             will=aiomqtt.Will(self.availability_topic, b"offline", qos=1, retain=True),
-            tls_context=self._tls,
-            tls_insecure=s.tls.insecure if s.tls.enabled else None,
-            socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)],
-            timeout=10,
         )
         # aiomqtt 2.5 does not expose manual acknowledgement; paho has it. It must be on
         # before CONNECT: queued session messages may arrive before we subscribe again.
@@ -130,12 +140,21 @@ class MqttLink:
 
     async def run(self, handler: Handler) -> None:
         """Connect, subscribe and hand each message to `handler` until `stop()`."""
-        self._tls = await asyncio.to_thread(build_tls_context, self.settings)
         delay = self.settings.reconnect.min_s
         while not self._stopping.is_set():
             try:
+                if self._tls is None and self.settings.tls.enabled:
+                    # Built here, not once before the loop: a certificate that cannot be
+                    # loaded is logged and tried again, instead of ending the link unseen.
+                    self._tls = await asyncio.to_thread(build_tls_context, self.settings)
                 await self._session(handler)
                 delay = self.settings.reconnect.min_s
+            except (OSError, ssl.SSLError) as exc:
+                logger.error(
+                    "broker TLS files cannot be loaded: {}; trying again in at most {:.1f}s",
+                    exc,
+                    delay,
+                )
             except aiomqtt.MqttError as exc:
                 logger.warning(
                     "broker {}:{}: {}; reconnecting in at most {:.1f}s",
@@ -155,8 +174,8 @@ class MqttLink:
                         self._on_disconnect()
             if self._stopping.is_set():
                 break
-            self.reconnects += 1
-            # Full jitter spreads the reconnects of many instances after a broker restart.
+            # Jitter (a wait between half and all of the delay) spreads the reconnects of many
+            # instances after a broker restart.
             with_jitter = self._rng.uniform(delay / 2, delay)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stopping.wait(), with_jitter)
@@ -180,31 +199,7 @@ class MqttLink:
                 self.settings.protocol,
                 ", ".join(self._subscription(f) for f in self.subscriptions),
             )
-            messages = aiter(client.messages)
-            while not self._stopping.is_set():
-                # Take a slot before taking a message: unacknowledged messages beyond
-                # max_in_flight stay with the broker instead of piling up here.
-                await self._slots.acquire()
-                try:
-                    next_message = asyncio.ensure_future(anext(messages))
-                    stopping = asyncio.ensure_future(self._stopping.wait())
-                    done, _ = await asyncio.wait(
-                        {next_message, stopping}, return_when=asyncio.FIRST_COMPLETED
-                    )
-                    stopping.cancel()
-                    if next_message not in done:
-                        next_message.cancel()
-                        self._slots.release()
-                        break
-                    message = next_message.result()
-                except BaseException:
-                    self._slots.release()
-                    raise
-                task = asyncio.create_task(
-                    self._handle(client, message, handler), name=f"mqtt-message-{message.mid}"
-                )
-                self._handlers.add(task)
-                task.add_done_callback(self._handlers.discard)
+            await self._receive(client, handler)
             if not await self.drain(self.settings.stop_timeout_s):
                 # Left unacknowledged: the broker delivers them again to the next session.
                 for task in list(self._handlers):
@@ -217,6 +212,37 @@ class MqttLink:
                 )
             if self._stopping.is_set() and self._say_offline:
                 await client.publish(self.availability_topic, b"offline", qos=1, retain=True)
+
+    async def _receive(self, client: aiomqtt.Client, handler: Handler) -> None:
+        """Hand messages to handlers until `stop()`, at most `max_in_flight` at a time."""
+        messages = aiter(client.messages)
+        stopping = asyncio.ensure_future(self._stopping.wait())
+        try:
+            while True:
+                # Take a slot before taking a message: unacknowledged messages beyond
+                # max_in_flight stay with the broker instead of piling up here.
+                await self._slots.acquire()
+                next_message = asyncio.ensure_future(anext(messages))
+                try:
+                    await asyncio.wait(
+                        {next_message, stopping}, return_when=asyncio.FIRST_COMPLETED
+                    )
+                    if not next_message.done():
+                        next_message.cancel()
+                        self._slots.release()
+                        return
+                    message = next_message.result()
+                except BaseException:
+                    next_message.cancel()
+                    self._slots.release()
+                    raise
+                task = asyncio.create_task(
+                    self._handle(client, message, handler), name=f"mqtt-message-{message.mid}"
+                )
+                self._handlers.add(task)
+                task.add_done_callback(self._handlers.discard)
+        finally:
+            stopping.cancel()
 
     async def _handle(
         self, client: aiomqtt.Client, message: aiomqtt.Message, handler: Handler
@@ -315,20 +341,7 @@ class MqttPeer:
             tls = await asyncio.to_thread(build_tls_context, s)
         except (OSError, ssl.SSLError) as exc:
             raise MqttLinkError(f"a TLS file is unreadable: {exc}") from None
-        self._client = aiomqtt.Client(
-            s.host,
-            s.port,
-            identifier=self.client_id,
-            username=s.username,
-            password=s.password.get_secret_value() if s.password else None,
-            protocol=aiomqtt.ProtocolVersion.V5
-            if s.protocol == "5"
-            else aiomqtt.ProtocolVersion.V311,
-            tls_context=tls,
-            tls_insecure=s.tls.insecure if s.tls.enabled else None,
-            socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)],
-            timeout=10,
-        )
+        self._client = aiomqtt.Client(**_connection(s, tls), identifier=self.client_id)
         try:
             await self._client.__aenter__()
         except aiomqtt.MqttError as exc:

@@ -197,3 +197,22 @@ async def test_qrs_certificate_is_verified_unless_configured_off(
     lax: Daemon = await make_daemon(qrs={"ca_file": str(foreign), "insecure": True})
     assert "qrs.insecure is true: the QRS server certificate is NOT verified" in lax.log
     assert (await mqtt.request(f"butler/start/id/{SALES}"))["status"] == "ok"
+
+
+async def test_a_broken_broker_certificate_is_logged_and_retried(
+    make_daemon: Any, tmp_path: Path
+) -> None:
+    garbage = tmp_path / "client.pem"
+    garbage.write_text("not a certificate\n")
+    daemon: Daemon = await make_daemon(
+        start=False,
+        mqtt={"tls": {"enabled": True, "cert_file": str(garbage), "key_file": str(garbage)}},
+    )
+    await daemon.start(wait_ready=False)
+    await wait_until(
+        lambda: daemon.log.count("broker TLS files cannot be loaded") >= 2,
+        what="the TLS failure to be logged and tried again",
+    )
+    assert daemon.process is not None and daemon.process.returncode is None
+    assert daemon.notify is not None
+    assert not any("READY=1" in m for m in daemon.notify.messages)

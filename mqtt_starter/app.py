@@ -338,7 +338,19 @@ class Daemon:
                 decision.error,
             )
             return
-        handled = await self._accept(decision)
+        try:
+            handled = await self._accept(decision)
+        except Exception:
+            # A bug must not leave the sender without an answer, nor loop: the message is
+            # answered, logged with its traceback, and acknowledged like any other.
+            logger.exception("request on {} failed", incoming.topic)
+            handled = Handled(
+                error_reply(
+                    decision.request.request_id,
+                    "internal",
+                    "internal error; the daemon's log has the details",
+                )
+            )
         self.metrics.count_reply(kind, handled.reply)
         await self._reply(decision.reply_topic, handled.reply, incoming)
         self._log_outcome(incoming.topic, handled, started)

@@ -228,11 +228,15 @@ class QrsClient:
         found: dict[str, TaskRef] = {}
         for text in task_filters(selectors):
             data = await self._json("GET", "task/full", {"filter": text})
-            for item in data if isinstance(data, list) else []:
-                if isinstance(item, dict):
-                    task = parse_task(item)
-                    found.setdefault(task.id, task)
+            for task in self._tasks(data):
+                found.setdefault(task.id, task)
         return list(found.values())
+
+    @staticmethod
+    def _tasks(data: Any) -> list[TaskRef]:
+        """Tasks from a QRS list answer; anything that is not a task with a GUID is passed over."""
+        items = data if isinstance(data, list) else []
+        return [t for t in (parse_task(i) for i in items if isinstance(i, dict)) if t is not None]
 
     async def resolve(
         self, selectors: Sequence[Selector], *, all_task_ids_must_exist: bool = False
@@ -243,10 +247,7 @@ class QrsClient:
         return resolve(selectors, candidates, all_task_ids_must_exist=all_task_ids_must_exist)
 
     async def all_tasks(self) -> list[TaskRef]:
-        data = await self._json("GET", "task/full")
-        return (
-            [parse_task(i) for i in data if isinstance(i, dict)] if isinstance(data, list) else []
-        )
+        return self._tasks(await self._json("GET", "task/full"))
 
     async def task(self, task_id: str) -> TaskRef | None:
         """The task's current state (tags, enabled, last execution), None when it is unknown."""

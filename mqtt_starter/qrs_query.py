@@ -130,15 +130,25 @@ def _named(items: Any) -> Iterable[Mapping[str, Any]]:
     return [i for i in items if isinstance(i, Mapping)] if isinstance(items, list) else []
 
 
-def parse_task(data: Mapping[str, Any]) -> TaskRef:
-    """A TaskRef from a (full or condensed) QRS task object; missing parts become defaults."""
+def _int(value: Any) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) else 0
+
+
+def parse_task(data: Mapping[str, Any]) -> TaskRef | None:
+    """A TaskRef from a (full or condensed) QRS task object; missing parts become defaults.
+
+    None for an object without a GUID id: nothing could be started from it.
+    """
+    task_id = normalize_guid(_str(data.get("id")))
+    if task_id is None:
+        return None
     operational = data.get("operational")
     last = operational.get("lastExecutionResult") if isinstance(operational, Mapping) else None
     app = data.get("app")
     return TaskRef(
-        id=_str(data.get("id")).lower(),
+        id=task_id,
         name=_str(data.get("name")),
-        task_type=int(data.get("taskType") or 0),
+        task_type=_int(data.get("taskType")),
         enabled=bool(data.get("enabled", True)),
         tags=tuple(_str(t.get("name")) for t in _named(data.get("tags"))),
         custom_properties=tuple(

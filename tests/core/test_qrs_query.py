@@ -180,16 +180,23 @@ def test_parse_full_task() -> None:
 def test_parse_condensed_task_and_junk_fields() -> None:
     task = parse_task(
         {
-            "id": "x",
+            "id": "6CA1C5F2-2742-44D5-8ADF-D6CBA3701A4E",
             "name": "n",
             "tags": "junk",
             "operational": None,
+            "taskType": "reload",
             "customProperties": [None, {"value": 1}],
         }
     )
-    assert task.tags == ()
+    assert task is not None
+    assert (task.id, task.task_type, task.tags) == ("6ca1c5f2-2742-44d5-8adf-d6cba3701a4e", 0, ())
     assert task.custom_properties == (CustomPropertyValue("", ""),)
     assert task.last_status is TaskStatus.NEVER_STARTED
+
+
+@pytest.mark.parametrize("task_id", [None, 5, "", "x", "6ca1c5f2-2742"])
+def test_a_task_without_a_guid_is_no_task(task_id: object) -> None:
+    assert parse_task({"id": task_id, "name": "n"}) is None
 
 
 def test_parse_execution_prefers_error_details_and_hides_never_dates() -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -61,6 +62,13 @@ def qrs_settings_for(sim: QrsSimulator, **overrides: object) -> QrsSettings:
 async def qrs(simulator: QrsSimulator) -> AsyncIterator[QrsClient]:
     async with QrsClient(qrs_settings_for(simulator)) as client:
         yield client
+
+
+def free_port() -> int:
+    """A loopback port nobody listens on now (the kernel's choice; a test binds it soon)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
 
 
 async def wait_until(

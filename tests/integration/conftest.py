@@ -30,15 +30,10 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from mqtt_starter.simulator.server import QrsSimulator
+from tests.conftest import free_port
 
 if shutil.which("mosquitto") is None:
     pytest.exit("mosquitto is not installed: run scripts/test.sh, which installs it", 1)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 class Broker:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import uuid
 from typing import Any
 
+from mqtt_starter.simulator.fixtures import Fixture, Outcome, TaskFixture
 from mqtt_starter.simulator.state import SimState
 
 SALES = "11111111-1111-4111-8111-111111111111"
@@ -89,3 +91,24 @@ def task_calls(state: SimState) -> list[tuple[str, str, str]]:
         for e in state.journal
         if e.path.startswith("/qrs/task")
     ]
+
+
+def many_tasks(prefix: str, count: int, marker: int, duration_s: float) -> Fixture:
+    """`count` tasks named `<prefix> 000`... tagged with the lower-case prefix; their ids are
+    `many_task_ids(count, marker)`."""
+    return Fixture(
+        max_concurrent=1000,
+        tasks=[
+            TaskFixture(
+                id=task_id,
+                name=f"{prefix} {i:03d}",
+                tags=[prefix.lower()],
+                outcome=Outcome(duration_s=duration_s),
+            )
+            for i, task_id in enumerate(many_task_ids(count, marker))
+        ],
+    )
+
+
+def many_task_ids(count: int, marker: int) -> list[str]:
+    return [str(uuid.UUID(int=marker << 120 | i, version=4)) for i in range(count)]

@@ -15,7 +15,7 @@ import trustme
 import yaml
 
 from mqtt_starter.simulator.server import QrsSimulator
-from tests.integration.conftest import Broker, daemon_config, free_port, tls_settings
+from tests.integration.conftest import Broker, Daemon, daemon_config, free_port, tls_settings
 from tests.integration.helpers import ARCHIVE, EXPORT, SALES, STOCK
 
 
@@ -41,7 +41,9 @@ def write(tmp_path: Path, config: dict[str, Any]) -> str:
     return str(path)
 
 
-async def test_check_all_green(tmp_path: Path, broker: Broker, simulator: QrsSimulator) -> None:
+async def test_check_all_green_beside_a_running_daemon(
+    tmp_path: Path, broker: Broker, simulator: QrsSimulator, daemon: Daemon
+) -> None:
     path = write(tmp_path, daemon_config(broker, simulator))
     code, out, _ = await cli("check", "-c", path)
     lines = out.splitlines()
@@ -60,8 +62,10 @@ async def test_check_all_green(tmp_path: Path, broker: Broker, simulator: QrsSim
         "  ok    QRS task query: 10 tasks visible",
         "everything works",
     ]
+    # Same configuration, other client id: the daemon kept its connection and session.
     assert "starter-test-check-" in broker.log
-    assert "starter-test " not in broker.log  # the daemon's own session was never touched
+    assert daemon.log.count("connected to broker") == 1
+    assert "reconnecting" not in daemon.log
 
 
 async def test_check_names_each_failure(tmp_path: Path, simulator: QrsSimulator) -> None:

@@ -3,30 +3,22 @@
 from __future__ import annotations
 
 import signal
-import uuid
 from typing import Any
 
 import pytest
 
-from mqtt_starter.simulator.fixtures import Fixture, Outcome, TaskFixture
+from mqtt_starter.simulator.fixtures import Fixture
 from mqtt_starter.simulator.state import SimState
 from tests.conftest import wait_until
 from tests.integration.conftest import Broker, Client
+from tests.integration.helpers import many_task_ids, many_tasks
 
-BULK = [str(uuid.UUID(int=0xB0 << 120 | i, version=4)) for i in range(20)]
+BULK = many_task_ids(20, 0xB0)
 
 
 @pytest.fixture(scope="module")
 def task_fixture() -> Fixture:
-    return Fixture(
-        max_concurrent=50,
-        tasks=[
-            TaskFixture(
-                id=task_id, name=f"Bulk {i:02d}", tags=["bulk"], outcome=Outcome(duration_s=0.05)
-            )
-            for i, task_id in enumerate(BULK)
-        ],
-    )
+    return many_tasks("Bulk", 20, 0xB0, duration_s=0.05)
 
 
 @pytest.mark.parametrize("protocol", ["5", "3.1.1"])
@@ -43,7 +35,7 @@ async def test_triggers_waiting_while_the_daemon_is_dead_are_all_served(
     )
     await mqtt.subscribe("butler/reply/#")
     for i in range(20):
-        await mqtt.publish(f"butler/start/name/Bulk {i:02d}", {"requestId": f"kill-{i}"})
+        await mqtt.publish(f"butler/start/name/Bulk {i:03d}", {"requestId": f"kill-{i}"})
     assert sim_state.started == []
     await daemon.start()
     replies = await mqtt.wait_for("butler/reply/start/name/#", 20)
@@ -122,7 +114,7 @@ async def test_two_instances_share_one_subscription_group(
     second = await make_daemon(mqtt={"shared_group": "starters", "client_id": "starter-b"})
     await mqtt.subscribe("butler/reply/#")
     for i in range(6):
-        await mqtt.publish(f"butler/start/name/Bulk {i:02d}", {"requestId": f"shared-{i}"})
+        await mqtt.publish(f"butler/start/name/Bulk {i:03d}", {"requestId": f"shared-{i}"})
     replies = await mqtt.wait_for("butler/reply/#", 6)
     assert sorted(r.json()["requestId"] for r in replies) == [f"shared-{i}" for i in range(6)]
     # Each trigger went to one member only; mosquitto deals them out round robin.

@@ -8,34 +8,26 @@ import random
 import re
 import signal
 import time
-import uuid
 from pathlib import Path
 from typing import Any
 
 import aiomqtt
 import pytest
 
-from mqtt_starter.simulator.fixtures import Fixture, Outcome, TaskFixture
+from mqtt_starter.simulator.fixtures import Fixture
 from mqtt_starter.simulator.state import SimState
 from tests.conftest import wait_until
 from tests.integration.conftest import Broker, Client, Daemon
+from tests.integration.helpers import many_task_ids, many_tasks
 
-LOAD = [str(uuid.UUID(int=0xC0 << 120 | i, version=4)) for i in range(250)]
+LOAD = many_task_ids(250, 0xC0)
 RecordProperty = Any
 
 
 @pytest.fixture(scope="module")
 def task_fixture() -> Fixture:
     # Long executions: a trigger delivered again after a crash finds its task running.
-    return Fixture(
-        max_concurrent=1000,
-        tasks=[
-            TaskFixture(
-                id=task_id, name=f"Load {i:03d}", tags=["load"], outcome=Outcome(duration_s=120)
-            )
-            for i, task_id in enumerate(LOAD)
-        ],
-    )
+    return many_tasks("Load", 250, 0xC0, duration_s=120)
 
 
 def rss_kib(pid: int) -> int:

@@ -241,8 +241,13 @@ async def test_default_reply_topic(daemon: Daemon, mqtt: Client, sim_state: SimS
     await mqtt.subscribe("butler/reply/#")
     await mqtt.publish("butler/start/tag/startTask1")
     [answer] = await mqtt.wait_for("butler/reply/start/tag/startTask1")
-    assert answer.json()["status"] == "ok"
-    assert [t["taskId"] for t in answer.json()["tasks"]] == [SALES, EXPORT]
+    assert answer.json() == reply(
+        "ok",
+        [
+            line(sim_state, SALES, ["tag:startTask1"], "started"),
+            line(sim_state, EXPORT, ["tag:startTask1"], "started"),
+        ],
+    )
 
 
 @pytest.mark.parametrize(

@@ -5,18 +5,13 @@ from __future__ import annotations
 import json
 import shlex
 import shutil
-import socket
 import ssl
 import subprocess
 import sys
 import urllib.request
 from pathlib import Path
 
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+from tests.conftest import free_port
 
 
 def test_simulate_qrs_serves_the_sample_tasks_to_the_written_certificate(tmp_path: Path) -> None:

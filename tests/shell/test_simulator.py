@@ -116,24 +116,18 @@ async def test_empty_query_value(raw: Raw) -> None:
     assert await raw("GET", "/qrs/task", "filter=") == (400, "Missing parameter value(s)")
 
 
-async def test_client_without_certificate_is_refused(simulator: QrsSimulator) -> None:
-    context = ssl.create_default_context(cafile=str(simulator.certs.root))
-    async with aiohttp.ClientSession() as session:
-        with pytest.raises(aiohttp.ClientError):
-            async with session.get(f"{simulator.url}/qrs/about", ssl=context) as response:
-                await response.read()
-
-
-async def test_client_with_certificate_from_another_ca_is_refused(
-    simulator: QrsSimulator, tmp_path: object
+@pytest.mark.parametrize("client_cert", ["none", "other CA"])
+async def test_clients_without_a_certificate_of_the_ca_are_refused(
+    simulator: QrsSimulator, sim_state: SimState, client_cert: str
 ) -> None:
-    other = trustme.CA().issue_cert("QlikClient")
     context = ssl.create_default_context(cafile=str(simulator.certs.root))
-    other.configure_cert(context)
+    if client_cert == "other CA":
+        trustme.CA().issue_cert("QlikClient").configure_cert(context)
     async with aiohttp.ClientSession() as session:
         with pytest.raises(aiohttp.ClientError):
             async with session.get(f"{simulator.url}/qrs/about", ssl=context) as response:
                 await response.read()
+    assert sim_state.journal == []  # refused in the TLS handshake, before any request
 
 
 async def test_proxy_mode_wants_prefix_and_bearer_token(

@@ -7,7 +7,7 @@ policy), and I/O lives in the shells.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from enum import IntEnum, StrEnum
 
 
@@ -215,4 +215,4 @@ class Reply:
     outcomes: tuple[TaskOutcome, ...] = ()
     unmatched: tuple[Unmatched, ...] = ()
     error: ErrorInfo | None = None
-    notes: tuple[str, ...] = field(default=())
+    notes: tuple[str, ...] = ()

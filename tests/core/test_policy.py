@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from mqtt_starter.model import (
@@ -38,8 +40,6 @@ def test_allow_list(allow: AllowList, allowed: bool) -> None:
 
 
 def resolved(**changes: object) -> ResolvedTask:
-    import dataclasses
-
     return ResolvedTask(dataclasses.replace(TASK, **changes), ())  # type: ignore[arg-type]
 
 

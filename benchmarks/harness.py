@@ -156,6 +156,7 @@ class Target:
     broker: Broker
     sim: Simulator
     events: bool = False
+    mqtt: dict[str, Any] = field(default_factory=dict)  # more mqtt settings for the daemon
     process: subprocess.Popen[bytes] | None = None
     startup_s: float = 0.0
 
@@ -190,6 +191,7 @@ class Target:
                         "port": self.broker.port,
                         "client_id": f"bench-{uuid.uuid4().hex[:6]}",
                         "session_expiry_s": 0,
+                        **self.mqtt,
                     },
                     "qrs": {
                         "url": self.sim.url,

@@ -143,6 +143,18 @@ def _parser() -> argparse.ArgumentParser:
         default=None,
         help="bearer token required instead of a client certificate (proxy mode)",
     )
+    sim.add_argument(
+        "--session-limit",
+        type=int,
+        default=5,
+        help="proxy mode: parallel proxy sessions a user may hold",
+    )
+    sim.add_argument(
+        "--bad-token",
+        choices=("redirect", "401", "html"),
+        default="redirect",
+        help="proxy mode: how a bad token is answered",
+    )
     return parser
 
 
@@ -184,7 +196,14 @@ def _simulate_qrs(args: argparse.Namespace) -> int:
         return EXIT_CONFIG
     certs = ensure_certificates(args.cert_dir or default_cert_dir(), (args.host,))
     sim = QrsSimulator(
-        fixture, certs, host=args.host, port=args.port, prefix=args.prefix, token=args.token
+        fixture,
+        certs,
+        host=args.host,
+        port=args.port,
+        prefix=args.prefix,
+        token=args.token,
+        session_limit=args.session_limit,
+        bad_token=args.bad_token,
     )
     asyncio.run(_serve_until_signal(sim))
     return 0

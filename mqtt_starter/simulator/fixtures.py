@@ -27,8 +27,13 @@ class TaskFixture(BaseModel):
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
     id: str = Field(default_factory=lambda: str(uuid.uuid4()))
     name: str
-    type: Literal["reload", "external"] = "reload"
+    type: Literal["reload", "external", "usersync", "distribute", "preload"] = "reload"
     enabled: bool = True
+    startable: bool = Field(
+        True,
+        description="false: every start is answered with the empty GUID although the task is"
+        " enabled and idle, as QRS does when no scheduler is available or the app is not",
+    )
     app: str = ""
     tags: list[str] = []
     custom_properties: dict[str, str | list[str]] = Field({}, alias="customProperties")
@@ -44,6 +49,15 @@ class TaskFixture(BaseModel):
 class Fixture(BaseModel):
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
     max_concurrent: int = Field(4, ge=1, description="executions Started at once; others Queue")
+    results_per_task: int = Field(
+        20,
+        ge=1,
+        description="finished executions kept per task; older ones are deleted, as QRS cleans"
+        " up old execution results",
+    )
+    journal_limit: int = Field(
+        20_000, ge=100, description="journal entries kept; the oldest half goes when it is full"
+    )
     tasks: list[TaskFixture] = []
 
 

@@ -1,30 +1,44 @@
 """The simulator's HTTPS front: QRS endpoints, the request rules, faults and control endpoints.
 
 Order of checks on every /qrs call (qrs-api.md section 5): journal → faults → (proxy mode:
-bearer token, 401) → xrfkey (403) → X-Qlik-User format (403) → empty query values (400).
-Control endpoints under /_sim (journal, faults) sit outside /qrs and skip those rules.
+session cookie or bearer token) → xrfkey (403) → X-Qlik-User format (403) → empty query values
+(400). Plain lists answer with the condensed entity, as real QRS does; only `/full` carries the
+fields. Control endpoints under /_sim (journal, faults) sit outside /qrs and skip those rules.
+
+Proxy mode stands for a JWT virtual proxy: a good bearer token opens a proxy session whose
+cookie (`X-Qlik-Session-<prefix>`) later calls may present instead; a user may hold at most
+`session_limit` sessions (a call that would open one more is refused with 403); a bad token is
+answered as the proxy is set up: a redirect to its login page, 401, or an HTML page with 200.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import ssl
 import time
+import uuid
 from collections.abc import Awaitable, Callable
-from typing import Any
-from urllib.parse import parse_qsl
+from dataclasses import dataclass, field
+from typing import Any, Literal
+from urllib.parse import parse_qsl, unquote
 
 from aiohttp import web
 
 from .certs import CertPaths
 from .filter_engine import FilterError, evaluate, parse
 from .fixtures import Fixture
-from .state import JournalEntry, SimState, SimTask
+from .state import JournalEntry, SimState, SimTask, StartRefused
 
 XSRF_TEXT = "XSRF prevention check failed. Possible XSRF discovered."
 _XRFKEY = re.compile(r"^[0-9a-zA-Z]{16}$")
-_QLIK_USER = re.compile(r"^\s*UserDirectory=[^;=]+;\s?UserId=[^;=]+\s*$", re.IGNORECASE)
+# Values may be percent-encoded (Qlik's docs ask for it); they are decoded for the journal.
+_QLIK_USER = re.compile(r"^\s*UserDirectory=([^;=]+);\s?UserId=([^;=]+?)\s*$", re.IGNORECASE)
+_BY_GUID = re.compile(
+    r"^\s*(executionid|id)\s+eq\s+([0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12})\s*$",
+    re.IGNORECASE,
+)
 _TASK_KINDS = ("task", "reloadtask", "externalprogramtask")
 ABOUT = {
     "buildVersion": "14.212.3",
@@ -38,9 +52,31 @@ ABOUT = {
 }
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+BadTokenAnswer = Literal["redirect", "401", "html"]
+
+
+@dataclass
+class Proxy:
+    """A JWT virtual proxy in front of QRS: its token, its sessions, and how it refuses."""
+
+    token: str
+    prefix: str
+    session_limit: int = 5
+    bad_token: BadTokenAnswer = "redirect"
+    # session cookie value → user; the simulator knows one user, the token's.
+    sessions: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def cookie_name(self) -> str:
+        return "X-Qlik-Session" + (f"-{self.prefix.strip('/')}" if self.prefix else "")
+
+    def user_sessions(self, user: str) -> int:
+        return sum(1 for u in self.sessions.values() if u == user)
+
+
 STATE_KEY = web.AppKey("state", SimState)
 PREFIX_KEY = web.AppKey("prefix", str)
-TOKEN_KEY = web.AppKey("token", str)  # "" when no bearer token is required
+PROXY_KEY = web.AppKey("proxy", Proxy)  # absent: certificate mode
 
 
 def _text(status: int, text: str) -> web.Response:
@@ -102,11 +138,18 @@ async def task_by_id(request: web.Request) -> web.Response:
     return web.json_response(task.full(_state(request).choice_values()))
 
 
-async def start_by_id(request: web.Request) -> web.Response:
-    session = _state(request).start(_task(request))
+def _start(request: web.Request, task: SimTask) -> web.Response:
+    try:
+        session = _state(request).start(task)
+    except StartRefused as exc:
+        return _text(exc.status, exc.text)
     if request.match_info.get("sync"):
         return web.json_response({"value": session}, status=201)
     return web.Response(status=204)
+
+
+async def start_by_id(request: web.Request) -> web.Response:
+    return _start(request, _task(request))
 
 
 async def start_by_name(request: web.Request) -> web.Response:
@@ -116,10 +159,7 @@ async def start_by_name(request: web.Request) -> web.Response:
     task = _state(request).find_by_name(name)
     if task is None:
         raise web.HTTPNotFound(text=f"Task {name} not found")
-    session = _state(request).start(task)
-    if request.match_info.get("sync"):
-        return web.json_response({"value": session}, status=201)
-    return web.Response(status=204)
+    return _start(request, task)
 
 
 async def start_many(request: web.Request) -> web.Response:
@@ -132,7 +172,7 @@ async def start_many(request: web.Request) -> web.Response:
     state = _state(request)
     for task_id in body:
         task = state.tasks.get(task_id.lower())
-        if task is not None:
+        if task is not None and task.spec.type != "usersync":
             state.start(task)
     return web.Response(status=204)
 
@@ -142,15 +182,32 @@ async def stop_task(request: web.Request) -> web.Response:
     return web.Response(status=204)
 
 
+def _indexed_results(state: SimState, text: str | None) -> list[dict[str, Any]]:
+    """The results a filter may select: by the index when it names one execution or result
+    (what followers ask, thousands of times), else every kept result."""
+    match = _BY_GUID.match(text or "")
+    if match is None:
+        return state.results
+    guid = match.group(2).lower()
+    if match.group(1).lower() == "executionid":
+        return state.results_of(guid)
+    result = state.result_by_id.get(guid)
+    return [result] if result is not None else []
+
+
 async def execution_results(request: web.Request) -> web.Response:
     tail = request.match_info.get("tail", "")
-    objects = _filtered(request, _state(request).execution_results())
-    objects = [{k: v for k, v in o.items() if not k.startswith("_")} for o in objects]
+    state = _state(request)
+    # The filter still runs over the indexed candidates, so the answer is the engine's.
+    objects = _filtered(request, _indexed_results(state, request.query.get("filter")))
     if tail == "/count":
         return web.json_response({"value": len(objects)})
-    if tail not in ("", "/full"):
-        raise web.HTTPNotFound(text="Not found")
-    return web.json_response(objects)
+    if tail == "/full":
+        return web.json_response(
+            [{k: v for k, v in o.items() if not k.startswith("_")} for o in objects]
+        )
+    # The condensed ExecutionResult: no task, execution, status or details.
+    return web.json_response([{"id": o["id"], "privileges": None} for o in objects])
 
 
 async def execution_session(request: web.Request) -> web.Response:
@@ -179,7 +236,10 @@ async def journal(request: web.Request, handler: Handler) -> web.StreamResponse:
         dict(parse_qsl(request.query_string, keep_blank_values=True)),
         started=time.monotonic(),
     )
-    state.journal.append(entry)
+    state.record(entry)
+    match = _QLIK_USER.match(request.headers.get("X-Qlik-User", ""))
+    if match is not None:
+        entry.user = f"{unquote(match.group(1))}\\{unquote(match.group(2))}"
     state.in_flight += 1
     state.peak_in_flight = max(state.peak_in_flight, state.in_flight)
     try:
@@ -199,23 +259,72 @@ async def faults(request: web.Request, handler: Handler) -> web.StreamResponse:
     state = _state(request)
     if state.faults.delay_s:
         await state.pause(state.faults.delay_s)
-    kind = state.faults.take()
+    kind = state.faults.take(request.path)
     if kind == "fail":
         return _text(state.faults.fail_status, "Service Unavailable (injected)")
     if kind == "hang":
         await state.pause(state.faults.hang_s)
     if kind == "drop":
-        if request.transport is not None:
-            request.transport.abort()
-        raise ConnectionResetError("connection dropped (injected)")
+        _drop(request)
+    if kind == "lose":
+        # The call takes effect; only its answer is lost.
+        with contextlib.suppress(web.HTTPException):
+            await handler(request)
+        lose_as = state.faults.lose_as
+        if lose_as == "hang":
+            await state.pause(state.faults.hang_s)
+        if lose_as in ("drop", "hang"):
+            _drop(request)
+        return _text(int(lose_as), "Service Unavailable (injected after the call took effect)")
     return await handler(request)
+
+
+def _drop(request: web.Request) -> None:
+    if request.transport is not None:
+        request.transport.abort()
+    raise ConnectionResetError("connection dropped (injected)")
+
+
+LOGIN_PAGE = (
+    "<!DOCTYPE html><html><head><title>Qlik Sense</title></head>"
+    "<body><form method='post'>Log in</form></body></html>"
+)
+
+
+async def login_page(request: web.Request) -> web.Response:
+    return web.Response(text=LOGIN_PAGE, content_type="text/html")
+
+
+def _refuse_token(request: web.Request, proxy: Proxy) -> web.Response:
+    if proxy.bad_token == "401":
+        return _text(401, "Unauthorized")
+    if proxy.bad_token == "html":
+        return web.Response(text=LOGIN_PAGE, content_type="text/html")
+    location = f"{proxy.prefix}/internal_forms_authentication/?targetId={uuid.uuid4()}"
+    return web.Response(status=302, headers={"Location": location})
+
+
+@web.middleware
+async def proxy_auth(request: web.Request, handler: Handler) -> web.StreamResponse:
+    proxy = request.app.get(PROXY_KEY)
+    if proxy is None:
+        return await handler(request)
+    if request.cookies.get(proxy.cookie_name) in proxy.sessions:
+        return await handler(request)
+    if request.headers.get("Authorization") != f"Bearer {proxy.token}":
+        return _refuse_token(request, proxy)
+    user = "jwt-user"
+    if proxy.user_sessions(user) >= proxy.session_limit:
+        return _text(403, f"You have reached the limit of {proxy.session_limit} parallel sessions")
+    cookie = uuid.uuid4().hex
+    proxy.sessions[cookie] = user
+    response = await handler(request)
+    response.set_cookie(proxy.cookie_name, cookie, path="/", secure=True, httponly=True)
+    return response
 
 
 @web.middleware
 async def qrs_rules(request: web.Request, handler: Handler) -> web.StreamResponse:
-    token = request.app[TOKEN_KEY]
-    if token and request.headers.get("Authorization") != f"Bearer {token}":
-        return _text(401, "Unauthorized")
     params = parse_qsl(request.query_string, keep_blank_values=True)
     keys = [v for k, v in params if k.lower() == "xrfkey"]
     header = request.headers.get("X-Qlik-Xrfkey")
@@ -249,7 +358,8 @@ async def clear_journal(request: web.Request) -> web.Response:
 
 
 async def set_faults(request: web.Request) -> web.Response:
-    """Body: any of {"failNext", "failStatus", "hangNext", "hangS", "dropNext", "delayS"}."""
+    """Body: any of {"failNext", "failStatus", "hangNext", "hangS", "dropNext", "loseNext",
+    "loseAs", "delayS", "pathContains"}."""
     body = await request.json()
     state = _state(request)
     names = {
@@ -258,7 +368,10 @@ async def set_faults(request: web.Request) -> web.Response:
         "hangNext": "hang_next",
         "hangS": "hang_s",
         "dropNext": "drop_next",
+        "loseNext": "lose_next",
+        "loseAs": "lose_as",
         "delayS": "delay_s",
+        "pathContains": "path_contains",
     }
     if not isinstance(body, dict) or not set(body) <= set(names):
         raise web.HTTPBadRequest(text=f"fields: {sorted(names)}")
@@ -267,10 +380,12 @@ async def set_faults(request: web.Request) -> web.Response:
     return web.json_response({k: getattr(state.faults, v) for k, v in names.items()})
 
 
-def build_app(state: SimState, *, prefix: str = "", token: str | None = None) -> web.Application:
-    """The simulator's aiohttp application; `prefix` and `token` make it a JWT virtual proxy."""
-    qrs = web.Application(middlewares=[journal, faults, qrs_rules])
-    qrs[PREFIX_KEY], qrs[TOKEN_KEY] = prefix, token or ""
+def build_app(state: SimState, *, prefix: str = "", proxy: Proxy | None = None) -> web.Application:
+    """The simulator's aiohttp application; `proxy` makes it a JWT virtual proxy."""
+    qrs = web.Application(middlewares=[journal, faults, proxy_auth, qrs_rules])
+    qrs[PREFIX_KEY] = prefix
+    if proxy is not None:
+        qrs[PROXY_KEY] = proxy
     qrs.add_routes(
         [
             web.get("/about", about),
@@ -291,6 +406,7 @@ def build_app(state: SimState, *, prefix: str = "", token: str | None = None) ->
             web.get("/_sim/journal", get_journal),
             web.delete("/_sim/journal", clear_journal),
             web.post("/_sim/faults", set_faults),
+            web.get(f"{prefix}/internal_forms_authentication/", login_page),
         ]
     )
     app.add_subapp(f"{prefix}/qrs", qrs)
@@ -318,6 +434,8 @@ class QrsSimulator:
         port: int = 0,
         prefix: str = "",
         token: str | None = None,
+        session_limit: int = 5,
+        bad_token: BadTokenAnswer = "redirect",
     ) -> None:
         self.fixture = fixture
         self.certs = certs
@@ -327,6 +445,11 @@ class QrsSimulator:
         if self.prefix and not self.prefix.startswith("/"):
             self.prefix = "/" + self.prefix
         self.token = token
+        self.proxy = (
+            Proxy(token, self.prefix, session_limit=session_limit, bad_token=bad_token)
+            if token
+            else None
+        )
         self.state: SimState | None = None
         self._runner: web.AppRunner | None = None
 
@@ -336,7 +459,7 @@ class QrsSimulator:
 
     async def start(self) -> None:
         self.state = SimState(self.fixture)
-        app = build_app(self.state, prefix=self.prefix, token=self.token)
+        app = build_app(self.state, prefix=self.prefix, proxy=self.proxy)
         context = server_ssl_context(self.certs, require_client_cert=self.token is None)
         self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
         await self._runner.setup()

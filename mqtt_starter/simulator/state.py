@@ -3,7 +3,11 @@
 The state machine of qrs-api.md section 5 runs here, one asyncio task per execution session:
 Triggered → (Queued) → Started → FinishedSuccess | FinishedFail, a failed attempt with retries
 left ending FinishedFail and opening a new result under the same session (Retry → Triggered …),
-and stop: AbortInitiated → Aborting → Aborted. The web layer (server.py) only translates HTTP.
+and stop: AbortInitiated → Aborting → Aborted. A task's `lastExecutionResult` is the live
+result of its current run from Triggered on, as in real QRS. Finished executions are kept per
+task up to a limit (QRS cleans up old results too), indexed by execution and result id, and the
+journal is bounded, so a long benchmark does not grow the simulator. The web layer (server.py)
+only translates HTTP.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ import asyncio
 import contextlib
 import time
 import uuid
+from collections import deque
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -38,6 +43,25 @@ _TERMINAL = {6, 7, 8, 9, 11, 12}
 # Short, fixed steps between states nobody scripts; long enough to be observed by a poller.
 _STEP_S = 0.02
 _RETRY_DELAY_S = 0.05
+# taskType code and schemaPath of each fixture type (qrs-api.md section 2).
+TASK_TYPES = {
+    "reload": (0, "ReloadTask"),
+    "external": (1, "ExternalProgramTask"),
+    "usersync": (2, "UserSyncTask"),
+    "distribute": (3, "DistributionTask"),
+    "preload": (4, "PreloadTask"),
+}
+# The fields of an execution result that a task's operational.lastExecutionResult shows.
+_LAST_RESULT_FIELDS = ("id", "status", "startTime", "stopTime", "duration", "details")
+
+
+class StartRefused(Exception):
+    """QRS answers the start with a 4xx (a user-sync task, for instance)."""
+
+    def __init__(self, status: int, text: str) -> None:
+        self.status = status
+        self.text = text
+        super().__init__(text)
 
 
 def _now_iso() -> str:
@@ -56,6 +80,7 @@ class JournalEntry:
     status: int = 0  # 0: no answer was sent (a hang that was abandoned, a dropped connection)
     started: float = 0.0
     ended: float | None = None
+    user: str = ""  # DIRECTORY\\ID of X-Qlik-User, percent-decoded; "" when absent
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -65,6 +90,7 @@ class JournalEntry:
             "status": self.status,
             "started": self.started,
             "ended": self.ended,
+            "user": self.user,
         }
 
 
@@ -77,10 +103,18 @@ class Faults:
     hang_next: int = 0
     hang_s: float = 3600.0
     drop_next: int = 0
+    # The call takes effect, then its answer is lost: "drop" (the connection closes), "hang"
+    # (no answer for hang_s) or an HTTP status sent instead of the real answer.
+    lose_next: int = 0
+    lose_as: str = "drop"
     delay_s: float = 0.0
+    # Faults (not the delay) apply only to calls whose path contains this text; "" for all.
+    path_contains: str = ""
 
-    def take(self) -> str | None:
-        for kind in ("fail", "hang", "drop"):
+    def take(self, path: str) -> str | None:
+        if self.path_contains and self.path_contains not in path:
+            return None
+        for kind in ("fail", "hang", "drop", "lose"):
             count = getattr(self, f"{kind}_next")
             if count > 0:
                 setattr(self, f"{kind}_next", count - 1)
@@ -91,7 +125,10 @@ class Faults:
 @dataclass
 class SimTask:
     spec: TaskFixture
+    # The result of the current or latest run, shared with the execution (so it is live).
     last_result: dict[str, Any] | None = None
+    # Execution ids of this task's finished runs, oldest first (bounded by results_per_task).
+    history: deque[str] = field(default_factory=deque)
     # The JSON objects are rebuilt only when the task changes (its last result), so that a
     # list call costs a filter, not a rebuild of every task.
     _cache: dict[str, dict[str, Any]] = field(default_factory=dict)
@@ -99,6 +136,13 @@ class SimTask:
     def set_last_result(self, result: dict[str, Any]) -> None:
         self.last_result = result
         self._cache.clear()
+
+    def changed(self) -> None:
+        self._cache.clear()
+
+    @property
+    def task_type(self) -> int:
+        return TASK_TYPES[self.spec.type][0]
 
     def cached(self, full: bool, choice_values: dict[str, list[str]]) -> dict[str, Any]:
         key = "full" if full else "condensed"
@@ -114,7 +158,7 @@ class SimTask:
         return {
             "id": self.id,
             "name": self.spec.name,
-            "taskType": 0 if self.spec.type == "reload" else 1,
+            "taskType": self.task_type,
             "enabled": self.spec.enabled,
             "taskSessionTimeout": 1440,
             "maxRetries": self.spec.max_retries,
@@ -122,8 +166,9 @@ class SimTask:
             "operational": {
                 "id": _stable_id(self.id, "operational"),
                 "nextExecution": NEVER,
-                "lastExecutionResult": self.last_result
-                or {
+                "lastExecutionResult": {k: self.last_result[k] for k in _LAST_RESULT_FIELDS}
+                if self.last_result is not None
+                else {
                     "id": _stable_id(self.id, "never"),
                     "status": 0,
                     "startTime": NEVER,
@@ -157,7 +202,7 @@ class SimTask:
                     for name, values in self.spec.custom_properties.items()
                     for value in ([values] if isinstance(values, str) else values)
                 ],
-                "schemaPath": "ReloadTask" if self.spec.type == "reload" else "ExternalProgramTask",
+                "schemaPath": TASK_TYPES[self.spec.type][1],
             }
         )
         if self.spec.type == "reload":
@@ -184,7 +229,11 @@ class SimState:
         self.tasks: dict[str, SimTask] = {t.id: SimTask(t) for t in fixture.tasks}
         self.max_concurrent = fixture.max_concurrent
         self.sessions: dict[str, Session] = {}
-        self.results: list[dict[str, Any]] = []
+        self.results_per_task = fixture.results_per_task
+        self.journal_limit = fixture.journal_limit
+        # Every kept result, by execution (session) id and by result id.
+        self.executions: dict[str, list[dict[str, Any]]] = {}
+        self.result_by_id: dict[str, dict[str, Any]] = {}
         self.journal: list[JournalEntry] = []
         self.faults = Faults()
         self.in_flight = 0
@@ -213,7 +262,7 @@ class SimState:
         """Tasks of `kind` ("task", "reloadtask" or "externalprogramtask") as QRS shows them."""
         choices = self.choice_values()
         wanted = {
-            "task": ("reload", "external"),
+            "task": tuple(TASK_TYPES),
             "reloadtask": ("reload",),
             "externalprogramtask": ("external",),
         }[kind]
@@ -231,11 +280,21 @@ class SimState:
     # -- executions -------------------------------------------------------------------------
 
     def start(self, task: SimTask) -> str:
-        """Start `task`; its execution session id, or the empty GUID when it cannot start."""
-        if not task.spec.enabled or self.live_session(task.id) is not None:
+        """Start `task`; its execution session id, or the empty GUID when it cannot start
+        (disabled, already triggered or running, or not startable); StartRefused for a type
+        that cannot be started."""
+        if task.spec.type == "usersync":
+            raise StartRefused(400, f"Task {task.id} is a user synchronization task")
+        if (
+            not task.spec.enabled
+            or not task.spec.startable
+            or self.live_session(task.id) is not None
+        ):
             return EMPTY_GUID
         session = Session(str(uuid.uuid4()), task)
         self.sessions[session.id] = session
+        if len(self.started) >= self.journal_limit:
+            del self.started[: self.journal_limit // 2]
         self.started.append(task.id)
         self._new_result(session, TRIGGERED)
         session.runner = asyncio.create_task(self._run(session), name=f"sim-exec-{session.id}")
@@ -246,8 +305,13 @@ class SimState:
         if session is not None:
             session.abort.set()
 
-    def execution_results(self) -> list[dict[str, Any]]:
-        return list(self.results)
+    @property
+    def results(self) -> list[dict[str, Any]]:
+        """Every kept execution result, oldest execution first."""
+        return [r for results in self.executions.values() for r in results]
+
+    def results_of(self, execution_id: str) -> list[dict[str, Any]]:
+        return list(self.executions.get(execution_id.lower(), ()))
 
     def _new_result(self, session: Session, status: int) -> dict[str, Any]:
         task = session.task
@@ -258,6 +322,7 @@ class SimState:
             "appID": _stable_id("app", task.spec.app or task.spec.name)
             if task.spec.type == "reload"
             else EMPTY_GUID,
+            "fileReferenceID": EMPTY_GUID,
             "status": status,
             "startTime": NEVER,
             "stopTime": NEVER,
@@ -267,9 +332,12 @@ class SimState:
             "details": [],
             "schemaPath": "ExecutionResult",
         }
+        result["_task"] = task
         self._detail(result, 2, f"Changing task state to {_STATE_NAMES[status]}")
         session.results.append(result)
-        self.results.append(result)
+        self.executions.setdefault(session.id, []).append(result)
+        self.result_by_id[result["id"]] = result
+        task.set_last_result(result)
         return result
 
     @staticmethod
@@ -277,6 +345,7 @@ class SimState:
         result["details"].append(
             {"detailsType": kind, "message": message, "detailCreatedDate": _now_iso()}
         )
+        result["_task"].changed()
 
     def _set(self, result: dict[str, Any], status: int) -> None:
         self._detail(
@@ -348,14 +417,12 @@ class SimState:
         self._finish(session, result)
 
     def _finish(self, session: Session, result: dict[str, Any]) -> None:
-        session.task.set_last_result(
-            {
-                k: v
-                for k, v in result.items()
-                if k in ("id", "status", "startTime", "stopTime", "duration", "details")
-            }
-        )
         self.sessions.pop(session.id, None)
+        history = session.task.history
+        history.append(session.id)
+        while len(history) > self.results_per_task:
+            for old in self.executions.pop(history.popleft(), ()):
+                self.result_by_id.pop(old["id"], None)
 
     async def pause(self, seconds: float) -> None:
         """Sleep for a fault (delay, hang), cut short when the simulator stops."""
@@ -370,6 +437,11 @@ class SimState:
         await asyncio.gather(*runners, return_exceptions=True)
 
     # -- journal ------------------------------------------------------------------------------
+
+    def record(self, entry: JournalEntry) -> None:
+        if len(self.journal) >= self.journal_limit:
+            del self.journal[: self.journal_limit // 2]
+        self.journal.append(entry)
 
     def reset_journal(self) -> None:
         self.journal.clear()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import ssl
 from collections.abc import AsyncIterator
@@ -130,28 +131,89 @@ async def test_clients_without_a_certificate_of_the_ca_are_refused(
     assert sim_state.journal == []  # refused in the TLS handshake, before any request
 
 
-async def test_proxy_mode_wants_prefix_and_bearer_token(
-    certs: CertPaths, task_fixture: Fixture
-) -> None:
-    sim = QrsSimulator(task_fixture, certs, prefix="jwt", token="s3cret")
+@contextlib.asynccontextmanager
+async def proxy_sim(
+    certs: CertPaths, task_fixture: Fixture, **options: Any
+) -> AsyncIterator[QrsSimulator]:
+    sim = QrsSimulator(task_fixture, certs, prefix="jwt", token="s3cret", **options)
     await sim.start()
     try:
-        context = ssl.create_default_context(cafile=str(certs.root))
-        headers = {"X-Qlik-Xrfkey": KEY, "X-Qlik-User": USER}
-        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=context)) as s:
-            url = f"{sim.url}/qrs/about?xrfkey={KEY}"
-            assert url.startswith(f"https://127.0.0.1:{sim.port}/jwt/qrs/")
-            async with s.get(url, headers=headers) as r:
-                assert r.status == 401
-            async with s.get(url, headers={**headers, "Authorization": "Bearer s3cret"}) as r:
-                assert r.status == 200
-        assert sim.state is not None
-        assert [(e.path, e.status) for e in sim.state.journal] == [
-            ("/qrs/about", 401),
-            ("/qrs/about", 200),
-        ]
+        yield sim
     finally:
         await sim.stop()
+
+
+def proxy_session(certs: CertPaths, *, keep_cookies: bool) -> aiohttp.ClientSession:
+    context = ssl.create_default_context(cafile=str(certs.root))
+    jar: aiohttp.abc.AbstractCookieJar = (
+        aiohttp.CookieJar(unsafe=True) if keep_cookies else aiohttp.DummyCookieJar()
+    )
+    return aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=context), cookie_jar=jar)
+
+
+PROXY_HEADERS = {"X-Qlik-Xrfkey": KEY, "X-Qlik-User": USER}
+BEARER = {**PROXY_HEADERS, "Authorization": "Bearer s3cret"}
+
+
+@pytest.mark.parametrize(
+    ("bad_token", "status", "content_type"),
+    [
+        ("redirect", 302, "application/octet-stream"),
+        ("401", 401, "text/plain"),
+        ("html", 200, "text/html"),
+    ],
+)
+async def test_proxy_mode_refuses_a_bad_token_as_configured(
+    certs: CertPaths, task_fixture: Fixture, bad_token: str, status: int, content_type: str
+) -> None:
+    async with proxy_sim(certs, task_fixture, bad_token=bad_token) as sim:
+        url = f"{sim.url}/qrs/about?xrfkey={KEY}"
+        assert url.startswith(f"https://127.0.0.1:{sim.port}/jwt/qrs/")
+        async with proxy_session(certs, keep_cookies=True) as s:
+            for headers in (PROXY_HEADERS, {**PROXY_HEADERS, "Authorization": "Bearer nope"}):
+                async with s.get(url, headers=headers, allow_redirects=False) as r:
+                    assert (r.status, r.content_type) == (status, content_type)
+                    if bad_token == "redirect":
+                        assert r.headers["Location"].startswith(
+                            "/jwt/internal_forms_authentication/?targetId="
+                        )
+                    assert "X-Qlik-Session-jwt" not in r.cookies
+        assert sim.state is not None and sim.proxy is not None
+        assert [(e.path, e.status) for e in sim.state.journal] == [("/qrs/about", status)] * 2
+        assert sim.proxy.sessions == {}
+
+
+async def test_proxy_session_cookie_stands_for_the_token(
+    certs: CertPaths, task_fixture: Fixture
+) -> None:
+    async with proxy_sim(certs, task_fixture) as sim:
+        url = f"{sim.url}/qrs/about?xrfkey={KEY}"
+        async with proxy_session(certs, keep_cookies=True) as s:
+            async with s.get(url, headers=BEARER) as r:
+                assert r.status == 200
+                cookie = r.cookies["X-Qlik-Session-jwt"]
+                assert cookie["path"] == "/" and cookie["secure"] and cookie["httponly"]
+            # The cookie alone is enough, and no second session is opened.
+            for _ in range(3):
+                async with s.get(url, headers=PROXY_HEADERS) as r:
+                    assert r.status == 200 and "X-Qlik-Session-jwt" not in r.cookies
+        assert sim.proxy is not None and list(sim.proxy.sessions.values()) == ["jwt-user"]
+
+
+async def test_proxy_limits_parallel_sessions_per_user(
+    certs: CertPaths, task_fixture: Fixture
+) -> None:
+    async with proxy_sim(certs, task_fixture, session_limit=5) as sim:
+        url = f"{sim.url}/qrs/about?xrfkey={KEY}"
+        # A client that drops the cookie opens a proxy session on every call.
+        async with proxy_session(certs, keep_cookies=False) as s:
+            answers = []
+            for _ in range(6):
+                async with s.get(url, headers=BEARER) as r:
+                    answers.append((r.status, await r.text()))
+        assert [a[0] for a in answers] == [200] * 5 + [403]
+        assert answers[5][1] == "You have reached the limit of 5 parallel sessions"
+        assert sim.proxy is not None and len(sim.proxy.sessions) == 5
 
 
 # -- endpoints and filters -------------------------------------------------------------------
@@ -182,7 +244,7 @@ async def test_lists_by_type_condensed_and_full(raw: Raw, task_fixture: Fixture)
     _, external = await raw("GET", "/qrs/externalprogramtask/full")
     assert sorted(t["name"] for t in external) == ["Export to Data Lake", "Queued Cleanup"]
     assert {t["taskType"] for t in external} == {1}
-    assert await raw("GET", "/qrs/reloadtask/count") == (200, {"value": 8})
+    assert await raw("GET", "/qrs/reloadtask/count") == (200, {"value": 9})
     _, never = await raw("GET", "/qrs/task/full", f(f"id eq {SALES}"))
     assert never[0]["operational"]["lastExecutionResult"]["startTime"] == (
         "1753-01-01T00:00:00.000Z"
@@ -259,7 +321,7 @@ async def test_unencoded_plus_reads_as_a_space(raw: Raw) -> None:
 
 
 async def results(raw: Raw, session: str) -> list[dict[str, Any]]:
-    _, body = await raw("GET", "/qrs/executionresult", f(f"executionID eq {session}"))
+    _, body = await raw("GET", "/qrs/executionresult/full", f(f"executionID eq {session}"))
     assert isinstance(body, list)
     return body
 
@@ -421,3 +483,159 @@ async def test_control_endpoints(raw: Raw, sim_state: SimState) -> None:
     assert (await raw("DELETE", "/_sim/journal", xrfkey=None))[0] == 204
     assert sim_state.journal == [] and sim_state.started == []
     assert (await raw("POST", "/_sim/faults", body={"bogus": 1}, xrfkey=None))[0] == 400
+
+
+# -- the entities as real QRS shows them -----------------------------------------------------------
+
+EXECUTION_FIELDS = {
+    "id",
+    "taskID",
+    "executionID",
+    "appID",
+    "status",
+    "startTime",
+    "stopTime",
+    "duration",
+    "executingNodeName",
+    "fileReferenceID",
+    "scriptLogAvailable",
+    "details",
+    "schemaPath",
+}
+
+
+async def test_plain_execution_results_are_condensed(raw: Raw) -> None:
+    _, body = await raw("POST", f"/qrs/task/{SALES}/start/synchronous")
+    session = body["value"]
+    status, condensed = await raw("GET", "/qrs/executionresult", f(f"executionID eq {session}"))
+    [full] = await results(raw, session)
+    assert status == 200
+    assert condensed == [{"id": full["id"], "privileges": None}]
+    assert set(full) == EXECUTION_FIELDS
+    assert (full["taskID"], full["executionID"]) == (SALES, session)
+    assert await raw("GET", "/qrs/executionresult/count", f(f"executionID eq {session}")) == (
+        200,
+        {"value": 1},
+    )
+
+
+async def test_index_answers_like_the_filter_engine(raw: Raw) -> None:
+    sessions = [
+        (await raw("POST", f"/qrs/task/{task}/start/synchronous"))[1]["value"]
+        for task in (SALES, FORECAST)
+    ]
+    for session in sessions:
+        indexed = await results(raw, session)
+        _, scanned = await raw(
+            "GET", "/qrs/executionresult/full", f(f"(executionID eq {session.upper()})")
+        )
+        assert [r["id"] for r in indexed] == [r["id"] for r in scanned]
+        [one] = indexed
+        _, by_id = await raw("GET", "/qrs/executionresult/full", f(f"id eq {one['id']}"))
+        assert [r["id"] for r in by_id] == [one["id"]]
+    unknown = "12345678-0000-4000-8000-000000000000"
+    assert await raw("GET", "/qrs/executionresult/full", f(f"executionID eq {unknown}")) == (
+        200,
+        [],
+    )
+
+
+async def test_last_execution_result_is_live(raw: Raw) -> None:
+    _, body = await raw("POST", f"/qrs/task/{LONG}/start/synchronous")
+    session = body["value"]
+
+    async def last() -> dict[str, Any]:
+        _, [task] = await raw("GET", "/qrs/task/full", f(f"id eq {LONG}"))
+        result: dict[str, Any] = task["operational"]["lastExecutionResult"]
+        return result
+
+    [result] = await results(raw, session)
+    seen = await last()
+    # From Triggered on, the task points at the run in progress, with the run's own result id.
+    assert seen["id"] == result["id"]
+    assert seen["status"] in (1, 2)
+    assert set(seen) == {"id", "status", "startTime", "stopTime", "duration", "details"}
+
+    async def started() -> bool:
+        return bool((await last())["status"] == 2)
+
+    await wait_until(started, what="the task's last result to show Started")
+    # The condensed list carries the same operational part.
+    _, condensed = await raw("GET", "/qrs/task", f(f"id eq {LONG}"))
+    assert condensed[0]["operational"]["lastExecutionResult"]["status"] == 2
+    assert (await raw("POST", f"/qrs/task/{LONG}/stop"))[0] == 204
+    await run_to_end(raw, session)
+    assert (await last())["status"] == 6
+
+
+async def test_task_types_and_starts_that_qrs_declines(raw: Raw, sim_state: SimState) -> None:
+    _, tasks = await raw("GET", "/qrs/task/full", f("tags.name eq 'Types'"))
+    assert sorted((t["name"], t["taskType"], t["schemaPath"]) for t in tasks) == [
+        ("Sync Users", 2, "UserSyncTask"),
+        ("Warm the Sales app", 4, "PreloadTask"),
+    ]
+    users = "bbbbbbbb-bbbb-4bbb-8bbb-bbbbbbbbbbbb"
+    assert await raw("POST", f"/qrs/task/{users}/start/synchronous") == (
+        400,
+        f"Task {users} is a user synchronization task",
+    )
+    # Enabled and idle, but QRS cannot start it (no scheduler, app unavailable).
+    no_scheduler = "dddddddd-dddd-4ddd-8ddd-dddddddddddd"
+    assert await raw("POST", f"/qrs/task/{no_scheduler}/start/synchronous") == (
+        201,
+        {"value": EMPTY},
+    )
+    _, body = await raw("POST", "/qrs/task/cccccccc-cccc-4ccc-8ccc-cccccccccccc/start/synchronous")
+    assert body["value"] != EMPTY
+    assert sim_state.started == ["cccccccc-cccc-4ccc-8ccc-cccccccccccc"]
+
+
+@pytest.mark.parametrize("lose_as", ["drop", "503"])
+async def test_a_lost_answer_still_starts_the_task(
+    raw: Raw, sim_state: SimState, lose_as: str
+) -> None:
+    sim_state.faults.lose_next, sim_state.faults.lose_as = 1, lose_as
+    sim_state.faults.path_contains = "/start"
+    # The fault waits for a matching call: this one passes.
+    assert (await raw("GET", "/qrs/about"))[0] == 200
+    if lose_as == "drop":
+        with pytest.raises(aiohttp.ClientError):
+            await raw("POST", f"/qrs/task/{SALES}/start/synchronous")
+    else:
+        assert (await raw("POST", f"/qrs/task/{SALES}/start/synchronous"))[0] == 503
+    assert sim_state.started == [SALES]
+    assert next(iter(sim_state.sessions.values())).task.id == SALES
+    # The next start finds the task running: the empty GUID.
+    assert await raw("POST", f"/qrs/task/{SALES}/start/synchronous") == (201, {"value": EMPTY})
+    assert [e.status for e in sim_state.journal] == [200, 0 if lose_as == "drop" else 503, 201]
+
+
+async def test_qlik_user_values_are_percent_decoded(raw: Raw, sim_state: SimState) -> None:
+    user = "UserDirectory=CORP%20EU; UserId=j%C3%B6rg%3Bx"
+    assert (await raw("GET", "/qrs/about", user=user))[0] == 200
+    assert sim_state.journal[-1].user == "CORP EU\\jörg;x"
+
+
+async def test_results_and_journal_are_bounded(certs: CertPaths, task_fixture: Fixture) -> None:
+    fixture = task_fixture.model_copy(update={"results_per_task": 2, "journal_limit": 100})
+    sim = QrsSimulator(fixture, certs)
+    await sim.start()
+    try:
+        connector = aiohttp.TCPConnector(ssl=client_context(certs))
+        async with aiohttp.ClientSession(connector=connector) as session:
+            raw = Raw(sim, session)
+            task = "66666666-6666-4666-8666-666666666666"
+            sessions = []
+            for _ in range(3):
+                sessions.append((await raw("POST", f"/qrs/task/{task}/start/synchronous"))[1])
+                await run_to_end(raw, sessions[-1]["value"])
+            assert await results(raw, sessions[0]["value"]) == []
+            assert [len(await results(raw, s["value"])) for s in sessions[1:]] == [1, 1]
+            assert sim.state is not None
+            assert len(sim.state.result_by_id) == 2
+            for _ in range(150):
+                await raw("GET", "/qrs/about")
+            assert len(sim.state.journal) <= 100
+            assert sim.state.journal[-1].path == "/qrs/about"
+    finally:
+        await sim.stop()

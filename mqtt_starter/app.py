@@ -407,8 +407,9 @@ class Daemon:
     ) -> None:
         tracker = self.tracker
         assert tracker is not None
+        timeout_s = request.wait_timeout_s or self.settings.status.wait_timeout_s
         finals = await asyncio.gather(
-            *(self._follow_one(tracker, o, request.request_id) for o in handled.started)
+            *(self._follow_one(tracker, o, request.request_id, timeout_s) for o in handled.started)
         )
         if request.wait:
             reply = finished_reply(handled.reply, {o.task.id: o for o in finals})
@@ -420,7 +421,7 @@ class Daemon:
                 )
 
     async def _follow_one(
-        self, tracker: Tracker, outcome: TaskOutcome, request_id: str | None
+        self, tracker: Tracker, outcome: TaskOutcome, request_id: str | None, timeout_s: float
     ) -> TaskOutcome:
         assert outcome.execution_id is not None
         topic = f"{self.settings.mqtt.base_topic}/status/task/{outcome.task.id}"
@@ -433,5 +434,7 @@ class Daemon:
                     topic, encode_status_event(execution, outcome.task.name, request_id)
                 )
 
-        final = await tracker.follow(outcome.task, outcome.execution_id, on_change)
+        final = await tracker.follow(
+            outcome.task, outcome.execution_id, on_change, timeout_s=timeout_s
+        )
         return dataclasses.replace(outcome, final=final)

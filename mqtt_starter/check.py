@@ -7,7 +7,6 @@ QRS is asked once (no retries): /qrs/about, then one task query.
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,12 +53,11 @@ async def check_qrs(settings: Settings) -> list[Check]:
             about = await qrs.about()
             first = Check(True, what, f"answered, build {about.get('buildVersion', '?')}")
             try:
-                _, text = await qrs.call("GET", "task/count")
-                count = json.loads(text).get("value", "?")
+                count = await qrs.task_count()
             except QrsError as exc:
                 return [first, Check(False, "QRS task query", str(exc))]
-            except (ValueError, AttributeError):
-                return [first, Check(False, "QRS task query", f"unexpected answer {text[:80]!r}")]
+            if count is None:
+                return [first, Check(False, "QRS task query", "unexpected answer to task/count")]
             return [first, Check(True, "QRS task query", f"{count} tasks visible")]
     except QrsError as exc:
         return [Check(False, what, str(exc)), Check(None, "QRS task query", "QRS did not answer")]

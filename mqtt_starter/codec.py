@@ -16,6 +16,7 @@ from typing import Any
 from .errors import BadPayload, PayloadTooLarge
 from .model import (
     Execution,
+    FollowEnd,
     Reply,
     ReplyStatus,
     Request,
@@ -27,6 +28,10 @@ from .model import (
 )
 
 MAX_ID_LENGTH = 256
+# `state` of a run that can no longer be followed; it has no QRS status code.
+UNKNOWN_STATE = "Unknown"
+# `startedBy` of a run this daemon started; any other run is "other".
+STARTED_BY_US = "mqtt-starter"
 # The JSON nesting a request can need is 3 (object → list → object); anything much deeper is
 # an attack on the parser, refused before json.loads recurses into it.
 MAX_DEPTH = 32
@@ -94,6 +99,14 @@ def _flag(value: Any, where: str) -> bool:
     return value
 
 
+def _seconds(value: Any, where: str) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value <= 1e9:
+        raise BadPayload(f"{where}: expected a number of seconds greater than 0")
+    return float(value)
+
+
 def _object(value: Any, where: str, fields: Sequence[str]) -> Mapping[str, Any]:
     if not isinstance(value, Mapping):
         raise BadPayload(f"{where}: expected an object")
@@ -139,6 +152,7 @@ REQUEST_FIELDS = (
     *_SELECTOR_FIELDS,
     "allTaskIdsMustExist",
     "wait",
+    "waitTimeoutS",
     "dryRun",
 )
 
@@ -178,6 +192,7 @@ def parse_request(
             data.get("allTaskIdsMustExist", False), "allTaskIdsMustExist"
         ),
         wait=_flag(data.get("wait", False), "wait"),
+        wait_timeout_s=_seconds(data.get("waitTimeoutS"), "waitTimeoutS"),
         dry_run=_flag(data.get("dryRun", False), "dryRun"),
     )
 
@@ -229,18 +244,52 @@ def parse_butler_items(items: list[Any]) -> list[Selector]:
 def reply_status(
     outcomes: Sequence[TaskOutcome], unmatched_count: int, *, finished: bool
 ) -> ReplyStatus:
-    """ok: all asked for was started (at `finished`: and succeeded); error: nothing started."""
+    """The reply's `status` (DESIGN.md section 2).
+
+    accepted: ok when everything asked for was started, error when nothing was.
+    finished: ok when that held and every started run ended FinishedSuccess, error when no
+    run did, partial otherwise; a timeout and Unknown count as not successful. A finished
+    reply is never better than its accepted one.
+    """
     going = (TaskResult.STARTED, TaskResult.DRY_RUN)
-    if not any(o.result in going for o in outcomes):
-        return ReplyStatus.ERROR
-    all_going = all(o.result in going for o in outcomes) and unmatched_count == 0
     if finished:
-        all_going = all_going and all(
-            o.result is TaskResult.DRY_RUN
-            or (o.final is not None and o.final.status is TaskStatus.FINISHED_SUCCESS)
+        good = [
+            o
             for o in outcomes
-        )
-    return ReplyStatus.OK if all_going else ReplyStatus.PARTIAL
+            if o.result is TaskResult.DRY_RUN
+            or (o.result is TaskResult.STARTED and o.final is not None and o.final.succeeded)
+        ]
+    else:
+        good = [o for o in outcomes if o.result in going]
+    if not good:
+        return ReplyStatus.ERROR
+    if len(good) == len(outcomes) and unmatched_count == 0:
+        return ReplyStatus.OK
+    return ReplyStatus.PARTIAL
+
+
+def _final_json(end: FollowEnd) -> dict[str, Any]:
+    """The fields a started task gets at stage `finished`."""
+    last = end.last
+    if end.lost is not None or last is None:
+        data: dict[str, Any] = {
+            "state": UNKNOWN_STATE,
+            "stateCode": None,
+            "durationMs": last.duration_ms if last is not None else None,
+        }
+        if end.lost is not None:
+            data["error"] = end.lost
+    else:
+        data = {
+            "state": last.status.qrs_name,
+            "stateCode": int(last.status),
+            "durationMs": last.duration_ms,
+        }
+        if last.status.terminal and last.status is not TaskStatus.FINISHED_SUCCESS:
+            data["reason"] = last.reason or last.message
+    if end.timed_out:
+        data["timedOut"] = True
+    return data
 
 
 def _outcome_json(outcome: TaskOutcome) -> dict[str, Any]:
@@ -255,13 +304,7 @@ def _outcome_json(outcome: TaskOutcome) -> dict[str, Any]:
     if outcome.error is not None:
         data["error"] = outcome.error
     if outcome.final is not None:
-        data.update(
-            state=outcome.final.status.qrs_name,
-            stateCode=int(outcome.final.status),
-            durationMs=outcome.final.duration_ms,
-        )
-        if outcome.final.message and outcome.final.status is not TaskStatus.FINISHED_SUCCESS:
-            data["message"] = outcome.final.message
+        data.update(_final_json(outcome.final))
     return data
 
 
@@ -290,7 +333,13 @@ def encode_reply(reply: Reply, instance: str) -> bytes:
     ).encode("utf-8")
 
 
-def encode_status_event(execution: Execution, task_name: str, request_id: str | None) -> bytes:
+def encode_status_event(
+    execution: Execution,
+    task_name: str,
+    request_id: str | None,
+    *,
+    started_by: str = STARTED_BY_US,
+) -> bytes:
     return json.dumps(
         {
             "taskId": execution.task_id,
@@ -299,6 +348,7 @@ def encode_status_event(execution: Execution, task_name: str, request_id: str | 
             "state": execution.status.qrs_name,
             "stateCode": int(execution.status),
             "requestId": request_id,
+            "startedBy": started_by,
             "startTime": execution.start_time,
             "stopTime": execution.stop_time,
             "durationMs": execution.duration_ms,

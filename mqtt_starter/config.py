@@ -30,7 +30,8 @@ from .routing import TopicFilter
 
 ENV_PREFIX = "MQTT_STARTER_"
 # Secrets that may also be given as `<key>_file`; the file's content (trailing newline cut) is used.
-SECRET_KEYS = (("mqtt", "password"), ("qrs", "jwt"), ("http", "token"))
+# qrs.jwt_file is not among them: the QRS client reads it itself, and again when it changes.
+SECRET_KEYS = (("mqtt", "password"), ("http", "token"))
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
 
@@ -168,11 +169,26 @@ class QrsSettings(Section):
         Path("/etc/mqtt-starter/root.pem"),
         description="root.pem that signed the Sense server certificate (none: system trust store)",
     )
+    verify_hostname: bool = Field(
+        True,
+        description="check that the server certificate names the host; false: verify only"
+        " its chain against ca_file (Sense's certificates name the node's host name)",
+    )
+    server_name: str | None = Field(
+        None,
+        description="the host name the server certificate must name, when the URL uses"
+        " another name or an IP address",
+    )
     insecure: bool = Field(
         False,
-        description="do not verify the QRS server certificate (warned at every start)",
+        description="do not verify the QRS server certificate at all (warned at every start);"
+        " prefer verify_hostname or server_name",
     )
     jwt: SecretStr | None = Field(None, description="JWT for a JWT virtual proxy")
+    jwt_file: Path | None = Field(
+        None,
+        description="file holding the JWT instead of `jwt`; read again when it changes",
+    )
     user_directory: str = Field("INTERNAL", description="X-Qlik-User UserDirectory")
     user_id: str = Field("sa_repository", description="X-Qlik-User UserId")
     timeout_s: float = Field(30.0, gt=0, description="time limit of one QRS call")
@@ -196,9 +212,20 @@ class QrsSettings(Section):
             raise ValueError("must not be empty or contain ; = or line breaks")
         return value
 
+    @field_validator("server_name")
+    @classmethod
+    def _server_name(cls, value: str | None) -> str | None:
+        if value is not None and not re.match(
+            r"^[A-Za-z0-9*]([A-Za-z0-9.*-]*[A-Za-z0-9])?$", value
+        ):
+            raise ValueError("a host name (letters, digits, dots and hyphens)")
+        return value
+
     @model_validator(mode="after")
     def _auth(self) -> QrsSettings:
-        if self.auth == "jwt" and self.jwt is None:
+        if self.jwt is not None and self.jwt_file is not None:
+            raise ValueError("give jwt or jwt_file, not both")
+        if self.auth == "jwt" and self.jwt is None and self.jwt_file is None:
             raise ValueError("auth: jwt needs `jwt` or `jwt_file`")
         return self
 
@@ -286,6 +313,12 @@ class StatusSettings(Section):
         True,
         description="publish each state change of started"
         " executions on <base>/status/task/<taskId>",
+    )
+    wait_timeout_s: float = Field(
+        86400.0,
+        gt=0,
+        description="longest time an execution is followed (a `wait` request's finished reply"
+        " comes at the latest then); a request may ask for less with waitTimeoutS",
     )
 
 
@@ -458,6 +491,8 @@ def file_problems(settings: Settings) -> list[ConfigProblem]:
             ("qrs.cert_file", settings.qrs.cert_file),
             ("qrs.key_file", settings.qrs.key_file),
         ]
+    else:
+        wanted.append(("qrs.jwt_file", settings.qrs.jwt_file))
     problems = []
     for key, path in wanted:
         if path is not None and not os.access(path, os.R_OK):

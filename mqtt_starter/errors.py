@@ -13,6 +13,7 @@ calls the foreign library; nothing above that edge catches anything else.
     │   └── ReplyTopicRefused        "reply_topic_refused"
     ├── QrsError                     "qrs_unavailable" unless a subclass says otherwise
     │   ├── QrsUnavailable           connection errors, timeouts, 5xx after the last retry
+    │   │   └── QrsAnswerLost        a call not safe to repeat may have reached QRS; no answer
     │   ├── QrsAuthError             401/403 or a TLS failure: retrying cannot help
     │   └── QrsRequestError          any other 4xx: the request itself was wrong ("internal")
     └── MqttLinkError                the broker refused or dropped the connection
@@ -72,13 +73,20 @@ class ReplyTopicRefused(RequestError):
 class QrsError(MqttStarterError):
     code = "qrs_unavailable"
 
-    def __init__(self, message: str, *, status: int | None = None, path: str = "") -> None:
+    def __init__(
+        self, message: str, *, status: int | None = None, path: str = "", detail: str = ""
+    ) -> None:
         self.status = status
         self.path = path
+        self.detail = detail  # QRS's own text, when it answered
         super().__init__(message)
 
 
 class QrsUnavailable(QrsError):
+    pass
+
+
+class QrsAnswerLost(QrsUnavailable):
     pass
 
 

@@ -119,6 +119,22 @@ class TaskRef:
     custom_properties: tuple[CustomPropertyValue, ...] = ()
     last_status: TaskStatus = TaskStatus.NEVER_STARTED
     app_name: str = ""
+    # id of operational.lastExecutionResult: it changes when a new run is triggered.
+    last_result_id: str = ""
+
+    @property
+    def type_name(self) -> str:
+        return TASK_TYPE_NAMES.get(self.task_type, f"type {self.task_type}")
+
+
+# QRS taskType codes (qrs-api.md section 2).
+TASK_TYPE_NAMES = {
+    0: "Reload",
+    1: "ExternalProgram",
+    2: "UserSync",
+    3: "Distribute",
+    4: "Preload",
+}
 
 
 @dataclass(frozen=True)
@@ -131,7 +147,29 @@ class Execution:
     start_time: str | None = None
     stop_time: str | None = None
     duration_ms: int = 0
-    message: str = ""
+    message: str = ""  # the newest detail message (of the errors when there are any)
+    reason: str = ""  # the error details, oldest first, one a line
+    result_id: str = ""
+
+
+@dataclass(frozen=True)
+class FollowEnd:
+    """How following one execution ended: at its final state, at the deadline (`timed_out`,
+    with the last state seen), or because QRS no longer let it be followed (`lost` says why:
+    the state is Unknown)."""
+
+    last: Execution | None
+    timed_out: bool = False
+    lost: str | None = None
+
+    @property
+    def succeeded(self) -> bool:
+        return (
+            not self.timed_out
+            and self.lost is None
+            and self.last is not None
+            and self.last.status is TaskStatus.FINISHED_SUCCESS
+        )
 
 
 @dataclass(frozen=True)
@@ -143,6 +181,7 @@ class Request:
     reply_to: str | None = None
     all_task_ids_must_exist: bool = False
     wait: bool = False
+    wait_timeout_s: float | None = None  # None: status.wait_timeout_s
     dry_run: bool = False
 
 
@@ -179,8 +218,19 @@ class TaskResult(StrEnum):
     ALREADY_RUNNING = "already_running"
     DENIED = "denied"
     DISABLED = "disabled"
+    NOT_STARTED = "not_started"  # QRS declined without a reason a re-read explains
+    UNKNOWN = "unknown"  # the start's answer was lost and no run that began after it is seen
     FAILED = "failed"
     DRY_RUN = "dry_run"
+
+
+@dataclass(frozen=True)
+class StartResult:
+    """What became of one start call."""
+
+    result: TaskResult
+    execution_id: str | None = None
+    error: str | None = None
 
 
 @dataclass(frozen=True)
@@ -192,7 +242,7 @@ class TaskOutcome:
     result: TaskResult
     execution_id: str | None = None
     error: str | None = None
-    final: Execution | None = None  # set at stage "finished" for started tasks
+    final: FollowEnd | None = None  # set at stage "finished" for started tasks
 
 
 class ReplyStatus(StrEnum):

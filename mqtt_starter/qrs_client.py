@@ -1,9 +1,15 @@
 """The QRS client: the only module that imports the HTTP client library.
 
 One aiohttp session and connection pool; every call gets a fresh xrfkey (query and header),
-the X-Qlik-User header, and either the client certificate (port 4242) or a bearer JWT (virtual
-proxy). At most `max_concurrency` calls are in flight. Connection errors, timeouts and 5xx are
-retried with full-jitter exponential backoff; 4xx never are. aiohttp and ssl errors become
+the X-Qlik-User header (values URL-encoded), and either the client certificate (port 4242) or a
+bearer JWT (virtual proxy, whose session cookie is kept, also for IP hosts). At most
+`max_concurrency` calls are in flight. Redirects are never followed: from a proxy, a redirect
+or an HTML page means the token was refused.
+
+Retries: a call that is safe to repeat is retried on connection errors, timeouts and 5xx with
+full-jitter exponential backoff; 4xx never are. A start is not safe to repeat: it is re-sent
+only when it provably never left (the connection could not be made); otherwise its answer is
+lost (QrsAnswerLost), and `start_task` re-reads the task instead. aiohttp and ssl errors become
 QrsError subclasses here and nowhere else.
 """
 
@@ -16,27 +22,60 @@ import secrets
 import ssl
 import time
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 from urllib.parse import quote as url_quote
+from urllib.parse import urlsplit
 
 import aiohttp
+from loguru import logger
 from yarl import URL
 
 from .config import QrsSettings
-from .errors import QrsAuthError, QrsRequestError, QrsUnavailable
-from .model import Execution, Resolution, Selector, SelectorKind, TaskRef
+from .errors import (
+    QrsAnswerLost,
+    QrsAuthError,
+    QrsError,
+    QrsRequestError,
+    QrsUnavailable,
+)
+from .model import (
+    Execution,
+    Resolution,
+    Selector,
+    SelectorKind,
+    StartResult,
+    TaskRef,
+    TaskResult,
+)
 from .qrs_query import (
     EMPTY_GUID,
     execution_filter,
     normalize_guid,
     parse_execution,
     parse_task,
+    result_filter,
     task_filters,
 )
 from .resolution import dedupe_selectors, queryable, resolve
+from .start_check import explain_declined, lost_unknown, run_after
+from .tokens import expiry_warning, token_expiry
 
 # Called after each QRS call with (operation, seconds, HTTP status or 0 when none came back).
 Observer = Callable[[str, float, int], None]
+
+# How often a jwt_file is looked at for a new token, and a near expiry warned about again.
+TOKEN_CHECK_S = 2.0
+EXPIRY_WARN_EVERY_S = 3600.0
+# How long a probe connection waits to see whether QRS closes it (a refused certificate).
+CERT_PROBE_S = 1.0
+# OpenSSL verification codes that get a hint of their own.
+_HOSTNAME_MISMATCH = 62
+_IP_MISMATCH = 64
+_UNKNOWN_ISSUER = {2, 18, 19, 20, 21}
+_EXPIRED = {9, 10}
 
 
 def new_xrfkey() -> str:
@@ -45,21 +84,72 @@ def new_xrfkey() -> str:
     return secrets.token_hex(8)
 
 
+def qlik_user_header(settings: QrsSettings) -> str:
+    directory = url_quote(settings.user_directory, safe="")
+    return f"UserDirectory={directory}; UserId={url_quote(settings.user_id, safe='')}"
+
+
 def build_ssl_context(settings: QrsSettings) -> ssl.SSLContext:
     """Blocking (reads key files): call once, off the event loop."""
     context = ssl.create_default_context(cafile=str(settings.ca_file) if settings.ca_file else None)
+    if settings.ca_file is not None:
+        # Sense's own CA and server certificates fail the strict X.509 checks that Python 3.13
+        # turns on by default; for a root pinned by hand they add nothing, so they are off.
+        context.verify_flags &= ~ssl.VERIFY_X509_STRICT
     if settings.insecure:
         context.check_hostname = False
         context.verify_mode = ssl.CERT_NONE
+    elif not settings.verify_hostname:
+        # The chain is still verified against ca_file; only the name is not compared.
+        context.check_hostname = False
     if settings.auth == "certificate":
         context.load_cert_chain(settings.cert_file, settings.key_file)
     return context
 
 
+def verification_hint(code: int, settings: QrsSettings) -> str:
+    """What to change when QRS's server certificate fails verification with OpenSSL `code`."""
+    host = settings.server_name or urlsplit(settings.url).hostname or "?"
+    if code in (_HOSTNAME_MISMATCH, _IP_MISMATCH):
+        return (
+            f"the certificate does not name {host!r} (Sense's certificates name the node's host"
+            " name): set qrs.server_name to the name it holds, or qrs.verify_hostname: false"
+            " to verify the chain only"
+        )
+    if code in _UNKNOWN_ISSUER:
+        return (
+            "the certificate is not signed by qrs.ca_file: set it to the root.pem exported"
+            " from the QMC together with the client certificate"
+        )
+    if code in _EXPIRED:
+        return "the certificate has expired or is not valid yet: check both machines' clocks"
+    return (
+        "set qrs.ca_file to Sense's root.pem (strict X.509 checks are off for a pinned root);"
+        " qrs.insecure: true turns verification off altogether, as a last resort"
+    )
+
+
+@dataclass
+class _Token:
+    """The bearer JWT, and where it came from (re-read when the file changes)."""
+
+    value: str
+    path: Path | None = None
+    mtime: float = 0.0
+    checked: float = 0.0
+    warned: float = float("-inf")
+
+
 class _Retryable(Exception):
-    def __init__(self, message: str, status: int = 0) -> None:
+    def __init__(self, message: str, status: int = 0, *, never_sent: bool = False) -> None:
         self.status = status
+        # True when the connection could not be made: the request provably never left.
+        self.never_sent = never_sent
         super().__init__(message)
+
+
+def _read_token(path: Path) -> tuple[str, float]:
+    return path.read_text("utf-8").strip(), path.stat().st_mtime
 
 
 class QrsClient:
@@ -71,12 +161,19 @@ class QrsClient:
         *,
         observer: Observer | None = None,
         rng: random.Random | None = None,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self.settings = settings
         self._observer = observer
         self._rng = rng or random.Random()
+        self._clock = clock
         self._session: aiohttp.ClientSession | None = None
         self._gate = asyncio.Semaphore(settings.max_concurrency)
+        # Held by the one call that opens a proxy session, so that calls in parallel do not
+        # each open a session of their own (Sense allows a user about five).
+        self._proxy_session_lock = asyncio.Lock()
+        self._token: _Token | None = None
+        self._ssl_context: ssl.SSLContext | None = None
         self.last_success: float | None = None  # monotonic time of the last answered call
 
     async def start(self) -> None:
@@ -84,19 +181,20 @@ class QrsClient:
             context = await asyncio.to_thread(build_ssl_context, self.settings)
         except (OSError, ssl.SSLError) as exc:
             raise QrsAuthError(f"a QRS certificate or key is unreadable: {exc}") from None
-        connector = aiohttp.TCPConnector(ssl=context, limit=self.settings.max_concurrency)
-        headers = {
-            "X-Qlik-User": f"UserDirectory={self.settings.user_directory}; "
-            f"UserId={self.settings.user_id}",
-            "Accept": "application/json",
-        }
-        if self.settings.auth == "jwt" and self.settings.jwt is not None:
-            headers["Authorization"] = f"Bearer {self.settings.jwt.get_secret_value()}"
+        self._ssl_context = context
+        if self.settings.auth == "jwt":
+            self._token = await self._load_token()
+        trace = aiohttp.TraceConfig()
+        trace.on_connection_create_end.append(_mark_fresh)
         self._session = aiohttp.ClientSession(
-            connector=connector,
-            headers=headers,
+            connector=aiohttp.TCPConnector(ssl=context, limit=self.settings.max_concurrency),
+            headers={"X-Qlik-User": qlik_user_header(self.settings), "Accept": "application/json"},
+            # The proxy's session cookie must come back even when the URL names an IP address,
+            # which aiohttp's default jar refuses.
+            cookie_jar=aiohttp.CookieJar(unsafe=True),
             raise_for_status=False,
             timeout=aiohttp.ClientTimeout(total=self.settings.timeout_s),
+            trace_configs=[trace],
         )
 
     async def close(self) -> None:
@@ -111,6 +209,54 @@ class QrsClient:
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
 
+    # -- the bearer token -----------------------------------------------------------------------
+
+    async def _load_token(self) -> _Token:
+        path = self.settings.jwt_file
+        if path is None:
+            assert self.settings.jwt is not None  # the settings' validator makes sure
+            token = _Token(self.settings.jwt.get_secret_value())
+        else:
+            try:
+                value, mtime = await asyncio.to_thread(_read_token, path)
+            except OSError as exc:
+                raise QrsAuthError(f"cannot read qrs.jwt_file {path}: {exc.strerror}") from None
+            token = _Token(value, path, mtime)
+        token.checked = time.monotonic()
+        self._warn_expiry(token)
+        return token
+
+    def _warn_expiry(self, token: _Token) -> None:
+        warning = expiry_warning(token_expiry(token.value), self._clock())
+        if warning is not None and time.monotonic() - token.warned >= EXPIRY_WARN_EVERY_S:
+            token.warned = time.monotonic()
+            logger.warning(warning)
+
+    async def _current_token(self) -> str:
+        token = self._token
+        assert token is not None
+        if time.monotonic() - token.checked < TOKEN_CHECK_S:
+            return token.value
+        token.checked = time.monotonic()
+        self._warn_expiry(token)
+        if token.path is not None:
+            try:
+                mtime = (await asyncio.to_thread(token.path.stat)).st_mtime
+                if mtime != token.mtime:
+                    self._token = await self._load_token()
+                    assert self._session is not None
+                    # A new token may be another user: its proxy session starts afresh.
+                    self._session.cookie_jar.clear()
+                    logger.info("qrs.jwt_file changed: using the new token")
+            except (OSError, QrsAuthError) as exc:
+                logger.warning("qrs.jwt_file {}: keeping the current token ({})", token.path, exc)
+        return self._token.value if self._token is not None else token.value
+
+    def _needs_proxy_session(self) -> bool:
+        if self.settings.auth != "jwt" or self._session is None:
+            return False
+        return not any(c.key.startswith("X-Qlik-Session") for c in self._session.cookie_jar)
+
     # -- transport ---------------------------------------------------------------------------
 
     def _url(self, path: str, params: Mapping[str, str], xrfkey: str) -> URL:
@@ -122,9 +268,22 @@ class QrsClient:
     async def _once(
         self, method: str, path: str, params: Mapping[str, str], body: Any
     ) -> tuple[int, str]:
+        if self._needs_proxy_session():
+            async with self._proxy_session_lock:
+                if self._needs_proxy_session():
+                    return await self._send(method, path, params, body)
+        return await self._send(method, path, params, body)
+
+    async def _send(
+        self, method: str, path: str, params: Mapping[str, str], body: Any
+    ) -> tuple[int, str]:
         if self._session is None:
             raise RuntimeError("QrsClient.start() was not called")
         xrfkey = new_xrfkey()
+        headers = {"X-Qlik-Xrfkey": xrfkey}
+        if self._token is not None:
+            headers["Authorization"] = f"Bearer {await self._current_token()}"
+        trace = SimpleNamespace(fresh=False)
         try:
             async with (
                 self._gate,
@@ -132,28 +291,105 @@ class QrsClient:
                     method,
                     self._url(path, params, xrfkey),
                     json=body,
-                    headers={"X-Qlik-Xrfkey": xrfkey},
+                    headers=headers,
+                    allow_redirects=False,
+                    server_hostname=self.settings.server_name,
+                    trace_request_ctx=trace,
                 ) as response,
             ):
-                return response.status, await response.text()
+                text = await response.text()
+                self._refuse_login_answers(method, path, response)
+                return response.status, text
         except aiohttp.ClientConnectorCertificateError as exc:
+            error = exc.certificate_error
+            code = getattr(error, "verify_code", 0)
+            message = getattr(error, "verify_message", error)
             raise QrsAuthError(
-                f"TLS verification of {self.settings.url} failed: {exc.certificate_error}",
+                f"TLS verification of {self.settings.url} failed: {message};"
+                f" {verification_hint(code, self.settings)}",
                 path=path,
             ) from None
         except aiohttp.ClientSSLError as exc:
             raise QrsAuthError(
                 f"TLS handshake with {self.settings.url} failed: {exc}", path=path
             ) from None
+        except aiohttp.ClientConnectorError as exc:
+            # No connection was made: nothing was sent.
+            raise _Retryable(f"cannot connect: {exc}", never_sent=True) from None
         except aiohttp.ServerDisconnectedError as exc:
-            hint = (
-                " (a server that refuses the client certificate disconnects like this)"
-                if self.settings.auth == "certificate"
-                else ""
-            )
-            raise _Retryable(f"{type(exc).__name__}: {exc}{hint}") from None
+            if (
+                trace.fresh
+                and self.settings.auth == "certificate"
+                and await self._certificate_refused()
+            ):
+                raise QrsAuthError(
+                    f"QRS {self.settings.url} closed a new connection without answering: it"
+                    " does not accept the client certificate (qrs.cert_file, qrs.key_file);"
+                    " export client.pem, client_key.pem and root.pem again from the QMC",
+                    path=path,
+                ) from None
+            raise _Retryable(f"{type(exc).__name__}: {exc}") from None
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
             raise _Retryable(f"{type(exc).__name__}: {exc}".rstrip(": ")) from None
+
+    async def _certificate_refused(self) -> bool:
+        """Whether QRS refuses the client certificate.
+
+        With TLS 1.3 the server checks the client certificate after the handshake, and a
+        server that refuses it closes the connection (or sends an alert) before any answer;
+        to the HTTP client that is a plain disconnect. A second connection that sends
+        nothing tells the two apart: a refusing server closes it at once, an accepting one
+        waits for a request.
+        """
+        parts = urlsplit(self.settings.url)
+        if self._ssl_context is None or parts.scheme != "https":
+            return False
+        host = parts.hostname or ""
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+        try:
+            reader, writer = await asyncio.wait_for(
+                asyncio.open_connection(
+                    host,
+                    port,
+                    ssl=self._ssl_context,
+                    server_hostname=self.settings.server_name or host,
+                ),
+                self.settings.timeout_s,
+            )
+        except (OSError, ssl.SSLError, TimeoutError):
+            return False
+        try:
+            return await asyncio.wait_for(reader.read(1), CERT_PROBE_S) == b""
+        except TimeoutError:
+            return False
+        except (OSError, ssl.SSLError):
+            return True  # an alert: the handshake was refused
+        finally:
+            writer.close()
+
+    def _refuse_login_answers(
+        self, method: str, path: str, response: aiohttp.ClientResponse
+    ) -> None:
+        """A redirect, or an HTML page where JSON was asked for, is a proxy's login: the
+        token (or the header) was not accepted."""
+        if 300 <= response.status < 400:
+            where = response.headers.get("Location", "?")
+            why = f"redirected to {where}"
+        elif response.content_type == "text/html":
+            why = f"answered with an HTML page (HTTP {response.status})"
+        else:
+            return
+        hint = (
+            "the virtual proxy did not accept the JWT: check qrs.jwt, its expiry, and the"
+            " proxy's JWT settings"
+            if self.settings.auth == "jwt"
+            else "qrs.url should be the QRS port (https://host:4242) or a virtual proxy"
+        )
+        raise QrsAuthError(
+            f"QRS {method} /qrs/{path} was {why}: {hint}",
+            status=response.status,
+            path=path,
+        )
 
     async def call(
         self,
@@ -161,8 +397,14 @@ class QrsClient:
         path: str,
         params: Mapping[str, str] | None = None,
         body: Any = None,
+        *,
+        repeatable: bool = True,
     ) -> tuple[int, str]:
-        """(status, text) of a 2xx answer, after retries; raises a QrsError otherwise."""
+        """(status, text) of a 2xx answer, after retries; raises a QrsError otherwise.
+
+        `repeatable=False` (a start): re-sent only when the request provably never left;
+        any other failure raises QrsAnswerLost at once.
+        """
         params = params or {}
         retry = self.settings.retry
         operation = f"{method} {path.split('/')[0]}"
@@ -174,6 +416,10 @@ class QrsClient:
                 if status >= 500:
                     raise _Retryable(f"HTTP {status}: {text[:200]}", status)
             except _Retryable as exc:
+                if not repeatable and not exc.never_sent:
+                    raise QrsAnswerLost(
+                        f"QRS {method} /qrs/{path}: {exc}", status=exc.status or None, path=path
+                    ) from None
                 if attempt == retry.attempts:
                     raise QrsUnavailable(
                         f"QRS {method} /qrs/{path} failed after {attempt} attempt(s): {exc}",
@@ -192,12 +438,14 @@ class QrsClient:
                     f"QRS refused {method} /qrs/{path}: HTTP {status} {text[:200]}",
                     status=status,
                     path=path,
+                    detail=text[:200],
                 )
             if status >= 400:
                 raise QrsRequestError(
                     f"QRS answered {method} /qrs/{path} with HTTP {status}: {text[:200]}",
                     status=status,
                     path=path,
+                    detail=text[:200],
                 )
             return status, text
         raise AssertionError("unreachable: retry.attempts >= 1")
@@ -208,8 +456,10 @@ class QrsClient:
         path: str,
         params: Mapping[str, str] | None = None,
         body: Any = None,
+        *,
+        repeatable: bool = True,
     ) -> Any:
-        status, text = await self.call(method, path, params, body)
+        status, text = await self.call(method, path, params, body, repeatable=repeatable)
         try:
             return json.loads(text) if text else None
         except json.JSONDecodeError:
@@ -222,6 +472,11 @@ class QrsClient:
     async def about(self) -> dict[str, Any]:
         data = await self._json("GET", "about")
         return data if isinstance(data, dict) else {}
+
+    async def task_count(self) -> int | None:
+        data = await self._json("GET", "task/count")
+        value = data.get("value") if isinstance(data, dict) else None
+        return value if isinstance(value, int) else None
 
     async def find_tasks(self, selectors: Sequence[Selector]) -> list[TaskRef]:
         """Candidate tasks for `selectors`: one query per chunk of selectors, not per task."""
@@ -254,22 +509,91 @@ class QrsClient:
         tasks = await self.find_tasks([Selector(SelectorKind.ID, task_id)])
         return tasks[0] if tasks else None
 
-    async def start_task(self, task_id: str) -> str | None:
-        """Start a task; its execution session id, or None when QRS did not start it."""
-        guid = normalize_guid(task_id)
-        if guid is None:
-            raise ValueError(f"not a GUID: {task_id!r}")
-        data = await self._json("POST", f"task/{guid}/start/synchronous")
+    async def start_task(self, task: TaskRef) -> StartResult:
+        """Start `task` (as read before the start) and say what became of it.
+
+        Never sends a start twice when the first may have reached QRS: a lost answer or a
+        declined start (the empty GUID) is followed by a re-read of the task.
+        """
+        path = f"task/{task.id}/start/synchronous"
+        try:
+            data = await self._json("POST", path, repeatable=False)
+        except QrsAnswerLost as exc:
+            return await self._after_lost_start(task, str(exc))
+        except (QrsRequestError, QrsAuthError) as exc:
+            text = exc.detail or str(exc)
+            return StartResult(
+                TaskResult.FAILED,
+                error=f"QRS refused to start this {task.type_name} task:"
+                f" HTTP {exc.status or '-'} {text}".rstrip(),
+            )
+        except QrsError as exc:
+            return StartResult(TaskResult.FAILED, error=str(exc))
         value = data.get("value") if isinstance(data, dict) else None
         session = normalize_guid(value) if isinstance(value, str) else None
-        return None if session in (None, EMPTY_GUID) else session
+        if session is not None and session != EMPTY_GUID:
+            return StartResult(TaskResult.STARTED, execution_id=session)
+        try:
+            now = await self.task(task.id)
+        except QrsError as exc:
+            return StartResult(
+                TaskResult.NOT_STARTED,
+                error=f"QRS did not start the task, and re-reading it failed: {exc}",
+            )
+        return explain_declined(now)
+
+    async def _after_lost_start(self, before: TaskRef, why: str) -> StartResult:
+        try:
+            now = await self.task(before.id)
+            result_id = run_after(before, now)
+            if result_id is None:
+                return lost_unknown(why)
+            found = await self._executions({"filter": result_filter(result_id)})
+        except QrsError as exc:
+            return lost_unknown(f"{why}; re-reading the task failed: {exc}")
+        execution_id = next((e.execution_id for e in found if e.execution_id), None)
+        if execution_id is None:
+            return StartResult(
+                TaskResult.STARTED,
+                error="the answer to the start was lost; a run began after it, but its"
+                " execution id cannot be read",
+            )
+        logger.info(
+            "the answer to starting task {} was lost ({}); it runs as execution {}",
+            before.id,
+            why,
+            execution_id,
+        )
+        return StartResult(TaskResult.STARTED, execution_id=execution_id)
+
+    async def _executions(self, params: Mapping[str, str]) -> list[Execution]:
+        # Only /full carries task, execution, status and details: the plain list is condensed.
+        data = await self._json("GET", "executionresult/full", params)
+        items = data if isinstance(data, list) else []
+        return [parse_execution(i) for i in items if isinstance(i, dict)]
 
     async def execution_results(self, execution_id: str) -> list[Execution]:
-        data = await self._json(
-            "GET", "executionresult", {"filter": execution_filter(execution_id)}
-        )
-        return (
-            [parse_execution(i) for i in data if isinstance(i, dict)]
-            if isinstance(data, list)
-            else []
-        )
+        return await self._executions({"filter": execution_filter(execution_id)})
+
+    async def execution_alive(self, execution_id: str) -> bool:
+        """Whether the execution session still exists (QRS deletes it at the end)."""
+        guid = normalize_guid(execution_id)
+        if guid is None:
+            raise ValueError(f"not a GUID: {execution_id!r}")
+        try:
+            await self.call("GET", f"executionsession/{guid}")
+        except QrsRequestError as exc:
+            if exc.status == 404:
+                return False
+            raise
+        return True
+
+
+async def _mark_fresh(
+    session: aiohttp.ClientSession,
+    context: SimpleNamespace,
+    params: aiohttp.TraceConnectionCreateEndParams,
+) -> None:
+    trace = context.trace_request_ctx
+    if isinstance(trace, SimpleNamespace):
+        trace.fresh = True

@@ -97,6 +97,13 @@ def execution_filter(execution_id: str) -> str:
     return f"executionID eq {guid}"
 
 
+def result_filter(result_id: str) -> str:
+    guid = normalize_guid(result_id)
+    if guid is None:
+        raise ValueError(f"not a GUID: {result_id!r}")
+    return f"id eq {guid}"
+
+
 def selector_matches(selector: Selector, task: TaskRef) -> bool:
     """Whether `task` really matches `selector`, as QRS compares strings (case-insensitively)."""
     match selector.kind:
@@ -144,6 +151,8 @@ def parse_task(data: Mapping[str, Any]) -> TaskRef | None:
         return None
     operational = data.get("operational")
     last = operational.get("lastExecutionResult") if isinstance(operational, Mapping) else None
+    if not isinstance(last, Mapping):
+        last = {}
     app = data.get("app")
     return TaskRef(
         id=task_id,
@@ -160,8 +169,9 @@ def parse_task(data: Mapping[str, Any]) -> TaskRef | None:
             )
             for cp in _named(data.get("customProperties"))
         ),
-        last_status=_status(last.get("status")) if isinstance(last, Mapping) else TaskStatus(0),
+        last_status=_status(last.get("status")),
         app_name=_str(app.get("name")) if isinstance(app, Mapping) else "",
+        last_result_id=(normalize_guid(_str(last.get("id"))) or ""),
     )
 
 
@@ -170,7 +180,12 @@ def _date(value: Any) -> str | None:
 
 
 def parse_execution(data: Mapping[str, Any]) -> Execution:
-    details = _named(data.get("details"))
+    """An Execution from a `/qrs/executionresult/full` object.
+
+    QRS does not guarantee the order of `details`: they are sorted by `detailCreatedDate`
+    (ISO 8601 strings sort by time), so "the newest message" is the newest.
+    """
+    details = sorted(_named(data.get("details")), key=lambda d: _str(d.get("detailCreatedDate")))
     errors = [_str(d.get("message")) for d in details if d.get("detailsType") == 0]
     messages = errors or [_str(d.get("message")) for d in details]
     duration = data.get("duration")
@@ -182,6 +197,8 @@ def parse_execution(data: Mapping[str, Any]) -> Execution:
         stop_time=_date(data.get("stopTime")),
         duration_ms=int(duration) if isinstance(duration, int | float) else 0,
         message=messages[-1] if messages else "",
+        reason="\n".join(errors),
+        result_id=_str(data.get("id")).lower(),
     )
 
 

@@ -154,15 +154,14 @@ class Starter:
         if not decision.start:
             assert decision.result is not None
             return TaskOutcome(task, ways, decision.result, error=decision.error)
-        try:
-            execution_id = await self._qrs.start_task(task.id)
-        except QrsError as exc:
-            logger.warning("starting task {} ({}) failed: {}", task.id, task.name, exc)
-            return TaskOutcome(task, ways, TaskResult.FAILED, error=str(exc))
-        if execution_id is None:
-            # QRS answered the empty GUID: the task is running already (disabled was checked).
-            return TaskOutcome(task, ways, TaskResult.ALREADY_RUNNING)
-        return TaskOutcome(task, ways, TaskResult.STARTED, execution_id=execution_id)
+        started = await self._qrs.start_task(task)
+        if started.result in (TaskResult.FAILED, TaskResult.UNKNOWN, TaskResult.NOT_STARTED):
+            logger.warning(
+                "starting task {} ({}): {}: {}", task.id, task.name, started.result, started.error
+            )
+        return TaskOutcome(
+            task, ways, started.result, execution_id=started.execution_id, error=started.error
+        )
 
 
 def finished_reply(accepted: Reply, finals: dict[str, TaskOutcome]) -> Reply:

@@ -15,7 +15,7 @@ from .model import Resolution, ResolvedTask, Selector, SelectorKind
 from .qrs_client import QrsClient
 from .starter import allow_list
 
-TYPES = {0: "reload", 1: "external", 2: "usersync", 3: "distribute"}
+TYPES = {0: "reload", 1: "external", 2: "usersync", 3: "distribute", 4: "preload"}
 
 
 def parse_selectors(

@@ -1,65 +1,128 @@
 """Follows one execution to its end, emitting each state change it observes.
 
-Polls execution results every `poll_interval_s` (one asyncio task per execution, no busy loop).
-The newest attempt tells the state; when it is terminal, the execution session is asked once
-more, since a retry opens a new result under the same session: only a gone session (404) ends.
-QRS errors while following are logged and polling goes on: an execution does not stop
-because QRS was briefly unreachable.
+Polls `/qrs/executionresult/full` every `poll_interval_s` (one asyncio task per execution, no
+busy loop). The newest attempt tells the state; when it is terminal, the execution session is
+asked once more, since a retry opens a new result under the same session: only a gone session
+(404) ends the run. Following always ends (qrs-api.md section 4):
+- at the run's final state;
+- at the deadline, with the last state seen (`timed_out`): runs can hang in Triggered or
+  Queued after a scheduler restart;
+- as Unknown (`lost`) when QRS no longer lets it be followed: a refusal (401/403, another 4xx),
+  or no result at all once the session has ended (a user without read rights on
+  ExecutionResult gets `[]`, not an error).
+QRS being briefly unreachable is logged and polling goes on, up to the deadline.
 """
 
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Awaitable, Callable
 
 from loguru import logger
 
-from .errors import QrsError, QrsRequestError
-from .model import Execution, TaskRef
+from .errors import QrsAuthError, QrsRequestError, QrsUnavailable
+from .model import Execution, FollowEnd, TaskRef
 from .qrs_client import QrsClient
 from .qrs_query import latest_execution
 
 OnChange = Callable[[Execution], Awaitable[None]]
 
 
+class _Ended(Exception):
+    def __init__(self, end: FollowEnd) -> None:
+        self.end = end
+
+
 class Tracker:
-    def __init__(self, qrs: QrsClient, poll_interval_s: float) -> None:
+    def __init__(
+        self,
+        qrs: QrsClient,
+        poll_interval_s: float,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self._qrs = qrs
         self._interval = poll_interval_s
+        self._clock = clock
         self.following = 0
 
-    async def _session_alive(self, execution_id: str) -> bool:
-        try:
-            await self._qrs.call("GET", f"executionsession/{execution_id}")
-        except QrsRequestError as exc:
-            if exc.status == 404:
-                return False
-            raise
-        return True
-
     async def follow(
-        self, task: TaskRef, execution_id: str, on_change: OnChange | None = None
-    ) -> Execution:
-        """The final execution result; `on_change` is awaited for each new state seen."""
+        self,
+        task: TaskRef,
+        execution_id: str,
+        on_change: OnChange | None = None,
+        *,
+        timeout_s: float,
+    ) -> FollowEnd:
+        """How the execution ended; `on_change` is awaited for each new state seen."""
         self.following += 1
+        deadline = self._clock() + timeout_s
+        last: Execution | None = None
+        seen: tuple[int, int] | None = None
         try:
-            seen: tuple[int, int] | None = None
             while True:
                 try:
-                    results = await self._qrs.execution_results(execution_id)
+                    results = await self._results(execution_id, last)
                     latest = latest_execution(results)
                     if latest is not None:
+                        last = latest
                         state = (len(results), int(latest.status))
                         if state != seen:
                             seen = state
                             if on_change is not None:
                                 await on_change(latest)
-                        if latest.status.terminal and not await self._session_alive(execution_id):
-                            return latest
-                except QrsError as exc:
+                    if latest is None or latest.status.terminal:
+                        await self._check_session(execution_id, latest, last)
+                except QrsUnavailable as exc:
                     logger.warning(
                         "following execution {} of task {}: {}", execution_id, task.id, exc
                     )
-                await asyncio.sleep(self._interval)
+                except _Ended as ended:
+                    return ended.end
+                remaining = deadline - self._clock()
+                if remaining <= 0:
+                    logger.warning(
+                        "stopped following execution {} of task {} after {:.0f} s: last state {}",
+                        execution_id,
+                        task.id,
+                        timeout_s,
+                        last.status.qrs_name if last else "none seen",
+                    )
+                    return FollowEnd(last, timed_out=True)
+                await asyncio.sleep(min(self._interval, remaining))
         finally:
             self.following -= 1
+
+    async def _results(self, execution_id: str, last: Execution | None) -> list[Execution]:
+        try:
+            return await self._qrs.execution_results(execution_id)
+        except (QrsAuthError, QrsRequestError) as exc:
+            raise _Ended(
+                FollowEnd(last, lost=f"QRS refuses to show the execution: {exc}")
+            ) from None
+
+    async def _check_session(
+        self, execution_id: str, latest: Execution | None, last: Execution | None
+    ) -> None:
+        """Ends following (`_Ended`) when the session is gone, or cannot be read."""
+        try:
+            alive = await self._qrs.execution_alive(execution_id)
+        except (QrsAuthError, QrsRequestError) as exc:
+            if latest is not None:
+                # The run's final state is known; whether a retry follows cannot be.
+                raise _Ended(FollowEnd(latest)) from None
+            raise _Ended(
+                FollowEnd(last, lost=f"QRS shows no result and refuses the session: {exc}")
+            ) from None
+        if alive:
+            return
+        if latest is not None:
+            raise _Ended(FollowEnd(latest))
+        raise _Ended(
+            FollowEnd(
+                last,
+                lost="QRS shows no result for the execution and its session has ended"
+                " (no read rights on execution results, or they were deleted)",
+            )
+        )

@@ -55,6 +55,11 @@ class Fixture(BaseModel):
         description="finished executions kept per task; older ones are deleted, as QRS cleans"
         " up old execution results",
     )
+    without_read_rights: list[str] = Field(
+        [],
+        description="users (DIRECTORY\\\\ID of X-Qlik-User) without read rights on execution"
+        " results and sessions: they get [] from executionresult and 403 from executionsession",
+    )
     journal_limit: int = Field(
         20_000, ge=100, description="journal entries kept; the oldest half goes when it is full"
     )

@@ -195,11 +195,22 @@ def _indexed_results(state: SimState, text: str | None) -> list[dict[str, Any]]:
     return [result] if result is not None else []
 
 
+def _user(request: web.Request) -> str:
+    match = _QLIK_USER.match(request.headers.get("X-Qlik-User", ""))
+    return f"{unquote(match.group(1))}\\{unquote(match.group(2))}" if match else ""
+
+
+def _may_read_executions(request: web.Request) -> bool:
+    return _user(request).casefold() not in _state(request).without_read_rights
+
+
 async def execution_results(request: web.Request) -> web.Response:
     tail = request.match_info.get("tail", "")
     state = _state(request)
     # The filter still runs over the indexed candidates, so the answer is the engine's.
     objects = _filtered(request, _indexed_results(state, request.query.get("filter")))
+    if not _may_read_executions(request):
+        objects = []  # QRS filters out what a user may not read: an empty list, no error
     if tail == "/count":
         return web.json_response({"value": len(objects)})
     if tail == "/full":
@@ -211,6 +222,8 @@ async def execution_results(request: web.Request) -> web.Response:
 
 
 async def execution_session(request: web.Request) -> web.Response:
+    if not _may_read_executions(request):
+        return _text(403, "Forbidden")
     session = _state(request).sessions.get(request.match_info["id"].lower())
     if session is None:
         raise web.HTTPNotFound(text="Not found")
@@ -237,9 +250,7 @@ async def journal(request: web.Request, handler: Handler) -> web.StreamResponse:
         started=time.monotonic(),
     )
     state.record(entry)
-    match = _QLIK_USER.match(request.headers.get("X-Qlik-User", ""))
-    if match is not None:
-        entry.user = f"{unquote(match.group(1))}\\{unquote(match.group(2))}"
+    entry.user = _user(request)
     state.in_flight += 1
     state.peak_in_flight = max(state.peak_in_flight, state.in_flight)
     try:
@@ -452,6 +463,8 @@ class QrsSimulator:
         )
         self.state: SimState | None = None
         self._runner: web.AppRunner | None = None
+        self._site: web.TCPSite | None = None
+        self._context: ssl.SSLContext | None = None
 
     @property
     def url(self) -> str:
@@ -461,12 +474,25 @@ class QrsSimulator:
         self.state = SimState(self.fixture)
         app = build_app(self.state, prefix=self.prefix, proxy=self.proxy)
         context = server_ssl_context(self.certs, require_client_cert=self.token is None)
+        self._context = context
         self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, self.host, self.port, ssl_context=context)
-        await site.start()
+        self._site = web.TCPSite(self._runner, self.host, self.port, ssl_context=context)
+        await self._site.start()
         # Port 0 asks the kernel for a free port; the runner knows which one it got.
         self.port = int(self._runner.addresses[0][1])
+
+    async def suspend(self) -> None:
+        """Stop listening (new connections are refused); the state is kept for `resume`."""
+        if self._site is not None:
+            await self._site.stop()
+            self._site = None
+
+    async def resume(self) -> None:
+        """Listen again on the same port."""
+        assert self._runner is not None and self._site is None
+        self._site = web.TCPSite(self._runner, self.host, self.port, ssl_context=self._context)
+        await self._site.start()
 
     async def stop(self) -> None:
         if self.state is not None:

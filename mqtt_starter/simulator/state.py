@@ -230,6 +230,7 @@ class SimState:
         self.max_concurrent = fixture.max_concurrent
         self.sessions: dict[str, Session] = {}
         self.results_per_task = fixture.results_per_task
+        self.without_read_rights = {u.casefold() for u in fixture.without_read_rights}
         self.journal_limit = fixture.journal_limit
         # Every kept result, by execution (session) id and by result id.
         self.executions: dict[str, list[dict[str, Any]]] = {}

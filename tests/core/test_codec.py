@@ -11,6 +11,7 @@ from mqtt_starter.codec import decode_json, encode_reply, parse_request, reply_s
 from mqtt_starter.errors import BadPayload, PayloadTooLarge
 from mqtt_starter.model import (
     Execution,
+    FollowEnd,
     Reply,
     ReplyStatus,
     Request,
@@ -176,9 +177,24 @@ def test_brackets_inside_strings_do_not_count_as_nesting() -> None:
 SALES = TaskRef(id="s", name="Sales")
 
 
-def outcome(result: TaskResult, final: TaskStatus | None = None) -> TaskOutcome:
+def outcome(
+    result: TaskResult,
+    final: TaskStatus | None = None,
+    *,
+    timed_out: bool = False,
+    lost: str | None = None,
+) -> TaskOutcome:
     execution = Execution("e", "s", final) if final is not None else None
-    return TaskOutcome(SALES, (), result, final=execution)
+    end = (
+        FollowEnd(execution, timed_out=timed_out, lost=lost)
+        if final is not None or timed_out or lost
+        else None
+    )
+    return TaskOutcome(SALES, (), result, final=end)
+
+
+OK_RUN = outcome(TaskResult.STARTED, TaskStatus.FINISHED_SUCCESS)
+FAILED_RUN = outcome(TaskResult.STARTED, TaskStatus.FINISHED_FAIL)
 
 
 @pytest.mark.parametrize(
@@ -190,9 +206,37 @@ def outcome(result: TaskResult, final: TaskStatus | None = None) -> TaskOutcome:
         ([outcome(TaskResult.STARTED), outcome(TaskResult.DENIED)], 0, False, ReplyStatus.PARTIAL),
         ([outcome(TaskResult.ALREADY_RUNNING)], 0, False, ReplyStatus.ERROR),
         ([], 1, False, ReplyStatus.ERROR),
-        ([outcome(TaskResult.STARTED, TaskStatus.FINISHED_SUCCESS)], 0, True, ReplyStatus.OK),
-        ([outcome(TaskResult.STARTED, TaskStatus.FINISHED_FAIL)], 0, True, ReplyStatus.PARTIAL),
-        ([outcome(TaskResult.STARTED, TaskStatus.ABORTED)], 0, True, ReplyStatus.PARTIAL),
+        ([outcome(TaskResult.UNKNOWN)], 0, False, ReplyStatus.ERROR),
+        ([outcome(TaskResult.STARTED), outcome(TaskResult.UNKNOWN)], 0, False, ReplyStatus.PARTIAL),
+        ([outcome(TaskResult.NOT_STARTED)], 0, False, ReplyStatus.ERROR),
+        ([OK_RUN], 0, True, ReplyStatus.OK),
+        ([OK_RUN, OK_RUN], 0, True, ReplyStatus.OK),
+        ([OK_RUN], 1, True, ReplyStatus.PARTIAL),
+        ([OK_RUN, outcome(TaskResult.ALREADY_RUNNING)], 0, True, ReplyStatus.PARTIAL),
+        ([OK_RUN, FAILED_RUN], 0, True, ReplyStatus.PARTIAL),
+        ([FAILED_RUN], 0, True, ReplyStatus.ERROR),
+        ([FAILED_RUN, FAILED_RUN], 0, True, ReplyStatus.ERROR),
+        ([outcome(TaskResult.STARTED, TaskStatus.ABORTED)], 0, True, ReplyStatus.ERROR),
+        ([outcome(TaskResult.STARTED, TaskStatus.SKIPPED)], 0, True, ReplyStatus.ERROR),
+        ([outcome(TaskResult.STARTED, TaskStatus.ERROR)], 0, True, ReplyStatus.ERROR),
+        ([outcome(TaskResult.STARTED, TaskStatus.RESET)], 0, True, ReplyStatus.ERROR),
+        (
+            [OK_RUN, outcome(TaskResult.STARTED, TaskStatus.STARTED, timed_out=True)],
+            0,
+            True,
+            ReplyStatus.PARTIAL,
+        ),
+        # A run that ended in success but was seen only at the deadline still timed out.
+        (
+            [outcome(TaskResult.STARTED, TaskStatus.FINISHED_SUCCESS, timed_out=True)],
+            0,
+            True,
+            ReplyStatus.ERROR,
+        ),
+        ([outcome(TaskResult.STARTED, lost="403")], 0, True, ReplyStatus.ERROR),
+        ([OK_RUN, outcome(TaskResult.STARTED, lost="403")], 0, True, ReplyStatus.PARTIAL),
+        ([outcome(TaskResult.DRY_RUN)], 0, True, ReplyStatus.OK),
+        ([outcome(TaskResult.DENIED)], 0, True, ReplyStatus.ERROR),
     ],
 )
 def test_reply_status(
@@ -224,3 +268,85 @@ def test_encode_reply_is_compact_utf8() -> None:
             '"instance":"me"}'
         ).encode()
     )
+
+
+def finished_task(end: FollowEnd) -> dict[str, object]:
+    reply = Reply(
+        ReplyStatus.ERROR,
+        stage="finished",
+        outcomes=(TaskOutcome(SALES, (), TaskResult.STARTED, execution_id="e", final=end),),
+    )
+    [task] = json.loads(encode_reply(reply, "me"))["tasks"]
+    assert isinstance(task, dict)
+    return task
+
+
+BASE = {
+    "taskId": "s",
+    "taskName": "Sales",
+    "matchedBy": [],
+    "result": "started",
+    "executionId": "e",
+}
+
+
+@pytest.mark.parametrize(
+    ("end", "fields"),
+    [
+        (
+            FollowEnd(Execution("e", "s", TaskStatus.FINISHED_SUCCESS, duration_ms=1200)),
+            {"state": "FinishedSuccess", "stateCode": 7, "durationMs": 1200},
+        ),
+        (
+            FollowEnd(
+                Execution(
+                    "e",
+                    "s",
+                    TaskStatus.FINISHED_FAIL,
+                    duration_ms=5,
+                    message="newest",
+                    reason="first error\nsecond error",
+                )
+            ),
+            {
+                "state": "FinishedFail",
+                "stateCode": 8,
+                "durationMs": 5,
+                "reason": "first error\nsecond error",
+            },
+        ),
+        (
+            FollowEnd(Execution("e", "s", TaskStatus.ABORTED, message="Aborted by user")),
+            {"state": "Aborted", "stateCode": 6, "durationMs": 0, "reason": "Aborted by user"},
+        ),
+        (
+            FollowEnd(Execution("e", "s", TaskStatus.QUEUED), timed_out=True),
+            {"state": "Queued", "stateCode": 3, "durationMs": 0, "timedOut": True},
+        ),
+        (
+            FollowEnd(None, timed_out=True),
+            {"state": "Unknown", "stateCode": None, "durationMs": None, "timedOut": True},
+        ),
+        (
+            FollowEnd(Execution("e", "s", TaskStatus.STARTED, duration_ms=0), lost="denied"),
+            {"state": "Unknown", "stateCode": None, "durationMs": 0, "error": "denied"},
+        ),
+    ],
+)
+def test_finished_fields(end: FollowEnd, fields: dict[str, object]) -> None:
+    assert finished_task(end) == {**BASE, **fields}
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"), [(None, None), (30, 30.0), (0.5, 0.5), (86400, 86400.0)]
+)
+def test_wait_timeout(value: object, expected: float | None) -> None:
+    data = {} if value is None else {"waitTimeoutS": value}
+    assert parse_request(data).wait_timeout_s == expected
+
+
+@pytest.mark.parametrize("value", [0, -1, True, "30", [30], 1e12])
+def test_wait_timeout_refused(value: object) -> None:
+    with pytest.raises(BadPayload) as info:
+        parse_request({"waitTimeoutS": value})
+    assert str(info.value) == "waitTimeoutS: expected a number of seconds greater than 0"

@@ -105,8 +105,10 @@ def test_secrets_from_files(tmp_path: Path) -> None:
         },
         {},
     )
-    assert settings.mqtt.password is not None and settings.qrs.jwt is not None
+    assert settings.mqtt.password is not None
     assert settings.mqtt.password.get_secret_value() == "s3cret"
+    # The QRS client reads qrs.jwt_file itself, and again when it changes.
+    assert (settings.qrs.jwt, settings.qrs.jwt_file) == (None, tmp_path / "pw")
     assert "s3cret" not in repr(settings)
     assert problems(
         {

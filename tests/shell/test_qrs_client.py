@@ -4,14 +4,22 @@ from __future__ import annotations
 
 import asyncio
 from pathlib import Path
-from urllib.parse import urlsplit
 
 import pytest
 import trustme
 
+from mqtt_starter.config import RetrySettings
 from mqtt_starter.errors import QrsAuthError, QrsRequestError, QrsUnavailable
-from mqtt_starter.model import Selector, SelectorKind, TaskStatus, UnmatchedReason
-from mqtt_starter.qrs_client import QrsClient
+from mqtt_starter.model import (
+    Selector,
+    SelectorKind,
+    StartResult,
+    TaskRef,
+    TaskResult,
+    TaskStatus,
+    UnmatchedReason,
+)
+from mqtt_starter.qrs_client import QrsClient, qlik_user_header
 from mqtt_starter.simulator.server import QrsSimulator
 from mqtt_starter.simulator.state import SimState
 from tests.conftest import qrs_settings_for, wait_until
@@ -20,6 +28,8 @@ SALES = "11111111-1111-4111-8111-111111111111"
 STOCK = "22222222-2222-4222-8222-222222222222"
 QUARTER = "66666666-6666-4666-8666-666666666666"
 ARCHIVE = "55555555-5555-4555-8555-555555555555"
+SYNC_USERS = "bbbbbbbb-bbbb-4bbb-8bbb-bbbbbbbbbbbb"
+NO_SCHEDULER = "dddddddd-dddd-4ddd-8ddd-dddddddddddd"
 
 
 def calls(state: SimState) -> list[tuple[str, str, str, int]]:
@@ -115,10 +125,29 @@ async def test_custom_property_decoy_does_not_match(qrs: QrsClient, sim_state: S
     assert [r.task.name for r in resolution.tasks] == ["Reload Stock"]
 
 
+async def ref(qrs: QrsClient, task_id: str) -> TaskRef:
+    """The task as resolution reads it before a start."""
+    task = await qrs.task(task_id)
+    assert task is not None
+    return task
+
+
+def start_path(task_id: str) -> str:
+    return f"/qrs/task/{task_id}/start/synchronous"
+
+
+def reread(task_id: str) -> tuple[str, str, str, int]:
+    return ("GET", "/qrs/task/full", f"id eq {task_id}", 200)
+
+
 async def test_start_follow_and_read_task_state(qrs: QrsClient, sim_state: SimState) -> None:
-    session = await qrs.start_task(SALES)
+    sales = await ref(qrs, SALES)
+    started = await qrs.start_task(sales)
+    assert started.result is TaskResult.STARTED and started.error is None
+    session = started.execution_id
     assert session is not None and session in sim_state.sessions
-    assert await qrs.start_task(SALES) is None  # already running: the empty GUID
+    # Started again while it runs: the empty GUID, and a re-read that finds it running.
+    assert await qrs.start_task(sales) == StartResult(TaskResult.ALREADY_RUNNING)
 
     async def finished() -> bool:
         results = await qrs.execution_results(session)
@@ -129,14 +158,132 @@ async def test_start_follow_and_read_task_state(qrs: QrsClient, sim_state: SimSt
     assert (result.task_id, result.execution_id) == (SALES, session)
     task = await qrs.task(SALES)
     assert task is not None and task.last_status is TaskStatus.FINISHED_SUCCESS
+    assert task.last_result_id == result.result_id != sales.last_result_id
     assert await qrs.task("99999999-0000-4000-8000-000000000000") is None
-    assert calls(sim_state)[:2] == [("POST", f"/qrs/task/{SALES}/start/synchronous", "", 201)] * 2
+    assert calls(sim_state)[1:4] == [
+        ("POST", start_path(SALES), "", 201),
+        ("POST", start_path(SALES), "", 201),
+        reread(SALES),
+    ]
+    # Following reads /full: the plain list is condensed.
+    assert calls(sim_state)[4] == (
+        "GET",
+        "/qrs/executionresult/full",
+        f"executionID eq {session}",
+        200,
+    )
     assert sim_state.started == [SALES]
 
 
-async def test_disabled_task_is_not_started(qrs: QrsClient, sim_state: SimState) -> None:
-    assert await qrs.start_task(ARCHIVE) is None
+async def test_declined_starts_are_explained_by_a_reread(
+    qrs: QrsClient, sim_state: SimState
+) -> None:
+    assert await qrs.start_task(await ref(qrs, ARCHIVE)) == StartResult(TaskResult.DISABLED)
+    no_scheduler = await ref(qrs, NO_SCHEDULER)
+    assert await qrs.start_task(no_scheduler) == StartResult(
+        TaskResult.NOT_STARTED,
+        error="QRS did not start the task and gave no reason; it is enabled and its last run"
+        " is NeverStarted: no scheduler available, or the app unavailable?",
+    )
+    assert calls(sim_state) == [
+        reread(ARCHIVE),
+        ("POST", start_path(ARCHIVE), "", 201),
+        reread(ARCHIVE),
+        reread(NO_SCHEDULER),
+        ("POST", start_path(NO_SCHEDULER), "", 201),
+        reread(NO_SCHEDULER),
+    ]
     assert sim_state.started == []
+
+
+async def test_a_refused_start_is_that_tasks_failure(qrs: QrsClient, sim_state: SimState) -> None:
+    users = await ref(qrs, SYNC_USERS)
+    assert users.type_name == "UserSync"
+    assert await qrs.start_task(users) == StartResult(
+        TaskResult.FAILED,
+        error=f"QRS refused to start this UserSync task: HTTP 400 Task {SYNC_USERS} is a user"
+        " synchronization task",
+    )
+    gone = TaskRef(id="99999999-0000-4000-8000-000000000000", name="Gone")
+    assert await qrs.start_task(gone) == StartResult(
+        TaskResult.FAILED,
+        error="QRS refused to start this Reload task: HTTP 404 Task"
+        " 99999999-0000-4000-8000-000000000000 not found",
+    )
+    # 4xx are not retried.
+    assert [e.status for e in sim_state.journal][1:] == [400, 404]
+
+
+@pytest.mark.parametrize("lose_as", ["drop", "503", "hang"])
+async def test_a_lost_answer_is_not_sent_again_and_the_run_is_found(
+    simulator: QrsSimulator, sim_state: SimState, lose_as: str
+) -> None:
+    async with QrsClient(qrs_settings_for(simulator, timeout_s=0.5)) as qrs:
+        sales = await ref(qrs, SALES)
+        sim_state.faults.lose_next, sim_state.faults.lose_as, sim_state.faults.hang_s = (
+            1,
+            lose_as,
+            30,
+        )
+        sim_state.faults.path_contains = "/start"
+        started = await qrs.start_task(sales)
+    [session] = sim_state.executions
+    assert started == StartResult(TaskResult.STARTED, execution_id=session)
+    assert sim_state.started == [SALES]
+    posts = [e for e in sim_state.journal if e.method == "POST"]
+    assert len(posts) == 1
+    assert calls(sim_state)[2:] == [
+        reread(SALES),
+        (
+            "GET",
+            "/qrs/executionresult/full",
+            f"id eq {sim_state.executions[session][0]['id']}",
+            200,
+        ),
+    ]
+
+
+@pytest.mark.parametrize("fault", ["drop", "fail"])
+async def test_a_start_that_may_have_failed_is_unknown_not_repeated(
+    qrs: QrsClient, sim_state: SimState, fault: str
+) -> None:
+    sales = await ref(qrs, SALES)
+    setattr(sim_state.faults, f"{fault}_next", 1)
+    sim_state.faults.path_contains = "/start"
+    started = await qrs.start_task(sales)
+    assert started.result is TaskResult.UNKNOWN and started.execution_id is None
+    assert started.error is not None
+    assert started.error.startswith(
+        f"the answer to the start was lost (QRS POST /qrs/{start_path(SALES)[5:]}"
+    )
+    assert started.error.endswith(
+        "and QRS shows no run that began after it: the task may or may not run"
+    )
+    assert [e.method for e in sim_state.journal] == ["GET", "POST", "GET"]
+    assert sim_state.started == []
+
+
+async def test_a_start_is_sent_again_when_it_never_left(
+    simulator: QrsSimulator, sim_state: SimState
+) -> None:
+    refused = asyncio.Event()
+
+    def observe(operation: str, seconds: float, status: int) -> None:
+        if operation == "POST task" and status == 0:
+            refused.set()
+
+    settings = qrs_settings_for(
+        simulator, retry=RetrySettings(attempts=100, backoff_s=0.01, max_backoff_s=0.02)
+    )
+    await simulator.suspend()
+    async with QrsClient(settings, observer=observe) as qrs:
+        start = asyncio.create_task(qrs.start_task(TaskRef(id=SALES, name="Reload Sales")))
+        await asyncio.wait_for(refused.wait(), 10)
+        await simulator.resume()
+        started = await asyncio.wait_for(start, 10)
+    assert started.result is TaskResult.STARTED
+    assert started.execution_id in sim_state.sessions
+    assert calls(sim_state) == [("POST", start_path(SALES), "", 201)]
 
 
 async def test_503_three_times_then_success_is_retried(qrs: QrsClient, sim_state: SimState) -> None:
@@ -155,9 +302,11 @@ async def test_qrs_down_longer_than_the_retry_budget(qrs: QrsClient, sim_state: 
 
 async def test_404_is_not_retried(qrs: QrsClient, sim_state: SimState) -> None:
     with pytest.raises(QrsRequestError) as info:
-        await qrs.start_task("99999999-0000-4000-8000-000000000000")
+        await qrs.execution_alive("99999999-0000-4000-8000-000000000000") or await qrs.call(
+            "GET", "reloadtask/99999999-0000-4000-8000-000000000000"
+        )
     assert info.value.status == 404
-    assert [e.status for e in sim_state.journal] == [404]
+    assert [e.status for e in sim_state.journal] == [404, 404]
 
 
 async def test_timeouts_are_retried(simulator: QrsSimulator, sim_state: SimState) -> None:
@@ -170,10 +319,20 @@ async def test_timeouts_are_retried(simulator: QrsSimulator, sim_state: SimState
 
 async def test_dropped_connections_are_retried(qrs: QrsClient, sim_state: SimState) -> None:
     sim_state.faults.drop_next = 2
-    session = await qrs.start_task(SALES)
-    assert session is not None
-    assert [e.path for e in sim_state.journal] == [f"/qrs/task/{SALES}/start/synchronous"] * 3
-    assert sim_state.started == [SALES]
+    tasks = await qrs.find_tasks([Selector(SelectorKind.ID, SALES)])
+    assert [t.id for t in tasks] == [SALES]
+    assert [e.status for e in sim_state.journal] == [0, 0, 200]
+
+
+async def test_qlik_user_values_are_url_encoded(
+    simulator: QrsSimulator, sim_state: SimState
+) -> None:
+    settings = qrs_settings_for(simulator, user_directory="CORP EU", user_id="jörg.o'neil%")
+    async with QrsClient(settings) as client:
+        await client.about()
+    [entry] = sim_state.journal
+    assert entry.user == "CORP EU\\jörg.o'neil%"
+    assert qlik_user_header(settings) == ("UserDirectory=CORP%20EU; UserId=j%C3%B6rg.o%27neil%25")
 
 
 async def test_concurrency_is_bounded(simulator: QrsSimulator, sim_state: SimState) -> None:
@@ -184,17 +343,24 @@ async def test_concurrency_is_bounded(simulator: QrsSimulator, sim_state: SimSta
     assert sim_state.peak_in_flight == 3
 
 
-async def test_wrong_client_certificate_is_refused(simulator: QrsSimulator, tmp_path: Path) -> None:
+async def test_wrong_client_certificate_is_refused_at_the_first_try(
+    simulator: QrsSimulator, tmp_path: Path
+) -> None:
     other = trustme.CA().issue_cert("QlikClient")
     cert, key = tmp_path / "client.pem", tmp_path / "client_key.pem"
     other.cert_chain_pems[0].write_to_path(str(cert))
     other.private_key_pem.write_to_path(str(key))
+    attempts: list[int] = []
     settings = qrs_settings_for(simulator, cert_file=cert, key_file=key)
-    async with QrsClient(settings) as client:
-        # TLS 1.3: the server checks the client certificate after the client's handshake is
-        # done, so the refusal arrives as a disconnect; the message says what it may mean.
-        with pytest.raises(QrsUnavailable, match=r"Server disconnected.*client certificate"):
-            await client.about()
+    async with QrsClient(settings, observer=lambda op, s, status: attempts.append(status)) as qrs:
+        with pytest.raises(QrsAuthError) as info:
+            await qrs.about()
+    assert str(info.value) == (
+        f"QRS {simulator.url} closed a new connection without answering: it does not accept"
+        " the client certificate (qrs.cert_file, qrs.key_file); export client.pem,"
+        " client_key.pem and root.pem again from the QMC"
+    )
+    assert attempts == [0]
     assert simulator.state is not None and simulator.state.journal == []
 
 
@@ -205,28 +371,10 @@ async def test_untrusted_server_certificate_fails_without_retry(
     trustme.CA().cert_pem.write_to_path(str(foreign_root))
     settings = qrs_settings_for(simulator, ca_file=foreign_root)
     async with QrsClient(settings) as client:
-        with pytest.raises(QrsAuthError, match="TLS verification"):
+        with pytest.raises(QrsAuthError) as info:
             await client.about()
-
-
-async def test_jwt_through_a_virtual_proxy(simulator: QrsSimulator) -> None:
-    sim = QrsSimulator(simulator.fixture, simulator.certs, prefix="/jwt", token="t0ken")
-    await sim.start()
-    try:
-        good = qrs_settings_for(sim, auth="jwt", jwt="t0ken")
-        assert urlsplit(good.url).path == "/jwt"
-        async with QrsClient(good) as client:
-            resolution = await client.resolve([Selector(SelectorKind.NAME, "Reload Sales")])
-        assert [r.task.id for r in resolution.tasks] == [SALES]
-        async with QrsClient(qrs_settings_for(sim, auth="jwt", jwt="wrong")) as client:
-            with pytest.raises(QrsAuthError) as info:
-                await client.about()
-        assert info.value.status == 401
-        assert "wrong" not in str(info.value)
-        assert sim.state is not None
-        assert [(e.path, e.status) for e in sim.state.journal] == [
-            ("/qrs/task/full", 200),
-            ("/qrs/about", 401),
-        ]
-    finally:
-        await sim.stop()
+    assert str(info.value) == (
+        f"TLS verification of {simulator.url} failed: self-signed certificate in certificate chain;"
+        " the certificate is not signed by qrs.ca_file: set it to the root.pem exported from"
+        " the QMC together with the client certificate"
+    )

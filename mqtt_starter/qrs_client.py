@@ -315,7 +315,7 @@ class QrsClient:
             ) from None
         except aiohttp.ClientConnectorError as exc:
             # No connection was made: nothing was sent.
-            raise _Retryable(f"cannot connect: {exc}", never_sent=True) from None
+            raise _Retryable(f"{type(exc).__name__}: {exc}", never_sent=True) from None
         except aiohttp.ServerDisconnectedError as exc:
             if (
                 trace.fresh

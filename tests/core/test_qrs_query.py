@@ -162,7 +162,9 @@ def test_parse_full_task() -> None:
             "tags": [{"id": "t", "name": "Nightly"}],
             "customProperties": [{"value": "tasks2", "definition": {"name": "taskGroup"}}],
             "app": {"id": "a", "name": "Sales"},
-            "operational": {"lastExecutionResult": {"status": 7}},
+            "operational": {
+                "lastExecutionResult": {"id": "AAAAAAAA-0000-4000-8000-000000000001", "status": 7}
+            },
         }
     )
     assert task == TaskRef(
@@ -174,7 +176,24 @@ def test_parse_full_task() -> None:
         custom_properties=(CustomPropertyValue("taskGroup", "tasks2"),),
         last_status=TaskStatus.FINISHED_SUCCESS,
         app_name="Sales",
+        last_result_id="aaaaaaaa-0000-4000-8000-000000000001",
     )
+
+
+@pytest.mark.parametrize(
+    ("task_type", "name"),
+    [
+        (0, "Reload"),
+        (1, "ExternalProgram"),
+        (2, "UserSync"),
+        (3, "Distribute"),
+        (4, "Preload"),
+        (9, "type 9"),
+    ],
+)
+def test_task_type_names(task_type: int, name: str) -> None:
+    task = parse_task({"id": "6ca1c5f2-2742-44d5-8adf-d6cba3701a4e", "taskType": task_type})
+    assert task is not None and task.type_name == name
 
 
 def test_parse_condensed_task_and_junk_fields() -> None:
@@ -226,6 +245,40 @@ def test_parse_execution_prefers_error_details_and_hides_never_dates() -> None:
         1500,
     )
     assert execution.message == "Field 'Amount' not found"
+    assert execution.reason == "Field 'Amount' not found"
+
+
+def test_details_are_read_in_the_order_of_their_dates() -> None:
+    execution = parse_execution(
+        {
+            "id": "R",
+            "status": 8,
+            "details": [
+                {
+                    "detailsType": 0,
+                    "message": "second",
+                    "detailCreatedDate": "2026-11-29T10:00:02Z",
+                },
+                {"detailsType": 2, "message": "state", "detailCreatedDate": "2026-11-29T10:00:03Z"},
+                {"detailsType": 0, "message": "first", "detailCreatedDate": "2026-11-29T10:00:01Z"},
+            ],
+        }
+    )
+    assert (execution.message, execution.reason, execution.result_id) == (
+        "second",
+        "first\nsecond",
+        "r",
+    )
+    informational = parse_execution(
+        {
+            "status": 7,
+            "details": [
+                {"detailsType": 2, "message": "b", "detailCreatedDate": "2026-11-29T10:00:02Z"},
+                {"detailsType": 2, "message": "a", "detailCreatedDate": "2026-11-29T10:00:01Z"},
+            ],
+        }
+    )
+    assert (informational.message, informational.reason) == ("b", "")
 
 
 def test_latest_execution_prefers_the_live_retry() -> None:

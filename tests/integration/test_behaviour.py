@@ -74,6 +74,7 @@ async def test_wait_success_and_the_status_events(
         "state": "FinishedSuccess",
         "stateCode": 7,
         "requestId": "w1",
+        "startedBy": "mqtt-starter",
         "startTime": result["startTime"],
         "stopTime": result["stopTime"],
         "durationMs": result["duration"],
@@ -98,7 +99,7 @@ async def test_wait_with_failure_and_retry(
         "partial",
         [
             finished_line(
-                sim_state, FORECAST, ["id"], "FinishedFail", 8, message="Field 'Amount' not found"
+                sim_state, FORECAST, ["id"], "FinishedFail", 8, reason="Field 'Amount' not found"
             ),
             finished_line(sim_state, BUDGET, ["id"], "FinishedSuccess", 7),
         ],
@@ -118,6 +119,99 @@ async def test_already_running(daemon: Daemon, mqtt: Client, sim_state: SimState
     second = await mqtt.request(f"butler/start/id/{LONG}")
     assert second == reply("error", [line(None, LONG, ["id"], "already_running")])
     assert sim_state.started == [LONG]
+    # The task's live lastExecutionResult showed the run: no second start was sent.
+    assert [c[0] for c in task_calls(sim_state)] == ["GET", "POST", "GET"]
+
+
+async def test_a_run_that_ends_in_failure_alone_is_an_error(
+    daemon: Daemon, mqtt: Client, sim_state: SimState
+) -> None:
+    topic = "test/wait-error"
+    await mqtt.subscribe(topic)
+    await mqtt.publish(f"butler/start/id/{FORECAST}", {"wait": True}, response_topic=topic)
+    _, finished = await mqtt.wait_for(topic, 2)
+    assert finished.json() == reply(
+        "error",
+        [
+            finished_line(
+                sim_state, FORECAST, ["id"], "FinishedFail", 8, reason="Field 'Amount' not found"
+            )
+        ],
+        stage="finished",
+    )
+
+
+async def test_wait_as_a_user_without_read_rights_ends_unknown(
+    make_daemon: Any, mqtt: Client, sim_state: SimState
+) -> None:
+    # The fixture denies INTERNAL\reader the execution results ([]) and sessions (403).
+    await make_daemon(qrs={"user_id": "reader"})
+    topic = "test/wait-reader"
+    await mqtt.subscribe(topic)
+    await mqtt.publish(
+        f"butler/start/id/{SALES}",
+        {"requestId": "r1", "wait": True, "waitTimeoutS": 600},
+        response_topic=topic,
+    )
+    accepted, finished = await mqtt.wait_for(topic, 2)
+    assert accepted.json() == reply(
+        "ok", [line(sim_state, SALES, ["id"], "started")], request_id="r1"
+    )
+    assert finished.json() == reply(
+        "error",
+        [
+            line(
+                sim_state,
+                SALES,
+                ["id"],
+                "started",
+                state="Unknown",
+                stateCode=None,
+                durationMs=None,
+                error="QRS shows no result and refuses the session: QRS refused GET"
+                f" /qrs/executionsession/{executions(sim_state, SALES)[0]}: HTTP 403 Forbidden",
+            )
+        ],
+        request_id="r1",
+        stage="finished",
+    )
+
+
+async def test_wait_ends_at_the_request_timeout(
+    daemon: Daemon, mqtt: Client, sim_state: SimState
+) -> None:
+    topic = "test/wait-timeout"
+    await mqtt.subscribe(topic, "butler/status/#")
+    await mqtt.publish(
+        f"butler/start/id/{LONG}", {"wait": True, "waitTimeoutS": 0.5}, response_topic=topic
+    )
+    _, finished = await mqtt.wait_for(topic, 2)
+    [task] = finished.json()["tasks"]
+    last_event = mqtt.on(f"butler/status/task/{LONG}")[-1].json()
+    assert finished.json()["status"] == "error"
+    assert task == line(
+        sim_state,
+        LONG,
+        ["id"],
+        "started",
+        state=last_event["state"],
+        stateCode=last_event["stateCode"],
+        durationMs=0,
+        timedOut=True,
+    )
+    assert task["state"] in ("Triggered", "Started")
+
+
+async def test_a_lost_answer_to_a_start_is_not_sent_again(
+    daemon: Daemon, mqtt: Client, sim_state: SimState
+) -> None:
+    sim_state.faults.lose_next, sim_state.faults.lose_as = 1, "drop"
+    sim_state.faults.path_contains = "/start"
+    answer = await mqtt.request(f"butler/start/id/{SALES}", {"requestId": "lost"})
+    assert answer == reply("ok", [line(sim_state, SALES, ["id"], "started")], request_id="lost")
+    assert sim_state.started == [SALES]
+    assert [c[0] for c in task_calls(sim_state)] == ["GET", "POST", "GET"]
+    assert f"the answer to starting task {SALES} was lost" in daemon.log
 
 
 async def test_disabled_makes_no_start_call(

@@ -59,7 +59,7 @@ async def test_check_all_green_beside_a_running_daemon(
     )
     assert lines[4:] == [
         f"  ok    QRS {simulator.url} (certificate): answered, build 14.212.3",
-        "  ok    QRS task query: 10 tasks visible",
+        "  ok    QRS task query: 13 tasks visible",
         "everything works",
     ]
     # Same configuration, other client id: the daemon kept its connection and session.
@@ -131,7 +131,7 @@ async def test_check_qrs_failures(
         proxy = QrsSimulator(simulator.fixture, simulator.certs, prefix="/jwt", token="right")
         await proxy.start()
         config["qrs"].update(url=proxy.url, auth="jwt", jwt="wrong-token")
-        expected = "QRS refused GET /qrs/about: HTTP 401 Unauthorized"
+        expected = "QRS GET /qrs/about was redirected to /jwt/internal_forms_authentication/"
     try:
         code, out, _ = await cli("check", "-c", write(tmp_path, config))
     finally:
@@ -240,7 +240,9 @@ async def test_tasks_lists_everything_without_selectors(
         "tasks", "-c", write(tmp_path, daemon_config(broker, simulator)), "--json"
     )
     assert code == 0
-    assert len(json.loads(out)["tasks"]) == 10
+    tasks = json.loads(out)["tasks"]
+    assert len(tasks) == 13
+    assert sorted({t["type"] for t in tasks}) == ["external", "preload", "reload", "usersync"]
 
 
 async def test_tasks_bad_custom_property(

@@ -79,6 +79,11 @@ def warn_about_settings(settings: Settings) -> None:
         )
     if settings.qrs.insecure:
         logger.warning("qrs.insecure is true: the QRS server certificate is NOT verified")
+    elif not settings.qrs.verify_hostname:
+        logger.info(
+            "qrs.verify_hostname is false: the QRS certificate chain is verified against"
+            " qrs.ca_file, its host name is not"
+        )
     if settings.mqtt.tls.enabled and settings.mqtt.tls.insecure:
         logger.warning("mqtt.tls.insecure is true: the broker host name is NOT checked")
 

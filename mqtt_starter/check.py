@@ -14,7 +14,7 @@ from pathlib import Path
 from .config import Settings, file_problems, load_settings
 from .errors import ConfigError, MqttLinkError, QrsError
 from .mqtt_link import MqttPeer
-from .qrs_client import QrsClient
+from .parts import open_backend
 
 
 @dataclass(frozen=True)
@@ -48,19 +48,25 @@ async def check_qrs(settings: Settings) -> list[Check]:
         }
     )
     what = f"QRS {settings.qrs.url} ({settings.qrs.auth})"
+    skipped = Check(None, "QRS task query", "QRS did not answer")
     try:
-        async with QrsClient(quick) as qrs:
-            about = await qrs.about()
-            first = Check(True, what, f"answered, build {about.get('buildVersion', '?')}")
-            try:
-                count = await qrs.task_count()
-            except QrsError as exc:
-                return [first, Check(False, "QRS task query", str(exc))]
-            if count is None:
-                return [first, Check(False, "QRS task query", "unexpected answer to task/count")]
-            return [first, Check(True, "QRS task query", f"{count} tasks visible")]
+        backend = await open_backend(settings.model_copy(update={"qrs": quick}))
+    except ConfigError as exc:
+        return [Check(False, str(p.path), p.message) for p in exc.problems] + [skipped]
+    try:
+        about = await backend.about()
+        first = Check(True, what, f"answered, build {about.get('buildVersion', '?')}")
+        try:
+            count = await backend.task_count()
+        except QrsError as exc:
+            return [first, Check(False, "QRS task query", str(exc))]
+        if count is None:
+            return [first, Check(False, "QRS task query", "unexpected answer to task/count")]
+        return [first, Check(True, "QRS task query", f"{count} tasks visible")]
     except QrsError as exc:
-        return [Check(False, what, str(exc)), Check(None, "QRS task query", "QRS did not answer")]
+        return [Check(False, what, str(exc)), skipped]
+    finally:
+        await backend.close()
 
 
 async def run_checks(path: Path | None) -> tuple[list[Check], int]:

@@ -48,7 +48,11 @@ def _run(args: argparse.Namespace) -> int:
     configure_logging(settings.log)
     from .app import Daemon
 
-    return asyncio.run(Daemon(settings, reload=load).run())
+    try:
+        return asyncio.run(Daemon(settings, reload=load).run())
+    except ConfigError as error:
+        # A certificate or key that exists but cannot be used shows only when it is loaded.
+        return _config_failed(error)
 
 
 def _check(args: argparse.Namespace) -> int:

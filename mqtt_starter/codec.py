@@ -323,6 +323,8 @@ def reply_json(reply: Reply, instance: str) -> dict[str, Any]:
         ]
     if reply.notes:
         data["notes"] = list(reply.notes)
+    if reply.replayed:
+        data["replayed"] = True
     data["instance"] = instance
     return data
 

@@ -1,25 +1,28 @@
 """The HTTP endpoint: health, readiness, metrics, and Butler's REST start API.
 
-`PUT|POST /v4/reloadtask/{taskId}/start` answers in exactly Butler's shape, through the same
-Starter as MQTT (one code path). Unlike Butler, each start is awaited, and a task matched by
-several selectors is started once (and listed under each selector that matched it).
+`PUT|POST /v4/reloadtask/{taskId}/start` is a door of the request service, like MQTT: it
+translates the path and Butler's body into a Request and the Reply into Butler's answer;
+the log line, metrics, status events and limits (`policy.max_payload_bytes`) are the service's.
+Unlike Butler, each start is awaited, and a task matched by several selectors is started once
+(and listed under each selector that matched it).
 """
 
 from __future__ import annotations
 
 import hmac
-import json
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 from aiohttp import web
 
-from .codec import parse_butler_items
+from .codec import decode_json, parse_butler_items
 from .config import HttpSettings
-from .errors import RequestError
+from .errors import BadPayload, PayloadTooLarge, RequestError
 from .metrics import CONTENT_TYPE, Metrics
 from .model import Reply, Request, Selector, SelectorKind, TaskResult
-from .starter import Starter
+from .parts import Parts
+from .starter import Inbound, Starter, error_reply
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 ReadyCheck = Callable[[], Awaitable[list[str]]]  # why the daemon is not ready; [] when it is
@@ -72,16 +75,35 @@ def _error(status: int, code: str, message: str) -> web.Response:
     return web.json_response({"code": code, "message": message}, status=status)
 
 
+# HTTP status of each refusal code; any other is 400.
+_STATUS = {"payload_too_large": 413, "qrs_unavailable": 503, "internal": 500}
+
+
+async def _read_at_most(request: web.Request, limit: int) -> bytes:
+    """The body, or its first `limit + 1` bytes: enough to tell that it is too large."""
+    chunks: list[bytes] = []
+    size = 0
+    while size <= limit:
+        chunk = await request.content.read(limit + 1 - size)
+        if not chunk:
+            break
+        chunks.append(chunk)
+        size += len(chunk)
+    return b"".join(chunks)
+
+
 class HttpApi:
     def __init__(
         self,
         settings: HttpSettings,
-        starter: Callable[[], Starter],
+        starter: Starter,
+        parts: Callable[[], Parts],
         metrics: Metrics,
         not_ready: ReadyCheck,
     ) -> None:
         self.settings = settings
         self._starter = starter
+        self._parts = parts
         self._metrics = metrics
         self._not_ready = not_ready
         self._runner: web.AppRunner | None = None
@@ -112,36 +134,50 @@ class HttpApi:
         return response
 
     async def start(self, request: web.Request) -> web.Response:
-        task_id = request.match_info["taskId"]
+        started = time.monotonic()
+        where = f"{request.method} {request.path}"
+        limit = self._parts().settings.policy.max_payload_bytes
+        try:
+            selectors, must_exist = self._selectors(request, await _read_at_most(request, limit))
+        except RequestError as exc:
+            refusal = error_reply(None, exc.code, str(exc))
+            self._starter.account("http", where, "http", refusal, started)
+            return _error(_STATUS.get(exc.code, 400), exc.code, str(exc))
+        reply = await self._starter.handle(
+            Inbound(
+                Request(tuple(selectors), all_task_ids_must_exist=must_exist),
+                door="http",
+                topic=where,
+                kind="http",
+            )
+        )
+        if reply.error is not None:
+            code = reply.error.code
+            return _error(_STATUS.get(code, 400), code, reply.error.message)
+        return web.json_response(butler_answer(reply))
+
+    def _selectors(self, request: web.Request, body: bytes) -> tuple[list[Selector], bool]:
         flag = request.query.get("allTaskIdsMustExist", "false").lower()
         if flag not in ("true", "false"):
-            return _error(400, "bad_payload", "allTaskIdsMustExist: expected true or false")
-        body = await request.read()
-        try:
-            items: Any = json.loads(body) if body.strip() else []
-        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
-            return _error(400, "bad_payload", f"invalid JSON: {exc}")
+            raise BadPayload("allTaskIdsMustExist: expected true or false")
+        limit = self._parts().settings.policy.max_payload_bytes
+        if len(body) > limit:
+            raise PayloadTooLarge(f"payload is larger than {limit} bytes (the limit)")
+        items: Any = decode_json(body, limit)
+        if items is None:
+            items = []
         if not isinstance(items, list):
-            return _error(400, "bad_payload", "body must be a JSON array of {type, payload} items")
-        try:
-            selectors = parse_butler_items(items)
-        except RequestError as exc:
-            return _error(400, exc.code, str(exc))
+            raise BadPayload("body must be a JSON array of {type, payload} items")
+        selectors = parse_butler_items(items)
+        task_id = request.match_info["taskId"]
         if task_id != "-":
             selectors.insert(0, Selector(SelectorKind.ID, task_id))
         if not selectors:
-            return _error(400, "bad_payload", "no task id in the path and no items in the body")
-        handled = await self._starter().handle(
-            Request(tuple(selectors), all_task_ids_must_exist=flag == "true")
-        )
-        self._metrics.count_reply("http", handled.reply)
-        if handled.reply.error is not None:
-            status = 503 if handled.reply.error.code == "qrs_unavailable" else 400
-            return _error(status, handled.reply.error.code, handled.reply.error.message)
-        return web.json_response(butler_answer(handled.reply))
+            raise BadPayload("no task id in the path and no items in the body")
+        return selectors, flag == "true"
 
     def app(self) -> web.Application:
-        app = web.Application(middlewares=[self._auth], client_max_size=1024 * 1024)
+        app = web.Application(middlewares=[self._auth])
         app.add_routes(
             [
                 web.get("/healthz", self.healthz),

@@ -266,3 +266,4 @@ class Reply:
     unmatched: tuple[Unmatched, ...] = ()
     error: ErrorInfo | None = None
     notes: tuple[str, ...] = ()
+    replayed: bool = False  # answered again from memory: nothing was started for it

@@ -29,7 +29,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from .config import MqttSettings
-from .errors import MqttLinkError
+from .errors import ConfigError, ConfigProblem, MqttLinkError
 
 
 @dataclass(frozen=True)
@@ -68,16 +68,30 @@ def _connection(settings: MqttSettings, tls: ssl.SSLContext | None) -> dict[str,
     }
 
 
+def _unusable(key: str, path: object, exc: OSError | ssl.SSLError) -> ConfigError:
+    why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+    return ConfigError([ConfigProblem(key, f"{path} cannot be used: {why}")])
+
+
 def build_tls_context(settings: MqttSettings) -> ssl.SSLContext | None:
-    """Blocking (reads files): call once, off the event loop."""
+    """Blocking (reads files): call once, off the event loop. A file that cannot be used is
+    a ConfigError naming its key."""
     tls = settings.tls
     if not tls.enabled:
         return None
-    context = ssl.create_default_context(cafile=str(tls.ca_file) if tls.ca_file else None)
+    try:
+        context = ssl.create_default_context(cafile=str(tls.ca_file) if tls.ca_file else None)
+    except (OSError, ssl.SSLError) as exc:
+        raise _unusable("mqtt.tls.ca_file", tls.ca_file, exc) from None
     if tls.insecure:
         context.check_hostname = False
     if tls.cert_file is not None and tls.key_file is not None:
-        context.load_cert_chain(tls.cert_file, tls.key_file)
+        try:
+            context.load_cert_chain(tls.cert_file, tls.key_file)
+        except (OSError, ssl.SSLError) as exc:
+            raise _unusable(
+                "mqtt.tls.cert_file", f"{tls.cert_file} (with {tls.key_file})", exc
+            ) from None
     return context
 
 
@@ -92,7 +106,9 @@ class MqttLink:
         *,
         on_connect: Callable[[], None] | None = None,
         on_disconnect: Callable[[], None] | None = None,
+        tls: ssl.SSLContext | None = None,
     ) -> None:
+        """`tls`: the broker's TLS context, when the caller built it already."""
         self.settings = settings
         self.subscriptions = tuple(subscriptions)
         self.availability_topic = availability_topic
@@ -104,7 +120,7 @@ class MqttLink:
         self._handlers: set[asyncio.Task[None]] = set()
         self._stopping = asyncio.Event()
         self._say_offline = True
-        self._tls: ssl.SSLContext | None = None
+        self._tls: ssl.SSLContext | None = tls
         self._rng = random.Random()
 
     @property
@@ -144,17 +160,14 @@ class MqttLink:
         while not self._stopping.is_set():
             try:
                 if self._tls is None and self.settings.tls.enabled:
-                    # Built here, not once before the loop: a certificate that cannot be
-                    # loaded is logged and tried again, instead of ending the link unseen.
                     self._tls = await asyncio.to_thread(build_tls_context, self.settings)
                 await self._session(handler)
                 delay = self.settings.reconnect.min_s
-            except (OSError, ssl.SSLError) as exc:
-                logger.error(
-                    "broker TLS files cannot be loaded: {}; trying again in at most {:.1f}s",
-                    exc,
-                    delay,
-                )
+            except ConfigError as exc:
+                # The daemon builds the context before the link starts; this covers a link
+                # made without one. Retrying cannot help, and the daemon must not loop.
+                logger.error("broker TLS: {}", exc)
+                raise
             except aiomqtt.MqttError as exc:
                 logger.warning(
                     "broker {}:{}: {}; reconnecting in at most {:.1f}s",
@@ -339,8 +352,8 @@ class MqttPeer:
         s = self.settings
         try:
             tls = await asyncio.to_thread(build_tls_context, s)
-        except (OSError, ssl.SSLError) as exc:
-            raise MqttLinkError(f"a TLS file is unreadable: {exc}") from None
+        except ConfigError as exc:
+            raise MqttLinkError(f"a TLS file cannot be used: {exc}") from None
         self._client = aiomqtt.Client(**_connection(s, tls), identifier=self.client_id)
         try:
             await self._client.__aenter__()

@@ -35,6 +35,8 @@ from yarl import URL
 
 from .config import QrsSettings
 from .errors import (
+    ConfigError,
+    ConfigProblem,
     QrsAnswerLost,
     QrsAuthError,
     QrsError,
@@ -43,7 +45,6 @@ from .errors import (
 )
 from .model import (
     Execution,
-    Resolution,
     Selector,
     SelectorKind,
     StartResult,
@@ -59,7 +60,6 @@ from .qrs_query import (
     result_filter,
     task_filters,
 )
-from .resolution import dedupe_selectors, queryable, resolve
 from .start_check import explain_declined, lost_unknown, run_after
 from .tokens import expiry_warning, token_expiry
 
@@ -89,9 +89,22 @@ def qlik_user_header(settings: QrsSettings) -> str:
     return f"UserDirectory={directory}; UserId={url_quote(settings.user_id, safe='')}"
 
 
+def _unusable(key: str, path: object, exc: OSError | ssl.SSLError) -> ConfigError:
+    why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+    return ConfigError([ConfigProblem(key, f"{path} cannot be used: {why}")])
+
+
 def build_ssl_context(settings: QrsSettings) -> ssl.SSLContext:
-    """Blocking (reads key files): call once, off the event loop."""
-    context = ssl.create_default_context(cafile=str(settings.ca_file) if settings.ca_file else None)
+    """Blocking (reads key files): call once, off the event loop.
+
+    An unreadable or corrupt file is a ConfigError that names its key: retrying cannot help.
+    """
+    try:
+        context = ssl.create_default_context(
+            cafile=str(settings.ca_file) if settings.ca_file else None
+        )
+    except (OSError, ssl.SSLError) as exc:
+        raise _unusable("qrs.ca_file", settings.ca_file, exc) from None
     if settings.ca_file is not None:
         # Sense's own CA and server certificates fail the strict X.509 checks that Python 3.13
         # turns on by default; for a root pinned by hand they add nothing, so they are off.
@@ -103,7 +116,12 @@ def build_ssl_context(settings: QrsSettings) -> ssl.SSLContext:
         # The chain is still verified against ca_file; only the name is not compared.
         context.check_hostname = False
     if settings.auth == "certificate":
-        context.load_cert_chain(settings.cert_file, settings.key_file)
+        try:
+            context.load_cert_chain(settings.cert_file, settings.key_file)
+        except (OSError, ssl.SSLError) as exc:
+            raise _unusable(
+                "qrs.cert_file", f"{settings.cert_file} (with {settings.key_file})", exc
+            ) from None
     return context
 
 
@@ -177,10 +195,8 @@ class QrsClient:
         self.last_success: float | None = None  # monotonic time of the last answered call
 
     async def start(self) -> None:
-        try:
-            context = await asyncio.to_thread(build_ssl_context, self.settings)
-        except (OSError, ssl.SSLError) as exc:
-            raise QrsAuthError(f"a QRS certificate or key is unreadable: {exc}") from None
+        """Load certificates and the token (ConfigError when they cannot be used)."""
+        context = await asyncio.to_thread(build_ssl_context, self.settings)
         self._ssl_context = context
         if self.settings.auth == "jwt":
             self._token = await self._load_token()
@@ -220,7 +236,7 @@ class QrsClient:
             try:
                 value, mtime = await asyncio.to_thread(_read_token, path)
             except OSError as exc:
-                raise QrsAuthError(f"cannot read qrs.jwt_file {path}: {exc.strerror}") from None
+                raise _unusable("qrs.jwt_file", path, exc) from None
             token = _Token(value, path, mtime)
         token.checked = time.monotonic()
         self._warn_expiry(token)
@@ -248,7 +264,7 @@ class QrsClient:
                     # A new token may be another user: its proxy session starts afresh.
                     self._session.cookie_jar.clear()
                     logger.info("qrs.jwt_file changed: using the new token")
-            except (OSError, QrsAuthError) as exc:
+            except (OSError, ConfigError) as exc:
                 logger.warning("qrs.jwt_file {}: keeping the current token ({})", token.path, exc)
         return self._token.value if self._token is not None else token.value
 
@@ -391,7 +407,7 @@ class QrsClient:
             path=path,
         )
 
-    async def call(
+    async def _call(
         self,
         method: str,
         path: str,
@@ -459,7 +475,7 @@ class QrsClient:
         *,
         repeatable: bool = True,
     ) -> Any:
-        status, text = await self.call(method, path, params, body, repeatable=repeatable)
+        status, text = await self._call(method, path, params, body, repeatable=repeatable)
         try:
             return json.loads(text) if text else None
         except json.JSONDecodeError:
@@ -492,14 +508,6 @@ class QrsClient:
         """Tasks from a QRS list answer; anything that is not a task with a GUID is passed over."""
         items = data if isinstance(data, list) else []
         return [t for t in (parse_task(i) for i in items if isinstance(i, dict)) if t is not None]
-
-    async def resolve(
-        self, selectors: Sequence[Selector], *, all_task_ids_must_exist: bool = False
-    ) -> Resolution:
-        selectors = dedupe_selectors(selectors)
-        wanted = queryable(selectors)
-        candidates = await self.find_tasks(wanted) if wanted else []
-        return resolve(selectors, candidates, all_task_ids_must_exist=all_task_ids_must_exist)
 
     async def all_tasks(self) -> list[TaskRef]:
         return self._tasks(await self._json("GET", "task/full"))
@@ -581,7 +589,7 @@ class QrsClient:
         if guid is None:
             raise ValueError(f"not a GUID: {execution_id!r}")
         try:
-            await self.call("GET", f"executionsession/{guid}")
+            await self._call("GET", f"executionsession/{guid}")
         except QrsRequestError as exc:
             if exc.status == 404:
                 return False

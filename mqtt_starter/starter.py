@@ -1,109 +1,218 @@
-"""The one use case both front doors call: Request → resolve → policy → start → Reply.
+"""The request service: the one use case every door calls.
 
-MQTT triggers and Butler's REST endpoint both come through `Starter.handle`, so they cannot
-drift apart. A repeated requestId within the dedupe window is answered from memory (a repeat
-that arrives while the first is still being handled waits for the first one's reply).
+An `Inbound` (a request, whichever door it came through) → debounce → dedupe → resolve →
+policy → start → Reply, plus the request's log line, its metrics, and the follow-up it
+schedules (status events, and the `finished` reply of a `wait`). The MQTT door and Butler's
+REST endpoint only translate their protocol to an Inbound and the Reply back, so they cannot
+drift apart.
+
+Dedupe: a requestId handled within `policy.dedupe_window_s` is answered again from memory with
+`replayed: true` and starts nothing; with `wait` it still gets the finished reply, once the
+first request's runs have ended. A repeat that arrives while the first is being handled waits
+for it; if the first failed, the repeat is served in its own right.
+Followers hold the parts they started with, so a reload never cuts them off.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Coroutine, Hashable
 from dataclasses import dataclass
+from typing import Any, Protocol
 
 from loguru import logger
 
-from .codec import reply_status
-from .config import PolicySettings
-from .errors import BadPayload, QrsError, TooManyTasks
+from .backend import resolve_selectors
+from .codec import encode_status_event, reply_status
+from .errors import BadPayload, MqttLinkError, QrsError, TooManyTasks
+from .metrics import Metrics
 from .model import (
     ErrorInfo,
+    Execution,
     Reply,
     ReplyStatus,
     Request,
     TaskOutcome,
     TaskResult,
 )
-from .policy import AllowList, Decision, ExpiringMemory, decide
-from .qrs_client import QrsClient
+from .parts import Parts
+from .policy import Debouncer, Decision, ExpiringMemory, decide
 from .qrs_query import MAX_VALUE_LENGTH, too_long
+from .tracker import Tracker
 
-
-def allow_list(policy: PolicySettings) -> AllowList | None:
-    allow = policy.allow
-    if allow is None:
-        return None
-    return AllowList.build(
-        allow.task_ids, allow.tags, [(cp.name, cp.value) for cp in allow.custom_properties]
-    )
+# Error codes of a passing condition: such a refusal is not remembered for the requestId.
+PASSING = ("qrs_unavailable", "internal")
 
 
 @dataclass(frozen=True)
-class Handled:
-    reply: Reply
-    replayed: bool = False
+class Inbound:
+    """A request as a door hands it in."""
 
-    @property
-    def started(self) -> list[TaskOutcome]:
-        return (
-            []
-            if self.replayed
-            else [
-                o for o in self.reply.outcomes if o.result is TaskResult.STARTED and o.execution_id
-            ]
-        )
+    request: Request
+    door: str  # "mqtt" | "http"
+    topic: str  # the MQTT topic or the HTTP path, for the log line
+    kind: str  # the metrics label: id, tag, cp, name, payload, route, http
+    debounce_key: Hashable | None = None
+    debounce_s: float = 0.0
+
+
+FinishedSink = Callable[[Reply], Awaitable[None]]
+Spawn = Callable[[Coroutine[Any, Any, None], str], object]
+
+
+class Publisher(Protocol):
+    """Where status events go (the broker link)."""
+
+    async def publish(self, topic: str, payload: bytes) -> None: ...
 
 
 def error_reply(request_id: str | None, code: str, message: str) -> Reply:
     return Reply(ReplyStatus.ERROR, request_id=request_id, error=ErrorInfo(code, message))
 
 
-Answered = ExpiringMemory[str, Reply]
+def finished_reply(accepted: Reply, finals: dict[str, TaskOutcome]) -> Reply:
+    """The `finished` reply: the accepted one with each started task's end."""
+    outcomes = tuple(finals.get(o.task.id, o) for o in accepted.outcomes)
+    return Reply(
+        reply_status(outcomes, len(accepted.unmatched), finished=True),
+        stage="finished",
+        request_id=accepted.request_id,
+        outcomes=outcomes,
+        unmatched=accepted.unmatched,
+        replayed=accepted.replayed,
+    )
+
+
+@dataclass
+class _Record:
+    """What is remembered of a handled requestId."""
+
+    reply: Reply
+    finished: asyncio.Future[Reply] | None = None  # set while or once its runs are followed
 
 
 class Starter:
     def __init__(
         self,
-        qrs: QrsClient,
-        policy: PolicySettings,
+        parts: Callable[[], Parts],
+        publisher: Publisher,
+        metrics: Metrics,
+        spawn: Spawn,
         *,
-        answered: Answered | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        """`answered`: the requestId memory, passed in so that it outlives a reload."""
-        self._qrs = qrs
-        self._policy = policy
-        self._allow = allow_list(policy)
+        """`parts`: the current parts (a reload swaps them); `spawn`: runs a follow-up in the
+        daemon's task group, under a name."""
+        self._parts = parts
+        self._publisher = publisher
+        self._metrics = metrics
+        self._spawn = spawn
         self._clock = clock
-        self._answered = answered if answered is not None else Answered(policy.dedupe_window_s)
-        self._answered.window_s = policy.dedupe_window_s
-        self._pending: dict[str, asyncio.Future[Reply]] = {}
+        self._debouncer = Debouncer()
+        self._answered: ExpiringMemory[str, _Record] = ExpiringMemory(
+            parts().settings.policy.dedupe_window_s
+        )
+        self._pending: dict[str, asyncio.Future[_Record | None]] = {}
+        self.following = 0  # executions being followed now
+        metrics.follow_executions(lambda: self.following)
 
-    async def handle(self, request: Request) -> Handled:
-        request_id = request.request_id
-        if request_id is not None:
-            known = self._answered.get(request_id, self._clock())
-            if known is None and request_id in self._pending:
-                known = await asyncio.shield(self._pending[request_id])
-            if known is not None:
-                return Handled(known, replayed=True)
-            self._pending[request_id] = asyncio.get_running_loop().create_future()
+    # -- the door's side ----------------------------------------------------------------------
+
+    async def handle(self, inbound: Inbound, *, on_finished: FinishedSink | None = None) -> Reply:
+        """Serve one request; `on_finished` receives the `finished` reply of a `wait`."""
+        started = self._clock()
+        parts = self._parts()
+        self._answered.window_s = parts.settings.policy.dedupe_window_s
         try:
-            reply = await self._handle(request)
-        except BaseException:
-            if request_id is not None:
-                self._pending.pop(request_id).cancel()
-            raise
-        if request_id is not None:
-            self._pending.pop(request_id).set_result(reply)
-            # A refusal for a passing reason (QRS down) must not stick to the requestId.
-            if reply.error is None or reply.error.code not in ("qrs_unavailable", "internal"):
-                self._answered.put(request_id, reply, self._clock())
-        return Handled(reply)
+            reply = await self._serve(parts, inbound, on_finished)
+        except Exception:
+            # A bug must not leave the sender without an answer, nor loop: it is answered,
+            # logged with its traceback, and the door acknowledges the message as usual.
+            logger.exception("request on {} failed", inbound.topic)
+            reply = error_reply(
+                inbound.request.request_id,
+                "internal",
+                "internal error; the daemon's log has the details",
+            )
+        self.account(inbound.door, inbound.topic, inbound.kind, reply, started)
+        return reply
 
-    async def _handle(self, request: Request) -> Reply:
-        limit = self._policy.max_tasks_per_request
+    def count_ignored(self, kind: str) -> None:
+        self._metrics.triggers.labels(kind, "ignored").inc()
+
+    def account(self, door: str, topic: str, kind: str, reply: Reply, started: float) -> None:
+        """The request's metrics and its one log line; doors call it for their refusals."""
+        self._metrics.count_reply(kind, reply)
+        counts: dict[str, int] = {}
+        for outcome in reply.outcomes:
+            counts[outcome.result.value] = counts.get(outcome.result.value, 0) + 1
+        detail = " ".join(f"{k}={v}" for k, v in sorted(counts.items()))
+        if reply.error is not None:
+            detail = f"{reply.error.code}: {reply.error.message}"
+        logger.info(
+            "request {} {} requestId={} -> {}{} {} unmatched={} in {:.0f} ms",
+            door,
+            topic,
+            reply.request_id,
+            reply.status.value,
+            " (replayed)" if reply.replayed else "",
+            detail,
+            len(reply.unmatched),
+            (self._clock() - started) * 1000,
+        )
+
+    # -- serving --------------------------------------------------------------------------------
+
+    async def _serve(
+        self, parts: Parts, inbound: Inbound, on_finished: FinishedSink | None
+    ) -> Reply:
+        request = inbound.request
+        if inbound.debounce_key is not None and not self._debouncer.admit(
+            inbound.debounce_key, inbound.debounce_s, self._clock()
+        ):
+            return Reply(
+                ReplyStatus.OK,
+                request_id=request.request_id,
+                notes=(f"debounced: started less than {inbound.debounce_s}s ago",),
+            )
+        request_id = request.request_id
+        if request_id is None:
+            return (await self._carry_out(parts, request, on_finished)).reply
+        while True:
+            known = self._answered.get(request_id, self._clock())
+            if known is not None:
+                return self._replay(parts, known, request, on_finished)
+            first = self._pending.get(request_id)
+            if first is None:
+                break
+            # The same requestId is being handled: wait for its answer. None: it failed, and
+            # this one is served in its own right (or waits for a third that got in first).
+            if await asyncio.shield(first) is not None:
+                continue
+        pending = asyncio.get_running_loop().create_future()
+        self._pending[request_id] = pending
+        record: _Record | None = None
+        try:
+            record = await self._carry_out(parts, request, on_finished)
+        finally:
+            del self._pending[request_id]
+            pending.set_result(record)
+        error = record.reply.error
+        if error is None or error.code not in PASSING:
+            self._answered.put(request_id, record, self._clock())
+        return record.reply
+
+    async def _carry_out(
+        self, parts: Parts, request: Request, on_finished: FinishedSink | None
+    ) -> _Record:
+        async with parts.in_use():
+            reply = await self._start(parts, request)
+        return _Record(reply, self._follow_up(parts, request, reply, on_finished))
+
+    async def _start(self, parts: Parts, request: Request) -> Reply:
+        limit = parts.settings.policy.max_tasks_per_request
         try:
             long = next((sel for sel in request.selectors if too_long(sel)), None)
             if long is not None:
@@ -113,8 +222,10 @@ class Starter:
                 )
             if len(request.selectors) > limit:
                 raise TooManyTasks(f"{len(request.selectors)} selectors; the limit is {limit}")
-            resolution = await self._qrs.resolve(
-                request.selectors, all_task_ids_must_exist=request.all_task_ids_must_exist
+            resolution = await resolve_selectors(
+                parts.backend,
+                request.selectors,
+                all_task_ids_must_exist=request.all_task_ids_must_exist,
             )
             if len(resolution.tasks) > limit:
                 raise TooManyTasks(
@@ -122,16 +233,17 @@ class Starter:
                 )
         except (QrsError, TooManyTasks, BadPayload) as exc:
             return error_reply(request.request_id, exc.code, str(exc))
+        policy = parts.settings.policy
         decisions = [
             decide(
                 r,
-                self._allow,
-                start_running=self._policy.on_running == "start",
+                parts.allow,
+                start_running=policy.on_running == "start",
                 dry_run=request.dry_run,
             )
             for r in resolution.tasks
         ]
-        outcomes = await asyncio.gather(*(self._carry_out(d) for d in decisions))
+        outcomes = await asyncio.gather(*(self._start_one(parts, d) for d in decisions))
         outcomes += [
             TaskOutcome(
                 w.task,
@@ -141,20 +253,20 @@ class Starter:
             )
             for w in resolution.withheld
         ]
-        status = reply_status(outcomes, len(resolution.unmatched), finished=False)
         return Reply(
-            status,
+            reply_status(outcomes, len(resolution.unmatched), finished=False),
             request_id=request.request_id,
             outcomes=tuple(outcomes),
             unmatched=resolution.unmatched,
         )
 
-    async def _carry_out(self, decision: Decision) -> TaskOutcome:
+    @staticmethod
+    async def _start_one(parts: Parts, decision: Decision) -> TaskOutcome:
         task, ways = decision.resolved.task, decision.resolved.matched_by
         if not decision.start:
             assert decision.result is not None
             return TaskOutcome(task, ways, decision.result, error=decision.error)
-        started = await self._qrs.start_task(task)
+        started = await parts.backend.start_task(task)
         if started.result in (TaskResult.FAILED, TaskResult.UNKNOWN, TaskResult.NOT_STARTED):
             logger.warning(
                 "starting task {} ({}): {}: {}", task.id, task.name, started.result, started.error
@@ -163,14 +275,117 @@ class Starter:
             task, ways, started.result, execution_id=started.execution_id, error=started.error
         )
 
+    def _replay(
+        self, parts: Parts, known: _Record, request: Request, on_finished: FinishedSink | None
+    ) -> Reply:
+        if request.wait and on_finished is not None and known.reply.error is None:
+            if known.finished is None:
+                # The first request did not follow its runs: follow them now, once.
+                known.finished = self._follow_up(parts, request, known.reply, None)
+            assert known.finished is not None
+            self._spawn(
+                self._deliver_replayed(known.finished, on_finished),
+                f"replay-finished-{request.request_id}",
+            )
+        return dataclasses.replace(known.reply, replayed=True)
 
-def finished_reply(accepted: Reply, finals: dict[str, TaskOutcome]) -> Reply:
-    """The `finished` reply: the accepted one with each started task's final state."""
-    outcomes = tuple(finals.get(o.task.id, o) for o in accepted.outcomes)
-    return Reply(
-        reply_status(outcomes, len(accepted.unmatched), finished=True),
-        stage="finished",
-        request_id=accepted.request_id,
-        outcomes=outcomes,
-        unmatched=accepted.unmatched,
-    )
+    @staticmethod
+    async def _deliver_replayed(finished: asyncio.Future[Reply], sink: FinishedSink) -> None:
+        try:
+            reply = await asyncio.shield(finished)
+        except asyncio.CancelledError:
+            if not finished.cancelled():
+                raise
+            return  # the daemon stopped before the runs ended
+        await _deliver(sink, dataclasses.replace(reply, replayed=True))
+
+    # -- following ------------------------------------------------------------------------------
+
+    def _follow_up(
+        self, parts: Parts, request: Request, reply: Reply, on_finished: FinishedSink | None
+    ) -> asyncio.Future[Reply] | None:
+        """Schedule following the started runs; the future gets the `finished` reply."""
+        if reply.error is not None:
+            return None
+        started = [o for o in reply.outcomes if o.result is TaskResult.STARTED and o.execution_id]
+        events = parts.settings.status.publish_task_events and bool(started)
+        if not (request.wait or events):
+            return None
+        finished: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
+        parts.hold()  # before the task runs: a reload in between must not close the backend
+        self._spawn(
+            self._follow(parts, request, reply, started, finished, on_finished),
+            f"follow-{request.request_id or (started[0].execution_id if started else 'nothing')}",
+        )
+        return finished
+
+    async def _follow(
+        self,
+        parts: Parts,
+        request: Request,
+        accepted: Reply,
+        started: list[TaskOutcome],
+        finished: asyncio.Future[Reply],
+        on_finished: FinishedSink | None,
+    ) -> None:
+        try:
+            timeout_s = request.wait_timeout_s or parts.settings.status.wait_timeout_s
+            tracker = Tracker(parts.backend, parts.settings.qrs.poll_interval_s)
+            ends = await asyncio.gather(
+                *(
+                    self._follow_one(parts, tracker, o, request.request_id, timeout_s)
+                    for o in started
+                )
+            )
+            reply = finished_reply(accepted, {o.task.id: o for o in ends})
+            finished.set_result(reply)
+            if request.wait and on_finished is not None:
+                await _deliver(on_finished, reply)
+        except asyncio.CancelledError:
+            finished.cancel()
+            raise
+        except Exception:
+            # A follow-up must never take the daemon's task group down with it.
+            logger.exception("following the runs of requestId={} failed", request.request_id)
+            if not finished.done():
+                finished.cancel()
+        finally:
+            await parts.release()
+
+    async def _follow_one(
+        self,
+        parts: Parts,
+        tracker: Tracker,
+        outcome: TaskOutcome,
+        request_id: str | None,
+        timeout_s: float,
+    ) -> TaskOutcome:
+        assert outcome.execution_id is not None
+        topic = f"{parts.base}/status/task/{outcome.task.id}"
+        publish = parts.settings.status.publish_task_events
+
+        async def on_change(execution: Execution) -> None:
+            if not publish:
+                return
+            try:
+                await self._publisher.publish(
+                    topic, encode_status_event(execution, outcome.task.name, request_id)
+                )
+            except MqttLinkError as exc:
+                logger.debug("status event for {} not published: {}", outcome.task.id, exc)
+
+        self.following += 1
+        try:
+            end = await tracker.follow(
+                outcome.task, outcome.execution_id, on_change, timeout_s=timeout_s
+            )
+        finally:
+            self.following -= 1
+        return dataclasses.replace(outcome, final=end)
+
+
+async def _deliver(sink: FinishedSink, reply: Reply) -> None:
+    try:
+        await sink(reply)
+    except MqttLinkError as exc:
+        logger.warning("the finished reply for requestId={} was lost: {}", reply.request_id, exc)

@@ -10,10 +10,10 @@ import json
 from collections.abc import Sequence
 from typing import Any
 
+from .backend import resolve_selectors
 from .config import Settings
 from .model import Resolution, ResolvedTask, Selector, SelectorKind
-from .qrs_client import QrsClient
-from .starter import allow_list
+from .parts import allow_list, open_backend
 
 TYPES = {0: "reload", 1: "external", 2: "usersync", 3: "distribute", 4: "preload"}
 
@@ -34,10 +34,13 @@ def parse_selectors(
 
 
 async def list_tasks(settings: Settings, selectors: Sequence[Selector]) -> Resolution:
-    async with QrsClient(settings.qrs) as qrs:
+    backend = await open_backend(settings)
+    try:
         if selectors:
-            return await qrs.resolve(selectors)
-        return Resolution(tuple(ResolvedTask(t, ()) for t in await qrs.all_tasks()))
+            return await resolve_selectors(backend, selectors)
+        return Resolution(tuple(ResolvedTask(t, ()) for t in await backend.all_tasks()))
+    finally:
+        await backend.close()
 
 
 def rows(settings: Settings, resolution: Resolution) -> list[dict[str, Any]]:

@@ -21,9 +21,9 @@ from collections.abc import Awaitable, Callable
 
 from loguru import logger
 
+from .backend import Backend
 from .errors import QrsAuthError, QrsRequestError, QrsUnavailable
 from .model import Execution, FollowEnd, TaskRef
-from .qrs_client import QrsClient
 from .qrs_query import latest_execution
 
 OnChange = Callable[[Execution], Awaitable[None]]
@@ -37,7 +37,7 @@ class _Ended(Exception):
 class Tracker:
     def __init__(
         self,
-        qrs: QrsClient,
+        qrs: Backend,
         poll_interval_s: float,
         *,
         clock: Callable[[], float] = time.monotonic,

@@ -13,7 +13,7 @@ from functools import cached_property
 from typing import Any
 
 from .codec import decode_json, parse_request, request_id_of
-from .errors import BadPayload, ReplyTopicRefused, RequestError, TooManyTasks
+from .errors import BadPayload, ReplyTopicRefused, RequestError
 from .model import Request
 from .routing import (
     Route,
@@ -33,7 +33,6 @@ class TriggerRules:
     reply_allow: tuple[TopicFilter, ...] = (TopicFilter.parse("#"),)
     accept_retained: bool = False
     max_payload_bytes: int = 65536
-    max_tasks_per_request: int = 100
 
     @cached_property
     def subscriptions(self) -> tuple[TopicFilter, ...]:
@@ -43,6 +42,7 @@ class TriggerRules:
 @dataclass(frozen=True)
 class Ignore:
     reason: str
+    kind: str = "unknown"
 
 
 @dataclass(frozen=True)
@@ -50,6 +50,7 @@ class Refuse:
     error: RequestError
     reply_topic: str | None  # None: the default reply topic would itself trigger; no reply
     request_id: str | None = None
+    kind: str = "unknown"
 
 
 @dataclass(frozen=True)
@@ -88,8 +89,9 @@ def interpret(
     retain: bool = False,
     response_topic: str | None = None,
 ) -> Decision:
+    kind = topic_kind(rules, topic)
     if retain and not rules.accept_retained:
-        return Ignore("retained message on a trigger topic (mqtt.accept_retained is false)")
+        return Ignore("retained message on a trigger topic (mqtt.accept_retained is false)", kind)
     triggers = rules.subscriptions
     default: str | None = default_reply_topic(rules.base, topic)
     if any(f.matches(default or "") for f in triggers):
@@ -112,7 +114,7 @@ def interpret(
         builtin = parse_trigger_topic(rules.base, topic)
         route = None if builtin is not None else match_route(rules.routes, topic)
         if builtin is None and route is None:
-            return Ignore("no trigger topic or route matches")
+            return Ignore("no trigger topic or route matches", kind)
         if route is not None:
             return _route_request(rules, route, payload, reply_topic, refused)
         assert builtin is not None
@@ -126,13 +128,9 @@ def interpret(
         request = parse_request(data, selectors, butler_array=kind == "payload")
         if not request.selectors:
             raise BadPayload("no selectors: give taskIds, tags, customProperties or names")
-        if len(request.selectors) > rules.max_tasks_per_request:
-            raise TooManyTasks(
-                f"{len(request.selectors)} selectors; the limit is {rules.max_tasks_per_request}"
-            )
         return Accept(request, reply_topic, kind)
     except RequestError as error:
-        return Refuse(error, reply_topic, request_id)
+        return Refuse(error, reply_topic, request_id, kind)
 
 
 def _route_request(
@@ -149,14 +147,17 @@ def _route_request(
             data = decode_json(payload, rules.max_payload_bytes)
         except BadPayload:
             if route.when is not None:
-                return Ignore(f"route {route.filter.text}: payload is not JSON, so `when` fails")
+                return Ignore(
+                    f"route {route.filter.text}: payload is not JSON, so `when` fails", "route"
+                )
     if route.when is not None and not route.when.holds(data):
         return Ignore(
-            f"route {route.filter.text}: {route.when.field} does not equal {route.when.equals!r}"
+            f"route {route.filter.text}: {route.when.field} does not equal {route.when.equals!r}",
+            "route",
         )
     request_id = request_id_of(data)
     if refused is not None:
-        return Refuse(refused, reply_topic, request_id)
+        return Refuse(refused, reply_topic, request_id, "route")
     request = Request(selectors=tuple(selectors), request_id=request_id)
     return Accept(
         request,

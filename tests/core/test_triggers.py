@@ -22,7 +22,6 @@ RULES = TriggerRules(
     routes=(ROUTE,),
     reply_allow=(TopicFilter.parse("replies/#"), TopicFilter.parse("butler/reply/#")),
     max_payload_bytes=1000,
-    max_tasks_per_request=3,
 )
 
 
@@ -98,15 +97,6 @@ def test_route_so_wide_that_its_reply_would_trigger_it_gets_no_reply() -> None:
     assert decision.reply_topic is None
 
 
-def test_too_many_selectors() -> None:
-    decision = interpret(RULES, "butler/start", b'{"tags": ["a", "b", "c", "d"]}')
-    assert isinstance(decision, Refuse)
-    assert (decision.error.code, str(decision.error)) == (
-        "too_many_tasks",
-        "4 selectors; the limit is 3",
-    )
-
-
 TOPIC_LEVEL = st.text(
     alphabet=st.characters(blacklist_categories=("Cs",), blacklist_characters="/+#\x00"),
     max_size=12,
@@ -164,7 +154,6 @@ def test_interpret_only_ever_answers_with_the_error_tree(
             "bad_payload",
             "bad_topic",
             "payload_too_large",
-            "too_many_tasks",
             "reply_topic_refused",
         )
 

@@ -18,7 +18,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -337,12 +337,24 @@ class Client:
         return [r for r in self.received if aiomqtt.Topic(r.topic).matches(topic_filter)]
 
     async def wait_for(
-        self, topic_filter: str, count: int = 1, timeout: float = 15.0
+        self,
+        topic_filter: str,
+        count: int = 1,
+        timeout: float = 15.0,
+        until: Callable[[Received], bool] | None = None,
     ) -> list[Received]:
-        """The first `count` messages on `topic_filter`, waiting up to `timeout` for them."""
+        """The first `count` messages on `topic_filter`, waiting up to `timeout` for them;
+        with `until`, every message up to the first that satisfies it."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
-        while len(self.on(topic_filter)) < count:
+
+        def enough() -> bool:
+            got = self.on(topic_filter)
+            if until is not None:
+                return any(until(r) for r in got)
+            return len(got) >= count
+
+        while not enough():
             left = deadline - loop.time()
             if left <= 0:
                 got = [(r.topic, r.payload[:200]) for r in self.received]
@@ -350,7 +362,10 @@ class Client:
             self._changed.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._changed.wait(), left)
-        return self.on(topic_filter)[:count]
+        got = self.on(topic_filter)
+        if until is not None:
+            return got[: next(i for i, r in enumerate(got) if until(r)) + 1]
+        return got[:count]
 
     async def request(self, topic: str, payload: Any = b"", **kwargs: Any) -> Any:
         """Publish with a fresh MQTT 5 response topic and return the decoded reply."""

@@ -126,7 +126,7 @@ async def test_check_qrs_failures(
         garbage = tmp_path / "client.pem"
         garbage.write_text("not a certificate")
         config["qrs"]["cert_file"] = str(garbage)
-        expected = "a QRS certificate or key is unreadable"
+        expected = f"qrs.cert_file: {garbage} (with {simulator.certs.client_key}) cannot be used"
     else:
         proxy = QrsSimulator(simulator.fixture, simulator.certs, prefix="/jwt", token="right")
         await proxy.start()

@@ -9,13 +9,14 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import pytest
 import trustme
 
 from mqtt_starter.simulator.server import QrsSimulator
 from mqtt_starter.simulator.state import SimState
 from tests.conftest import wait_until
 from tests.integration.conftest import Client, Daemon, daemon_config, tls_settings
-from tests.integration.helpers import EXPORT, FORECAST, SALES, line, reply
+from tests.integration.helpers import EXPORT, FORECAST, LONG, SALES, line, reply
 
 
 def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
@@ -84,7 +85,7 @@ async def test_sighup_reloads_policy_and_routes_keeping_the_session(
     assert daemon.log.count("as starter-test (MQTT 5)") == 2
     # The requestId memory outlives the reload: a repeat starts nothing.
     again = await mqtt.request(f"butler/start/id/{FORECAST}", {"requestId": "before-reload"})
-    assert again == before
+    assert again == {**before, "replayed": True}
     assert sim_state.started.count(FORECAST) == 1
 
 
@@ -120,7 +121,10 @@ async def test_json_logs_carry_no_secret(make_daemon: Any, mqtt: Client, tmp_pat
     assert {"time", "level", "logger", "message"} <= set(records[0])
     messages = [r["message"] for r in records]
     assert any("requestId=log-me -> ok" in m for m in messages)
-    assert any("refused butler/start requestId=None: bad_payload" in m for m in messages)
+    assert any(
+        m.startswith("request mqtt butler/start requestId=None -> error bad_payload: invalid JSON")
+        for m in messages
+    )
     for secret in ("env-secret-456", "file-secret-123"):
         assert secret not in daemon.log
         assert secret not in json.dumps(answer)
@@ -199,20 +203,65 @@ async def test_qrs_certificate_is_verified_unless_configured_off(
     assert (await mqtt.request(f"butler/start/id/{SALES}"))["status"] == "ok"
 
 
-async def test_a_broken_broker_certificate_is_logged_and_retried(
-    make_daemon: Any, tmp_path: Path
+@pytest.mark.parametrize("section", ["mqtt", "qrs"])
+async def test_a_corrupt_certificate_is_a_configuration_error(
+    make_daemon: Any, tmp_path: Path, section: str
 ) -> None:
     garbage = tmp_path / "client.pem"
     garbage.write_text("not a certificate\n")
+    files = {"cert_file": str(garbage), "key_file": str(garbage)}
     daemon: Daemon = await make_daemon(
         start=False,
-        mqtt={"tls": {"enabled": True, "cert_file": str(garbage), "key_file": str(garbage)}},
+        **({"mqtt": {"tls": {"enabled": True, **files}}} if section == "mqtt" else {"qrs": files}),
     )
     await daemon.start(wait_ready=False)
-    await wait_until(
-        lambda: daemon.log.count("broker TLS files cannot be loaded") >= 2,
-        what="the TLS failure to be logged and tried again",
-    )
-    assert daemon.process is not None and daemon.process.returncode is None
+    assert await daemon.wait() == 78
+    key = "mqtt.tls.cert_file" if section == "mqtt" else "qrs.cert_file"
+    expected = f"{key}: {garbage} (with {garbage}) cannot be used"
+    assert f"mqtt-starter: invalid configuration:\n  {expected}" in daemon.log
+    assert "Traceback" not in daemon.log
     assert daemon.notify is not None
     assert not any("READY=1" in m for m in daemon.notify.messages)
+
+
+async def test_a_reload_of_qrs_settings_keeps_work_in_flight(
+    make_daemon: Any, mqtt: Client, sim_state: SimState
+) -> None:
+    daemon: Daemon = await make_daemon()
+    assert daemon.notify is not None
+    waiting, in_flight = "test/reload/wait", "test/reload/in-flight"
+    await mqtt.subscribe(waiting, in_flight)
+    await mqtt.publish(f"butler/start/id/{LONG}", {"wait": True}, response_topic=waiting)
+    [accepted] = await mqtt.wait_for(waiting)
+    assert accepted.json()["tasks"][0]["result"] == "started"
+    # A request whose task lookup QRS holds for a second is in flight during the reload.
+    sim_state.faults.hang_next, sim_state.faults.hang_s = 1, 1.0
+    sim_state.faults.path_contains = "/task/full"
+    await mqtt.publish(f"butler/start/id/{SALES}", response_topic=in_flight)
+    await wait_until(
+        lambda: any(e.path == "/qrs/task/full" and e.ended is None for e in sim_state.journal),
+        what="the request to be in flight",
+    )
+    config = dict(daemon.config)
+    config["qrs"] = {**config["qrs"], "timeout_s": 7}
+    daemon.write_config(config)
+    seen = len(daemon.notify.messages)
+    daemon.signal(signal.SIGHUP)
+    await daemon.notify.wait_for("STATUS=configuration reloaded", after=seen)
+    [answered] = await mqtt.wait_for(in_flight)
+    assert answered.json() == reply("ok", [line(sim_state, SALES, ["id"], "started")])
+    # The run started before the reload is still followed: its end reaches the waiting caller.
+    assert sim_state.live_session(LONG) is not None
+    sim_state.stop(sim_state.tasks[LONG])
+    _, finished = await mqtt.wait_for(waiting, 2)
+    [task] = finished.json()["tasks"]
+    assert (finished.json()["stage"], task["state"], task["stateCode"]) == (
+        "finished",
+        "Aborted",
+        6,
+    )
+    await wait_until(
+        lambda: "the previous QRS client is closed" in daemon.log,
+        what="the old QRS client to be closed once its follower ended",
+    )
+    assert "internal" not in answered.payload.decode() + finished.payload.decode()

@@ -11,13 +11,16 @@ import pytest
 from mqtt_starter.simulator.state import SimState
 from tests.conftest import wait_until
 from tests.integration.conftest import Broker, Client, Daemon, free_port
-from tests.integration.helpers import ARCHIVE, DECOY, EXPORT, SALES, STOCK
+from tests.integration.helpers import ARCHIVE, DECOY, EXPORT, SALES, STOCK, executions
 
 
 class Http:
-    def __init__(self, session: aiohttp.ClientSession, port: int) -> None:
+    def __init__(
+        self, session: aiohttp.ClientSession, port: int, daemon: Daemon | None = None
+    ) -> None:
         self.session = session
         self.base = f"http://127.0.0.1:{port}"
+        self.daemon = daemon
 
     async def __call__(
         self,
@@ -40,17 +43,18 @@ class Http:
 @pytest.fixture
 async def http(make_daemon: Any) -> AsyncIterator[Http]:
     port = free_port()
-    await make_daemon(
+    daemon = await make_daemon(
         http={"enabled": True, "port": port},
         policy={
             "allow": {
                 "tags": ["Nightly", "startTask1"],
                 "custom_properties": [{"name": "taskGroup", "value": "tasks2"}],
-            }
+            },
+            "max_payload_bytes": 1000,
         },
     )
     async with aiohttp.ClientSession() as session:
-        yield Http(session, port)
+        yield Http(session, port, daemon)
 
 
 async def test_health_and_readiness(http: Http) -> None:
@@ -195,6 +199,40 @@ async def test_butler_bad_requests(
 ) -> None:
     assert await http("POST", path, raw=raw) == (400, {"code": "bad_payload", "message": message})
     assert sim_state.started == []
+
+
+async def test_an_http_start_is_the_same_request_as_mqtt(
+    http: Http, mqtt: Client, sim_state: SimState
+) -> None:
+    await mqtt.subscribe(f"butler/status/task/{SALES}")
+    assert (await http("POST", f"/v4/reloadtask/{SALES}/start"))[0] == 200
+    [execution_id] = executions(sim_state, SALES)
+    # The run it started is followed, and its status events published, as for MQTT.
+    events = await mqtt.wait_for(
+        f"butler/status/task/{SALES}", 1, until=lambda m: m.json()["state"] == "FinishedSuccess"
+    )
+    assert {e.json()["executionId"] for e in events} == {execution_id}
+    assert events[-1].json()["startedBy"] == "mqtt-starter"
+    assert http.daemon is not None
+    assert (
+        f"request http POST /v4/reloadtask/{SALES}/start requestId=None -> ok started=1"
+        in http.daemon.log
+    )
+    _, text = await http("GET", "/metrics")
+    assert 'mqtt_starter_triggers_total{kind="http",outcome="accepted"} 1.0' in text
+
+
+async def test_http_bodies_obey_policy_max_payload_bytes(http: Http, sim_state: SimState) -> None:
+    body = b'[{"type": "starttasktag", "payload": {"tag": "' + b"x" * 1000 + b'"}}]'
+    assert await http("POST", "/v4/reloadtask/-/start", raw=body) == (
+        413,
+        {"code": "payload_too_large", "message": "payload is larger than 1000 bytes (the limit)"},
+    )
+    assert sim_state.started == []
+    assert http.daemon is not None
+    assert "request http POST /v4/reloadtask/-/start requestId=None -> error payload_too_large" in (
+        http.daemon.log
+    )
 
 
 async def test_metrics(http: Http, mqtt: Client, sim_state: SimState) -> None:

@@ -8,8 +8,9 @@ from pathlib import Path
 import pytest
 import trustme
 
+from mqtt_starter.backend import resolve_selectors
 from mqtt_starter.config import RetrySettings
-from mqtt_starter.errors import QrsAuthError, QrsRequestError, QrsUnavailable
+from mqtt_starter.errors import QrsAuthError, QrsUnavailable
 from mqtt_starter.model import (
     Selector,
     SelectorKind,
@@ -59,7 +60,7 @@ async def test_resolve_uses_one_query_and_reports_everything(
         Selector(SelectorKind.CUSTOM_PROPERTY, "tasks9", "taskGroup"),
         Selector(SelectorKind.NAME, "Reload Stock"),
     ]
-    resolution = await qrs.resolve(selectors)
+    resolution = await resolve_selectors(qrs, selectors)
     assert [(r.task.name, [s.match_label for s in r.matched_by]) for r in resolution.tasks] == [
         ("Reload Sales", ["id", "tag:Nightly"]),
         ("Reload Stock", ["tag:Nightly", "name"]),
@@ -83,7 +84,7 @@ async def test_resolve_uses_one_query_and_reports_everything(
 
 
 async def test_only_invalid_ids_make_no_query(qrs: QrsClient, sim_state: SimState) -> None:
-    resolution = await qrs.resolve([Selector(SelectorKind.ID, "nope")])
+    resolution = await resolve_selectors(qrs, [Selector(SelectorKind.ID, "nope")])
     assert [u.reason for u in resolution.unmatched] == [UnmatchedReason.INVALID_ID]
     assert sim_state.journal == []
 
@@ -103,7 +104,7 @@ async def test_only_invalid_ids_make_no_query(qrs: QrsClient, sim_state: SimStat
 async def test_injection_in_a_tag_finds_and_starts_nothing(
     qrs: QrsClient, sim_state: SimState, tag: str
 ) -> None:
-    resolution = await qrs.resolve([Selector(SelectorKind.TAG, tag)])
+    resolution = await resolve_selectors(qrs, [Selector(SelectorKind.TAG, tag)])
     assert resolution.tasks == ()
     assert [u.reason for u in resolution.unmatched] == [UnmatchedReason.NO_TASKS]
     assert [e.status for e in sim_state.journal] == [200]
@@ -112,12 +113,14 @@ async def test_injection_in_a_tag_finds_and_starts_nothing(
 
 @pytest.mark.parametrize("tag", ["Q1'25", "back\\slash", "a&b#c+d/e%f", "Ünïcødé ☃"])
 async def test_hostile_but_real_tags_are_found(qrs: QrsClient, tag: str) -> None:
-    resolution = await qrs.resolve([Selector(SelectorKind.TAG, tag)])
+    resolution = await resolve_selectors(qrs, [Selector(SelectorKind.TAG, tag)])
     assert [r.task.id for r in resolution.tasks] == [QUARTER]
 
 
 async def test_custom_property_decoy_does_not_match(qrs: QrsClient, sim_state: SimState) -> None:
-    resolution = await qrs.resolve([Selector(SelectorKind.CUSTOM_PROPERTY, "tasks2", "taskGroup")])
+    resolution = await resolve_selectors(
+        qrs, [Selector(SelectorKind.CUSTOM_PROPERTY, "tasks2", "taskGroup")]
+    )
     # QRS (like the simulator) returns the decoy: taskGroup=tasks1 and Other=tasks2 satisfy
     # each clause on different entries. The re-check drops it.
     [entry] = sim_state.journal
@@ -301,12 +304,9 @@ async def test_qrs_down_longer_than_the_retry_budget(qrs: QrsClient, sim_state: 
 
 
 async def test_404_is_not_retried(qrs: QrsClient, sim_state: SimState) -> None:
-    with pytest.raises(QrsRequestError) as info:
-        await qrs.execution_alive("99999999-0000-4000-8000-000000000000") or await qrs.call(
-            "GET", "reloadtask/99999999-0000-4000-8000-000000000000"
-        )
-    assert info.value.status == 404
-    assert [e.status for e in sim_state.journal] == [404, 404]
+    assert not await qrs.execution_alive("99999999-0000-4000-8000-000000000000")
+    assert await qrs.task("99999999-0000-4000-8000-000000000000") is None
+    assert [e.status for e in sim_state.journal] == [404, 200]
 
 
 async def test_timeouts_are_retried(simulator: QrsSimulator, sim_state: SimState) -> None:

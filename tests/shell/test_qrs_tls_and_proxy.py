@@ -16,6 +16,8 @@ import pytest
 from loguru import logger
 
 from mqtt_starter import qrs_client
+from mqtt_starter.backend import resolve_selectors
+from mqtt_starter.config import QrsSettings
 from mqtt_starter.errors import QrsAuthError
 from mqtt_starter.model import Selector, SelectorKind
 from mqtt_starter.qrs_client import QrsClient, build_ssl_context
@@ -133,9 +135,7 @@ def test_the_system_store_keeps_the_strict_flag(monkeypatch: pytest.MonkeyPatch)
     assert build_ssl_context(settings).verify_flags & ssl.VERIFY_X509_STRICT
 
 
-def qrs_settings_for_url(url: str, **values: Any) -> Any:
-    from mqtt_starter.config import QrsSettings
-
+def qrs_settings_for_url(url: str, **values: Any) -> QrsSettings:
     return QrsSettings.model_validate({"url": url, **values})
 
 
@@ -168,7 +168,7 @@ async def test_a_thousand_calls_use_one_proxy_session(
         settings = qrs_settings_for(sim, auth="jwt", jwt=TOKEN, max_concurrency=8)
         async with QrsClient(settings) as qrs:
             answers = await asyncio.gather(*(qrs.about() for _ in range(1000)))
-            resolution = await qrs.resolve([Selector(SelectorKind.NAME, "Reload Sales")])
+            resolution = await resolve_selectors(qrs, [Selector(SelectorKind.NAME, "Reload Sales")])
         assert {a["schemaPath"] for a in answers} == {"About"}
         assert [r.task.id for r in resolution.tasks] == [SALES]
         assert sim.proxy is not None and len(sim.proxy.sessions) == 1

@@ -1,0 +1,63 @@
+"""The typed seam between the use case and a Qlik site.
+
+The request service, the follower, `check` and `tasks` depend on `Backend` alone. The QRS
+client implements it; a Qlik Cloud client will; tests use a fake of it. A backend raises the
+QrsError subclasses of errors.py: QrsUnavailable when the site cannot be reached (after its own
+retries), QrsAuthError when it refuses who we are, QrsRequestError when it refuses what it was
+asked. `start_task` never raises for a task: what became of the start is its StartResult.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Protocol
+
+from .model import Execution, Resolution, Selector, StartResult, TaskRef
+from .resolution import dedupe_selectors, queryable, resolve
+
+
+class Backend(Protocol):
+    # monotonic time of the last call the site answered; None before the first
+    last_success: float | None
+
+    async def about(self) -> dict[str, Any]:
+        """The site's identity (build, version): the cheap reachability check."""
+        ...
+
+    async def task_count(self) -> int | None:
+        """How many tasks this identity can see."""
+        ...
+
+    async def find_tasks(self, selectors: Sequence[Selector]) -> list[TaskRef]:
+        """Candidates for `selectors` (queryable ones only); the caller re-checks them."""
+        ...
+
+    async def all_tasks(self) -> list[TaskRef]: ...
+
+    async def task(self, task_id: str) -> TaskRef | None:
+        """The task as it is now, None when it does not exist."""
+        ...
+
+    async def start_task(self, task: TaskRef) -> StartResult:
+        """Start `task` (as read before the start); never sent twice."""
+        ...
+
+    async def execution_results(self, execution_id: str) -> list[Execution]:
+        """Every attempt of an execution (retries add attempts)."""
+        ...
+
+    async def execution_alive(self, execution_id: str) -> bool:
+        """Whether the execution is still going on (it may yet retry)."""
+        ...
+
+    async def close(self) -> None: ...
+
+
+async def resolve_selectors(
+    backend: Backend, selectors: Sequence[Selector], *, all_task_ids_must_exist: bool = False
+) -> Resolution:
+    """Selectors → tasks, each once with every selector that matched it (core `resolve`)."""
+    selectors = dedupe_selectors(selectors)
+    wanted = queryable(selectors)
+    candidates = await backend.find_tasks(wanted) if wanted else []
+    return resolve(selectors, candidates, all_task_ids_must_exist=all_task_ids_must_exist)

@@ -1,0 +1,100 @@
+"""The MQTT door: a received message → an Inbound for the request service → the reply back.
+
+It owns only what is MQTT's: reading the topic and payload (triggers.interpret), the reply
+topic and Correlation Data, and publishing replies. Everything else (debounce, dedupe, the
+log line, metrics, starts and follow-ups) is the request service's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+
+from loguru import logger
+
+from .codec import encode_reply
+from .errors import MqttLinkError
+from .model import Reply
+from .mqtt_link import Incoming, MqttLink
+from .parts import Parts
+from .starter import Inbound, Starter, error_reply
+from .triggers import Ignore, Refuse, interpret
+
+
+class ReplyPublisher:
+    """Publishes to whatever broker link is current (a reload may replace it)."""
+
+    def __init__(self, link: Callable[[], MqttLink | None]) -> None:
+        self._link = link
+
+    async def publish(
+        self, topic: str, payload: bytes, *, correlation_data: bytes | None = None
+    ) -> None:
+        link = self._link()
+        if link is None:
+            raise MqttLinkError("no broker link")
+        await link.publish(topic, payload, correlation_data=correlation_data)
+
+
+class MqttDoor:
+    def __init__(
+        self, parts: Callable[[], Parts], starter: Starter, publisher: ReplyPublisher
+    ) -> None:
+        self._parts = parts
+        self._starter = starter
+        self._publisher = publisher
+
+    async def on_message(self, incoming: Incoming) -> None:
+        started = time.monotonic()
+        parts = self._parts()
+        decision = interpret(
+            parts.rules,
+            incoming.topic,
+            incoming.payload,
+            retain=incoming.retain,
+            response_topic=incoming.response_topic,
+        )
+        if isinstance(decision, Ignore):
+            self._starter.count_ignored(decision.kind)
+            logger.info("ignored {}: {}", incoming.topic, decision.reason)
+            return
+        if isinstance(decision, Refuse):
+            reply = error_reply(decision.request_id, decision.error.code, str(decision.error))
+            await self._reply(parts, decision.reply_topic, reply, incoming)
+            self._starter.account("mqtt", incoming.topic, decision.kind, reply, started)
+            return
+        reply_topic = decision.reply_topic
+        accepted_sent = asyncio.Event()
+
+        async def on_finished(finished: Reply) -> None:
+            await accepted_sent.wait()  # the finished reply never overtakes the accepted one
+            await self._reply(self._parts(), reply_topic, finished, incoming)
+
+        reply = await self._starter.handle(
+            Inbound(
+                decision.request,
+                door="mqtt",
+                topic=incoming.topic,
+                kind=decision.kind,
+                debounce_key=decision.debounce_key,
+                debounce_s=decision.debounce_s,
+            ),
+            on_finished=on_finished,
+        )
+        try:
+            await self._reply(parts, reply_topic, reply, incoming)
+        finally:
+            accepted_sent.set()
+
+    async def _reply(
+        self, parts: Parts, topic: str | None, reply: Reply, incoming: Incoming
+    ) -> None:
+        if topic is None:
+            logger.warning(
+                "no reply for {}: its default reply topic would trigger a route", incoming.topic
+            )
+            return
+        await self._publisher.publish(
+            topic, encode_reply(reply, parts.instance), correlation_data=incoming.correlation_data
+        )

@@ -91,7 +91,7 @@ def _demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
     configure_logging(LogSettings(level="WARNING"))
-    return asyncio.run(run_demo(sys.stdout, once=args.once))
+    return asyncio.run(run_demo(sys.stdout, once=args.once, port=args.port))
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -130,6 +130,13 @@ def _parser() -> argparse.ArgumentParser:
         help="a local broker, the QRS simulator and the daemon, end to end, with a short tour",
     )
     demo.add_argument("--once", action="store_true", help="play the tour, then stop and exit")
+    demo.add_argument(
+        "--port",
+        type=int,
+        default=1883,
+        help="the broker's port when it is free (default 1883, where the example flow"
+        " connects; 0: any free port)",
+    )
 
     sim = commands.add_parser("simulate-qrs", help="run the QRS simulator (HTTPS, mutual TLS)")
     sim.add_argument("--tasks", type=Path, help="task fixture (YAML or JSON); default: samples")

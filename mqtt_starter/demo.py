@@ -38,9 +38,17 @@ class DemoError(Exception):
     pass
 
 
-def _free_port() -> int:
+# MQTT's own port: the example Node-RED flow and mosquitto_rr connect there as they are.
+DEFAULT_BROKER_PORT = 1883
+
+
+def _free_port(wanted: int = 0) -> int:
+    """`wanted` when nothing listens there, else a port the kernel chooses."""
     with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
+        try:
+            sock.bind(("127.0.0.1", wanted))
+        except OSError:
+            sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
 
 
@@ -58,14 +66,14 @@ async def _wait_port(port: int, process: asyncio.subprocess.Process, what: str) 
 
 
 @contextlib.asynccontextmanager
-async def _broker(folder: Path) -> AsyncIterator[int]:
+async def _broker(folder: Path, wanted: int) -> AsyncIterator[int]:
     binary = shutil.which("mosquitto")
     if binary is None:
         raise DemoError(
             "mosquitto is not installed (Debian: apt-get install mosquitto), or run"
             " scripts/demo.sh, which installs it"
         )
-    port = _free_port()
+    port = _free_port(wanted)
     conf = folder / "mosquitto.conf"
     conf.write_text(
         f"listener {port} 127.0.0.1\nallow_anonymous true\n"
@@ -196,14 +204,16 @@ class Tour:
             self.say(f"      error {reply['error']['code']}: {reply['error']['message']}")
 
 
-async def run_demo(out: TextIO, *, once: bool) -> int:
+async def run_demo(out: TextIO, *, once: bool, port: int = DEFAULT_BROKER_PORT) -> int:
+    """The tour; the broker listens on `port` when it is free (0: any free port)."""
     folder = Path(tempfile.mkdtemp(prefix="mqtt-starter-demo-"))
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     try:
-        async with _broker(folder) as port:
+        async with _broker(folder, port) as got:
+            wanted, port = port, got
             certs = ensure_certificates(folder / "certs")
             sim = QrsSimulator(load_fixture(), certs, port=0)
             await sim.start()
@@ -226,6 +236,13 @@ async def run_demo(out: TextIO, *, once: bool) -> int:
                         file=out,
                         flush=True,
                     )
+                    if port != wanted and wanted == DEFAULT_BROKER_PORT:
+                        print(
+                            f"(port {DEFAULT_BROKER_PORT} is taken: the example Node-RED flow"
+                            f" needs both its broker nodes set to port {port})",
+                            file=out,
+                            flush=True,
+                        )
                     await _tour(port, out)
                     if not once:
                         _print_try(out, port, config_path)

@@ -48,3 +48,23 @@ def test_requests_go_to_trigger_topics_and_replies_come_back() -> None:
     assert reply_topics == {"nodered/replies/v5", "nodered/replies/v311"}
     assert reply_topics <= subscribed
     assert any(TopicFilter.parse(t).matches("butler/status/task/x") for t in subscribed)
+
+
+def test_every_click_sends_a_fresh_request_id() -> None:
+    # A fixed requestId would be answered from memory (replayed) within the dedupe window.
+    nodes = {n["id"]: n for n in flow()}
+    for inject in (n for n in nodes.values() if n["type"] == "inject"):
+        assert "requestId" not in json.loads(inject["payload"]), inject["name"]
+        node = inject
+        rules: list[dict[str, Any]] = []
+        while node["type"] != "mqtt out":
+            [[next_id]] = node["wires"]
+            node = nodes[next_id]
+            rules += node.get("rules", [])
+        assert {
+            "t": "set",
+            "p": "payload.requestId",
+            "pt": "msg",
+            "to": '"node-red-" & $string($millis())',
+            "tot": "jsonata",
+        } in rules, inject["name"]

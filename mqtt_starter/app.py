@@ -84,6 +84,7 @@ class Daemon:
         self._link_task: asyncio.Task[None] | None = None
         self.http: HttpApi | None = None
         self.qrs_ready = asyncio.Event()
+        self.ready = asyncio.Event()  # subscribed and QRS answered (READY=1)
         self._connected_once = False
 
     @property
@@ -132,6 +133,8 @@ class Daemon:
                     await self._shut_down()
         finally:
             await self.parts.retire()
+            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+                loop.remove_signal_handler(sig)
             logger.info("stopped")
         return 0
 
@@ -246,6 +249,7 @@ class Daemon:
             f"serving {self.settings.mqtt.base_topic}/start on"
             f" {self.settings.mqtt.host}:{self.settings.mqtt.port}"
         )
+        self.ready.set()
         logger.info("ready")
 
     # -- reload ----------------------------------------------------------------------------------

@@ -268,6 +268,8 @@ async def journal(request: web.Request, handler: Handler) -> web.StreamResponse:
 @web.middleware
 async def faults(request: web.Request, handler: Handler) -> web.StreamResponse:
     state = _state(request)
+    if not state.faults.open.is_set():
+        await state.faults.open.wait()
     if state.faults.delay_s:
         await state.pause(state.faults.delay_s)
     kind = state.faults.take(request.path)

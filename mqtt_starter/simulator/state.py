@@ -110,6 +110,11 @@ class Faults:
     delay_s: float = 0.0
     # Faults (not the delay) apply only to calls whose path contains this text; "" for all.
     path_contains: str = ""
+    # Cleared: every call waits until it is set again (to see calls in flight at once).
+    open: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def __post_init__(self) -> None:
+        self.open.set()
 
     def take(self, path: str) -> str | None:
         if self.path_contains and self.path_contains not in path:

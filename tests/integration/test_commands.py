@@ -15,7 +15,8 @@ import trustme
 import yaml
 
 from mqtt_starter.simulator.server import QrsSimulator
-from tests.integration.conftest import Broker, Daemon, daemon_config, free_port, tls_settings
+from tests.conftest import free_port
+from tests.integration.conftest import Broker, Daemon, daemon_config, tls_settings
 from tests.integration.helpers import ARCHIVE, EXPORT, SALES, STOCK
 
 

@@ -190,8 +190,11 @@ async def test_qrs_certificate_is_verified_unless_configured_off(
     strict: Daemon = await make_daemon(start=False, qrs={"ca_file": str(foreign)})
     await strict.start(wait_ready=False)
     await wait_until(
-        lambda: "QRS not ready: TLS verification of" in strict.log,
-        what="the daemon to refuse the unverified QRS",
+        lambda: (
+            "QRS not ready: TLS verification of" in strict.log
+            and "connected to broker" in strict.log
+        ),
+        what="the daemon to refuse the unverified QRS, and to subscribe",
     )
     answer = await mqtt.request(f"butler/start/id/{SALES}")
     assert answer["error"]["code"] == "qrs_unavailable"

@@ -9,14 +9,20 @@ import aiohttp
 import pytest
 
 from mqtt_starter.simulator.state import SimState
-from tests.conftest import wait_until
-from tests.integration.conftest import Broker, Client, Daemon, free_port
+from tests.conftest import free_port, wait_until
+from tests.integration.conftest import Broker, Client, LocalDaemon
 from tests.integration.helpers import ARCHIVE, DECOY, EXPORT, SALES, STOCK, executions
+
+
+@pytest.fixture
+def make_daemon(make_local_daemon: Any) -> Any:
+    """The daemon in-process: nothing here depends on it being a process."""
+    return make_local_daemon
 
 
 class Http:
     def __init__(
-        self, session: aiohttp.ClientSession, port: int, daemon: Daemon | None = None
+        self, session: aiohttp.ClientSession, port: int, daemon: LocalDaemon | None = None
     ) -> None:
         self.session = session
         self.base = f"http://127.0.0.1:{port}"
@@ -262,7 +268,7 @@ async def test_metrics(http: Http, mqtt: Client, sim_state: SimState) -> None:
 
 async def test_token_is_required_when_set(make_daemon: Any) -> None:
     port = free_port()
-    daemon: Daemon = await make_daemon(http={"enabled": True, "port": port, "token": "t-1"})
+    daemon: LocalDaemon = await make_daemon(http={"enabled": True, "port": port, "token": "t-1"})
     async with aiohttp.ClientSession() as session:
         http = Http(session, port)
         assert await http("GET", "/healthz") == (

@@ -105,7 +105,7 @@ async def test_broker_killed_three_times_during_a_stream(
         broker.start()
         # One fault at a time: the next kill comes only after the daemon is back.
         await wait_until(
-            lambda k=kill: daemon.log.count("connected to broker") == k + 1,
+            lambda k=kill: bool(daemon.log.count("connected to broker") == k + 1),  # type: ignore[misc]
             timeout=30,
             what=f"the daemon to reconnect after kill {kill}",
         )

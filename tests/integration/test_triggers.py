@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from mqtt_starter.simulator.state import SimState
-from tests.integration.conftest import Broker, Client, Daemon
+from tests.integration.conftest import Broker, Client, LocalDaemon
 from tests.integration.helpers import (
     ARCHIVE,
     DECOY,
@@ -25,6 +25,12 @@ from tests.integration.helpers import (
 )
 
 
+@pytest.fixture
+def make_daemon(make_local_daemon: Any) -> Any:
+    """The daemon in-process: nothing here depends on it being a process."""
+    return make_local_daemon
+
+
 def by_id(task_id: str) -> tuple[str, str, str]:
     return ("GET", "/qrs/task/full", f"id eq {task_id}")
 
@@ -33,14 +39,14 @@ def start(task_id: str) -> tuple[str, str, str]:
     return ("POST", f"/qrs/task/{task_id}/start/synchronous", "")
 
 
-async def test_start_by_id(daemon: Daemon, mqtt: Client, sim_state: SimState) -> None:
+async def test_start_by_id(daemon: LocalDaemon, mqtt: Client, sim_state: SimState) -> None:
     answer = await mqtt.request(f"butler/start/id/{SALES.upper()}")
     assert answer == reply("ok", [line(sim_state, SALES, ["id"], "started")])
     assert task_calls(sim_state) == [by_id(SALES), start(SALES)]
 
 
 async def test_start_by_tag_reports_disabled_tasks(
-    daemon: Daemon, mqtt: Client, sim_state: SimState
+    daemon: LocalDaemon, mqtt: Client, sim_state: SimState
 ) -> None:
     answer = await mqtt.request("butler/start/tag/Nightly")
     assert answer == reply(
@@ -55,7 +61,7 @@ async def test_start_by_tag_reports_disabled_tasks(
 
 
 async def test_start_by_custom_property_skips_the_decoy(
-    daemon: Daemon, mqtt: Client, sim_state: SimState
+    daemon: LocalDaemon, mqtt: Client, sim_state: SimState
 ) -> None:
     answer = await mqtt.request("butler/start/cp/taskGroup/tasks2")
     assert answer == reply("ok", [line(sim_state, STOCK, ["cp:taskGroup=tasks2"], "started")])
@@ -73,14 +79,14 @@ async def test_start_by_custom_property_skips_the_decoy(
     ],
 )
 async def test_names_and_percent_encoded_levels(
-    daemon: Daemon, mqtt: Client, sim_state: SimState, topic: str, task_id: str, label: str
+    daemon: LocalDaemon, mqtt: Client, sim_state: SimState, topic: str, task_id: str, label: str
 ) -> None:
     answer = await mqtt.request(topic)
     assert answer == reply("ok", [line(sim_state, task_id, [label], "started")])
 
 
 async def test_json_body_unites_selectors(
-    daemon: Daemon, mqtt: Client, sim_state: SimState
+    daemon: LocalDaemon, mqtt: Client, sim_state: SimState
 ) -> None:
     answer = await mqtt.request(
         "butler/start",
@@ -112,7 +118,7 @@ async def test_json_body_unites_selectors(
 
 
 async def test_topic_and_payload_selectors_are_united(
-    daemon: Daemon, mqtt: Client, sim_state: SimState
+    daemon: LocalDaemon, mqtt: Client, sim_state: SimState
 ) -> None:
     answer = await mqtt.request(f"butler/start/id/{SALES}", {"names": ["Reload Stock"]})
     assert answer == reply(
@@ -121,7 +127,7 @@ async def test_topic_and_payload_selectors_are_united(
     )
 
 
-async def test_butler_array_body(daemon: Daemon, mqtt: Client, sim_state: SimState) -> None:
+async def test_butler_array_body(daemon: LocalDaemon, mqtt: Client, sim_state: SimState) -> None:
     answer = await mqtt.request(
         "butler/start",
         [
@@ -187,7 +193,7 @@ async def test_routes_with_wildcards_when_and_debounce(
 
 
 async def test_mosquitto_rr_round_trip_with_correlation_data(
-    daemon: Daemon, broker: Broker, sim_state: SimState
+    daemon: LocalDaemon, broker: Broker, sim_state: SimState
 ) -> None:
     process = await asyncio.create_subprocess_exec(
         "mosquitto_rr",
@@ -224,7 +230,7 @@ async def test_mosquitto_rr_round_trip_with_correlation_data(
 
 
 async def test_mqtt_311_client_with_reply_to(
-    daemon: Daemon, broker: Broker, sim_state: SimState
+    daemon: LocalDaemon, broker: Broker, sim_state: SimState
 ) -> None:
     async with Client(broker, v5=False) as old:
         await old.subscribe("erp/replies")
@@ -237,7 +243,7 @@ async def test_mqtt_311_client_with_reply_to(
     )
 
 
-async def test_default_reply_topic(daemon: Daemon, mqtt: Client, sim_state: SimState) -> None:
+async def test_default_reply_topic(daemon: LocalDaemon, mqtt: Client, sim_state: SimState) -> None:
     await mqtt.subscribe("butler/reply/#")
     await mqtt.publish("butler/start/tag/startTask1")
     [answer] = await mqtt.wait_for("butler/reply/start/tag/startTask1")

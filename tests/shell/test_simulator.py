@@ -387,27 +387,38 @@ async def test_disabled_task_does_not_start(raw: Raw, sim_state: SimState) -> No
     assert sim_state.started == []
 
 
-async def test_concurrency_limit_queues_and_stop_aborts(raw: Raw) -> None:
-    # max_concurrent is 2 in the test fixture: the third execution waits Queued.
-    sessions = []
-    for task_id in (LONG, SALES, "22222222-2222-4222-8222-222222222222"):
-        sessions.append((await raw("POST", f"/qrs/task/{task_id}/start/synchronous"))[1]["value"])
+async def test_concurrency_limit_queues_and_stop_aborts(
+    certs: CertPaths, task_fixture: Fixture
+) -> None:
+    # One start slot: the long run holds it, so the second waits Queued until it is stopped.
+    sim = QrsSimulator(task_fixture.model_copy(update={"max_concurrent": 1}), certs)
+    await sim.start()
+    try:
+        connector = aiohttp.TCPConnector(ssl=client_context(certs))
+        async with aiohttp.ClientSession(connector=connector) as session:
+            raw = Raw(sim, session)
+            sessions = [
+                (await raw("POST", f"/qrs/task/{task_id}/start/synchronous"))[1]["value"]
+                for task_id in (LONG, SALES)
+            ]
 
-    async def third_queued() -> bool:
-        return bool([r["status"] for r in await results(raw, sessions[2])] == [3])
+            async def second_queued() -> bool:
+                return bool([r["status"] for r in await results(raw, sessions[1])] == [3])
 
-    await wait_until(third_queued, what="the third execution to be Queued")
-    assert (await raw("POST", f"/qrs/task/{LONG}/stop")) == (204, "")
-    [aborted] = await run_to_end(raw, sessions[0])
-    assert aborted["status"] == 6
-    assert states(aborted)[-3:] == [
-        "Changing task state from Started to AbortInitiated",
-        "Changing task state from AbortInitiated to Aborting",
-        "Changing task state from Aborting to Aborted",
-    ]
-    [third] = await run_to_end(raw, sessions[2])
-    assert third["status"] == 7
-    assert "Changing task state from Triggered to Queued" in states(third)
+            await wait_until(second_queued, what="the second execution to be Queued")
+            assert (await raw("POST", f"/qrs/task/{LONG}/stop")) == (204, "")
+            [aborted] = await run_to_end(raw, sessions[0])
+            assert aborted["status"] == 6
+            assert states(aborted)[-3:] == [
+                "Changing task state from Started to AbortInitiated",
+                "Changing task state from AbortInitiated to Aborting",
+                "Changing task state from Aborting to Aborted",
+            ]
+            [second] = await run_to_end(raw, sessions[1])
+            assert second["status"] == 7
+            assert "Changing task state from Triggered to Queued" in states(second)
+    finally:
+        await sim.stop()
 
 
 async def test_scripted_queue_time(raw: Raw) -> None:
@@ -461,10 +472,21 @@ async def test_hang_and_drop(raw: Raw, sim_state: SimState) -> None:
     assert [e.status for e in sim_state.journal] == [200, 0, 200]
 
 
-async def test_delay_and_peak_in_flight(raw: Raw, sim_state: SimState) -> None:
-    sim_state.faults.delay_s = 0.2
-    await asyncio.gather(*(raw("GET", "/qrs/about") for _ in range(5)))
+async def test_held_calls_and_peak_in_flight(raw: Raw, sim_state: SimState) -> None:
+    sim_state.faults.open.clear()
+    calls = asyncio.gather(*(raw("GET", "/qrs/about") for _ in range(5)))
+    await wait_until(lambda: sim_state.in_flight == 5, what="five calls held")
+    assert [e.status for e in sim_state.journal] == [0] * 5
+    sim_state.faults.open.set()
+    assert [status for status, _ in await calls] == [200] * 5
     assert sim_state.peak_in_flight == 5
+
+
+async def test_delay_slows_every_answer(raw: Raw, sim_state: SimState) -> None:
+    sim_state.faults.delay_s = 0.2
+    await raw("GET", "/qrs/about")
+    [entry] = sim_state.journal
+    assert entry.ended is not None and entry.ended - entry.started >= 0.2
 
 
 async def test_control_endpoints(raw: Raw, sim_state: SimState) -> None:

@@ -261,7 +261,8 @@ class PolicySettings(Section):
     max_tasks_per_request: int = Field(
         100,
         ge=1,
-        description="a request resolving to more tasks is refused (too_many_tasks)",
+        description="a request with more selectors than this, or whose selectors match more"
+        " tasks, is refused as a whole (too_many_tasks); nothing is started",
     )
 
 

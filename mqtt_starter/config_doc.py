@@ -1,7 +1,7 @@
 """The configuration reference, generated from the config model so that it cannot drift.
 
-`python -m mqtt_starter.config_doc README.md` rewrites the part of the README between the
-markers; a test fails when the README and the model disagree.
+`python -m mqtt_starter.config_doc docs/configuration.md` rewrites the part of that page
+between the markers; a test fails when the page and the model disagree.
 """
 
 from __future__ import annotations

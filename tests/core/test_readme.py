@@ -1,4 +1,4 @@
-"""The README's configuration reference is the one the config model generates."""
+"""The configuration reference in docs/ is the one the config model generates."""
 
 from __future__ import annotations
 
@@ -6,13 +6,13 @@ from pathlib import Path
 
 from mqtt_starter.config_doc import END, START, reference, rewrite
 
-README = Path(__file__).parents[2] / "README.md"
+REFERENCE = Path(__file__).parents[2] / "docs" / "configuration.md"
 
 
-def test_readme_configuration_reference_matches_the_model() -> None:
-    text = README.read_text("utf-8")
+def test_the_configuration_reference_matches_the_model() -> None:
+    text = REFERENCE.read_text("utf-8")
     assert START in text and END in text
-    assert rewrite(text) == text, "run: python -m mqtt_starter.config_doc README.md"
+    assert rewrite(text) == text, "run: python -m mqtt_starter.config_doc docs/configuration.md"
 
 
 def test_reference_names_every_key_of_the_example() -> None:

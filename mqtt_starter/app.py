@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 from loguru import logger
 
 from .config import Settings
-from .errors import ConfigError, QrsError
+from .core.errors import ConfigError, QrsError
 from .logs import configure_logging
 from .metrics import Metrics
 from .mqtt_door import MqttDoor, ReplyPublisher

@@ -12,8 +12,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any, Protocol
 
-from .model import Execution, Resolution, Selector, StartResult, TaskRef
-from .resolution import dedupe_selectors, queryable, resolve
+from .core.model import Execution, Resolution, Selector, StartResult, TaskRef
+from .core.resolution import dedupe_selectors, queryable, resolve
 
 
 class Backend(Protocol):

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .config import Settings, file_problems, load_settings
-from .errors import ConfigError, MqttLinkError, QrsError
+from .core.errors import ConfigError, MqttLinkError, QrsError
 from .mqtt_link import MqttPeer
 from .parts import open_backend
 

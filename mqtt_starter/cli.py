@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 
 from . import __version__
 from .config import LogSettings, Settings, file_problems, load_settings
-from .errors import EXIT_CONFIG, ConfigError, MqttStarterError
+from .core.errors import EXIT_CONFIG, ConfigError, MqttStarterError
 from .logs import configure_logging
 
 if TYPE_CHECKING:

@@ -25,8 +25,8 @@ from pydantic import (
     model_validator,
 )
 
-from .errors import ConfigError, ConfigProblem
-from .routing import TopicFilter
+from .core.errors import ConfigError, ConfigProblem
+from .core.routing import TopicFilter
 
 ENV_PREFIX = "MQTT_STARTER_"
 # Secrets that may also be given as `<key>_file`; the file's content (trailing newline cut) is used.

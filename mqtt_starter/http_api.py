@@ -16,11 +16,11 @@ from typing import Any
 
 from aiohttp import web
 
-from .codec import decode_json, parse_butler_items
 from .config import HttpSettings
-from .errors import BadPayload, PayloadTooLarge, RequestError
+from .core.codec import decode_json, parse_butler_items
+from .core.errors import BadPayload, PayloadTooLarge, RequestError
+from .core.model import Reply, Request, Selector, SelectorKind, TaskResult
 from .metrics import CONTENT_TYPE, Metrics
-from .model import Reply, Request, Selector, SelectorKind, TaskResult
 from .parts import Parts
 from .starter import Inbound, Starter, error_reply
 

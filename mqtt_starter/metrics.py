@@ -7,7 +7,7 @@ from collections.abc import Callable
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
-from .model import Reply
+from .core.model import Reply
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 
@@ -43,6 +43,11 @@ class Metrics:
             "Executions being followed to their end",
             registry=self.registry,
         )
+        # Label lookups take a lock and build tuples; on the request path the children are
+        # looked up once and kept.
+        self._qrs_children: dict[tuple[str, int], Histogram] = {}
+        self._trigger_children: dict[tuple[str, str], Counter] = {}
+        self._task_children: dict[str, Counter] = {}
         self.broker_connected = Gauge(
             "mqtt_starter_broker_connected",
             "1 while connected to the broker",
@@ -50,12 +55,24 @@ class Metrics:
         )
 
     def observe_qrs(self, operation: str, seconds: float, status: int) -> None:
-        self.qrs_seconds.labels(operation, str(status)).observe(seconds)
+        key = (operation, status)
+        child = self._qrs_children.get(key)
+        if child is None:
+            child = self._qrs_children[key] = self.qrs_seconds.labels(operation, str(status))
+        child.observe(seconds)
 
     def count_reply(self, kind: str, reply: Reply) -> None:
-        self.triggers.labels(kind, "refused" if reply.error else "accepted").inc()
+        key = (kind, "refused" if reply.error else "accepted")
+        child = self._trigger_children.get(key)
+        if child is None:
+            child = self._trigger_children[key] = self.triggers.labels(*key)
+        child.inc()
         for outcome in reply.outcomes:
-            self.tasks.labels(outcome.result.value).inc()
+            result = outcome.result.value
+            task_child = self._task_children.get(result)
+            if task_child is None:
+                task_child = self._task_children[result] = self.tasks.labels(result)
+            task_child.inc()
 
     def follow_executions(self, count: Callable[[], float]) -> None:
         self.executions.set_function(count)

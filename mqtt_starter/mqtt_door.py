@@ -13,13 +13,13 @@ from collections.abc import Callable
 
 from loguru import logger
 
-from .codec import encode_reply
-from .errors import MqttLinkError
-from .model import Reply
+from .core.codec import encode_reply
+from .core.errors import MqttLinkError
+from .core.model import Reply
+from .core.triggers import Ignore, Refuse, interpret
 from .mqtt_link import Incoming, MqttLink
 from .parts import Parts
 from .starter import Inbound, Starter, error_reply
-from .triggers import Ignore, Refuse, interpret
 
 
 class ReplyPublisher:

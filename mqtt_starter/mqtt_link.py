@@ -29,7 +29,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from .config import MqttSettings
-from .errors import ConfigError, ConfigProblem, MqttLinkError
+from .core.errors import ConfigError, ConfigProblem, MqttLinkError
 
 
 @dataclass(frozen=True)

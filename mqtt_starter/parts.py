@@ -15,11 +15,11 @@ from loguru import logger
 
 from .backend import Backend
 from .config import PolicySettings, Settings
-from .model import Selector, SelectorKind
-from .policy import AllowList
+from .core.model import Selector, SelectorKind
+from .core.policy import AllowList
+from .core.routing import Route, TopicFilter, When
+from .core.triggers import TriggerRules
 from .qrs_client import Observer, QrsClient
-from .routing import Route, TopicFilter, When
-from .triggers import TriggerRules
 
 
 def allow_list(policy: PolicySettings) -> AllowList | None:

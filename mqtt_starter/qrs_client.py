@@ -24,7 +24,6 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 from urllib.parse import quote as url_quote
 from urllib.parse import urlsplit
@@ -34,7 +33,7 @@ from loguru import logger
 from yarl import URL
 
 from .config import QrsSettings
-from .errors import (
+from .core.errors import (
     ConfigError,
     ConfigProblem,
     QrsAnswerLost,
@@ -43,7 +42,7 @@ from .errors import (
     QrsRequestError,
     QrsUnavailable,
 )
-from .model import (
+from .core.model import (
     Execution,
     Selector,
     SelectorKind,
@@ -51,7 +50,7 @@ from .model import (
     TaskRef,
     TaskResult,
 )
-from .qrs_query import (
+from .core.qrs_query import (
     EMPTY_GUID,
     execution_filter,
     normalize_guid,
@@ -60,8 +59,8 @@ from .qrs_query import (
     result_filter,
     task_filters,
 )
-from .start_check import explain_declined, lost_unknown, run_after
-from .tokens import expiry_warning, token_expiry
+from .core.start_check import explain_declined, lost_unknown, run_after
+from .core.tokens import expiry_warning, token_expiry
 
 # Called after each QRS call with (operation, seconds, HTTP status or 0 when none came back).
 Observer = Callable[[str, float, int], None]
@@ -70,7 +69,7 @@ Observer = Callable[[str, float, int], None]
 TOKEN_CHECK_S = 2.0
 EXPIRY_WARN_EVERY_S = 3600.0
 # How long a probe connection waits to see whether QRS closes it (a refused certificate).
-CERT_PROBE_S = 1.0
+CERT_PROBE_S = 0.5
 # OpenSSL verification codes that get a hint of their own.
 _HOSTNAME_MISMATCH = 62
 _IP_MISMATCH = 64
@@ -192,6 +191,7 @@ class QrsClient:
         self._proxy_session_lock = asyncio.Lock()
         self._token: _Token | None = None
         self._ssl_context: ssl.SSLContext | None = None
+        self._base = f"{settings.url}/qrs/"
         self.last_success: float | None = None  # monotonic time of the last answered call
 
     async def start(self) -> None:
@@ -200,8 +200,6 @@ class QrsClient:
         self._ssl_context = context
         if self.settings.auth == "jwt":
             self._token = await self._load_token()
-        trace = aiohttp.TraceConfig()
-        trace.on_connection_create_end.append(_mark_fresh)
         self._session = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(ssl=context, limit=self.settings.max_concurrency),
             headers={"X-Qlik-User": qlik_user_header(self.settings), "Accept": "application/json"},
@@ -210,7 +208,6 @@ class QrsClient:
             cookie_jar=aiohttp.CookieJar(unsafe=True),
             raise_for_status=False,
             timeout=aiohttp.ClientTimeout(total=self.settings.timeout_s),
-            trace_configs=[trace],
         )
 
     async def close(self) -> None:
@@ -276,10 +273,8 @@ class QrsClient:
     # -- transport ---------------------------------------------------------------------------
 
     def _url(self, path: str, params: Mapping[str, str], xrfkey: str) -> URL:
-        query = "&".join(
-            f"{k}={url_quote(v, safe='')}" for k, v in {**params, "xrfkey": xrfkey}.items()
-        )
-        return URL(f"{self.settings.url}/qrs/{path}?{query}", encoded=True)
+        query = "".join(f"{k}={url_quote(v, safe='')}&" for k, v in params.items())
+        return URL(f"{self._base}{path}?{query}xrfkey={xrfkey}", encoded=True)
 
     async def _once(
         self, method: str, path: str, params: Mapping[str, str], body: Any
@@ -299,7 +294,6 @@ class QrsClient:
         headers = {"X-Qlik-Xrfkey": xrfkey}
         if self._token is not None:
             headers["Authorization"] = f"Bearer {await self._current_token()}"
-        trace = SimpleNamespace(fresh=False)
         try:
             async with (
                 self._gate,
@@ -310,7 +304,6 @@ class QrsClient:
                     headers=headers,
                     allow_redirects=False,
                     server_hostname=self.settings.server_name,
-                    trace_request_ctx=trace,
                 ) as response,
             ):
                 text = await response.text()
@@ -333,11 +326,10 @@ class QrsClient:
             # No connection was made: nothing was sent.
             raise _Retryable(f"{type(exc).__name__}: {exc}", never_sent=True) from None
         except aiohttp.ServerDisconnectedError as exc:
-            if (
-                trace.fresh
-                and self.settings.auth == "certificate"
-                and await self._certificate_refused()
-            ):
+            # A probe tells a refused certificate from a dropped connection; disconnects are
+            # rare, so it costs nothing in the common case (a request trace would, on every
+            # call).
+            if self.settings.auth == "certificate" and await self._certificate_refused():
                 raise QrsAuthError(
                     f"QRS {self.settings.url} closed a new connection without answering: it"
                     " does not accept the client certificate (qrs.cert_file, qrs.key_file);"
@@ -595,13 +587,3 @@ class QrsClient:
                 return False
             raise
         return True
-
-
-async def _mark_fresh(
-    session: aiohttp.ClientSession,
-    context: SimpleNamespace,
-    params: aiohttp.TraceConnectionCreateEndParams,
-) -> None:
-    trace = context.trace_request_ctx
-    if isinstance(trace, SimpleNamespace):
-        trace.fresh = True

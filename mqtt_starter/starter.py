@@ -25,10 +25,9 @@ from typing import Any, Protocol
 from loguru import logger
 
 from .backend import resolve_selectors
-from .codec import encode_status_event, reply_status
-from .errors import BadPayload, MqttLinkError, QrsError, TooManyTasks
-from .metrics import Metrics
-from .model import (
+from .core.codec import encode_status_event, reply_status
+from .core.errors import BadPayload, MqttLinkError, QrsError, TooManyTasks
+from .core.model import (
     ErrorInfo,
     Execution,
     Reply,
@@ -37,9 +36,10 @@ from .model import (
     TaskOutcome,
     TaskResult,
 )
+from .core.policy import Debouncer, Decision, ExpiringMemory, decide
+from .core.qrs_query import MAX_VALUE_LENGTH, too_long
+from .metrics import Metrics
 from .parts import Parts
-from .policy import Debouncer, Decision, ExpiringMemory, decide
-from .qrs_query import MAX_VALUE_LENGTH, too_long
 from .tracker import Tracker
 
 # Error codes of a passing condition: such a refusal is not remembered for the requestId.

@@ -12,7 +12,7 @@ from typing import Any
 
 from .backend import resolve_selectors
 from .config import Settings
-from .model import Resolution, ResolvedTask, Selector, SelectorKind
+from .core.model import Resolution, ResolvedTask, Selector, SelectorKind
 from .parts import allow_list, open_backend
 
 TYPES = {0: "reload", 1: "external", 2: "usersync", 3: "distribute", 4: "preload"}

@@ -22,9 +22,9 @@ from collections.abc import Awaitable, Callable
 from loguru import logger
 
 from .backend import Backend
-from .errors import QrsAuthError, QrsRequestError, QrsUnavailable
-from .model import Execution, FollowEnd, TaskRef
-from .qrs_query import latest_execution
+from .core.errors import QrsAuthError, QrsRequestError, QrsUnavailable
+from .core.model import Execution, FollowEnd, TaskRef
+from .core.qrs_query import latest_execution
 
 OnChange = Callable[[Execution], Awaitable[None]]
 

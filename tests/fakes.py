@@ -13,8 +13,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from mqtt_starter.errors import QrsUnavailable
-from mqtt_starter.model import (
+from mqtt_starter.core.errors import QrsUnavailable
+from mqtt_starter.core.model import (
     Execution,
     Selector,
     StartResult,
@@ -22,7 +22,7 @@ from mqtt_starter.model import (
     TaskResult,
     TaskStatus,
 )
-from mqtt_starter.qrs_query import selector_matches
+from mqtt_starter.core.qrs_query import selector_matches
 
 SUCCESS = (TaskStatus.TRIGGERED, TaskStatus.STARTED, TaskStatus.FINISHED_SUCCESS)
 FAILURE = (TaskStatus.TRIGGERED, TaskStatus.STARTED, TaskStatus.FINISHED_FAIL)

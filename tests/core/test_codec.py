@@ -7,9 +7,9 @@ from typing import Any
 
 import pytest
 
-from mqtt_starter.codec import decode_json, encode_reply, parse_request, reply_status
-from mqtt_starter.errors import BadPayload, PayloadTooLarge
-from mqtt_starter.model import (
+from mqtt_starter.core.codec import decode_json, encode_reply, parse_request, reply_status
+from mqtt_starter.core.errors import BadPayload, PayloadTooLarge
+from mqtt_starter.core.model import (
     Execution,
     FollowEnd,
     Reply,

@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from mqtt_starter.config import Settings, file_problems, load_settings, settings_from_mapping
-from mqtt_starter.errors import ConfigError
+from mqtt_starter.core.errors import ConfigError
 
 EXAMPLE = Path(__file__).parents[2] / "config" / "mqtt-starter.yaml"
 MINIMAL = {"qrs": {"url": "https://sense:4242"}}

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from mqtt_starter.routing import TopicFilter, parse_trigger_topic
+from mqtt_starter.core.routing import TopicFilter, parse_trigger_topic
 
 EXAMPLES = Path(__file__).parents[2] / "examples"
 

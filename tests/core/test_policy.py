@@ -6,14 +6,14 @@ import dataclasses
 
 import pytest
 
-from mqtt_starter.model import (
+from mqtt_starter.core.model import (
     CustomPropertyValue,
     ResolvedTask,
     TaskRef,
     TaskResult,
     TaskStatus,
 )
-from mqtt_starter.policy import AllowList, Debouncer, ExpiringMemory, decide
+from mqtt_starter.core.policy import AllowList, Debouncer, ExpiringMemory, decide
 
 TASK = TaskRef(
     id="6ca1c5f2-2742-44d5-8adf-d6cba3701a4e",

@@ -6,8 +6,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from mqtt_starter.model import CustomPropertyValue, Selector, SelectorKind, TaskRef, TaskStatus
-from mqtt_starter.qrs_query import (
+from mqtt_starter.core.model import CustomPropertyValue, Selector, SelectorKind, TaskRef, TaskStatus
+from mqtt_starter.core.qrs_query import (
     MAX_TERMS_PER_FILTER,
     execution_filter,
     latest_execution,
@@ -297,7 +297,7 @@ def test_latest_execution_prefers_the_live_retry() -> None:
 def test_filters_are_chunked_by_encoded_size_too() -> None:
     from urllib.parse import quote as url_quote
 
-    from mqtt_starter.qrs_query import MAX_FILTER_BYTES, MAX_VALUE_LENGTH, too_long
+    from mqtt_starter.core.qrs_query import MAX_FILTER_BYTES, MAX_VALUE_LENGTH, too_long
 
     selectors = [Selector(SelectorKind.TAG, "☃" * MAX_VALUE_LENGTH) for _ in range(6)]
     filters = task_filters(selectors)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from mqtt_starter.model import (
+from mqtt_starter.core.model import (
     CustomPropertyValue,
     Selector,
     SelectorKind,
@@ -10,7 +10,7 @@ from mqtt_starter.model import (
     Unmatched,
     UnmatchedReason,
 )
-from mqtt_starter.resolution import resolve
+from mqtt_starter.core.resolution import resolve
 
 SALES = TaskRef(
     id="11111111-1111-4111-8111-111111111111",

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from mqtt_starter.errors import BadTopic, ReplyTopicRefused
-from mqtt_starter.model import Selector, SelectorKind
-from mqtt_starter.routing import (
+from mqtt_starter.core.errors import BadTopic, ReplyTopicRefused
+from mqtt_starter.core.model import Selector, SelectorKind
+from mqtt_starter.core.routing import (
     Route,
     TopicFilter,
     When,

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from mqtt_starter.model import StartResult, TaskRef, TaskResult, TaskStatus
-from mqtt_starter.start_check import explain_declined, lost_unknown, run_after
+from mqtt_starter.core.model import StartResult, TaskRef, TaskResult, TaskStatus
+from mqtt_starter.core.start_check import explain_declined, lost_unknown, run_after
 
 BEFORE = TaskRef(id="t", name="Sales", last_result_id="r1", last_status=TaskStatus.FINISHED_SUCCESS)
 

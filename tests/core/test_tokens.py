@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from mqtt_starter.tokens import expiry_warning, token_expiry
+from mqtt_starter.core.tokens import expiry_warning, token_expiry
 
 NOW = 1_800_000_000.0  # 2027-01-15 08:00 UTC
 

@@ -8,10 +8,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mqtt_starter.errors import RequestError
-from mqtt_starter.model import Request, Selector, SelectorKind
-from mqtt_starter.routing import Route, TopicFilter, When
-from mqtt_starter.triggers import Accept, Ignore, Refuse, TriggerRules, interpret
+from mqtt_starter.core.errors import RequestError
+from mqtt_starter.core.model import Request, Selector, SelectorKind
+from mqtt_starter.core.routing import Route, TopicFilter, When
+from mqtt_starter.core.triggers import Accept, Ignore, Refuse, TriggerRules, interpret
 
 ROUTE = Route(
     TopicFilter.parse("factory/+/ready"),

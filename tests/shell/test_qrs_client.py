@@ -10,8 +10,8 @@ import trustme
 
 from mqtt_starter.backend import resolve_selectors
 from mqtt_starter.config import RetrySettings
-from mqtt_starter.errors import QrsAuthError, QrsUnavailable
-from mqtt_starter.model import (
+from mqtt_starter.core.errors import QrsAuthError, QrsUnavailable
+from mqtt_starter.core.model import (
     Selector,
     SelectorKind,
     StartResult,

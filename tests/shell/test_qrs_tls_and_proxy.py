@@ -18,8 +18,8 @@ from loguru import logger
 from mqtt_starter import qrs_client
 from mqtt_starter.backend import resolve_selectors
 from mqtt_starter.config import QrsSettings
-from mqtt_starter.errors import QrsAuthError
-from mqtt_starter.model import Selector, SelectorKind
+from mqtt_starter.core.errors import QrsAuthError
+from mqtt_starter.core.model import Selector, SelectorKind
 from mqtt_starter.qrs_client import QrsClient, build_ssl_context
 from mqtt_starter.simulator.certs import CertPaths
 from mqtt_starter.simulator.fixtures import Fixture

@@ -10,10 +10,9 @@ from typing import Any
 import pytest
 from loguru import logger
 
-from mqtt_starter.codec import encode_reply
 from mqtt_starter.config import Settings, settings_from_mapping
-from mqtt_starter.metrics import Metrics
-from mqtt_starter.model import (
+from mqtt_starter.core.codec import encode_reply
+from mqtt_starter.core.model import (
     Reply,
     Request,
     Selector,
@@ -23,6 +22,7 @@ from mqtt_starter.model import (
     TaskResult,
     TaskStatus,
 )
+from mqtt_starter.metrics import Metrics
 from mqtt_starter.parts import Parts, allow_list, build_rules
 from mqtt_starter.starter import Inbound, Starter
 from tests.fakes import FAILURE, FakeBackend, FakePublisher

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from mqtt_starter.model import Execution, FollowEnd, TaskRef, TaskResult, TaskStatus
+from mqtt_starter.core.model import Execution, FollowEnd, TaskRef, TaskResult, TaskStatus
 from mqtt_starter.qrs_client import QrsClient
 from mqtt_starter.simulator.server import QrsSimulator
 from mqtt_starter.simulator.state import SimState

@@ -43,6 +43,12 @@ def wait_port(port: int, process: subprocess.Popen[bytes], what: str, timeout: f
     raise RuntimeError(f"{what} did not listen on {port}")
 
 
+def cpu_s(pid: int) -> float:
+    """User and system CPU seconds the process has used so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def rss_mib(pid: int) -> float:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):

@@ -21,14 +21,13 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from .harness import Broker, LoadGen, Simulator, Target, rss_mib, workspace
+from .harness import Broker, LoadGen, Simulator, Target, cpu_s, rss_mib, workspace
 
 FAN = (1, 10, 100, 1000)
-# The load keeps 50 requests in flight, and the floor takes them all at once. The daemon's
-# default (20, as mosquitto's max_inflight_messages) would hold it to 20 and measure the cap,
-# not the daemon: 0.74x to 0.85x of the floor's throughput in repeated runs, against 0.91x
-# at 50.
-DAEMON_MQTT = {"max_in_flight": 50}
+# The daemon runs with its own defaults (mqtt.max_in_flight 20, as mosquitto's
+# max_inflight_messages), while the load keeps 50 requests in flight and the floor takes them
+# all at once.
+DAEMON_MQTT: dict[str, Any] = {}
 FULL = {
     "latency": 2000,
     "throughput": 20000,
@@ -106,12 +105,14 @@ def measure(
         n_lat = sizes["slow_latency" if slow else "latency"]
         n_thr = sizes["slow_throughput" if slow else "throughput"]
         latencies = loadgen.one_at_a_time(id_topics(n_lat))
+        cpu = cpu_s(target.pid)
         elapsed = loadgen.concurrent(id_topics(n_thr), 50)
         return {
             "startup_s": target.startup_s,
             "latency": percentiles(latencies),
             "latencies": latencies,
             "throughput_rps": n_thr / elapsed,
+            "cpu_ms_per_request": (cpu_s(target.pid) - cpu) * 1000 / n_thr,
         }
     finally:
         loadgen.close()
@@ -186,6 +187,7 @@ def summarise(raw: dict[str, Any]) -> dict[str, Any]:
             ("p99_ms", ("latency", "p99_ms")),
             ("max_ms", ("latency", "max_ms")),
             ("throughput_rps", ("throughput_rps",)),
+            ("cpu_ms_per_request", ("cpu_ms_per_request",)),
             ("startup_s", ("startup_s",)),
         ):
             daemon = median_of([r["daemon"] for r in runs], *path)
@@ -216,9 +218,9 @@ def targets(summary: dict[str, Any], raw: dict[str, Any]) -> list[tuple[str, str
             zero["p99_ms"]["ratio"] <= 2.0,
         ),
         (
-            "throughput at least 0.8x the floor",
+            "throughput at least 0.9x the floor (mqtt.max_in_flight at its default)",
             f"{zero['throughput_rps']['ratio']:.2f}x",
-            zero["throughput_rps"]["ratio"] >= 0.8,
+            zero["throughput_rps"]["ratio"] >= 0.9,
         ),
         (
             "fan-out: one query plus N starts",
@@ -261,11 +263,10 @@ def markdown(summary: dict[str, Any], raw: dict[str, Any]) -> str:
         f"set_tcp_nodelay {raw['meta']['broker_nodelay']}. Runs: {raw['meta']['runs']}"
         f" (medians). Sizes: {raw['meta']['sizes']}.",
         "",
-        "The daemon runs with its defaults except `status.publish_task_events: false` (the"
-        " floor follows no execution), `mqtt.max_in_flight: 50` (the load keeps 50 requests in"
-        " flight and the floor has no cap; the default, 20, gave 0.74x to 0.85x of the floor's"
-        " throughput in repeated runs) and a larger `policy.max_tasks_per_request` for the"
-        " fan-out.",
+        "The daemon runs with its defaults (`mqtt.max_in_flight` 20 while the load keeps 50"
+        " requests in flight; the floor has no cap) except `status.publish_task_events: false`"
+        " (the floor follows no execution) and a larger `policy.max_tasks_per_request` for the"
+        " fan-out. CPU is the process's user and system time during the throughput run.",
         "",
     ]
     for variant, title in (

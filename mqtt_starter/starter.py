@@ -187,10 +187,11 @@ class Starter:
             first = self._pending.get(request_id)
             if first is None:
                 break
-            # The same requestId is being handled: wait for its answer. None: it failed, and
-            # this one is served in its own right (or waits for a third that got in first).
-            if await asyncio.shield(first) is not None:
-                continue
+            # The same requestId is being handled: wait for its answer, then look again: it
+            # is remembered (a replay), or it failed and this one is served in its own right
+            # (or waits for a third that got in first).
+            await asyncio.shield(first)
+            parts = self._parts()  # a reload may have come while this one waited
         pending = asyncio.get_running_loop().create_future()
         self._pending[request_id] = pending
         record: _Record | None = None
@@ -209,7 +210,10 @@ class Starter:
     ) -> _Record:
         async with parts.in_use():
             reply = await self._start(parts, request)
-        return _Record(reply, self._follow_up(parts, request, reply, on_finished))
+            # Scheduled while the parts are held: a reload that retired them meanwhile must
+            # not close the backend between this request and its follower.
+            finished = self._follow_up(parts, request, reply, on_finished)
+        return _Record(reply, finished)
 
     async def _start(self, parts: Parts, request: Request) -> Reply:
         limit = parts.settings.policy.max_tasks_per_request

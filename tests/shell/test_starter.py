@@ -321,3 +321,24 @@ async def test_a_bug_is_answered_internal_and_logged(harness: Harness, logged: l
     )
     assert "request on butler/start failed" in logged
     assert harness.count("payload", "refused") == 1
+
+
+async def test_a_reload_during_a_request_keeps_its_follower_on_the_old_parts(
+    harness: Harness,
+) -> None:
+    old_backend = harness.backend
+    old_backend.gate = asyncio.Event()
+    request = asyncio.create_task(harness.ask(Selector(SelectorKind.ID, SALES.id), wait=True))
+    await asyncio.sleep(0)  # the request holds the old parts, waiting on QRS
+    old = harness.parts
+    new_backend = FakeBackend.of(SALES)
+    harness.parts = Parts(old.settings, new_backend, old.rules, None)
+    await old.retire()
+    assert not old_backend.closed  # the request in flight still uses it
+    old_backend.gate.set()
+    reply = await request
+    await harness.settle()
+    [finished] = harness.finished
+    assert (reply.status.value, finished.status.value) == ("ok", "ok")
+    assert old_backend.closed and not new_backend.closed
+    assert new_backend.calls == []

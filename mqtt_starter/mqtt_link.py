@@ -227,35 +227,41 @@ class MqttLink:
                 await client.publish(self.availability_topic, b"offline", qos=1, retain=True)
 
     async def _receive(self, client: aiomqtt.Client, handler: Handler) -> None:
-        """Hand messages to handlers until `stop()`, at most `max_in_flight` at a time."""
-        messages = aiter(client.messages)
-        stopping = asyncio.ensure_future(self._stopping.wait())
+        """Hand messages to handlers until `stop()`, at most `max_in_flight` at a time.
+
+        The taking runs as a task of its own that `stop()` cancels: waiting on "a message or
+        the stop" for every message cost a wait set up and torn down per trigger.
+        """
+        taking = asyncio.create_task(self._take(client, handler), name="mqtt-take-messages")
+        stopping = asyncio.create_task(self._stopping.wait(), name="mqtt-wait-stop")
         try:
-            while True:
-                # Take a slot before taking a message: unacknowledged messages beyond
-                # max_in_flight stay with the broker instead of piling up here.
-                await self._slots.acquire()
-                next_message = asyncio.ensure_future(anext(messages))
-                try:
-                    await asyncio.wait(
-                        {next_message, stopping}, return_when=asyncio.FIRST_COMPLETED
-                    )
-                    if not next_message.done():
-                        next_message.cancel()
-                        self._slots.release()
-                        return
-                    message = next_message.result()
-                except BaseException:
-                    next_message.cancel()
-                    self._slots.release()
-                    raise
-                task = asyncio.create_task(
-                    self._handle(client, message, handler), name=f"mqtt-message-{message.mid}"
-                )
-                self._handlers.add(task)
-                task.add_done_callback(self._handlers.discard)
+            await asyncio.wait({taking, stopping}, return_when=asyncio.FIRST_COMPLETED)
         finally:
+            taking.cancel()
             stopping.cancel()
+            await asyncio.gather(stopping, return_exceptions=True)
+            try:
+                await taking
+            except asyncio.CancelledError:
+                if not taking.cancelled():
+                    raise  # this task itself is being cancelled
+
+    async def _take(self, client: aiomqtt.Client, handler: Handler) -> None:
+        messages = aiter(client.messages)
+        while True:
+            # Take a slot before taking a message: unacknowledged messages beyond
+            # max_in_flight stay with the broker instead of piling up here.
+            await self._slots.acquire()
+            try:
+                message = await anext(messages)
+            except BaseException:
+                self._slots.release()
+                raise
+            task = asyncio.create_task(
+                self._handle(client, message, handler), name=f"mqtt-message-{message.mid}"
+            )
+            self._handlers.add(task)
+            task.add_done_callback(self._handlers.discard)
 
     async def _handle(
         self, client: aiomqtt.Client, message: aiomqtt.Message, handler: Handler

@@ -262,7 +262,7 @@ async def _tour(port: int, out: TextIO) -> None:
     async with MqttPeer(settings, f"demo-tour-{uuid.uuid4().hex[:6]}") as peer:
         tour = Tour(peer, out)
         await peer.subscribe("butler/status/task/#")
-        listener = asyncio.create_task(tour.listen())
+        listener = asyncio.create_task(tour.listen(), name="demo-listen")
         try:
             await tour.request("Start one task by id", f"butler/start/id/{SALES}")
             await tour.request(

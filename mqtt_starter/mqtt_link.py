@@ -29,7 +29,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from .config import MqttSettings
-from .core.errors import ConfigError, ConfigProblem, MqttLinkError
+from .core.errors import ConfigError, MqttLinkError
 
 
 @dataclass(frozen=True)
@@ -68,11 +68,6 @@ def _connection(settings: MqttSettings, tls: ssl.SSLContext | None) -> dict[str,
     }
 
 
-def _unusable(key: str, path: object, exc: OSError | ssl.SSLError) -> ConfigError:
-    why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
-    return ConfigError([ConfigProblem(key, f"{path} cannot be used: {why}")])
-
-
 def build_tls_context(settings: MqttSettings) -> ssl.SSLContext | None:
     """Blocking (reads files): call once, off the event loop. A file that cannot be used is
     a ConfigError naming its key."""
@@ -81,15 +76,15 @@ def build_tls_context(settings: MqttSettings) -> ssl.SSLContext | None:
         return None
     try:
         context = ssl.create_default_context(cafile=str(tls.ca_file) if tls.ca_file else None)
-    except (OSError, ssl.SSLError) as exc:
-        raise _unusable("mqtt.tls.ca_file", tls.ca_file, exc) from None
+    except OSError as exc:
+        raise ConfigError.unusable("mqtt.tls.ca_file", tls.ca_file, exc) from None
     if tls.insecure:
         context.check_hostname = False
     if tls.cert_file is not None and tls.key_file is not None:
         try:
             context.load_cert_chain(tls.cert_file, tls.key_file)
-        except (OSError, ssl.SSLError) as exc:
-            raise _unusable(
+        except OSError as exc:  # ssl.SSLError is one
+            raise ConfigError.unusable(
                 "mqtt.tls.cert_file", f"{tls.cert_file} (with {tls.key_file})", exc
             ) from None
     return context

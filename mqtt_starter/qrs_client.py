@@ -35,7 +35,6 @@ from yarl import URL
 from .config import QrsSettings
 from .core.errors import (
     ConfigError,
-    ConfigProblem,
     QrsAnswerLost,
     QrsAuthError,
     QrsError,
@@ -88,11 +87,6 @@ def qlik_user_header(settings: QrsSettings) -> str:
     return f"UserDirectory={directory}; UserId={url_quote(settings.user_id, safe='')}"
 
 
-def _unusable(key: str, path: object, exc: OSError | ssl.SSLError) -> ConfigError:
-    why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
-    return ConfigError([ConfigProblem(key, f"{path} cannot be used: {why}")])
-
-
 def build_ssl_context(settings: QrsSettings) -> ssl.SSLContext:
     """Blocking (reads key files): call once, off the event loop.
 
@@ -102,8 +96,8 @@ def build_ssl_context(settings: QrsSettings) -> ssl.SSLContext:
         context = ssl.create_default_context(
             cafile=str(settings.ca_file) if settings.ca_file else None
         )
-    except (OSError, ssl.SSLError) as exc:
-        raise _unusable("qrs.ca_file", settings.ca_file, exc) from None
+    except OSError as exc:
+        raise ConfigError.unusable("qrs.ca_file", settings.ca_file, exc) from None
     if settings.ca_file is not None:
         # Sense's own CA and server certificates fail the strict X.509 checks that Python 3.13
         # turns on by default; for a root pinned by hand they add nothing, so they are off.
@@ -117,8 +111,8 @@ def build_ssl_context(settings: QrsSettings) -> ssl.SSLContext:
     if settings.auth == "certificate":
         try:
             context.load_cert_chain(settings.cert_file, settings.key_file)
-        except (OSError, ssl.SSLError) as exc:
-            raise _unusable(
+        except OSError as exc:  # ssl.SSLError is one
+            raise ConfigError.unusable(
                 "qrs.cert_file", f"{settings.cert_file} (with {settings.key_file})", exc
             ) from None
     return context
@@ -233,7 +227,7 @@ class QrsClient:
             try:
                 value, mtime = await asyncio.to_thread(_read_token, path)
             except OSError as exc:
-                raise _unusable("qrs.jwt_file", path, exc) from None
+                raise ConfigError.unusable("qrs.jwt_file", path, exc) from None
             token = _Token(value, path, mtime)
         token.checked = time.monotonic()
         self._warn_expiry(token)

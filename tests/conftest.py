@@ -5,10 +5,11 @@ from __future__ import annotations
 import asyncio
 import socket
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 
 import pytest
+from loguru import logger
 
 from mqtt_starter.config import QrsSettings, RetrySettings
 from mqtt_starter.qrs_client import QrsClient
@@ -18,6 +19,15 @@ from mqtt_starter.simulator.server import QrsSimulator
 from mqtt_starter.simulator.state import SimState
 
 DATA = Path(__file__).parent / "data"
+
+
+@pytest.fixture
+def logged() -> Iterator[list[str]]:
+    """The messages logged during the test (INFO and above)."""
+    messages: list[str] = []
+    sink = logger.add(lambda m: messages.append(str(m.record["message"])), level="INFO")
+    yield messages
+    logger.remove(sink)
 
 
 @pytest.fixture(scope="session")

@@ -45,6 +45,11 @@ class ConfigError(MqttStarterError):
         self.problems = tuple(problems)
         super().__init__("; ".join(str(p) for p in self.problems))
 
+    @classmethod
+    def unusable(cls, key: str, path: object, exc: OSError) -> ConfigError:
+        """A file the settings name exists but cannot be used (ssl.SSLError is an OSError)."""
+        return cls([ConfigProblem(key, f"{path} cannot be used: {exc.strerror or exc}")])
+
 
 class RequestError(MqttStarterError):
     code = "bad_payload"

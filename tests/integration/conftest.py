@@ -92,8 +92,57 @@ class Broker:
         self.process = None
 
 
+async def reset_broker(broker: Broker, client_ids: tuple[str, ...] = ("starter-test",)) -> None:
+    """Leave nothing of a test on a shared broker: the daemon's persistent session (with any
+    message queued for it) and every retained message."""
+    for client_id in client_ids:
+        # Connecting with a clean start ends the session the broker kept for that client id.
+        async with aiomqtt.Client(
+            "127.0.0.1",
+            broker.port,
+            identifier=client_id,
+            clean_start=True,
+            protocol=aiomqtt.ProtocolVersion.V5,
+        ):
+            pass
+    async with aiomqtt.Client(
+        "127.0.0.1", broker.port, identifier=f"reset-{uuid.uuid4().hex[:8]}"
+    ) as client:
+        await client.subscribe("#", qos=1)
+        # Retained messages come right after the subscription, before anything published
+        # later: once this marker is back, every retained message has been seen.
+        marker = f"reset/{uuid.uuid4().hex}"
+        await client.publish(marker, b"x", qos=1)
+        retained: list[str] = []
+        async with asyncio.timeout(10):
+            async for message in client.messages:
+                if message.topic.value == marker:
+                    break
+                if message.retain:
+                    retained.append(message.topic.value)
+        for topic in retained:
+            await client.publish(topic, b"", qos=1, retain=True)
+
+
+@pytest.fixture(scope="module")
+def shared_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Broker]:
+    b = Broker(tmp_path_factory.mktemp("broker"))
+    b.start()
+    yield b
+    b.stop()
+
+
 @pytest.fixture
-def broker(tmp_path: Path) -> Iterator[Broker]:
+async def broker(shared_broker: Broker) -> AsyncIterator[Broker]:
+    """The module's broker, reset after the test (tests run one at a time). A test that stops
+    or kills its broker asks for `private_broker`."""
+    yield shared_broker
+    await reset_broker(shared_broker)
+
+
+@pytest.fixture
+def private_broker(tmp_path: Path) -> Iterator[Broker]:
+    """A broker of the test's own, for tests that stop or kill it."""
     b = Broker(tmp_path / "broker")
     b.start()
     yield b

@@ -64,7 +64,8 @@ async def test_check_all_green_beside_a_running_daemon(
         "everything works",
     ]
     # Same configuration, other client id: the daemon kept its connection and session.
-    assert "starter-test-check-" in broker.log
+    check_id = lines[3].rsplit(" ", 1)[1]
+    assert f" as {check_id} " in broker.log
     assert daemon.log.count("connected to broker") == 1
     assert "reconnecting" not in daemon.log
 

@@ -268,3 +268,24 @@ async def test_a_reload_of_qrs_settings_keeps_work_in_flight(
         what="the old QRS client to be closed once its follower ended",
     )
     assert "internal" not in answered.payload.decode() + finished.payload.decode()
+
+
+async def test_a_reload_naming_a_corrupt_certificate_is_refused(
+    make_daemon: Any, mqtt: Client, tmp_path: Path
+) -> None:
+    daemon: Daemon = await make_daemon()
+    assert daemon.notify is not None
+    garbage = tmp_path / "client.pem"
+    garbage.write_text("not a certificate\n")
+    config = dict(daemon.config)
+    config["qrs"] = {**config["qrs"], "cert_file": str(garbage), "timeout_s": 9}
+    daemon.write_config(config)
+    seen = len(daemon.notify.messages)
+    daemon.signal(signal.SIGHUP)
+    await daemon.notify.wait_for("STATUS=reload refused: invalid configuration", after=seen)
+    assert (
+        f"reload refused, keeping the running configuration: qrs.cert_file: {garbage} (with"
+        in daemon.log
+    )
+    answer = await mqtt.request(f"butler/start/id/{SALES}")
+    assert answer["status"] == "ok"

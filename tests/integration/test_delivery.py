@@ -16,6 +16,12 @@ from tests.integration.helpers import many_task_ids, many_tasks
 BULK = many_task_ids(20, 0xB0)
 
 
+@pytest.fixture
+def broker(private_broker: Broker) -> Broker:
+    """These tests stop or kill the broker: each has one of its own."""
+    return private_broker
+
+
 @pytest.fixture(scope="module")
 def task_fixture() -> Fixture:
     return many_tasks("Bulk", 20, 0xB0, duration_s=0.05)

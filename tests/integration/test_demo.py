@@ -7,9 +7,12 @@ import socket
 import subprocess
 import sys
 
+import pytest
+
 from mqtt_starter.demo import _free_port
 
 
+@pytest.mark.slow
 def test_demo_once_plays_the_tour_and_exits_0() -> None:
     result = subprocess.run(
         [sys.executable, "-m", "mqtt_starter", "demo", "--once", "--port", "0"],

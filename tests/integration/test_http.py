@@ -8,9 +8,10 @@ from typing import Any
 import aiohttp
 import pytest
 
+from mqtt_starter.simulator.server import QrsSimulator
 from mqtt_starter.simulator.state import SimState
 from tests.conftest import free_port, wait_until
-from tests.integration.conftest import Broker, Client, LocalDaemon
+from tests.integration.conftest import Broker, Client, LocalDaemon, daemon_config
 from tests.integration.helpers import ARCHIVE, DECOY, EXPORT, SALES, STOCK, executions
 
 
@@ -68,17 +69,30 @@ async def test_health_and_readiness(http: Http) -> None:
     assert await http("GET", "/readyz") == (200, {"status": "ready"})
 
 
-async def test_readiness_fails_without_the_broker(http: Http, broker: Broker) -> None:
-    broker.stop()
+async def test_readiness_fails_without_the_broker(
+    private_broker: Broker, simulator: QrsSimulator
+) -> None:
+    port = free_port()
+    daemon = LocalDaemon(
+        daemon_config(private_broker, simulator, http={"enabled": True, "port": port})
+    )
+    await daemon.start()
+    try:
+        async with aiohttp.ClientSession() as session:
+            http = Http(session, port)
+            assert (await http("GET", "/readyz"))[0] == 200
+            private_broker.stop()
 
-    async def not_ready() -> bool:
-        return (await http("GET", "/readyz"))[0] == 503
+            async def not_ready() -> bool:
+                return (await http("GET", "/readyz"))[0] == 503
 
-    await wait_until(not_ready, what="readyz to say 503")
-    _, body = await http("GET", "/readyz")
+            await wait_until(not_ready, what="readyz to say 503")
+            _, body = await http("GET", "/readyz")
+    finally:
+        await daemon.stop()
     assert body == {
         "status": "not ready",
-        "reasons": [f"not connected to the broker 127.0.0.1:{broker.port}"],
+        "reasons": [f"not connected to the broker 127.0.0.1:{private_broker.port}"],
     }
 
 

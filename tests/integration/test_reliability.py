@@ -24,6 +24,12 @@ LOAD = many_task_ids(250, 0xC0)
 RecordProperty = Any
 
 
+@pytest.fixture
+def broker(private_broker: Broker) -> Broker:
+    """These tests stop or kill the broker: each has one of its own."""
+    return private_broker
+
+
 @pytest.fixture(scope="module")
 def task_fixture() -> Fixture:
     # Long executions: a trigger delivered again after a crash finds its task running.
@@ -126,6 +132,7 @@ async def test_broker_killed_three_times_during_a_stream(
     assert (online.payload, online.retain) == (b"online", True)
 
 
+@pytest.mark.slow
 async def test_qrs_faults_retried_within_bounds_then_unavailable(
     make_daemon: Any, mqtt: Client, sim_state: SimState
 ) -> None:
@@ -218,6 +225,7 @@ async def test_a_killed_member_of_a_shared_group(
     assert sorted(sim_state.started) == sorted(LOAD[:6])
 
 
+@pytest.mark.slow
 async def test_sigterm_during_a_burst_leaves_nothing_half_done(
     make_daemon: Any, mqtt: Client, sim_state: SimState
 ) -> None:

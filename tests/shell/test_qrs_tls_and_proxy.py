@@ -8,12 +8,11 @@ import json
 import os
 import ssl
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from loguru import logger
 
 from mqtt_starter import qrs_client
 from mqtt_starter.backend import resolve_selectors
@@ -42,14 +41,6 @@ async def sense_sim(sense_certs: CertPaths, task_fixture: Fixture) -> AsyncItera
     await sim.start()
     yield sim
     await sim.stop()
-
-
-@pytest.fixture
-def logged() -> Iterator[list[str]]:
-    messages: list[str] = []
-    sink = logger.add(lambda m: messages.append(str(m.record["message"])), level="INFO")
-    yield messages
-    logger.remove(sink)
 
 
 # -- TLS ----------------------------------------------------------------------------------

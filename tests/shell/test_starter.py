@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
-from loguru import logger
 
 from mqtt_starter.config import Settings, settings_from_mapping
 from mqtt_starter.core.codec import encode_reply
@@ -77,14 +76,6 @@ class Harness:
             "mqtt_starter_triggers_total", {"kind": kind, "outcome": outcome}
         )
         return value or 0.0
-
-
-@pytest.fixture
-def logged() -> Iterator[list[str]]:
-    messages: list[str] = []
-    sink = logger.add(lambda m: messages.append(str(m.record["message"])), level="INFO")
-    yield messages
-    logger.remove(sink)
 
 
 @pytest.fixture

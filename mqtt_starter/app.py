@@ -241,10 +241,13 @@ class Daemon:
 
     async def _announce_ready(self) -> None:
         await self.qrs_ready.wait()
-        while self.link is None or not self.link.connected.is_set():
+        # A reload may replace the link while this waits: ready is the current one's connection.
+        while True:
             link = self.link
-            if link is not None:
-                await link.connected.wait()
+            assert link is not None, "the link is started before readiness is awaited"
+            await link.connected.wait()
+            if link is self.link:
+                break
         self.notifier.ready(
             f"serving {self.settings.mqtt.base_topic}/start on"
             f" {self.settings.mqtt.host}:{self.settings.mqtt.port}"

@@ -215,9 +215,7 @@ class QrsSettings(Section):
     @field_validator("server_name")
     @classmethod
     def _server_name(cls, value: str | None) -> str | None:
-        if value is not None and not re.match(
-            r"^[A-Za-z0-9*]([A-Za-z0-9.*-]*[A-Za-z0-9])?$", value
-        ):
+        if value is not None and not re.match(r"^[A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?$", value):
             raise ValueError("a host name (letters, digits, dots and hyphens)")
         return value
 

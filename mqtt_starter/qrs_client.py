@@ -515,11 +515,14 @@ class QrsClient:
         except QrsAnswerLost as exc:
             return await self._after_lost_start(task, str(exc))
         except (QrsRequestError, QrsAuthError) as exc:
-            text = exc.detail or str(exc)
+            if exc.status is None or not exc.detail:
+                # Refused before or without a text of QRS's own (TLS, a proxy's login page):
+                # the message says why and what to change.
+                return StartResult(TaskResult.FAILED, error=str(exc))
             return StartResult(
                 TaskResult.FAILED,
                 error=f"QRS refused to start this {task.type_name} task:"
-                f" HTTP {exc.status or '-'} {text}".rstrip(),
+                f" HTTP {exc.status} {exc.detail}".rstrip(),
             )
         except QrsError as exc:
             return StartResult(TaskResult.FAILED, error=str(exc))

@@ -45,7 +45,6 @@ class Tracker:
         self._qrs = qrs
         self._interval = poll_interval_s
         self._clock = clock
-        self.following = 0
 
     async def follow(
         self,
@@ -56,43 +55,37 @@ class Tracker:
         timeout_s: float,
     ) -> FollowEnd:
         """How the execution ended; `on_change` is awaited for each new state seen."""
-        self.following += 1
         deadline = self._clock() + timeout_s
         last: Execution | None = None
         seen: tuple[int, int] | None = None
-        try:
-            while True:
-                try:
-                    results = await self._results(execution_id, last)
-                    latest = latest_execution(results)
-                    if latest is not None:
-                        last = latest
-                        state = (len(results), int(latest.status))
-                        if state != seen:
-                            seen = state
-                            if on_change is not None:
-                                await on_change(latest)
-                    if latest is None or latest.status.terminal:
-                        await self._check_session(execution_id, latest, last)
-                except QrsUnavailable as exc:
-                    logger.warning(
-                        "following execution {} of task {}: {}", execution_id, task.id, exc
-                    )
-                except _Ended as ended:
-                    return ended.end
-                remaining = deadline - self._clock()
-                if remaining <= 0:
-                    logger.warning(
-                        "stopped following execution {} of task {} after {:.0f} s: last state {}",
-                        execution_id,
-                        task.id,
-                        timeout_s,
-                        last.status.qrs_name if last else "none seen",
-                    )
-                    return FollowEnd(last, timed_out=True)
-                await asyncio.sleep(min(self._interval, remaining))
-        finally:
-            self.following -= 1
+        while True:
+            try:
+                results = await self._results(execution_id, last)
+                latest = latest_execution(results)
+                if latest is not None:
+                    last = latest
+                    state = (len(results), int(latest.status))
+                    if state != seen:
+                        seen = state
+                        if on_change is not None:
+                            await on_change(latest)
+                if latest is None or latest.status.terminal:
+                    await self._check_session(execution_id, latest, last)
+            except QrsUnavailable as exc:
+                logger.warning("following execution {} of task {}: {}", execution_id, task.id, exc)
+            except _Ended as ended:
+                return ended.end
+            remaining = deadline - self._clock()
+            if remaining <= 0:
+                logger.warning(
+                    "stopped following execution {} of task {} after {:.0f} s: last state {}",
+                    execution_id,
+                    task.id,
+                    timeout_s,
+                    last.status.qrs_name if last else "none seen",
+                )
+                return FollowEnd(last, timed_out=True)
+            await asyncio.sleep(min(self._interval, remaining))
 
     async def _results(self, execution_id: str, last: Execution | None) -> list[Execution]:
         try:

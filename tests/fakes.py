@@ -66,6 +66,7 @@ class FakeBackend:
     unavailable: int = 0  # the next N find_tasks calls raise QrsUnavailable
     broken: int = 0  # the next N find_tasks calls raise a bug (RuntimeError)
     gate: asyncio.Event | None = None  # when set, find_tasks waits for it
+    waiting: int = 0  # find_tasks calls waiting at the gate now
     closed: bool = False
     last_success: float | None = None
     _ids: itertools.count[int] = field(default_factory=itertools.count)
@@ -84,7 +85,11 @@ class FakeBackend:
     async def find_tasks(self, selectors: Sequence[Selector]) -> list[TaskRef]:
         self.calls.append(("find_tasks", tuple(s.label for s in selectors)))
         if self.gate is not None:
-            await self.gate.wait()
+            self.waiting += 1
+            try:
+                await self.gate.wait()
+            finally:
+                self.waiting -= 1
         if self.unavailable:
             self.unavailable -= 1
             raise QrsUnavailable("QRS GET /qrs/task/full failed after 5 attempt(s): HTTP 503")

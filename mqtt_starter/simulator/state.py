@@ -222,7 +222,6 @@ class SimTask:
 class Session:
     id: str
     task: SimTask
-    results: list[dict[str, Any]] = field(default_factory=list)
     abort: asyncio.Event = field(default_factory=asyncio.Event)
     runner: asyncio.Task[None] | None = None
 
@@ -334,13 +333,15 @@ class SimState:
             "stopTime": NEVER,
             "duration": 0,
             "executingNodeName": "sim-node",
+            # qrs-api.md section 4 lists these; no script log is served yet.
             "scriptLogAvailable": False,
+            "scriptLogLocation": "",
+            "scriptLogSize": 0,
             "details": [],
             "schemaPath": "ExecutionResult",
         }
         result["_task"] = task
         self._detail(result, 2, f"Changing task state to {_STATE_NAMES[status]}")
-        session.results.append(result)
         self.executions.setdefault(session.id, []).append(result)
         self.result_by_id[result["id"]] = result
         task.set_last_result(result)
@@ -378,7 +379,7 @@ class SimState:
 
     async def _run(self, session: Session) -> None:
         spec = session.task.spec
-        result = session.results[-1]
+        result = self.executions[session.id][-1]
         attempt = 0
         try:
             while True:

@@ -167,3 +167,20 @@ def test_yaml_and_file_errors(tmp_path: Path) -> None:
     bad.write_text(yaml.safe_dump(["a list"]))
     with pytest.raises(ConfigError, match="must be a YAML mapping"):
         load_settings(bad, {})
+
+
+@pytest.mark.parametrize("name", ["*.corp.example", "sense node", "-sense", "sense."])
+def test_server_name_must_be_a_host_name(name: str) -> None:
+    assert problems({"qrs": {"url": "https://10.0.0.5:4242", "server_name": name}}) == [
+        "qrs.server_name: a host name (letters, digits, dots and hyphens)"
+    ]
+
+
+def test_server_name_and_chain_only_verification() -> None:
+    settings = settings_from_mapping(
+        {"qrs": {"url": "https://10.0.0.5:4242", "server_name": "sense-node1.corp.example"}}, {}
+    )
+    assert (settings.qrs.server_name, settings.qrs.verify_hostname) == (
+        "sense-node1.corp.example",
+        True,
+    )

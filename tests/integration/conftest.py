@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import getpass
+import itertools
 import json
 import os
 import shutil
@@ -18,9 +19,9 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import aiomqtt
 import pytest
@@ -277,22 +278,40 @@ class Daemon:
             self.notify = None
 
 
-@pytest.fixture
-async def make_daemon(
-    tmp_path: Path, broker: Broker, simulator: QrsSimulator
-) -> AsyncIterator[Any]:
-    made: list[Daemon] = []
+Made = TypeVar("Made", "Daemon", "LocalDaemon")
 
-    async def make(start: bool = True, **sections: Any) -> Daemon:
-        d = Daemon(tmp_path / f"daemon{len(made)}", daemon_config(broker, simulator, **sections))
+
+@contextlib.asynccontextmanager
+async def daemons(
+    build: Callable[[dict[str, Any]], Made], config: Callable[..., dict[str, Any]]
+) -> AsyncIterator[Callable[..., Awaitable[Made]]]:
+    """`make(start=True, **sections)` for a test; every daemon it made is stopped after it."""
+    made: list[Made] = []
+
+    async def make(start: bool = True, **sections: Any) -> Made:
+        d = build(config(**sections))
         made.append(d)
         if start:
             await d.start()
         return d
 
-    yield make
-    for d in made:
-        await d.stop()
+    try:
+        yield make
+    finally:
+        for d in made:
+            await d.stop()
+
+
+@pytest.fixture
+async def make_daemon(
+    tmp_path: Path, broker: Broker, simulator: QrsSimulator
+) -> AsyncIterator[Any]:
+    count = itertools.count()
+    async with daemons(
+        lambda config: Daemon(tmp_path / f"daemon{next(count)}", config),
+        lambda **sections: daemon_config(broker, simulator, **sections),
+    ) as make:
+        yield make
 
 
 class LocalDaemon:
@@ -341,18 +360,10 @@ class LocalDaemon:
 
 @pytest.fixture
 async def make_local_daemon(broker: Broker, simulator: QrsSimulator) -> AsyncIterator[Any]:
-    made: list[LocalDaemon] = []
-
-    async def make(start: bool = True, **sections: Any) -> LocalDaemon:
-        d = LocalDaemon(daemon_config(broker, simulator, **sections))
-        made.append(d)
-        if start:
-            await d.start()
-        return d
-
-    yield make
-    for d in made:
-        await d.stop()
+    async with daemons(
+        LocalDaemon, lambda **sections: daemon_config(broker, simulator, **sections)
+    ) as make:
+        yield make
 
 
 @pytest.fixture

@@ -237,9 +237,9 @@ async def test_a_reload_of_qrs_settings_keeps_work_in_flight(
     await mqtt.publish(f"butler/start/id/{LONG}", {"wait": True}, response_topic=waiting)
     [accepted] = await mqtt.wait_for(waiting)
     assert accepted.json()["tasks"][0]["result"] == "started"
-    # A request whose task lookup QRS holds for a second is in flight during the reload.
-    sim_state.faults.hang_next, sim_state.faults.hang_s = 1, 1.0
-    sim_state.faults.path_contains = "/task/full"
+    # QRS holds every call until the reload is done: the request's task lookup is in flight
+    # through the whole reload.
+    sim_state.faults.open.clear()
     await mqtt.publish(f"butler/start/id/{SALES}", response_topic=in_flight)
     await wait_until(
         lambda: any(e.path == "/qrs/task/full" and e.ended is None for e in sim_state.journal),
@@ -251,6 +251,8 @@ async def test_a_reload_of_qrs_settings_keeps_work_in_flight(
     seen = len(daemon.notify.messages)
     daemon.signal(signal.SIGHUP)
     await daemon.notify.wait_for("STATUS=configuration reloaded", after=seen)
+    assert mqtt.on(in_flight) == []
+    sim_state.faults.open.set()
     [answered] = await mqtt.wait_for(in_flight)
     assert answered.json() == reply("ok", [line(sim_state, SALES, ["id"], "started")])
     # The run started before the reload is still followed: its end reaches the waiting caller.

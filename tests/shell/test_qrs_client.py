@@ -263,7 +263,7 @@ async def test_a_start_that_may_have_failed_is_unknown_not_repeated(
     assert started.result is TaskResult.UNKNOWN and started.execution_id is None
     assert started.error is not None
     assert started.error.startswith(
-        f"the answer to the start was lost (QRS POST /qrs/{start_path(SALES)[5:]}"
+        f"the answer to the start was lost (QRS POST /qrs/task/{SALES}/start/synchronous: "
     )
     assert started.error.endswith(
         "and QRS shows no run that began after it: the task may or may not run"

@@ -521,6 +521,8 @@ EXECUTION_FIELDS = {
     "executingNodeName",
     "fileReferenceID",
     "scriptLogAvailable",
+    "scriptLogLocation",
+    "scriptLogSize",
     "details",
     "schemaPath",
 }

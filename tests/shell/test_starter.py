@@ -24,6 +24,7 @@ from mqtt_starter.core.model import (
 from mqtt_starter.metrics import Metrics
 from mqtt_starter.parts import Parts, allow_list, build_rules
 from mqtt_starter.starter import Inbound, Starter
+from tests.conftest import wait_until
 from tests.fakes import FAILURE, FakeBackend, FakePublisher
 
 SALES = TaskRef(id="11111111-1111-4111-8111-111111111111", name="Reload Sales", tags=("Nightly",))
@@ -202,10 +203,12 @@ async def test_the_same_request_id_at_once_when_the_first_fails(harness: Harness
     harness.backend.broken = 1
     first = asyncio.create_task(harness.ask(request_id="twice"))
     second = asyncio.create_task(harness.ask(request_id="twice"))
-    await asyncio.sleep(0)  # both are in: the second waits for the first
+    await wait_until(lambda: harness.backend.waiting == 1, what="the first to wait on QRS")
     harness.backend.gate.set()
     one, two = await asyncio.gather(first, second)
     assert one.error is not None and one.error.code == "internal"
+    # The second waited for the first instead of querying at the same time, then queried.
+    assert [name for name, _ in harness.backend.calls][:2] == ["find_tasks", "find_tasks"]
     # The second is served in its own right, not left with a CancelledError.
     assert two.status.value == "ok" and not two.replayed
     assert harness.backend.started() == [SALES.id, STOCK.id]
@@ -215,10 +218,11 @@ async def test_the_same_request_id_at_once_is_answered_once(harness: Harness) ->
     harness.backend.gate = asyncio.Event()
     first = asyncio.create_task(harness.ask(request_id="twice"))
     second = asyncio.create_task(harness.ask(request_id="twice"))
-    await asyncio.sleep(0)
+    await wait_until(lambda: harness.backend.waiting == 1, what="the first to wait on QRS")
     harness.backend.gate.set()
     one, two = await asyncio.gather(first, second)
     assert (one.replayed, two.replayed) == (False, True)
+    assert [name for name, _ in harness.backend.calls].count("find_tasks") == 1
     assert harness.backend.started() == [SALES.id, STOCK.id]
 
 
@@ -320,7 +324,7 @@ async def test_a_reload_during_a_request_keeps_its_follower_on_the_old_parts(
     old_backend = harness.backend
     old_backend.gate = asyncio.Event()
     request = asyncio.create_task(harness.ask(Selector(SelectorKind.ID, SALES.id), wait=True))
-    await asyncio.sleep(0)  # the request holds the old parts, waiting on QRS
+    await wait_until(lambda: old_backend.waiting == 1, what="the request to wait on QRS")
     old = harness.parts
     new_backend = FakeBackend.of(SALES)
     harness.parts = Parts(old.settings, new_backend, old.rules, None)

@@ -138,7 +138,8 @@ class HttpApi:
         where = f"{request.method} {request.path}"
         limit = self._parts().settings.policy.max_payload_bytes
         try:
-            selectors, must_exist = self._selectors(request, await _read_at_most(request, limit))
+            body = await _read_at_most(request, limit)
+            selectors, must_exist = self._selectors(request, body, limit)
         except RequestError as exc:
             refusal = error_reply(None, exc.code, str(exc))
             self._starter.account("http", where, "http", refusal, started)
@@ -156,12 +157,12 @@ class HttpApi:
             return _error(_STATUS.get(code, 400), code, reply.error.message)
         return web.json_response(butler_answer(reply))
 
-    def _selectors(self, request: web.Request, body: bytes) -> tuple[list[Selector], bool]:
+    @staticmethod
+    def _selectors(request: web.Request, body: bytes, limit: int) -> tuple[list[Selector], bool]:
         flag = request.query.get("allTaskIdsMustExist", "false").lower()
         if flag not in ("true", "false"):
             raise BadPayload("allTaskIdsMustExist: expected true or false")
-        limit = self._parts().settings.policy.max_payload_bytes
-        if len(body) > limit:
+        if len(body) > limit:  # only limit + 1 bytes were read: the size itself is unknown
             raise PayloadTooLarge(f"payload is larger than {limit} bytes (the limit)")
         items: Any = decode_json(body, limit)
         if items is None:

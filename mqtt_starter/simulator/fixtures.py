@@ -21,6 +21,9 @@ class Outcome(BaseModel):
     failures: int = Field(0, ge=0, description="attempts that fail before one succeeds")
     queue_s: float = Field(0.0, ge=0, description="time spent Queued before a start slot")
     message: str = Field("", description="detail message of a failed attempt")
+    log_lines: int = Field(
+        8, ge=0, description="lines of script between the header and the end of a reload's log"
+    )
 
 
 class TaskFixture(BaseModel):
@@ -39,6 +42,12 @@ class TaskFixture(BaseModel):
     custom_properties: dict[str, str | list[str]] = Field({}, alias="customProperties")
     max_retries: int = Field(0, ge=0, alias="maxRetries")
     outcome: Outcome = Outcome()
+    schedule_s: float | None = Field(
+        None,
+        gt=0,
+        description="the simulator starts the task itself every schedule_s seconds, as a"
+        " schedule trigger does (runs nobody started through the API)",
+    )
 
     @field_validator("id")
     @classmethod
@@ -62,6 +71,12 @@ class Fixture(BaseModel):
     )
     journal_limit: int = Field(
         20_000, ge=100, description="journal entries kept; the oldest half goes when it is full"
+    )
+    script_log_api: Literal["both", "new", "old"] = Field(
+        "both",
+        description="which generation of the script log call the server offers (qrs-api.md"
+        " section 4): new = reloadtask/{id}/scriptlogfile, old = reloadtask/{id}/scriptlog;"
+        " the other answers 404",
     )
     tasks: list[TaskFixture] = []
 

@@ -29,7 +29,7 @@ from aiohttp import web
 from .certs import CertPaths
 from .filter_engine import FilterError, evaluate, parse
 from .fixtures import Fixture
-from .state import JournalEntry, SimState, SimTask, StartRefused
+from .state import EMPTY_GUID, JournalEntry, SimState, SimTask, StartRefused
 
 XSRF_TEXT = "XSRF prevention check failed. Possible XSRF discovered."
 _XRFKEY = re.compile(r"^[0-9a-zA-Z]{16}$")
@@ -39,6 +39,7 @@ _BY_GUID = re.compile(
     r"^\s*(executionid|id)\s+eq\s+([0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12})\s*$",
     re.IGNORECASE,
 )
+_BY_MODIFIED = re.compile(r"^\s*modifieddate\s+(?:gt|ge)\s+'([^'\\]*)'", re.IGNORECASE)
 _TASK_KINDS = ("task", "reloadtask", "externalprogramtask")
 ABOUT = {
     "buildVersion": "14.212.3",
@@ -182,9 +183,74 @@ async def stop_task(request: web.Request) -> web.Response:
     return web.Response(status=204)
 
 
+async def delete_task(request: web.Request) -> web.Response:
+    kind = request.match_info["kind"]
+    task = _task(request)
+    if kind not in ("reloadtask", "externalprogramtask") or (kind == "reloadtask") != (
+        task.spec.type == "reload"
+    ):
+        raise web.HTTPNotFound(text="Not found")
+    _state(request).delete(task)
+    return web.Response(status=204)
+
+
+def _reload_task(request: web.Request) -> SimTask:
+    task = _task(request)
+    if task.spec.type != "reload":
+        raise web.HTTPNotFound(text=f"reloadtask {task.id} not found")
+    return task
+
+
+def _log_reference(request: web.Request, result: dict[str, Any] | None) -> web.Response:
+    """`{"value": <download id>}` for the result's script log, 404 when there is none."""
+    task = _reload_task(request)
+    state = _state(request)
+    download = None
+    if result is not None and result["taskID"] == task.id:
+        download = state.log_download(result["id"])
+    if download is None:
+        raise web.HTTPNotFound(text="Script log not found")
+    return web.json_response({"value": download})
+
+
+async def script_log_file(request: web.Request) -> web.Response:
+    """The May 2025 generation: by execution result id."""
+    state = _state(request)
+    if state.script_log_api == "old":
+        raise web.HTTPNotFound(text="Not found")
+    result_id = request.query.get("executionResultId")
+    if result_id is None:
+        raise web.HTTPBadRequest(text="Missing parameter value(s)")
+    return _log_reference(request, state.result_by_id.get(result_id.lower()))
+
+
+async def script_log(request: web.Request) -> web.Response:
+    """The older generation: by the result's fileReferenceID (never the empty GUID)."""
+    state = _state(request)
+    if state.script_log_api == "new":
+        raise web.HTTPNotFound(text="Not found")
+    reference = request.query.get("fileReferenceId")
+    if reference is None:
+        raise web.HTTPBadRequest(text="Missing parameter value(s)")
+    result = None if reference == EMPTY_GUID else state.result_by_file_reference(reference.lower())
+    return _log_reference(request, result)
+
+
+async def download_log(request: web.Request) -> web.Response:
+    state = _state(request)
+    result_id = state.downloads.pop(request.match_info["download"].lower(), None)
+    text = state.logs.get(result_id) if result_id is not None else None
+    if text is None:
+        raise web.HTTPNotFound(text="Not found")
+    return web.Response(text=text, content_type="text/plain", charset="utf-8")
+
+
 def _indexed_results(state: SimState, text: str | None) -> list[dict[str, Any]]:
     """The results a filter may select: by the index when it names one execution or result
     (what followers ask, thousands of times), else every kept result."""
+    since = _BY_MODIFIED.match(text or "")
+    if since is not None:
+        return state.changed_since(since.group(1))
     match = _BY_GUID.match(text or "")
     if match is None:
         return state.results
@@ -360,6 +426,7 @@ async def get_journal(request: web.Request) -> web.Response:
         {
             "entries": [e.as_dict() for e in state.journal],
             "started": state.started,
+            "scheduled": state.scheduled,
             "peakInFlight": state.peak_in_flight,
         }
     )
@@ -368,6 +435,18 @@ async def get_journal(request: web.Request) -> web.Response:
 async def clear_journal(request: web.Request) -> web.Response:
     _state(request).reset_journal()
     return web.Response(status=204)
+
+
+async def fire_task(request: web.Request) -> web.Response:
+    """Start a task as its schedule would (runs nobody started through the API)."""
+    state = _state(request)
+    task = state.tasks.get(request.match_info["id"].lower())
+    if task is None:
+        raise web.HTTPNotFound(text="Not found")
+    try:
+        return web.json_response({"value": state.fire(task)}, status=201)
+    except StartRefused as exc:
+        return _text(exc.status, exc.text)
 
 
 async def set_faults(request: web.Request) -> web.Response:
@@ -406,6 +485,10 @@ def build_app(state: SimState, *, prefix: str = "", proxy: Proxy | None = None) 
             web.post(r"/task/start{sync:(/synchronous)?}", start_by_name),
             web.post(r"/task/{id}/start{sync:(/synchronous)?}", start_by_id),
             web.post("/task/{id}/stop", stop_task),
+            web.get("/reloadtask/{id}/scriptlogfile", script_log_file),
+            web.get("/reloadtask/{id}/scriptlog", script_log),
+            web.get("/download/reloadtask/{download}/{file}", download_log),
+            web.delete("/{kind}/{id}", delete_task),
             web.get(r"/executionresult{tail:(/full|/count)?}", execution_results),
             web.get("/executionsession/{id}", execution_session),
             web.get(r"/{kind}{tail:(/full|/count)?}", list_tasks),
@@ -419,6 +502,7 @@ def build_app(state: SimState, *, prefix: str = "", proxy: Proxy | None = None) 
             web.get("/_sim/journal", get_journal),
             web.delete("/_sim/journal", clear_journal),
             web.post("/_sim/faults", set_faults),
+            web.post("/_sim/tasks/{id}/fire", fire_task),
             web.get(f"{prefix}/internal_forms_authentication/", login_page),
         ]
     )
@@ -474,6 +558,7 @@ class QrsSimulator:
 
     async def start(self) -> None:
         self.state = SimState(self.fixture)
+        self.state.start_schedules()
         app = build_app(self.state, prefix=self.prefix, proxy=self.proxy)
         context = server_ssl_context(self.certs, require_client_cert=self.token is None)
         self._context = context

@@ -13,6 +13,7 @@ only translates HTTP.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import contextlib
 import time
 import uuid
@@ -244,9 +245,18 @@ class SimState:
         self.in_flight = 0
         self.peak_in_flight = 0
         self.started: list[str] = []  # task id of every execution session opened, in order
+        self.scheduled: list[str] = []  # task id of every run a schedule started, in order
+        self.script_log_api = fixture.script_log_api
+        # Script logs by result id; download ids (single use) → result id.
+        self.logs: dict[str, str] = {}
+        self.downloads: dict[str, str] = {}
+        # (modifiedDate, result id) of every change, in time order: answers "what changed
+        # since" without scanning every result.
+        self._changes: list[tuple[str, str]] = []
         self._slots = asyncio.Semaphore(fixture.max_concurrent)
         self._closing = asyncio.Event()
         self._choices: dict[str, list[str]] | None = None
+        self._schedules: list[asyncio.Task[None]] = []
 
     # -- tasks ------------------------------------------------------------------------------
 
@@ -282,9 +292,47 @@ class SimState:
     def live_session(self, task_id: str) -> Session | None:
         return next((s for s in self.sessions.values() if s.task.id == task_id), None)
 
+    def delete(self, task: SimTask) -> None:
+        """Delete the task with its live run and its execution results, as QRS does."""
+        session = self.live_session(task.id)
+        if session is not None and session.runner is not None:
+            session.runner.cancel()
+            self.sessions.pop(session.id, None)
+        self.tasks.pop(task.id, None)
+        self._choices = None
+        for execution_id in [*task.history, *([session.id] if session else [])]:
+            self._drop_execution(execution_id)
+
+    def _drop_execution(self, execution_id: str) -> None:
+        for old in self.executions.pop(execution_id, ()):
+            self.result_by_id.pop(old["id"], None)
+            self.logs.pop(old["id"], None)
+
+    # -- schedules --------------------------------------------------------------------------
+
+    def start_schedules(self) -> None:
+        for task in self.tasks.values():
+            if task.spec.schedule_s is not None:
+                self._schedules.append(
+                    asyncio.create_task(self._schedule(task), name=f"sim-schedule-{task.id}")
+                )
+
+    async def _schedule(self, task: SimTask) -> None:
+        assert task.spec.schedule_s is not None
+        while self.tasks.get(task.id) is task:
+            await self.pause(task.spec.schedule_s)
+            if self._closing.is_set():
+                return
+            if self.tasks.get(task.id) is task:
+                self.fire(task)
+
+    def fire(self, task: SimTask) -> str:
+        """Start `task` as its schedule would: nobody asked through the API."""
+        return self.start(task, by_schedule=True)
+
     # -- executions -------------------------------------------------------------------------
 
-    def start(self, task: SimTask) -> str:
+    def start(self, task: SimTask, *, by_schedule: bool = False) -> str:
         """Start `task`; its execution session id, or the empty GUID when it cannot start
         (disabled, already triggered or running, or not startable); StartRefused for a type
         that cannot be started."""
@@ -298,10 +346,13 @@ class SimState:
             return EMPTY_GUID
         session = Session(str(uuid.uuid4()), task)
         self.sessions[session.id] = session
-        if len(self.started) >= self.journal_limit:
-            del self.started[: self.journal_limit // 2]
-        self.started.append(task.id)
-        self._new_result(session, TRIGGERED)
+        opened = self.scheduled if by_schedule else self.started
+        if len(opened) >= self.journal_limit:
+            del opened[: self.journal_limit // 2]
+        opened.append(task.id)
+        result = self._new_result(session, TRIGGERED)
+        if by_schedule:
+            self._detail(result, 2, "Trigger fired: scheduled start")
         session.runner = asyncio.create_task(self._run(session), name=f"sim-exec-{session.id}")
         return session.id
 
@@ -318,6 +369,19 @@ class SimState:
     def results_of(self, execution_id: str) -> list[dict[str, Any]]:
         return list(self.executions.get(execution_id.lower(), ()))
 
+    def changed_since(self, moment: str) -> list[dict[str, Any]]:
+        """The kept results modified at or after `moment` (an ISO 8601 UTC string)."""
+        start = bisect.bisect_left(self._changes, (moment, ""))
+        ids = dict.fromkeys(result_id for _, result_id in self._changes[start:])
+        return [r for i in ids if (r := self.result_by_id.get(i)) is not None]
+
+    def _changed(self, result: dict[str, Any]) -> None:
+        result["modifiedDate"] = _now_iso()
+        self._changes.append((result["modifiedDate"], result["id"]))
+        if len(self._changes) > 4 * len(self.result_by_id) + 1000:
+            # Keep one entry per kept result, the newest, in time order.
+            self._changes = sorted((r["modifiedDate"], i) for i, r in self.result_by_id.items())
+
     def _new_result(self, session: Session, status: int) -> dict[str, Any]:
         task = session.task
         result: dict[str, Any] = {
@@ -333,11 +397,13 @@ class SimState:
             "stopTime": NEVER,
             "duration": 0,
             "executingNodeName": "sim-node",
-            # qrs-api.md section 4 lists these; no script log is served yet.
+            # Set when a reload attempt ends and its script log is written.
             "scriptLogAvailable": False,
             "scriptLogLocation": "",
             "scriptLogSize": 0,
             "details": [],
+            "createdDate": _now_iso(),
+            "modifiedDate": "",
             "schemaPath": "ExecutionResult",
         }
         result["_task"] = task
@@ -347,12 +413,12 @@ class SimState:
         task.set_last_result(result)
         return result
 
-    @staticmethod
-    def _detail(result: dict[str, Any], kind: int, message: str) -> None:
+    def _detail(self, result: dict[str, Any], kind: int, message: str) -> None:
         result["details"].append(
             {"detailsType": kind, "message": message, "detailCreatedDate": _now_iso()}
         )
         result["_task"].changed()
+        self._changed(result)
 
     def _set(self, result: dict[str, Any], status: int) -> None:
         self._detail(
@@ -370,6 +436,59 @@ class SimState:
                 result["startTime"] = result["stopTime"]
             t0 = result.pop("_t0", None)
             result["duration"] = round((time.monotonic() - t0) * 1000) if t0 else 0
+            if t0:  # an attempt that never started wrote no log
+                self._write_log(result, status)
+        self._changed(result)
+
+    def _write_log(self, result: dict[str, Any], status: int) -> None:
+        """The attempt's script log, as the engine writes it (external programs have none)."""
+        task: SimTask = result["_task"]
+        if task.spec.type != "reload":
+            return
+        spec = task.spec.outcome
+        stamp = result["startTime"][:19].replace("T", " ")
+        lines = [
+            f"{stamp} Execution started.",
+            f"{stamp} Qlik Sense Server Version 14.212.3",
+            f"{stamp} Reloading app {task.spec.app or task.spec.name}",
+        ]
+        lines += [
+            f"{stamp} {i:04d} LOAD * FROM [lib://Data/part{i}.qvd] (qvd);"
+            for i in range(spec.log_lines)
+        ]
+        if status == FINISHED_FAIL:
+            lines += [
+                f"{stamp} Error: {spec.message or 'The reload failed'}",
+                f"{stamp} Execution Failed",
+            ]
+        elif status == ABORTED:
+            lines += [f"{stamp} Execution aborted by user"]
+        lines += [f"{stamp} Execution finished."]
+        text = "\r\n".join(lines) + "\r\n"
+        file_reference = str(uuid.uuid4())
+        self.logs[result["id"]] = text
+        result.update(
+            scriptLogAvailable=True,
+            fileReferenceID=file_reference,
+            scriptLogLocation=f"sim-node\\{task.id}.{result['id']}.log",
+            scriptLogSize=len(text.encode("utf-8")),
+        )
+
+    def log_download(self, result_id: str) -> str | None:
+        """A single-use download id for the result's script log; None when it has none."""
+        if result_id not in self.logs:
+            return None
+        download = str(uuid.uuid4())
+        if len(self.downloads) >= 1000:
+            del self.downloads[next(iter(self.downloads))]
+        self.downloads[download] = result_id
+        return download
+
+    def result_by_file_reference(self, file_reference: str) -> dict[str, Any] | None:
+        return next(
+            (r for r in self.result_by_id.values() if r["fileReferenceID"] == file_reference),
+            None,
+        )
 
     async def _pause(self, session: Session, seconds: float) -> bool:
         """Wait `seconds`; True when a stop request cut the wait short."""
@@ -428,8 +547,7 @@ class SimState:
         history = session.task.history
         history.append(session.id)
         while len(history) > self.results_per_task:
-            for old in self.executions.pop(history.popleft(), ()):
-                self.result_by_id.pop(old["id"], None)
+            self._drop_execution(history.popleft())
 
     async def pause(self, seconds: float) -> None:
         """Sleep for a fault (delay, hang), cut short when the simulator stops."""
@@ -439,6 +557,7 @@ class SimState:
     async def close(self) -> None:
         self._closing.set()
         runners = [s.runner for s in self.sessions.values() if s.runner is not None]
+        runners += self._schedules
         for runner in runners:
             runner.cancel()
         await asyncio.gather(*runners, return_exceptions=True)
@@ -453,4 +572,5 @@ class SimState:
     def reset_journal(self) -> None:
         self.journal.clear()
         self.started.clear()
+        self.scheduled.clear()
         self.peak_in_flight = self.in_flight

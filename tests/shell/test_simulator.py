@@ -524,6 +524,9 @@ EXECUTION_FIELDS = {
     "scriptLogLocation",
     "scriptLogSize",
     "details",
+    # Every QRS entity carries these; the monitor asks for what changed since a moment.
+    "createdDate",
+    "modifiedDate",
     "schemaPath",
 }
 

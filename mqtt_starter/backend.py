@@ -50,6 +50,19 @@ class Backend(Protocol):
         """Whether the execution is still going on (it may yet retry)."""
         ...
 
+    async def executions_of(self, execution_ids: Sequence[str]) -> list[Execution]:
+        """Every attempt of each given execution, in as few calls as the site allows."""
+        ...
+
+    async def changed_executions(self, since: str) -> list[Execution]:
+        """Every attempt the site changed at or after `since` (ISO 8601 UTC, the site's
+        clock): one call, whatever the number of tasks."""
+        ...
+
+    async def script_log_tail(self, task: TaskRef, execution: Execution, lines: int) -> str | None:
+        """The end of the attempt's script log; None when the run has none."""
+        ...
+
     async def close(self) -> None: ...
 
 

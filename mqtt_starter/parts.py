@@ -20,6 +20,7 @@ from .core.policy import AllowList
 from .core.routing import Route, TopicFilter, When
 from .core.triggers import TriggerRules
 from .qrs_client import Observer, QrsClient
+from .tracker import Tracker
 
 
 def allow_list(policy: PolicySettings) -> AllowList | None:
@@ -71,10 +72,15 @@ class Parts:
     backend: Backend
     rules: TriggerRules
     allow: AllowList | None
+    # One follower loop per backend: every run started through these parts is polled in it.
+    tracker: Tracker = field(init=False, repr=False)
     _users: int = 0
     _retired: bool = False
     _closed: bool = field(default=False, repr=False)
     _owns_backend: bool = True
+
+    def __post_init__(self) -> None:
+        self.tracker = Tracker(self.backend, self.settings.qrs.poll_interval_s)
 
     @classmethod
     async def build(cls, settings: Settings, observer: Observer | None = None) -> Parts:
@@ -85,7 +91,9 @@ class Parts:
         """New parts on the same backend (the QRS settings did not change); the backend is
         theirs to close from now on."""
         self._owns_backend = False
-        return Parts(settings, self.backend, rules, allow)
+        successor = Parts(settings, self.backend, rules, allow)
+        successor.tracker = self.tracker  # same backend, same poll: one query serves both
+        return successor
 
     @property
     def instance(self) -> str:
@@ -122,5 +130,6 @@ class Parts:
     async def _close(self) -> None:
         if not self._closed and self._owns_backend:
             self._closed = True
+            await self.tracker.close()
             await self.backend.close()
             logger.debug("the previous QRS client is closed: nothing uses it any more")

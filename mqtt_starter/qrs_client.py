@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import json
 import random
+import re
 import secrets
 import ssl
 import time
@@ -49,9 +50,12 @@ from .core.model import (
     TaskRef,
     TaskResult,
 )
+from .core.monitoring import log_tail
 from .core.qrs_query import (
     EMPTY_GUID,
+    changed_filter,
     execution_filter,
+    executions_filters,
     normalize_guid,
     parse_execution,
     parse_task,
@@ -69,11 +73,26 @@ TOKEN_CHECK_S = 2.0
 EXPIRY_WARN_EVERY_S = 3600.0
 # How long a probe connection waits to see whether QRS closes it (a refused certificate).
 CERT_PROBE_S = 0.5
+# How much of a script log's end is read: enough for any sensible monitor.log_tail_lines.
+LOG_TAIL_BYTES = 256 * 1024
 # OpenSSL verification codes that get a hint of their own.
 _HOSTNAME_MISMATCH = 62
 _IP_MISMATCH = 64
 _UNKNOWN_ISSUER = {2, 18, 19, 20, 21}
 _EXPIRED = {9, 10}
+
+
+async def _read_tail(response: aiohttp.ClientResponse, limit: int) -> str:
+    """The last `limit` bytes of a body, read in chunks: memory stays bounded."""
+    kept = bytearray()
+    cut = False
+    async for chunk in response.content.iter_chunked(65536):
+        kept += chunk
+        if len(kept) > limit:
+            del kept[: len(kept) - limit]
+            cut = True
+    text = kept.decode(response.get_encoding() or "utf-8", errors="replace")
+    return text.split("\n", 1)[-1] if cut else text  # a cut line is no line
 
 
 def new_xrfkey() -> str:
@@ -271,16 +290,16 @@ class QrsClient:
         return URL(f"{self._base}{path}?{query}xrfkey={xrfkey}", encoded=True)
 
     async def _once(
-        self, method: str, path: str, params: Mapping[str, str], body: Any
+        self, method: str, path: str, params: Mapping[str, str], body: Any, tail_bytes: int
     ) -> tuple[int, str]:
         if self._needs_proxy_session():
             async with self._proxy_session_lock:
                 if self._needs_proxy_session():
-                    return await self._send(method, path, params, body)
-        return await self._send(method, path, params, body)
+                    return await self._send(method, path, params, body, tail_bytes)
+        return await self._send(method, path, params, body, tail_bytes)
 
     async def _send(
-        self, method: str, path: str, params: Mapping[str, str], body: Any
+        self, method: str, path: str, params: Mapping[str, str], body: Any, tail_bytes: int = 0
     ) -> tuple[int, str]:
         if self._session is None:
             raise RuntimeError("QrsClient.start() was not called")
@@ -300,7 +319,10 @@ class QrsClient:
                     server_hostname=self.settings.server_name,
                 ) as response,
             ):
-                text = await response.text()
+                if tail_bytes and response.status < 300:
+                    text = await _read_tail(response, tail_bytes)
+                else:
+                    text = await response.text()
                 self._refuse_login_answers(method, path, response)
                 return response.status, text
         except aiohttp.ClientConnectorCertificateError as exc:
@@ -401,11 +423,13 @@ class QrsClient:
         body: Any = None,
         *,
         repeatable: bool = True,
+        tail_bytes: int = 0,
     ) -> tuple[int, str]:
         """(status, text) of a 2xx answer, after retries; raises a QrsError otherwise.
 
         `repeatable=False` (a start): re-sent only when the request provably never left;
-        any other failure raises QrsAnswerLost at once.
+        any other failure raises QrsAnswerLost at once. `tail_bytes`: keep only the end of
+        the answer (a script log can be megabytes).
         """
         params = params or {}
         retry = self.settings.retry
@@ -414,7 +438,7 @@ class QrsClient:
             started = time.monotonic()
             status = 0
             try:
-                status, text = await self._once(method, path, params, body)
+                status, text = await self._once(method, path, params, body, tail_bytes)
                 if status >= 500:
                     raise _Retryable(f"HTTP {status}: {text[:200]}", status)
             except _Retryable as exc:
@@ -571,6 +595,49 @@ class QrsClient:
 
     async def execution_results(self, execution_id: str) -> list[Execution]:
         return await self._executions({"filter": execution_filter(execution_id)})
+
+    async def executions_of(self, execution_ids: Sequence[str]) -> list[Execution]:
+        """Every attempt of every given execution: one query per chunk of ids."""
+        found: list[Execution] = []
+        for text in executions_filters(execution_ids):
+            found += await self._executions({"filter": text})
+        return found
+
+    async def changed_executions(self, since: str) -> list[Execution]:
+        return await self._executions({"filter": changed_filter(since)})
+
+    async def script_log_tail(self, task: TaskRef, execution: Execution, lines: int) -> str | None:
+        """The last `lines` lines of the attempt's script log; None when it has none.
+
+        The call of May 2025 first (by result id); a server that does not know it answers
+        404, and the older call (by file reference) is tried.
+        """
+        if task.task_type != 0:
+            return None  # only reloads write a script log
+        download = await self._log_download(
+            f"reloadtask/{task.id}/scriptlogfile", {"executionResultId": execution.result_id}
+        )
+        if download is None and execution.file_reference_id:
+            download = await self._log_download(
+                f"reloadtask/{task.id}/scriptlog", {"fileReferenceId": execution.file_reference_id}
+            )
+        if download is None:
+            return None
+        file_name = re.sub(r"[^0-9A-Za-z_-]+", "_", task.name)[:100] or "script"
+        _, text = await self._call(
+            "GET", f"download/reloadtask/{download}/{file_name}.log", tail_bytes=LOG_TAIL_BYTES
+        )
+        return log_tail(text, lines)
+
+    async def _log_download(self, path: str, params: Mapping[str, str]) -> str | None:
+        try:
+            data = await self._json("GET", path, params)
+        except QrsRequestError as exc:
+            if exc.status in (400, 404):
+                return None
+            raise
+        value = data.get("value") if isinstance(data, dict) else None
+        return normalize_guid(value) if isinstance(value, str) else None
 
     async def execution_alive(self, execution_id: str) -> bool:
         """Whether the execution session still exists (QRS deletes it at the end)."""

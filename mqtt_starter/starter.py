@@ -248,6 +248,9 @@ class Starter:
             for r in resolution.tasks
         ]
         outcomes = await asyncio.gather(*(self._start_one(parts, d) for d in decisions))
+        for outcome in outcomes:
+            if outcome.result is TaskResult.STARTED and outcome.execution_id:
+                parts.tracker.claim(outcome.execution_id, request.request_id)
         outcomes += [
             TaskOutcome(
                 w.task,
@@ -334,7 +337,7 @@ class Starter:
     ) -> None:
         try:
             timeout_s = request.wait_timeout_s or parts.settings.status.wait_timeout_s
-            tracker = Tracker(parts.backend, parts.settings.qrs.poll_interval_s)
+            tracker = parts.tracker
             ends = await asyncio.gather(
                 *(
                     self._follow_one(parts, tracker, o, request.request_id, timeout_s)
@@ -369,8 +372,8 @@ class Starter:
         publish = parts.settings.status.publish_task_events
 
         async def on_change(execution: Execution) -> None:
-            if not publish:
-                return
+            if not publish or tracker.covered(outcome.task):
+                return  # with the monitor on, it publishes the events of the tasks it watches
             try:
                 await self._publisher.publish(
                     topic, encode_status_event(execution, outcome.task.name, request_id)

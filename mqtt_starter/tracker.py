@@ -1,9 +1,13 @@
-"""Follows one execution to its end, emitting each state change it observes.
+"""Follows executions to their end with one QRS query per interval, however many are followed.
 
-Polls `/qrs/executionresult/full` every `poll_interval_s` (one asyncio task per execution, no
-busy loop). The newest attempt tells the state; when it is terminal, the execution session is
-asked once more, since a retry opens a new result under the same session: only a gone session
-(404) ends the run. Following always ends (qrs-api.md section 4):
+Every follower registers here, and one loop asks QRS each `poll_interval_s` for the results of
+all followed executions at once (`executionID eq a or executionID eq b ...`, chunked by URL
+size), then hands each follower its own. When the monitor watches the site, its query (what
+changed since the last one) serves the followers too, and no second query is made.
+
+For each follower, the newest attempt tells the state; when it is terminal, the execution
+session is asked once more, since a retry opens a new result under the same session: only a
+gone session (404) ends the run. Following always ends (qrs-api.md section 4):
 - at the run's final state;
 - at the deadline, with the last state seen (`timed_out`): runs can hang in Triggered or
   Queued after a scheduler restart;
@@ -16,22 +20,59 @@ QRS being briefly unreachable is logged and polling goes on, up to the deadline.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Protocol
 
 from loguru import logger
 
 from .backend import Backend
-from .core.errors import QrsAuthError, QrsRequestError, QrsUnavailable
+from .core.errors import QrsAuthError, QrsError, QrsRequestError, QrsUnavailable
 from .core.model import Execution, FollowEnd, TaskRef
 from .core.qrs_query import latest_execution
 
 OnChange = Callable[[Execution], Awaitable[None]]
+# Runs this daemon started, remembered for the monitor (startedBy, requestId): enough for the
+# runs of many intervals, bounded so that memory does not grow with the runs.
+CLAIMS_KEPT = 10_000
 
 
-class _Ended(Exception):
-    def __init__(self, end: FollowEnd) -> None:
-        self.end = end
+class ChangeSource(Protocol):
+    """The monitor, seen from here: a query of what changed that can serve followers."""
+
+    interval_s: float
+
+    @property
+    def active(self) -> bool: ...
+
+    async def poll(self) -> list[Execution]:
+        """One interval's query (and what the monitor publishes of it); its answer."""
+        ...
+
+    def covers(self, task: TaskRef) -> bool:
+        """Whether the monitor publishes the status events of `task`'s runs."""
+        ...
+
+
+@dataclass(eq=False)
+class _Follower:
+    task: TaskRef
+    execution_id: str
+    on_change: OnChange | None
+    deadline: float
+    timeout_s: float
+    done: asyncio.Future[FollowEnd] = field(
+        default_factory=lambda: asyncio.get_running_loop().create_future()
+    )
+    last: Execution | None = None
+    seen: tuple[str, int] | None = None
+
+    def end(self, end: FollowEnd) -> None:
+        if not self.done.done():
+            self.done.set_result(end)
 
 
 class Tracker:
@@ -45,6 +86,42 @@ class Tracker:
         self._qrs = qrs
         self._interval = poll_interval_s
         self._clock = clock
+        self._followers: list[_Follower] = []
+        self._source: ChangeSource | None = None
+        self._wake = asyncio.Event()
+        self._loop: asyncio.Task[None] | None = None
+        self.polls = 0  # queries made for followers and the monitor
+        self._claims: OrderedDict[str, str | None] = OrderedDict()
+
+    @property
+    def following(self) -> int:
+        return len(self._followers)
+
+    def attach(self, source: ChangeSource | None) -> None:
+        """Let the monitor's query serve the followers (None: detach it)."""
+        self._source = source
+        self._kick()
+
+    def covered(self, task: TaskRef) -> bool:
+        """Whether the monitor publishes this task's status events (then followers do not)."""
+        source = self._source
+        return source is not None and source.active and source.covers(task)
+
+    def claim(self, execution_id: str, request_id: str | None) -> None:
+        """This daemon started the execution, for the request `request_id`."""
+        self._claims[execution_id.lower()] = request_id
+        if len(self._claims) > CLAIMS_KEPT:
+            self._claims.popitem(last=False)
+
+    def claimed(self, execution_id: str) -> tuple[bool, str | None]:
+        """(whether this daemon started the execution, the requestId it started it for)."""
+        if execution_id in self._claims:
+            return True, self._claims[execution_id]
+        return False, None
+
+    def wake(self) -> None:
+        """Poll now (the monitor became active, or stopped)."""
+        self._kick()
 
     async def follow(
         self,
@@ -55,66 +132,146 @@ class Tracker:
         timeout_s: float,
     ) -> FollowEnd:
         """How the execution ended; `on_change` is awaited for each new state seen."""
-        deadline = self._clock() + timeout_s
-        last: Execution | None = None
-        seen: tuple[int, int] | None = None
-        while True:
+        follower = _Follower(
+            task, execution_id.lower(), on_change, self._clock() + timeout_s, timeout_s
+        )
+        self._followers.append(follower)
+        self._kick()
+        try:
+            return await asyncio.shield(follower.done)
+        finally:
+            with contextlib.suppress(ValueError):
+                self._followers.remove(follower)
+
+    async def close(self) -> None:
+        if self._loop is not None:
+            self._loop.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._loop
+            self._loop = None
+
+    # -- the loop ------------------------------------------------------------------------------
+
+    def _monitoring(self) -> bool:
+        return self._source is not None and self._source.active
+
+    def _kick(self) -> None:
+        self._wake.set()
+        if self._loop is None or self._loop.done():
+            self._loop = asyncio.create_task(self._run(), name="follow-executions")
+
+    async def _run(self) -> None:
+        while self._followers or self._monitoring():
+            self._wake.clear()
             try:
-                results = await self._results(execution_id, last)
-                latest = latest_execution(results)
-                if latest is not None:
-                    last = latest
-                    state = (len(results), int(latest.status))
-                    if state != seen:
-                        seen = state
-                        if on_change is not None:
-                            await on_change(latest)
-                if latest is None or latest.status.terminal:
-                    await self._check_session(execution_id, latest, last)
-            except QrsUnavailable as exc:
-                logger.warning("following execution {} of task {}: {}", execution_id, task.id, exc)
-            except _Ended as ended:
-                return ended.end
-            remaining = deadline - self._clock()
-            if remaining <= 0:
+                await self._tick()
+            except Exception:
+                # One bad tick must not end following for everyone: log it and go on.
+                logger.exception("polling QRS for execution results failed")
+            if self._followers:
+                interval = self._interval
+                if self._monitoring():
+                    assert self._source is not None
+                    interval = min(interval, self._source.interval_s)
+            elif self._monitoring():
+                assert self._source is not None
+                interval = self._source.interval_s
+            else:
+                return
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), interval)
+
+    async def _tick(self) -> None:
+        followers = [f for f in self._followers if not f.done.done()]
+        source = self._source if self._monitoring() else None
+        if source is None and not followers:
+            return
+        results: list[Execution] | None = None
+        try:
+            self.polls += 1
+            if source is not None:
+                results = await source.poll()
+            else:
+                results = await self._qrs.executions_of([f.execution_id for f in followers])
+        except QrsUnavailable as exc:
+            logger.warning("polling execution results: {}", exc)
+        except (QrsAuthError, QrsRequestError) as exc:
+            for follower in followers:
+                follower.end(
+                    FollowEnd(follower.last, lost=f"QRS refuses to show the execution: {exc}")
+                )
+            return
+        if results is not None:
+            await self._dispatch(followers, results, complete=source is None)
+        now = self._clock()
+        for follower in followers:
+            if not follower.done.done() and now >= follower.deadline:
+                last = follower.last
                 logger.warning(
                     "stopped following execution {} of task {} after {:.0f} s: last state {}",
-                    execution_id,
-                    task.id,
-                    timeout_s,
+                    follower.execution_id,
+                    follower.task.id,
+                    follower.timeout_s,
                     last.status.qrs_name if last else "none seen",
                 )
-                return FollowEnd(last, timed_out=True)
-            await asyncio.sleep(min(self._interval, remaining))
+                follower.end(FollowEnd(last, timed_out=True))
 
-    async def _results(self, execution_id: str, last: Execution | None) -> list[Execution]:
-        try:
-            return await self._qrs.execution_results(execution_id)
-        except (QrsAuthError, QrsRequestError) as exc:
-            raise _Ended(
-                FollowEnd(last, lost=f"QRS refuses to show the execution: {exc}")
-            ) from None
-
-    async def _check_session(
-        self, execution_id: str, latest: Execution | None, last: Execution | None
+    async def _dispatch(
+        self, followers: list[_Follower], results: list[Execution], *, complete: bool
     ) -> None:
-        """Ends following (`_Ended`) when the session is gone, or cannot be read."""
+        """Hand each follower its results. `complete`: the answer holds every attempt of each
+        followed execution; else (the monitor's query) only those that changed."""
+        mine: dict[str, list[Execution]] = {}
+        for result in results:
+            mine.setdefault(result.execution_id, []).append(result)
+        to_check: list[tuple[_Follower, Execution | None]] = []
+        for follower in followers:
+            latest = latest_execution(mine.get(follower.execution_id, ()))
+            if latest is not None and (latest.result_id, int(latest.status)) != follower.seen:
+                follower.seen = (latest.result_id, int(latest.status))
+                follower.last = latest
+                await self._notify(follower, latest)
+            current = latest if complete or latest is not None else follower.last
+            if current is None or current.status.terminal:
+                to_check.append((follower, current))
+        if to_check:
+            await asyncio.gather(*(self._check_session(f, c) for f, c in to_check))
+
+    async def _notify(self, follower: _Follower, execution: Execution) -> None:
+        if follower.on_change is None:
+            return
         try:
-            alive = await self._qrs.execution_alive(execution_id)
-        except (QrsAuthError, QrsRequestError) as exc:
+            await follower.on_change(execution)
+        except Exception:
+            logger.exception("reporting a state of execution {} failed", follower.execution_id)
+
+    async def _check_session(self, follower: _Follower, latest: Execution | None) -> None:
+        """Ends following when the session is gone, or cannot be read."""
+        try:
+            alive = await self._qrs.execution_alive(follower.execution_id)
+        except QrsUnavailable as exc:
+            logger.warning("following execution {}: {}", follower.execution_id, exc)
+            return
+        except QrsError as exc:
             if latest is not None:
                 # The run's final state is known; whether a retry follows cannot be.
-                raise _Ended(FollowEnd(latest)) from None
-            raise _Ended(
-                FollowEnd(last, lost=f"QRS shows no result and refuses the session: {exc}")
-            ) from None
+                follower.end(FollowEnd(latest))
+            else:
+                follower.end(
+                    FollowEnd(
+                        follower.last,
+                        lost=f"QRS shows no result and refuses the session: {exc}",
+                    )
+                )
+            return
         if alive:
             return
         if latest is not None:
-            raise _Ended(FollowEnd(latest))
-        raise _Ended(
+            follower.end(FollowEnd(latest))
+            return
+        follower.end(
             FollowEnd(
-                last,
+                follower.last,
                 lost="QRS shows no result for the execution and its session has ended"
                 " (no read rights on execution results, or they were deleted)",
             )

@@ -123,6 +123,18 @@ class FakeBackend:
         run = self.runs.get(execution_id)
         return run is not None and not run.over
 
+    async def executions_of(self, execution_ids: Sequence[str]) -> list[Execution]:
+        assert not self.closed, "following on a closed backend"
+        self.calls.append(("executions_of", tuple(execution_ids)))
+        return [self.runs[i].snapshot(i) for i in execution_ids if i in self.runs]
+
+    async def changed_executions(self, since: str) -> list[Execution]:
+        self.calls.append(("changed_executions", since))
+        return []
+
+    async def script_log_tail(self, task: TaskRef, execution: Execution, lines: int) -> str | None:
+        return None
+
     async def close(self) -> None:
         self.closed = True
 

@@ -119,6 +119,7 @@ class TaskRef:
     custom_properties: tuple[CustomPropertyValue, ...] = ()
     last_status: TaskStatus = TaskStatus.NEVER_STARTED
     app_name: str = ""
+    app_id: str = ""
     # id of operational.lastExecutionResult: it changes when a new run is triggered.
     last_result_id: str = ""
 
@@ -138,6 +139,15 @@ TASK_TYPE_NAMES = {
 
 
 @dataclass(frozen=True)
+class Detail:
+    """One entry of an execution result's `details`."""
+
+    kind: int  # detailsType: 0 Error, 1 Warning, 2 Information
+    message: str
+    created: str
+
+
+@dataclass(frozen=True)
 class Execution:
     """One execution result (one attempt) of a task, from /qrs/executionresult."""
 
@@ -150,6 +160,11 @@ class Execution:
     message: str = ""  # the newest detail message (of the errors when there are any)
     reason: str = ""  # the error details, oldest first, one a line
     result_id: str = ""
+    modified: str = ""  # modifiedDate: when QRS last changed the result (QRS's clock)
+    app_id: str = ""
+    file_reference_id: str = ""  # the older script log call's key; "" when none
+    script_log: bool = False  # scriptLogAvailable
+    details: tuple[Detail, ...] = ()  # oldest first
 
 
 @dataclass(frozen=True)

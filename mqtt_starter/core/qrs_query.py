@@ -15,6 +15,7 @@ from urllib.parse import quote as url_quote
 
 from .model import (
     CustomPropertyValue,
+    Detail,
     Execution,
     Selector,
     SelectorKind,
@@ -24,6 +25,7 @@ from .model import (
 
 EMPTY_GUID = "00000000-0000-0000-0000-000000000000"
 NEVER = "1753-01-01T00:00:00.000Z"
+_ISO_TIME = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d{1,7})?Z$")
 _GUID = re.compile(r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$")
 # Keeps each filter well under the URL lengths that proxies in front of QRS accept.
 MAX_TERMS_PER_FILTER = 50
@@ -70,9 +72,26 @@ def task_filters(selectors: Sequence[Selector]) -> list[str]:
     Selectors are joined with `or`, at most MAX_TERMS_PER_FILTER and MAX_FILTER_BYTES (encoded)
     to a filter, so a request costs one query per chunk of selectors rather than one per task.
     """
+    return _joined(_term(s) for s in selectors)
+
+
+def executions_filters(execution_ids: Iterable[str]) -> list[str]:
+    """Filters for `/qrs/executionresult/full` that together find every attempt of the given
+    executions: one query per chunk, however many runs are followed."""
+    return _joined(execution_filter(i) for i in execution_ids)
+
+
+def changed_filter(since: str) -> str:
+    """The execution results QRS modified at or after `since` (ISO 8601, UTC)."""
+    if not _ISO_TIME.match(since):
+        raise ValueError(f"not an ISO 8601 UTC time: {since!r}")
+    return f"modifiedDate ge {quote(since)}"
+
+
+def _joined(terms: Iterable[str]) -> list[str]:
     filters: list[list[str]] = []
     size = 0
-    for term in (_term(s) for s in selectors):
+    for term in terms:
         cost = len(url_quote(term, safe="")) + len("%20or%20")
         if (
             not filters
@@ -171,6 +190,7 @@ def parse_task(data: Mapping[str, Any]) -> TaskRef | None:
         ),
         last_status=_status(last.get("status")),
         app_name=_str(app.get("name")) if isinstance(app, Mapping) else "",
+        app_id=(normalize_guid(_str(app.get("id"))) or "") if isinstance(app, Mapping) else "",
         last_result_id=(normalize_guid(_str(last.get("id"))) or ""),
     )
 
@@ -189,6 +209,8 @@ def parse_execution(data: Mapping[str, Any]) -> Execution:
     errors = [_str(d.get("message")) for d in details if d.get("detailsType") == 0]
     messages = errors or [_str(d.get("message")) for d in details]
     duration = data.get("duration")
+    file_reference = normalize_guid(_str(data.get("fileReferenceID"))) or ""
+    app_id = normalize_guid(_str(data.get("appID"))) or ""
     return Execution(
         execution_id=_str(data.get("executionID")).lower(),
         task_id=_str(data.get("taskID")).lower(),
@@ -199,6 +221,16 @@ def parse_execution(data: Mapping[str, Any]) -> Execution:
         message=messages[-1] if messages else "",
         reason="\n".join(errors),
         result_id=_str(data.get("id")).lower(),
+        modified=_str(data.get("modifiedDate")),
+        app_id="" if app_id == EMPTY_GUID else app_id,
+        file_reference_id="" if file_reference == EMPTY_GUID else file_reference,
+        script_log=data.get("scriptLogAvailable") is True,
+        details=tuple(
+            Detail(
+                _int(d.get("detailsType")), _str(d.get("message")), _str(d.get("detailCreatedDate"))
+            )
+            for d in details
+        ),
     )
 
 

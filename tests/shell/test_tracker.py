@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 from mqtt_starter.core.model import Execution, FollowEnd, TaskRef, TaskResult, TaskStatus
 from mqtt_starter.qrs_client import QrsClient
 from mqtt_starter.simulator.server import QrsSimulator
@@ -104,3 +106,26 @@ async def test_a_refused_read_ends_following(qrs: QrsClient, sim_state: SimState
     end = await Tracker(qrs, 0.02).follow(LONG, execution_id, timeout_s=60)
     assert end.lost is not None and end.lost.startswith("QRS refuses to show the execution:")
     assert end.last is None and not end.timed_out
+
+
+async def test_one_query_per_interval_serves_every_follower(
+    qrs: QrsClient, sim_state: SimState
+) -> None:
+    stock = TaskRef(id="22222222-2222-4222-8222-222222222222", name="Reload Stock")
+    ids = [await start(qrs, t) for t in (SALES, stock, BUDGET)]
+    sim_state.reset_journal()
+    tracker = Tracker(qrs, 0.05)
+    ends = await asyncio.gather(
+        *(
+            tracker.follow(t, i, timeout_s=60)
+            for t, i in zip((SALES, stock, BUDGET), ids, strict=True)
+        )
+    )
+    assert all(e.succeeded for e in ends)
+    queries = [e for e in sim_state.journal if e.path == "/qrs/executionresult/full"]
+    assert len(queries) == tracker.polls
+    # Until the first run ended, every query asked for all three executions at once.
+    first = queries[0].query["filter"]
+    assert first == " or ".join(f"executionID eq {i}" for i in ids)
+    sessions = [e for e in sim_state.journal if e.path.startswith("/qrs/executionsession/")]
+    assert {e.path.rsplit("/", 1)[1] for e in sessions} == set(ids)

@@ -17,16 +17,21 @@ import signal
 import ssl
 import time
 from collections.abc import Callable, Coroutine
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from loguru import logger
 
+from . import __version__
 from .config import Settings
-from .core.errors import ConfigError, QrsError
+from .core.codec import encode_json, health_json
+from .core.errors import ConfigError, MqttLinkError, QrsError
+from .core.monitoring import iso
 from .logs import configure_logging
 from .metrics import Metrics
+from .monitor import Monitor
 from .mqtt_door import MqttDoor, ReplyPublisher
-from .mqtt_link import MqttLink, build_tls_context
+from .mqtt_link import Incoming, MqttLink, build_tls_context
 from .parts import Parts, allow_list, build_rules
 from .starter import Starter
 from .systemd import Notifier
@@ -86,6 +91,11 @@ class Daemon:
         self.qrs_ready = asyncio.Event()
         self.ready = asyncio.Event()  # subscribed and QRS answered (READY=1)
         self._connected_once = False
+        self.monitor: Monitor | None = None
+        self._publisher: ReplyPublisher | None = None
+        self._door: MqttDoor | None = None
+        self._started_at = iso(datetime.now(UTC))
+        self._qrs_build = ""
 
     @property
     def parts(self) -> Parts:
@@ -118,8 +128,11 @@ class Daemon:
         try:
             self._tls = await broker_tls(self.settings)
             publisher = ReplyPublisher(lambda: self.link)
+            self._publisher = publisher
             starter = Starter(lambda: self.parts, publisher, self.metrics, self._spawn)
-            door = MqttDoor(lambda: self.parts, starter, publisher)
+            self.monitor = Monitor(lambda: self.parts, publisher, on_role=self._on_role)
+            door = MqttDoor(lambda: self.parts, starter, publisher, health=self.health)
+            self._door = door
             async with asyncio.TaskGroup() as group:
                 self._group = group
                 self._start_probe()
@@ -168,6 +181,7 @@ class Daemon:
         while True:
             try:
                 about = await parts.backend.about()
+                self._qrs_build = str(about.get("buildVersion", ""))
                 logger.info(
                     "QRS {} answered (build {})",
                     parts.settings.qrs.url,
@@ -182,6 +196,7 @@ class Daemon:
 
     def _start_link(self, door: MqttDoor) -> None:
         s = self.settings.mqtt
+        monitor = self.monitor
         self.link = MqttLink(
             s,
             [f.text for f in self.parts.rules.subscriptions],
@@ -189,17 +204,81 @@ class Daemon:
             on_connect=self._on_connect,
             on_disconnect=self._on_disconnect,
             tls=self._tls,
+            private_subscriptions=monitor.topics(self.parts)
+            if monitor is not None and self.settings.monitor.enabled
+            else (),
         )
-        self._link_task = self._spawn(self.link.run(door.on_message), "mqtt-link")
+        self._link_task = self._spawn(self.link.run(self._on_message), "mqtt-link")
+
+    async def _on_message(self, incoming: Incoming) -> None:
+        monitor = self.monitor
+        if monitor is not None and self.settings.monitor.enabled and monitor.wants(incoming.topic):
+            await monitor.on_message(incoming)
+            return
+        assert self._door is not None
+        await self._door.on_message(incoming)
 
     def _on_connect(self) -> None:
         if self._connected_once:
             self.metrics.reconnects.inc()
         self._connected_once = True
         self.metrics.broker_connected.set(1)
+        self._spawn(self._after_connect(), "announce-info")
+
+    async def _after_connect(self) -> None:
+        await self.qrs_ready.wait()  # the info names QRS's build
+        try:
+            await self._publish_info()
+            if self.monitor is not None and self.settings.monitor.enabled:
+                await self.monitor.on_connect()
+        except MqttLinkError as exc:
+            logger.debug("info not published: {}", exc)
 
     def _on_disconnect(self) -> None:
         self.metrics.broker_connected.set(0)
+        if self.monitor is not None:
+            self.monitor.on_disconnect()
+
+    def _on_role(self) -> None:
+        if self._group is not None and self.link is not None and self.link.connected.is_set():
+            self._spawn(self._publish_info_quietly(), "announce-role")
+
+    async def _publish_info_quietly(self) -> None:
+        try:
+            await self._publish_info()
+        except MqttLinkError as exc:
+            logger.debug("info not published: {}", exc)
+
+    async def _publish_info(self) -> None:
+        s = self.settings
+        assert self._publisher is not None
+        info = {
+            "instance": s.mqtt.client_id,
+            "version": __version__,
+            "startedAt": self._started_at,
+            "baseTopic": s.mqtt.base_topic,
+            "backend": "qrs",
+            "qrs": {"url": s.qrs.url, "build": self._qrs_build or None},
+            "monitor": s.monitor.enabled,
+            "monitoring": self.monitor is not None and self.monitor.leading,
+        }
+        await self._publisher.publish(
+            f"{s.mqtt.base_topic}/info/{s.mqtt.client_id}", encode_json(info), retain=True
+        )
+
+    async def health(self, request_id: str | None) -> bytes:
+        """The answer to a health check: whether QRS answers, and how fast."""
+        started = time.monotonic()
+        try:
+            await asyncio.wait_for(self.parts.backend.about(), self.settings.qrs.timeout_s)
+            reachable, latency = True, (time.monotonic() - started) * 1000
+        except (QrsError, TimeoutError):
+            reachable, latency = False, None
+        return encode_json(
+            health_json(
+                self.settings.mqtt.client_id, request_id, reachable=reachable, latency_ms=latency
+            )
+        )
 
     async def _stop_link(self, *, offline: bool) -> None:
         if self.link is None or self._link_task is None:
@@ -279,9 +358,19 @@ class Daemon:
         warn_about_settings(new)
         if parts.backend is not old.backend:
             self._start_probe()
+        if self.monitor is not None and parts.tracker is not old.tracker:
+            old.tracker.attach(None)
+        if self.monitor is not None:
+            self.monitor.elect()
+            if self.monitor.leading:
+                parts.tracker.attach(self.monitor)
         # Requests in flight and followers keep the old parts until they are done.
         await old.retire()
-        if new.mqtt != old_settings.mqtt or old.rules.subscriptions != parts.rules.subscriptions:
+        if (
+            new.mqtt != old_settings.mqtt
+            or old.rules.subscriptions != parts.rules.subscriptions
+            or new.monitor.enabled != old_settings.monitor.enabled
+        ):
             await self._stop_link(offline=False)
             self._start_link(door)
         if new.http != old_settings.http:

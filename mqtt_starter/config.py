@@ -321,6 +321,50 @@ class StatusSettings(Section):
     )
 
 
+class MonitorScope(Section):
+    task_ids: list[str] = Field([], description="tasks watched by id")
+    tags: list[str] = Field([], description="tasks with one of these tags are watched")
+    custom_properties: list[CustomPropertySelector] = Field(
+        [], description="tasks with one of these custom property values are watched"
+    )
+
+
+class MonitorSettings(Section):
+    enabled: bool = Field(
+        False,
+        description="watch every run of the tasks in scope, whoever started it, and publish its"
+        " state changes, retained task states, and failure and abort events",
+    )
+    interval_s: float = Field(
+        10.0, gt=0, description="how often QRS is asked what changed (one query each time)"
+    )
+    scope: MonitorScope | None = Field(None, description="which tasks are watched; none: all")
+    retain_state: bool = Field(
+        True, description="publish <base>/state/task/<taskId> retained (false: not at all)"
+    )
+    log_tail_lines: int = Field(
+        30, ge=0, le=1000, description="lines of a failed reload's script log sent as its reason"
+    )
+    overlap_s: float = Field(
+        30.0,
+        ge=0,
+        description="each query reaches this far behind the newest change seen, so a change"
+        " QRS commits late is not lost (what was published already is skipped)",
+    )
+    lookback_s: float = Field(
+        3600.0,
+        ge=0,
+        description="with no task state retained on the broker yet (the very first start),"
+        " runs that changed this long ago are published",
+    )
+    deleted_check_s: float = Field(
+        300.0,
+        gt=0,
+        description="how often the tasks with a retained state are checked for deletion"
+        " (their state is cleared)",
+    )
+
+
 class HttpSettings(Section):
     enabled: bool = Field(
         False, description="serve health, metrics and Butler's REST start endpoint"
@@ -350,6 +394,9 @@ class Settings(Section):
     policy: PolicySettings = Field(PolicySettings(), description="what may be started, and limits")
     routes: list[RouteSettings] = Field([], description="IoT/OT topics mapped to selectors")
     status: StatusSettings = Field(StatusSettings(), description="status events")
+    monitor: MonitorSettings = Field(
+        MonitorSettings(), description="watching every task run, whoever started it"
+    )
     http: HttpSettings = Field(HttpSettings(), description="the HTTP endpoint")
     log: LogSettings = Field(LogSettings(), description="logging")
 

@@ -9,14 +9,14 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 from loguru import logger
 
 from .core.codec import encode_reply
 from .core.errors import MqttLinkError
 from .core.model import Reply
-from .core.triggers import Ignore, Refuse, interpret
+from .core.triggers import Health, Ignore, Refuse, interpret
 from .mqtt_link import Incoming, MqttLink
 from .parts import Parts
 from .starter import Inbound, Starter, error_reply
@@ -29,21 +29,35 @@ class ReplyPublisher:
         self._link = link
 
     async def publish(
-        self, topic: str, payload: bytes, *, correlation_data: bytes | None = None
+        self,
+        topic: str,
+        payload: bytes,
+        *,
+        retain: bool = False,
+        correlation_data: bytes | None = None,
     ) -> None:
         link = self._link()
         if link is None:
             raise MqttLinkError("no broker link")
-        await link.publish(topic, payload, correlation_data=correlation_data)
+        await link.publish(topic, payload, retain=retain, correlation_data=correlation_data)
+
+
+HealthCheck = Callable[[str | None], Awaitable[bytes]]
 
 
 class MqttDoor:
     def __init__(
-        self, parts: Callable[[], Parts], starter: Starter, publisher: ReplyPublisher
+        self,
+        parts: Callable[[], Parts],
+        starter: Starter,
+        publisher: ReplyPublisher,
+        health: HealthCheck | None = None,
     ) -> None:
+        """`health`: the answer to `<base>/request/health` for a requestId."""
         self._parts = parts
         self._starter = starter
         self._publisher = publisher
+        self._health = health
 
     async def on_message(self, incoming: Incoming) -> None:
         started = time.monotonic()
@@ -63,6 +77,14 @@ class MqttDoor:
             reply = error_reply(decision.request_id, decision.error.code, str(decision.error))
             await self._reply(parts, decision.reply_topic, reply, incoming)
             self._starter.account("mqtt", incoming.topic, decision.kind, reply, started)
+            return
+        if isinstance(decision, Health):
+            if self._health is not None and decision.reply_topic is not None:
+                await self._publisher.publish(
+                    decision.reply_topic,
+                    await self._health(decision.request_id),
+                    correlation_data=incoming.correlation_data,
+                )
             return
         reply_topic = decision.reply_topic
         accepted_sent = asyncio.Event()

@@ -102,10 +102,14 @@ class MqttLink:
         on_connect: Callable[[], None] | None = None,
         on_disconnect: Callable[[], None] | None = None,
         tls: ssl.SSLContext | None = None,
+        private_subscriptions: Sequence[str] = (),
     ) -> None:
-        """`tls`: the broker's TLS context, when the caller built it already."""
+        """`tls`: the broker's TLS context, when the caller built it already.
+        `private_subscriptions`: never shared with other instances (what every instance must
+        see: availability, retained states), unlike the requests."""
         self.settings = settings
         self.subscriptions = tuple(subscriptions)
+        self.private_subscriptions = tuple(private_subscriptions)
         self.availability_topic = availability_topic
         self.connected = asyncio.Event()
         self._on_connect = on_connect
@@ -195,6 +199,8 @@ class MqttLink:
             self._client = client
             for topic_filter in self.subscriptions:
                 await client.subscribe(self._subscription(topic_filter), qos=1)
+            for topic_filter in self.private_subscriptions:
+                await client.subscribe(topic_filter, qos=1)
             await client.publish(self.availability_topic, b"online", qos=1, retain=True)
             self.connected.set()
             if self._on_connect:

@@ -43,7 +43,8 @@ CLAIMS_KEPT = 10_000
 class ChangeSource(Protocol):
     """The monitor, seen from here: a query of what changed that can serve followers."""
 
-    interval_s: float
+    @property
+    def interval_s(self) -> float: ...
 
     @property
     def active(self) -> bool: ...

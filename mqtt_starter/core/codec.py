@@ -359,3 +359,24 @@ def encode_status_event(
         ensure_ascii=False,
         separators=(",", ":"),
     ).encode("utf-8")
+
+
+def encode_json(data: Any) -> bytes:
+    return json.dumps(data, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+
+
+def health_json(
+    instance: str, request_id: str | None, *, reachable: bool, latency_ms: float | None
+) -> dict[str, Any]:
+    """The answer on `<base>/request/health` (DESIGN.md section 7)."""
+    return {
+        "status": "ok" if reachable else "error",
+        "healthy": reachable,
+        "broker": True,  # the question came through it
+        "qrs": {
+            "reachable": reachable,
+            "latencyMs": round(latency_ms, 1) if latency_ms is not None else None,
+        },
+        "instance": instance,
+        "requestId": request_id,
+    }

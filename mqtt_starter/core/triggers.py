@@ -36,7 +36,15 @@ class TriggerRules:
 
     @cached_property
     def subscriptions(self) -> tuple[TopicFilter, ...]:
-        return (*trigger_filters(self.base), *(r.filter for r in self.routes))
+        return (
+            *trigger_filters(self.base),
+            TopicFilter.parse(self.health_topic),
+            *(r.filter for r in self.routes),
+        )
+
+    @property
+    def health_topic(self) -> str:
+        return f"{self.base}/request/health"
 
 
 @dataclass(frozen=True)
@@ -62,7 +70,16 @@ class Accept:
     debounce_s: float = 0.0
 
 
-Decision = Ignore | Refuse | Accept
+@dataclass(frozen=True)
+class Health:
+    """A health check, answered like a request."""
+
+    reply_topic: str | None
+    request_id: str | None = None
+    kind: str = "health"
+
+
+Decision = Ignore | Refuse | Accept | Health
 
 
 def topic_kind(rules: TriggerRules, topic: str) -> str:
@@ -70,6 +87,8 @@ def topic_kind(rules: TriggerRules, topic: str) -> str:
     prefix = f"{rules.base}/start"
     if topic == prefix:
         return "payload"
+    if topic == rules.health_topic:
+        return "health"
     if topic.startswith(prefix + "/"):
         kind = topic[len(prefix) + 1 :].split("/")[0]
         return kind if kind in ("id", "tag", "cp", "name") else "unknown"
@@ -111,6 +130,14 @@ def interpret(
 
     refused = choose(response_topic)
     try:
+        if kind == "health":
+            data = decode_json(payload, rules.max_payload_bytes)
+            request_id = request_id_of(data)
+            if refused is None and response_topic is None:
+                refused = choose(_reply_to_hint(data))
+            if refused is not None:
+                raise refused
+            return Health(reply_topic, request_id)
         builtin = parse_trigger_topic(rules.base, topic)
         route = None if builtin is not None else match_route(rules.routes, topic)
         if builtin is None and route is None:

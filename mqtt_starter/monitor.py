@@ -1,0 +1,289 @@
+"""Watches every run of the tasks in scope and publishes it (DESIGN.md section 7).
+
+Each interval, one query asks QRS what changed since the newest change seen (less an overlap);
+the ledger (core/monitoring.py) keeps what is news. For each change: the status event, for a
+failed or aborted run its event with the reason (the script log's tail, else the run's error
+details), then the retained task state. The state goes last: it is what a restarted or
+succeeding instance reads to know what was published, so a crash in between repeats an event
+rather than losing one.
+
+The tasks of the changed runs are read once per interval, in one filtered query. Tasks whose
+state is retained are checked for deletion every `deleted_check_s`, and a deleted task's state
+is cleared. The query also serves the followers of runs this daemon started (tracker.py).
+
+Several instances: each monitor-enabled instance reads the others' retained availability and
+info; the online one whose client_id sorts first monitors. Before an instance takes part it
+waits until the broker has delivered the retained messages (a marker it publishes to itself
+comes back after them).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
+from typing import Protocol
+
+from loguru import logger
+
+from .core.codec import encode_json, encode_status_event
+from .core.errors import MqttLinkError, QrsError
+from .core.model import Execution, Selector, SelectorKind, TaskRef
+from .core.monitoring import (
+    EVENT_KINDS,
+    STARTED_BY_OTHER,
+    STARTED_BY_US,
+    KnownRun,
+    Peer,
+    RunLedger,
+    event_json,
+    leader,
+    state_json,
+)
+from .core.policy import AllowList
+from .mqtt_link import Incoming
+from .parts import Parts
+
+
+class RetainingPublisher(Protocol):
+    async def publish(self, topic: str, payload: bytes, *, retain: bool = False) -> None: ...
+
+
+def monitor_scope(parts: Parts) -> AllowList | None:
+    scope = parts.settings.monitor.scope
+    if scope is None:
+        return None
+    return AllowList.build(
+        scope.task_ids, scope.tags, [(cp.name, cp.value) for cp in scope.custom_properties]
+    )
+
+
+class Monitor:
+    def __init__(
+        self,
+        parts: Callable[[], Parts],
+        publisher: RetainingPublisher,
+        *,
+        on_role: Callable[[], None] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        """`on_role`: called when this instance starts or stops monitoring."""
+        self._parts = parts
+        self._publisher = publisher
+        self._on_role = on_role
+        self._clock = clock
+        settings = parts().settings.monitor
+        self.ledger = RunLedger(overlap_s=settings.overlap_s, lookback_s=settings.lookback_s)
+        self.peers: dict[str, Peer] = {}
+        self.synced = False
+        self.leading = False
+        self._marker = ""
+        self._next_deleted_check = 0.0
+        self.published = 0  # changes published (status events)
+        self.events = 0  # failed and aborted events published
+        self.retained_cleared = 0
+
+    # -- ChangeSource (tracker.py) ------------------------------------------------------------
+
+    @property
+    def interval_s(self) -> float:
+        return self._parts().settings.monitor.interval_s
+
+    @property
+    def active(self) -> bool:
+        return self.leading
+
+    def covers(self, task: TaskRef) -> bool:
+        scope = monitor_scope(self._parts())
+        return scope is None or scope.allows(task)
+
+    async def poll(self) -> list[Execution]:
+        parts = self._parts()
+        since = self.ledger.since(datetime.now(UTC))
+        results = await parts.backend.changed_executions(since)
+        changes = self.ledger.changes(results)
+        complete = True
+        if changes:
+            complete = await self._publish_changes(parts, changes)
+        if complete:
+            self.ledger.taken_in(results)
+        if self._clock() >= self._next_deleted_check:
+            self._next_deleted_check = self._clock() + parts.settings.monitor.deleted_check_s
+            await self._clear_deleted(parts)
+        return results
+
+    # -- publishing ----------------------------------------------------------------------------
+
+    async def _publish_changes(self, parts: Parts, changes: Sequence[Execution]) -> bool:
+        """Publish each change; False when the broker link broke off (the rest waits)."""
+        scope = monitor_scope(parts)
+        wanted = {c.task_id for c in changes}
+        if scope is not None and scope.task_ids and not (scope.tags or scope.custom_properties):
+            wanted &= scope.task_ids  # no need to read tasks that cannot be in scope
+        tasks = await self._tasks(parts, wanted)
+        for change in changes:
+            task = tasks.get(change.task_id)
+            if task is None or (scope is not None and not scope.allows(task)):
+                self.ledger.mark(change)  # out of scope (or deleted): nothing to publish
+                continue
+            try:
+                await self._publish(parts, change, task)
+            except MqttLinkError as exc:
+                logger.warning("monitor: publishing the run of {} failed: {}", task.id, exc)
+                return False
+            self.ledger.mark(change)
+        return True
+
+    @staticmethod
+    async def _tasks(parts: Parts, ids: set[str]) -> dict[str, TaskRef]:
+        if not ids:
+            return {}
+        found = await parts.backend.find_tasks([Selector(SelectorKind.ID, i) for i in sorted(ids)])
+        return {t.id: t for t in found if t.id in ids}
+
+    async def _publish(self, parts: Parts, change: Execution, task: TaskRef) -> None:
+        base = parts.base
+        ours, request_id = parts.tracker.claimed(change.execution_id)
+        started_by = STARTED_BY_US if ours else STARTED_BY_OTHER
+        await self._publisher.publish(
+            f"{base}/status/task/{task.id}",
+            encode_status_event(change, task.name, request_id, started_by=started_by),
+        )
+        self.published += 1
+        kind = EVENT_KINDS.get(change.status)
+        if kind is not None:
+            reason = await self._reason(parts, task, change)
+            await self._publisher.publish(
+                f"{base}/event/task/{kind}",
+                encode_json(
+                    event_json(
+                        change, task, started_by=started_by, request_id=request_id, reason=reason
+                    )
+                ),
+            )
+            self.events += 1
+            logger.info(
+                "monitor: task {} ({}) {}: {}",
+                task.name,
+                task.id,
+                kind,
+                reason.splitlines()[-1] if reason else "no reason given",
+            )
+        if parts.settings.monitor.retain_state:
+            state = state_json(change, task, started_by)
+            await self._publisher.publish(
+                f"{base}/state/task/{task.id}", encode_json(state), retain=True
+            )
+            self.ledger.remember(task.id, KnownRun.from_state(state))
+
+    async def _reason(self, parts: Parts, task: TaskRef, change: Execution) -> str:
+        lines = parts.settings.monitor.log_tail_lines
+        if lines > 0 and change.script_log:
+            try:
+                tail = await parts.backend.script_log_tail(task, change, lines)
+            except QrsError as exc:
+                logger.warning("monitor: the script log of {} cannot be read: {}", task.id, exc)
+                tail = None
+            if tail:
+                return tail
+        return change.reason or change.message
+
+    async def _clear_deleted(self, parts: Parts) -> None:
+        known = set(self.ledger.known)
+        if not known:
+            return
+        try:
+            existing = await self._tasks(parts, known)
+        except QrsError as exc:
+            logger.warning("monitor: checking for deleted tasks failed: {}", exc)
+            return
+        for task_id in sorted(known - set(existing)):
+            try:
+                await self._publisher.publish(
+                    f"{parts.base}/state/task/{task_id}", b"", retain=True
+                )
+            except MqttLinkError:
+                return
+            self.ledger.remember(task_id, None)
+            self.retained_cleared += 1
+            logger.info("monitor: task {} no longer exists; its retained state is cleared", task_id)
+
+    # -- the broker's side: peers, retained states, the marker -----------------------------------
+
+    def topics(self, parts: Parts) -> list[str]:
+        """What a monitor-enabled instance subscribes to (never as a shared subscription)."""
+        base = parts.base
+        return [
+            f"{base}/availability/+",
+            f"{base}/info/+",
+            f"{base}/state/task/+",
+            f"{base}/sync/{parts.instance}",
+        ]
+
+    def wants(self, topic: str) -> bool:
+        base = self._parts().base
+        return topic.startswith(
+            (f"{base}/availability/", f"{base}/info/", f"{base}/state/task/", f"{base}/sync/")
+        )
+
+    async def on_connect(self) -> None:
+        """After (re)subscribing: ask for the marker that says the retained ones arrived."""
+        parts = self._parts()
+        self.synced = False
+        self._marker = uuid.uuid4().hex
+        await self._publisher.publish(f"{parts.base}/sync/{parts.instance}", self._marker.encode())
+
+    def on_disconnect(self) -> None:
+        self.synced = False
+        self.elect()
+
+    async def on_message(self, incoming: Incoming) -> None:
+        parts = self._parts()
+        base, topic = parts.base, incoming.topic
+        name = topic.rsplit("/", 1)[-1]
+        if topic.startswith(f"{base}/availability/"):
+            peer = self.peers.get(name, Peer())
+            self.peers[name] = Peer(online=incoming.payload == b"online", monitor=peer.monitor)
+        elif topic.startswith(f"{base}/info/"):
+            monitor = _json_field(incoming.payload, "monitor") is True
+            peer = self.peers.get(name, Peer())
+            self.peers[name] = Peer(online=peer.online, monitor=monitor)
+        elif topic.startswith(f"{base}/state/task/"):
+            run = KnownRun.from_state(_json(incoming.payload)) if incoming.payload else None
+            self.ledger.remember(name.lower(), run)
+        elif topic == f"{base}/sync/{parts.instance}" and incoming.payload == self._marker.encode():
+            self.synced = True
+        self.elect()
+
+    def elect(self) -> None:
+        parts = self._parts()
+        own = parts.instance
+        leading = (
+            parts.settings.monitor.enabled
+            and self.synced
+            and leader(own, {k: v for k, v in self.peers.items() if k != own}) == own
+        )
+        if leading == self.leading:
+            return
+        self.leading = leading
+        if leading:
+            logger.info("monitor: this instance ({}) watches every run now", own)
+        else:
+            logger.info("monitor: this instance ({}) stops watching", own)
+        parts.tracker.attach(self)
+        if self._on_role is not None:
+            self._on_role()
+
+
+def _json(payload: bytes) -> object:
+    try:
+        return json.loads(payload)
+    except (ValueError, UnicodeDecodeError):
+        return None
+
+
+def _json_field(payload: bytes, key: str) -> object:
+    data = _json(payload)
+    return data.get(key) if isinstance(data, dict) else None

@@ -1,0 +1,328 @@
+"""Watching every run (DESIGN.md section 7) with the simulator as a real server and a real
+broker: runs nobody started through the API, scope, deleted tasks, runs the daemon started,
+the cost of a quiet interval, info and health."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+
+from mqtt_starter.core.monitoring import log_tail
+from mqtt_starter.simulator.certs import CertPaths
+from mqtt_starter.simulator.fixtures import Fixture, Outcome, TaskFixture
+from mqtt_starter.simulator.server import QrsSimulator
+from mqtt_starter.simulator.state import SimState
+from tests.conftest import wait_until
+from tests.integration.conftest import Broker, Client, LocalDaemon, daemon_config, daemons
+
+OK = "0a000000-0000-4000-8000-000000000001"
+FAIL = "0a000000-0000-4000-8000-000000000002"
+EXTERNAL = "0a000000-0000-4000-8000-000000000003"
+OUTSIDE = "0a000000-0000-4000-8000-000000000004"
+GONE = "0a000000-0000-4000-8000-000000000005"
+ERROR = "Field 'Amount' not found"
+
+
+def monitor_fixture() -> Fixture:
+    def task(task_id: str, name: str, **options: Any) -> TaskFixture:
+        return TaskFixture.model_validate({"id": task_id, "name": name, **options})
+
+    return Fixture(
+        tasks=[
+            task(OK, "Nightly Sales", tags=["Nightly"], customProperties={"group": "a"},
+                 outcome=Outcome(duration_s=0.05)),
+            task(FAIL, "Nightly Forecast", tags=["Nightly"], app="Forecast",
+                 outcome=Outcome(duration_s=0.05, result="fail", message=ERROR, log_lines=60)),
+            task(EXTERNAL, "Export", type="external", tags=["Nightly"],
+                 outcome=Outcome(duration_s=0.05, result="fail", message="exit code 3")),
+            task(OUTSIDE, "Ad hoc", tags=["Adhoc"], outcome=Outcome(duration_s=0.05)),
+            task(GONE, "Retired", tags=["Nightly"], outcome=Outcome(duration_s=0.05)),
+        ]
+    )  # fmt: skip
+
+
+@pytest.fixture
+async def simulator(certs: CertPaths) -> AsyncIterator[QrsSimulator]:
+    sim = QrsSimulator(monitor_fixture(), certs)
+    await sim.start()
+    yield sim
+    await sim.stop()
+
+
+MONITOR = {"enabled": True, "interval_s": 0.1, "overlap_s": 2, "lookback_s": 60}
+
+
+@pytest.fixture
+async def make_daemon(broker: Broker, simulator: QrsSimulator) -> AsyncIterator[Any]:
+    async with daemons(
+        LocalDaemon, lambda **sections: daemon_config(broker, simulator, **sections)
+    ) as make:
+        yield make
+
+
+async def monitoring(make_daemon: Any, mqtt: Client, **monitor: Any) -> LocalDaemon:
+    """A daemon that watches every run, once it says so on its info topic."""
+    await mqtt.subscribe("butler/info/+")
+    daemon: LocalDaemon = await make_daemon(monitor={**MONITOR, **monitor})
+    await mqtt.wait_for("butler/info/starter-test", until=lambda r: r.json()["monitoring"])
+    return daemon
+
+
+async def watch(mqtt: Client) -> None:
+    await mqtt.subscribe("butler/status/task/+", "butler/state/task/+", "butler/event/task/+")
+
+
+async def fire_and_end(state: SimState, task_id: str) -> str:
+    """A run that a schedule starts (no API call), waited for to its end in the simulator."""
+    execution_id = state.fire(state.tasks[task_id])
+    await wait_until(lambda: execution_id not in state.sessions, what=f"the run of {task_id}")
+    return execution_id
+
+
+def final(state: SimState, execution_id: str) -> dict[str, Any]:
+    return state.executions[execution_id][-1]
+
+
+def states_of(mqtt: Client, execution_id: str) -> list[str]:
+    return [
+        r.json()["state"]
+        for r in mqtt.on("butler/status/task/+")
+        if r.json()["executionId"] == execution_id
+    ]
+
+
+def expected_state(state: SimState, execution_id: str, started_by: str = "other") -> dict[str, Any]:
+    result = final(state, execution_id)
+    task = result["_task"]
+    names = {6: "Aborted", 7: "FinishedSuccess", 8: "FinishedFail"}
+    return {
+        "taskId": task.id,
+        "taskName": task.spec.name,
+        "state": names[result["status"]],
+        "stateCode": result["status"],
+        "executionId": execution_id,
+        "startTime": result["startTime"],
+        "stopTime": result["stopTime"],
+        "durationMs": result["duration"],
+        "startedBy": started_by,
+        "updatedAt": result["modifiedDate"],
+    }
+
+
+async def test_scheduled_runs_are_published_with_state_and_failure_reason(
+    make_daemon: Any, mqtt: Client, sim_state: SimState, broker: Broker
+) -> None:
+    await watch(mqtt)
+    await monitoring(make_daemon, mqtt)
+    ok = await fire_and_end(sim_state, OK)
+    failed = await fire_and_end(sim_state, FAIL)
+    await mqtt.wait_for("butler/event/task/failed")
+    await mqtt.wait_for(
+        f"butler/state/task/{FAIL}", until=lambda r: r.json()["executionId"] == failed
+    )
+    await mqtt.wait_for(f"butler/state/task/{OK}", until=lambda r: r.json()["state"] != "Started")
+
+    # Status events: each state seen once, ending in the final one, from "other".
+    for execution_id, last in ((ok, "FinishedSuccess"), (failed, "FinishedFail")):
+        seen = states_of(mqtt, execution_id)
+        assert seen[-1] == last and len(seen) == len(set(seen)), seen
+    for event in mqtt.on("butler/status/task/+"):
+        assert (event.json()["startedBy"], event.json()["requestId"]) == ("other", None)
+
+    # The failure event, with the tail of the script log as the reason.
+    result = final(sim_state, failed)
+    [event] = mqtt.on("butler/event/task/+")
+    assert event.topic == "butler/event/task/failed"
+    assert event.json() == {
+        "taskId": FAIL,
+        "taskName": "Nightly Forecast",
+        "taskType": "Reload",
+        "appId": result["appID"],
+        "appName": "Forecast",
+        "executionId": failed,
+        "state": "FinishedFail",
+        "stateCode": 8,
+        "startTime": result["startTime"],
+        "stopTime": result["stopTime"],
+        "durationMs": result["duration"],
+        "startedBy": "other",
+        "requestId": None,
+        "tags": ["Nightly"],
+        "customProperties": [],
+        "details": [
+            {
+                "detailsType": d["detailsType"],
+                "message": d["message"],
+                "detailCreatedDate": d["detailCreatedDate"],
+            }
+            for d in result["details"]
+        ],
+        "reason": log_tail(sim_state.logs[result["id"]], 30),
+    }
+    reason = event.json()["reason"].splitlines()
+    assert len(reason) == 30 and reason[-3].endswith(f"Error: {ERROR}")
+
+    # A subscriber that comes later sees each task's last run at once.
+    async with Client(broker) as late:
+        await late.subscribe("butler/state/task/+")
+        got = await late.wait_for("butler/state/task/+", count=2)
+        assert {r.topic: r.json() for r in got} == {
+            f"butler/state/task/{OK}": expected_state(sim_state, ok),
+            f"butler/state/task/{FAIL}": expected_state(sim_state, failed),
+        }
+        assert all(r.retain for r in got)
+
+
+async def test_an_external_program_fails_with_its_error_details(
+    make_daemon: Any, mqtt: Client, sim_state: SimState
+) -> None:
+    await watch(mqtt)
+    await monitoring(make_daemon, mqtt)
+    failed = await fire_and_end(sim_state, EXTERNAL)
+    [event] = await mqtt.wait_for("butler/event/task/failed")
+    assert (event.json()["executionId"], event.json()["taskType"], event.json()["reason"]) == (
+        failed,
+        "ExternalProgram",
+        "exit code 3",
+    )
+    # No script log was asked for: external programs have none.
+    assert not [e for e in sim_state.journal if "scriptlog" in e.path]
+
+
+async def test_scope_limits_what_is_published_and_what_is_read(
+    make_daemon: Any, mqtt: Client, sim_state: SimState
+) -> None:
+    await watch(mqtt)
+    await monitoring(make_daemon, mqtt, scope={"tags": ["Nightly"]})
+    await fire_and_end(sim_state, OUTSIDE)
+    inside = await fire_and_end(sim_state, OK)
+    # Changes are taken in order: once the later run is published, the earlier was judged.
+    await mqtt.wait_for(
+        f"butler/state/task/{OK}", until=lambda r: r.json()["state"] == "FinishedSuccess"
+    )
+    assert {r.json()["taskId"] for r in mqtt.received if r.topic.startswith("butler/s")} == {OK}
+    assert states_of(mqtt, inside)[-1] == "FinishedSuccess"
+    # Tasks are only ever read by id, for the runs that changed.
+    reads = [e.query.get("filter", "") for e in sim_state.journal if e.path == "/qrs/task/full"]
+    assert reads and all(r.startswith("id eq ") for r in reads), reads
+
+
+async def test_scope_by_id_reads_no_task_outside_it(
+    make_daemon: Any, mqtt: Client, sim_state: SimState
+) -> None:
+    await watch(mqtt)
+    await monitoring(make_daemon, mqtt, scope={"task_ids": [OK]})
+    await fire_and_end(sim_state, OUTSIDE)
+    await fire_and_end(sim_state, OK)
+    await mqtt.wait_for(
+        f"butler/state/task/{OK}", until=lambda r: r.json()["state"] == "FinishedSuccess"
+    )
+    reads = [e.query.get("filter", "") for e in sim_state.journal if e.path == "/qrs/task/full"]
+    assert reads and all(r == f"id eq {OK}" for r in reads), reads
+
+
+async def test_a_deleted_task_has_its_state_cleared(
+    make_daemon: Any, mqtt: Client, sim_state: SimState, broker: Broker
+) -> None:
+    await watch(mqtt)
+    await monitoring(make_daemon, mqtt, deleted_check_s=0.2)
+    await fire_and_end(sim_state, GONE)
+    await fire_and_end(sim_state, OK)
+    await mqtt.wait_for(f"butler/state/task/{GONE}", until=lambda r: r.json()["state"] != "Started")
+    sim_state.delete(sim_state.tasks[GONE])
+    await mqtt.wait_for(f"butler/state/task/{GONE}", until=lambda r: r.payload == b"")
+    async with Client(broker) as late:
+        await late.subscribe("butler/state/task/+")
+        [kept] = await late.wait_for("butler/state/task/+")
+        assert kept.topic == f"butler/state/task/{OK}"
+
+
+async def test_a_run_the_daemon_started_is_published_once(
+    make_daemon: Any, mqtt: Client, sim_state: SimState
+) -> None:
+    await watch(mqtt)
+    await monitoring(make_daemon, mqtt)
+    reply = await mqtt.request(f"butler/start/id/{FAIL}", {"requestId": "r-1", "wait": True})
+    assert reply["stage"] == "accepted"
+    execution_id = reply["tasks"][0]["executionId"]
+    [event] = await mqtt.wait_for("butler/event/task/failed")
+    await mqtt.wait_for(
+        f"butler/state/task/{FAIL}", until=lambda r: r.json()["state"] == "FinishedFail"
+    )
+    seen = states_of(mqtt, execution_id)
+    assert seen[-1] == "FinishedFail" and len(seen) == len(set(seen)), seen
+    for status in mqtt.on("butler/status/task/+"):
+        assert (status.json()["startedBy"], status.json()["requestId"]) == ("mqtt-starter", "r-1")
+    assert (event.json()["startedBy"], event.json()["requestId"]) == ("mqtt-starter", "r-1")
+    [state] = mqtt.on(f"butler/state/task/{FAIL}")[-1:]
+    assert state.json() == expected_state(sim_state, execution_id, "mqtt-starter")
+    # The follower rode on the monitor's query: no query of its own.
+    filters = [
+        e.query.get("filter", "")
+        for e in sim_state.journal
+        if e.path == "/qrs/executionresult/full"
+    ]
+    assert filters and all(f.startswith("modifiedDate ge '") for f in filters), filters
+
+
+async def test_a_quiet_interval_costs_one_query(
+    make_daemon: Any, mqtt: Client, sim_state: SimState
+) -> None:
+    daemon = await monitoring(make_daemon, mqtt)
+    assert daemon.daemon is not None
+    tracker = daemon.daemon.parts.tracker
+    sim_state.reset_journal()
+    polls = tracker.polls
+    await wait_until(lambda: tracker.polls >= polls + 5, what="five intervals")
+    calls = [(e.method, e.path) for e in sim_state.journal]
+    ticks = tracker.polls - polls
+    assert set(calls) == {("GET", "/qrs/executionresult/full")}
+    assert ticks <= len(calls) <= ticks + 1  # one query a tick (one may be under way)
+
+
+async def test_info_and_health(make_daemon: Any, mqtt: Client) -> None:
+    await monitoring(make_daemon, mqtt)
+    [info] = mqtt.on("butler/info/starter-test")[-1:]
+    data = info.json()
+    assert info.retain or data["monitoring"]  # the first may come live, the later retained
+    started_at = data.pop("startedAt")
+    assert started_at.endswith("Z")
+    assert data == {
+        "instance": "starter-test",
+        "version": "0.1.0",
+        "baseTopic": "butler",
+        "backend": "qrs",
+        "qrs": {"url": data["qrs"]["url"], "build": "14.212.3"},
+        "monitor": True,
+        "monitoring": True,
+    }
+    health = await mqtt.request("butler/request/health", {"requestId": "h-1"})
+    latency = health.pop("qrs")
+    assert health == {"status": "ok", "healthy": True, "broker": True,
+                      "instance": "starter-test", "requestId": "h-1"}  # fmt: skip
+    assert latency["reachable"] is True and latency["latencyMs"] >= 0
+    # Without a response topic the answer goes to <base>/reply/request/health.
+    await mqtt.subscribe("butler/reply/request/health")
+    await mqtt.publish("butler/request/health")
+    [default] = await mqtt.wait_for("butler/reply/request/health")
+    assert default.json()["requestId"] is None
+    bad = await mqtt.request("butler/request/health", b"{nope")
+    assert bad["error"]["code"] == "bad_payload"
+
+
+async def test_without_the_monitor_nothing_is_watched(
+    make_daemon: Any, mqtt: Client, sim_state: SimState
+) -> None:
+    await mqtt.subscribe("butler/info/+")
+    await watch(mqtt)
+    await make_daemon()
+    [info] = await mqtt.wait_for("butler/info/starter-test")
+    assert (info.json()["monitor"], info.json()["monitoring"]) == (False, False)
+    ended = await fire_and_end(sim_state, OK)
+    # A request afterwards is answered: had anything been published for the run, it came first.
+    await mqtt.request("butler/request/health")
+    assert not [r for r in mqtt.received if r.topic.startswith(("butler/status", "butler/state"))]
+    assert not [e for e in sim_state.journal if "modifiedDate" in e.query.get("filter", "")]
+    assert ended in sim_state.executions

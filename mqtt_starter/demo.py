@@ -32,6 +32,7 @@ from .simulator.fixtures import load_fixture
 from .simulator.server import QrsSimulator
 
 SALES = "6ca1c5f2-2742-44d5-8adf-d6cba3701a4e"
+WEB_SHOP = "0c5d9f1e-2a3b-4d8c-a47f-6b9c0d1e2f3a"  # its schedule's run fails
 
 
 class DemoError(Exception):
@@ -155,6 +156,7 @@ class Tour:
         self.replies: dict[str, asyncio.Queue[dict[str, Any]]] = {}
         self.started = time.monotonic()
         self.names: dict[str, str] = {}
+        self.events: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
 
     def say(self, text: str = "") -> None:
         print(text, file=self.out, flush=True)
@@ -173,8 +175,26 @@ class Tour:
                     f"      [{elapsed:5.1f} s] status  {data['taskName']}: "
                     f"{data['state']}{extra}{note}"
                 )
+            elif message.topic.startswith("butler/event/task/"):
+                await self.events.put(data)
             elif message.topic in self.replies:
                 await self.replies[message.topic].put(data)
+
+    async def scheduled_failure(self, sim: QrsSimulator) -> None:
+        self.say("\n>>> A scheduled run fails: nobody asked for it over MQTT, the monitor saw it")
+        assert sim.state is not None
+        self.say("    (the simulator fires the schedule of Reload Web Shop now)")
+        sim.state.fire(sim.state.tasks[WEB_SHOP])
+        while True:
+            event = await asyncio.wait_for(self.events.get(), 60)
+            if event["taskId"] == WEB_SHOP:
+                break
+        self.say(
+            f"    event butler/event/task/failed: {event['taskName']} {event['state']},"
+            f" started by {event['startedBy']}; its reason, the script log's last lines:"
+        )
+        for reason_line in event["reason"].splitlines():
+            self.say(f"        | {reason_line}")
 
     async def request(
         self, title: str, topic: str, payload: dict[str, Any] | None = None, replies: int = 1
@@ -227,6 +247,7 @@ async def run_demo(out: TextIO, *, once: bool, port: int = DEFAULT_BROKER_PORT) 
                         "ca_file": str(certs.root),
                         "poll_interval_s": 0.25,
                     },
+                    "monitor": {"enabled": True, "interval_s": 0.5, "log_tail_lines": 6},
                 }
                 async with _daemon(folder, config) as config_path:
                     print(
@@ -243,7 +264,7 @@ async def run_demo(out: TextIO, *, once: bool, port: int = DEFAULT_BROKER_PORT) 
                             file=out,
                             flush=True,
                         )
-                    await _tour(port, out)
+                    await _tour(port, out, sim)
                     if not once:
                         _print_try(out, port, config_path)
                         await stop.wait()
@@ -257,11 +278,12 @@ async def run_demo(out: TextIO, *, once: bool, port: int = DEFAULT_BROKER_PORT) 
     return 0
 
 
-async def _tour(port: int, out: TextIO) -> None:
+async def _tour(port: int, out: TextIO, sim: QrsSimulator) -> None:
     settings = MqttSettings(host="127.0.0.1", port=port)
     async with MqttPeer(settings, f"demo-tour-{uuid.uuid4().hex[:6]}") as peer:
         tour = Tour(peer, out)
         await peer.subscribe("butler/status/task/#")
+        await peer.subscribe("butler/event/task/#")
         listener = asyncio.create_task(tour.listen(), name="demo-listen")
         try:
             await tour.request("Start one task by id", f"butler/start/id/{SALES}")
@@ -280,10 +302,34 @@ async def _tour(port: int, out: TextIO) -> None:
                 {"requestId": "demo-wait", "tags": ["Monthly", "Nightly-fragile"], "wait": True},
                 replies=2,
             )
+            await tour.scheduled_failure(sim)
+            await _dashboard(settings, tour)
         finally:
             listener.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await listener
+
+
+async def _dashboard(settings: MqttSettings, tour: Tour) -> None:
+    """What a dashboard that connects now gets at once: the retained state of each task."""
+    tour.say("\n>>> A dashboard that connects now sees each task's last run at once (retained)")
+    marker = f"demo/dashboard/{uuid.uuid4().hex[:8]}"
+    states: dict[str, dict[str, Any]] = {}
+    async with MqttPeer(settings, f"demo-dashboard-{uuid.uuid4().hex[:6]}") as peer:
+        await peer.subscribe("butler/state/task/+")
+        await peer.subscribe(marker)
+        # Retained messages come before anything published after the subscription.
+        await peer.publish(marker, b"end")
+        async with asyncio.timeout(30):
+            async for message in peer.messages():
+                if message.topic == marker:
+                    break
+                if message.payload:
+                    data = json.loads(message.payload)
+                    states[data["taskName"]] = data
+    for name in sorted(states):
+        data = states[name]
+        tour.say(f"      state  {name}: {data['state']} (started by {data['startedBy']})")
 
 
 def _print_try(out: TextIO, port: int, config_path: Path) -> None:
@@ -294,6 +340,7 @@ The demo keeps running. Try these in another terminal (Ctrl-C here stops everyth
   mosquitto_rr -h 127.0.0.1 -p {port} -V 5 -t butler/start/tag/startTask1 -e demo/try \\
       -m '{{"requestId": "try-1"}}'
   mosquitto_sub -h 127.0.0.1 -p {port} -t 'butler/status/#' -t 'butler/reply/#' -v
+  mosquitto_sub -h 127.0.0.1 -p {port} -t 'butler/state/task/+' -t 'butler/event/#' -v
   mosquitto_pub -h 127.0.0.1 -p {port} -t butler/start -m '{{"names": ["Reload HR"]}}'
   mosquitto_pub -h 127.0.0.1 -p {port} -t 'butler/start/tag/Q1%2725' -m ''
   {sys.executable} -m mqtt_starter tasks -c {config_path} --tag Nightly

@@ -68,3 +68,18 @@ def test_every_click_sends_a_fresh_request_id() -> None:
             "to": '"node-red-" & $string($millis())',
             "tot": "jsonata",
         } in rules, inject["name"]
+
+
+def test_a_tab_shows_task_states_and_alerts_on_failures() -> None:
+    nodes = {n["id"]: n for n in flow()}
+    inputs = {n["topic"]: n for n in nodes.values() if n["type"] == "mqtt in"}
+    states, events = inputs["butler/state/task/+"], inputs["butler/event/task/+"]
+    # A cleared state is an empty payload: it must not be parsed as JSON.
+    assert (states["datatype"], events["datatype"]) == ("auto-detect", "json")
+    [[keeper]] = states["wires"]
+    assert "delete tasks[id]" in nodes[keeper]["func"]
+    [[alert]] = events["wires"]
+    assert "e.reason" in nodes[alert]["func"]
+    assert {nodes[keeper]["z"], nodes[alert]["z"]} == {states["z"]}
+    assert TopicFilter.parse(events["topic"]).matches("butler/event/task/failed")
+    assert TopicFilter.parse(events["topic"]).matches("butler/event/task/aborted")

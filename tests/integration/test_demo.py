@@ -24,9 +24,13 @@ def test_demo_once_plays_the_tour_and_exits_0() -> None:
     assert result.returncode == 0, result.stdout + result.stderr
     lines = result.stdout.splitlines()
     assert lines[0].startswith("mqtt-starter demo: broker 127.0.0.1:")
-    assert lines[0].endswith("with 12 sample tasks, daemon ready")
+    assert lines[0].endswith("with 13 sample tasks, daemon ready")
     # Status events interleave by timing; replies and requests come in a fixed order.
-    fixed = [line for line in lines[2:] if not line.startswith("      [")]
+    fixed = [
+        line
+        for line in lines[2:]
+        if not line.startswith(("      [", "        | ", "      state  "))
+    ]
     assert fixed == [
         "",
         ">>> Start one task by id",
@@ -62,8 +66,38 @@ def test_demo_once_plays_the_tour_and_exits_0() -> None:
         "      started         Reload Forecast (fails) -> FinishedFail"
         "   matched by tag:Nightly-fragile",
         "",
+        ">>> A scheduled run fails: nobody asked for it over MQTT, the monitor saw it",
+        "    (the simulator fires the schedule of Reload Web Shop now)",
+        "    event butler/event/task/failed: Reload Web Shop (scheduled, fails) FinishedFail,"
+        " started by other; its reason, the script log's last lines:",
+        "",
+        ">>> A dashboard that connects now sees each task's last run at once (retained)",
+        "",
         "demo finished: broker, simulator and daemon stopped",
     ]
+    reason = [line[10:] for line in lines if line.startswith("        | ")]
+    assert len(reason) == 6
+    assert [r[20:] for r in reason[-3:]] == [
+        "Error: Cannot open file 'lib://Shop/orders.qvd'",
+        "Execution Failed",
+        "Execution finished.",
+    ]
+    states = dict(line[13:].split(": ", 1) for line in lines if line.startswith("      state  "))
+    # Which runs have ended by then is timing; which tasks have a state, and the failed
+    # scheduled run's, are not.
+    assert sorted(states) == [
+        "Export to Data Lake",
+        "Reload Budget (retries once)",
+        "Reload Customer 360 (long)",
+        "Reload Finance",
+        "Reload Forecast (fails)",
+        "Reload HR",
+        "Reload Sales",
+        "Reload Stock",
+        "Reload Web Shop (scheduled, fails)",
+    ]
+    assert states["Reload Web Shop (scheduled, fails)"] == "FinishedFail (started by other)"
+    assert states["Reload Forecast (fails)"] == "FinishedFail (started by mqtt-starter)"
     status = [line for line in lines if line.startswith("      [")]
     # The run's duration is the simulator's wall clock: only its form is fixed.
     assert any(

@@ -148,6 +148,11 @@ class Simulator:
     def delay(self, seconds: float) -> None:
         self._call("POST", "/_sim/faults", {"delayS": seconds})
 
+    def fire(self, task_id: str) -> str:
+        """Start a task as its schedule would (no QRS API call)."""
+        answer: dict[str, str] = self._call("POST", f"/_sim/tasks/{task_id}/fire")
+        return answer["value"]
+
     def stop(self) -> None:
         if self.process is not None:
             stop(self.process)
@@ -163,6 +168,7 @@ class Target:
     sim: Simulator
     events: bool = False
     mqtt: dict[str, Any] = field(default_factory=dict)  # more mqtt settings for the daemon
+    sections: dict[str, Any] = field(default_factory=dict)  # more sections for the daemon
     process: subprocess.Popen[bytes] | None = None
     startup_s: float = 0.0
 
@@ -207,6 +213,7 @@ class Target:
                     },
                     "status": {"publish_task_events": self.events},
                     "policy": {"dedupe_window_s": 600, "max_tasks_per_request": 5000},
+                    **self.sections,
                 }
             )
         )

@@ -346,7 +346,7 @@ class MonitorSettings(Section):
         30, ge=0, le=1000, description="lines of a failed reload's script log sent as its reason"
     )
     overlap_s: float = Field(
-        30.0,
+        10.0,
         ge=0,
         description="each query reaches this far behind the newest change seen, so a change"
         " QRS commits late is not lost (what was published already is skipped)",

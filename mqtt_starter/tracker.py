@@ -164,6 +164,7 @@ class Tracker:
     async def _run(self) -> None:
         while self._followers or self._monitoring():
             self._wake.clear()
+            began = self._clock()
             try:
                 await self._tick()
             except Exception:
@@ -179,8 +180,11 @@ class Tracker:
                 interval = self._source.interval_s
             else:
                 return
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), interval)
+            # Ticks keep their rate: the time a tick took counts towards the interval.
+            left = interval - (self._clock() - began)
+            if left > 0 and not self._wake.is_set():
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), left)
 
     async def _tick(self) -> None:
         followers = [f for f in self._followers if not f.done.done()]

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Install what is needed, then run the benchmarks (arguments go to benchmarks/run.py,
-# e.g. --quick for a short smoke run). Results land in benchmarks/results/.
+# e.g. --quick for a short smoke run): the request path against the floor, then the
+# monitor's cost per interval. Results land in benchmarks/results/.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 bash scripts/setup.sh bench
-exec .venv/bin/python -m benchmarks.run "$@"
+.venv/bin/python -m benchmarks.run "$@"
+exec .venv/bin/python -m benchmarks.monitor "$@"

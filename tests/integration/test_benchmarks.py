@@ -28,3 +28,22 @@ def test_benchmarks_quick_run_writes_every_result(tmp_path: Path) -> None:
     assert len(report["targets"]) == 9
     assert (tmp_path / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (tmp_path / "results.md").read_text().startswith("# Benchmark results")
+
+
+@pytest.mark.slow
+def test_monitor_benchmark_quick_run(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "benchmarks.monitor", "--quick", "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        stdin=subprocess.DEVNULL,
+    )
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    report = json.loads((tmp_path / "monitor.json").read_text())
+    assert [r["runs_per_interval"] for r in report] == [0, 10, 100]
+    # A quiet site costs the one query of what changed, and nothing else.
+    assert set(report[0]["qrs_calls_by_kind"]) == {"changed since"}
+    assert report[0]["published_per_interval"] == 0
+    assert report[2]["published_per_interval"] > 100
+    assert (tmp_path / "monitor.md").read_text().startswith("# Monitor cost per interval")

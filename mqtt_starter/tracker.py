@@ -180,34 +180,51 @@ class Tracker:
                 interval = self._source.interval_s
             else:
                 return
-            # Ticks keep their rate: the time a tick took counts towards the interval.
-            left = interval - (self._clock() - began)
-            if left > 0 and not self._wake.is_set():
+            # Ticks keep their rate: the time a tick took counts towards the interval, but a
+            # tick that overran still leaves QRS (and the event loop) a tenth of one.
+            left = max(interval - (self._clock() - began), interval / 10)
+            if not self._wake.is_set():
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), left)
 
     async def _tick(self) -> None:
         followers = [f for f in self._followers if not f.done.done()]
-        source = self._source if self._monitoring() else None
-        if source is None and not followers:
-            return
-        results: list[Execution] | None = None
+        if not (self._monitoring() and await self._tick_monitor(followers)) and followers:
+            await self._tick_followers(followers)
+        self._expire(followers)
+
+    async def _tick_monitor(self, followers: list[_Follower]) -> bool:
+        """The monitor's query, which serves the followers too; False when QRS refuses it
+        (then the followers are polled on their own: they must not pay for it)."""
+        assert self._source is not None
+        self.polls += 1
         try:
-            self.polls += 1
-            if source is not None:
-                results = await source.poll()
-            else:
-                results = await self._qrs.executions_of([f.execution_id for f in followers])
+            results = await self._source.poll()
+        except QrsUnavailable as exc:
+            logger.warning("monitor: {}", exc)
+            return True
+        except QrsError as exc:
+            logger.error("monitor: QRS refuses the query of what changed: {}", exc)
+            return False
+        await self._dispatch(followers, results, complete=False)
+        return True
+
+    async def _tick_followers(self, followers: list[_Follower]) -> None:
+        self.polls += 1
+        try:
+            results = await self._qrs.executions_of([f.execution_id for f in followers])
         except QrsUnavailable as exc:
             logger.warning("polling execution results: {}", exc)
+            return
         except (QrsAuthError, QrsRequestError) as exc:
             for follower in followers:
                 follower.end(
                     FollowEnd(follower.last, lost=f"QRS refuses to show the execution: {exc}")
                 )
             return
-        if results is not None:
-            await self._dispatch(followers, results, complete=source is None)
+        await self._dispatch(followers, results, complete=True)
+
+    def _expire(self, followers: list[_Follower]) -> None:
         now = self._clock()
         for follower in followers:
             if not follower.done.done() and now >= follower.deadline:

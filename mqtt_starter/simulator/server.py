@@ -3,7 +3,9 @@
 Order of checks on every /qrs call (qrs-api.md section 5): journal → faults → (proxy mode:
 session cookie or bearer token) → xrfkey (403) → X-Qlik-User format (403) → empty query values
 (400). Plain lists answer with the condensed entity, as real QRS does; only `/full` carries the
-fields. Control endpoints under /_sim (journal, faults) sit outside /qrs and skip those rules.
+fields. Script logs are served through both generations of the call (or one, as the fixture
+says), then downloaded once by their download id. Control endpoints under /_sim (journal,
+faults, firing a scheduled run) sit outside /qrs and skip those rules.
 
 Proxy mode stands for a JWT virtual proxy: a good bearer token opens a proxy session whose
 cookie (`X-Qlik-Session-<prefix>`) later calls may present instead; a user may hold at most

@@ -100,13 +100,18 @@ def kind(path: str, query: dict[str, str]) -> str:
 
 
 def scenario(
-    sim: Simulator, daemon: Target, published: Published, runs: int, intervals: int
+    sim: Simulator,
+    daemon: Target,
+    published: Published,
+    runs: int,
+    intervals: int,
+    settle: int = 2,
 ) -> dict[str, Any]:
     ids = [str(uuid.UUID(int=0xBE0C << 112 | i)) for i in range(TASKS)]
     fired = 0
-    # Two intervals to settle, then the measured ones.
+    # Intervals to settle, then the measured ones.
     per_interval: list[dict[str, Any]] = []
-    for n in range(intervals + 2):
+    for n in range(intervals + settle):
         sim.clear()
         published.take()
         cpu0 = cpu_s(daemon.pid)
@@ -116,7 +121,7 @@ def scenario(
             fired += 1
         time.sleep(max(0.0, INTERVAL_S - (time.monotonic() - began)))
         calls = Counter(kind(e["path"], e["query"]) for e in sim.journal()["entries"])
-        if n >= 2:
+        if n >= settle:
             per_interval.append(
                 {
                     "cpu_ms": (cpu_s(daemon.pid) - cpu0) * 1000,
@@ -142,10 +147,10 @@ def scenario(
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="3 intervals a scenario")
+    parser.add_argument("--quick", action="store_true", help="2 intervals a scenario")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args, _ = parser.parse_known_args()  # scripts/bench.sh passes run.py's options too
-    intervals = 3 if args.quick else 15
+    intervals, settle = (1, 1) if args.quick else (15, 2)
     results: list[dict[str, Any]] = []
     with workspace() as folder:
         broker = Broker(folder)
@@ -158,7 +163,7 @@ def main() -> int:
             published = Published(broker)
             try:
                 for runs in CHANGING:
-                    result = scenario(sim, daemon, published, runs, intervals)
+                    result = scenario(sim, daemon, published, runs, intervals, settle)
                     results.append(result)
                     print(json.dumps(result), flush=True)
             finally:

@@ -35,7 +35,7 @@ def test_simulate_qrs_serves_the_sample_tasks_to_the_written_certificate(tmp_pat
     try:
         assert process.stdout is not None
         lines = [process.stdout.readline() for _ in range(3)]
-        assert lines[0] == f"QRS simulator on https://127.0.0.1:{port} with 12 tasks\n"
+        assert lines[0] == f"QRS simulator on https://127.0.0.1:{port} with 13 tasks\n"
         assert sorted(p.name for p in (tmp_path / "certs").iterdir()) == [
             "client.pem",
             "client_key.pem",
@@ -57,7 +57,7 @@ def test_simulate_qrs_serves_the_sample_tasks_to_the_written_certificate(tmp_pat
         )
         with urllib.request.urlopen(request, context=context, timeout=10) as response:
             tasks = json.loads(response.read())
-        assert len(tasks) == 12
+        assert len(tasks) == 13
         assert "Reload Sales" in {t["name"] for t in tasks}
         command = lines[2].removeprefix("try: ").strip()
         if shutil.which("curl") is not None:  # the README's command, as printed

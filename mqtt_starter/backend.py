@@ -12,13 +12,25 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any, Protocol
 
-from .core.model import Execution, Resolution, Selector, StartResult, TaskRef
+from .core.model import (
+    Execution,
+    ReloadOptions,
+    Resolution,
+    Selector,
+    SelectorKind,
+    StartResult,
+    TaskRef,
+)
 from .core.resolution import dedupe_selectors, queryable, resolve
 
 
 class Backend(Protocol):
     # monotonic time of the last call the site answered; None before the first
     last_success: float | None
+    # "qrs" (client-managed Sense) or "cloud" (a Qlik Cloud tenant)
+    site: str
+    # selector kinds the site has no equivalent for (answered `unsupported`)
+    unsupported: frozenset[SelectorKind]
 
     async def about(self) -> dict[str, Any]:
         """The site's identity (build, version): the cheap reachability check."""
@@ -38,8 +50,9 @@ class Backend(Protocol):
         """The task as it is now, None when it does not exist."""
         ...
 
-    async def start_task(self, task: TaskRef) -> StartResult:
-        """Start `task` (as read before the start); never sent twice."""
+    async def start_task(self, task: TaskRef, options: ReloadOptions | None = None) -> StartResult:
+        """Start `task` (as read before the start); never sent twice. `options`: a Qlik Cloud
+        reload's (the request service refuses them for a QRS site)."""
         ...
 
     async def execution_results(self, execution_id: str) -> list[Execution]:
@@ -71,6 +84,11 @@ async def resolve_selectors(
 ) -> Resolution:
     """Selectors → tasks, each once with every selector that matched it (core `resolve`)."""
     selectors = dedupe_selectors(selectors)
-    wanted = queryable(selectors)
+    wanted = queryable(selectors, backend.unsupported)
     candidates = await backend.find_tasks(wanted) if wanted else []
-    return resolve(selectors, candidates, all_task_ids_must_exist=all_task_ids_must_exist)
+    return resolve(
+        selectors,
+        candidates,
+        all_task_ids_must_exist=all_task_ids_must_exist,
+        unsupported=backend.unsupported,
+    )

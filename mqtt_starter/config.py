@@ -31,7 +31,12 @@ from .core.routing import TopicFilter
 ENV_PREFIX = "MQTT_STARTER_"
 # Secrets that may also be given as `<key>_file`; the file's content (trailing newline cut) is used.
 # qrs.jwt_file is not among them: the QRS client reads it itself, and again when it changes.
-SECRET_KEYS = (("mqtt", "password"), ("http", "token"))
+SECRET_KEYS = (
+    ("mqtt", "password"),
+    ("http", "token"),
+    ("cloud", "api_key"),
+    ("cloud", "client_secret"),
+)
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
 
@@ -228,6 +233,56 @@ class QrsSettings(Section):
         return self
 
 
+class CloudSettings(Section):
+    tenant_url: str = Field(description="the tenant: https://<tenant>.<region>.qlikcloud.com")
+    auth: Literal["api_key", "oauth"] = Field(
+        "api_key",
+        description="api_key (a user's API key) or oauth (a machine-to-machine OAuth client,"
+        " client credentials)",
+    )
+    api_key: SecretStr | None = Field(None, description="the API key (or api_key_file)")
+    client_id: str | None = Field(None, description="the OAuth client's id")
+    client_secret: SecretStr | None = Field(
+        None, description="the OAuth client's secret (or client_secret_file)"
+    )
+    timeout_s: float = Field(30.0, gt=0, description="time limit of one API call")
+    max_concurrency: int = Field(8, ge=1, le=256, description="API calls in flight at once")
+    poll_interval_s: float = Field(5.0, gt=0, description="how often a running reload is polled")
+    max_starts_per_minute: int = Field(
+        50,
+        ge=1,
+        description="reloads started per minute at most (Qlik's limit for POST /api/v1/reloads);"
+        " more wait their turn, in order",
+    )
+    retry: RetrySettings = Field(
+        RetrySettings(), description="retries on connection errors, timeouts and 5xx"
+    )
+    ca_file: Path | None = Field(
+        None,
+        description="a private CA to trust (a TLS-inspecting proxy); none: the system store."
+        " HTTPS_PROXY and NO_PROXY from the environment are honoured",
+    )
+
+    @field_validator("tenant_url")
+    @classmethod
+    def _tenant(cls, value: str) -> str:
+        if not re.match(r"^https?://[^/\s?#]+/?$", value):
+            raise ValueError("the tenant's https URL, without a path")
+        return value.rstrip("/")
+
+    @property
+    def url(self) -> str:
+        return self.tenant_url
+
+    @model_validator(mode="after")
+    def _auth(self) -> CloudSettings:
+        if self.auth == "api_key" and self.api_key is None:
+            raise ValueError("auth: api_key needs `api_key` or `api_key_file`")
+        if self.auth == "oauth" and (self.client_id is None or self.client_secret is None):
+            raise ValueError("auth: oauth needs `client_id` and `client_secret`")
+        return self
+
+
 class CustomPropertySelector(Section):
     name: str = Field(min_length=1, description="custom property name")
     value: str = Field(description="custom property value")
@@ -390,7 +445,10 @@ class LogSettings(Section):
 
 class Settings(Section):
     mqtt: MqttSettings = Field(MqttSettings(), description="the broker")
-    qrs: QrsSettings = Field(description="the Qlik Sense Repository Service")
+    qrs: QrsSettings | None = Field(
+        None, description="a client-managed Sense site: its Repository Service (or `cloud`)"
+    )
+    cloud: CloudSettings | None = Field(None, description="a Qlik Cloud tenant (or `qrs`)")
     policy: PolicySettings = Field(PolicySettings(), description="what may be started, and limits")
     routes: list[RouteSettings] = Field([], description="IoT/OT topics mapped to selectors")
     status: StatusSettings = Field(StatusSettings(), description="status events")
@@ -399,6 +457,24 @@ class Settings(Section):
     )
     http: HttpSettings = Field(HttpSettings(), description="the HTTP endpoint")
     log: LogSettings = Field(LogSettings(), description="logging")
+
+    @model_validator(mode="after")
+    def _one_site(self) -> Settings:
+        if (self.qrs is None) == (self.cloud is None):
+            raise ValueError("give exactly one site: `qrs` (client-managed Sense) or `cloud`")
+        if self.cloud is not None and self.monitor.enabled:
+            raise ValueError(
+                "monitor.enabled: watching every run is available for QRS sites, not yet for"
+                " Qlik Cloud"
+            )
+        return self
+
+    @property
+    def site(self) -> QrsSettings | CloudSettings:
+        """The one site this daemon serves."""
+        site = self.qrs or self.cloud
+        assert site is not None  # _one_site
+        return site
 
 
 # -- loading ---------------------------------------------------------------------------------
@@ -530,14 +606,16 @@ def file_problems(settings: Settings) -> list[ConfigProblem]:
             ("mqtt.tls.cert_file", tls.cert_file),
             ("mqtt.tls.key_file", tls.key_file),
         ]
-    if settings.qrs.url.startswith("https"):
+    if settings.cloud is not None:
+        wanted.append(("cloud.ca_file", settings.cloud.ca_file))
+    if settings.qrs is not None and settings.qrs.url.startswith("https"):
         wanted.append(("qrs.ca_file", settings.qrs.ca_file))
-    if settings.qrs.auth == "certificate":
+    if settings.qrs is not None and settings.qrs.auth == "certificate":
         wanted += [
             ("qrs.cert_file", settings.qrs.cert_file),
             ("qrs.key_file", settings.qrs.key_file),
         ]
-    else:
+    elif settings.qrs is not None:
         wanted.append(("qrs.jwt_file", settings.qrs.jwt_file))
     problems = []
     for key, path in wanted:

@@ -44,6 +44,7 @@ from .core.errors import (
 )
 from .core.model import (
     Execution,
+    ReloadOptions,
     Selector,
     SelectorKind,
     StartResult,
@@ -184,6 +185,9 @@ def _read_token(path: Path) -> tuple[str, float]:
 
 class QrsClient:
     """`await client.start()` once, then the operations; `await client.close()` at the end."""
+
+    site = "qrs"
+    unsupported = frozenset({SelectorKind.SPACE})
 
     def __init__(
         self,
@@ -527,7 +531,7 @@ class QrsClient:
         tasks = await self.find_tasks([Selector(SelectorKind.ID, task_id)])
         return tasks[0] if tasks else None
 
-    async def start_task(self, task: TaskRef) -> StartResult:
+    async def start_task(self, task: TaskRef, options: ReloadOptions | None = None) -> StartResult:
         """Start `task` (as read before the start) and say what became of it.
 
         Never sends a start twice when the first may have reached QRS: a lost answer or a

@@ -30,6 +30,7 @@ from .core.errors import BadPayload, MqttLinkError, QrsError, TooManyTasks
 from .core.model import (
     ErrorInfo,
     Execution,
+    ReloadOptions,
     Reply,
     ReplyStatus,
     Request,
@@ -226,6 +227,11 @@ class Starter:
                 )
             if len(request.selectors) > limit:
                 raise TooManyTasks(f"{len(request.selectors)} selectors; the limit is {limit}")
+            if request.reload is not None and parts.backend.site != "cloud":
+                raise BadPayload(
+                    "partial, weight and variables are options of a Qlik Cloud reload;"
+                    " this daemon serves a client-managed Sense site (QRS)"
+                )
             resolution = await resolve_selectors(
                 parts.backend,
                 request.selectors,
@@ -247,7 +253,9 @@ class Starter:
             )
             for r in resolution.tasks
         ]
-        outcomes = await asyncio.gather(*(self._start_one(parts, d) for d in decisions))
+        outcomes = await asyncio.gather(
+            *(self._start_one(parts, d, request.reload) for d in decisions)
+        )
         for outcome in outcomes:
             if outcome.result is TaskResult.STARTED and outcome.execution_id:
                 parts.tracker.claim(outcome.execution_id, request.request_id)
@@ -268,18 +276,25 @@ class Starter:
         )
 
     @staticmethod
-    async def _start_one(parts: Parts, decision: Decision) -> TaskOutcome:
+    async def _start_one(
+        parts: Parts, decision: Decision, options: ReloadOptions | None
+    ) -> TaskOutcome:
         task, ways = decision.resolved.task, decision.resolved.matched_by
         if not decision.start:
             assert decision.result is not None
             return TaskOutcome(task, ways, decision.result, error=decision.error)
-        started = await parts.backend.start_task(task)
+        started = await parts.backend.start_task(task, options)
         if started.result in (TaskResult.FAILED, TaskResult.UNKNOWN, TaskResult.NOT_STARTED):
             logger.warning(
                 "starting task {} ({}): {}: {}", task.id, task.name, started.result, started.error
             )
         return TaskOutcome(
-            task, ways, started.result, execution_id=started.execution_id, error=started.error
+            task,
+            ways,
+            started.result,
+            execution_id=started.execution_id,
+            error=started.error,
+            waited_ms=started.waited_ms,
         )
 
     def _replay(

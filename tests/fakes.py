@@ -16,7 +16,9 @@ from typing import Any
 from mqtt_starter.core.errors import QrsUnavailable
 from mqtt_starter.core.model import (
     Execution,
+    ReloadOptions,
     Selector,
+    SelectorKind,
     StartResult,
     TaskRef,
     TaskResult,
@@ -69,6 +71,9 @@ class FakeBackend:
     waiting: int = 0  # find_tasks calls waiting at the gate now
     closed: bool = False
     last_success: float | None = None
+    site: str = "qrs"
+    unsupported: frozenset[SelectorKind] = frozenset({SelectorKind.SPACE})
+    options: list[ReloadOptions | None] = field(default_factory=list)  # of each start
     _ids: itertools.count[int] = field(default_factory=itertools.count)
 
     @classmethod
@@ -104,9 +109,10 @@ class FakeBackend:
     async def task(self, task_id: str) -> TaskRef | None:
         return self.tasks.get(task_id)
 
-    async def start_task(self, task: TaskRef) -> StartResult:
+    async def start_task(self, task: TaskRef, options: ReloadOptions | None = None) -> StartResult:
         assert not self.closed, "a start on a closed backend"
         self.calls.append(("start_task", task.id))
+        self.options.append(options)
         if task.id in self.refusals:
             return self.refusals[task.id]
         execution_id = f"00000000-0000-4000-8000-{next(self._ids):012d}"

@@ -17,6 +17,7 @@ from .errors import BadPayload, PayloadTooLarge
 from .model import (
     Execution,
     FollowEnd,
+    ReloadOptions,
     Reply,
     ReplyStatus,
     Request,
@@ -145,7 +146,12 @@ _SELECTOR_FIELDS: dict[str, Callable[[Any, str], list[Selector]]] = {
     "tags": lambda v, w: [Selector(SelectorKind.TAG, s) for s in _strings(v, w)],
     "customProperties": _custom_properties,
     "names": lambda v, w: [Selector(SelectorKind.NAME, s) for s in _strings(v, w)],
+    "spaces": lambda v, w: [Selector(SelectorKind.SPACE, s) for s in _strings(v, w)],
 }
+# Qlik Cloud's reload options (qlik-cloud-api.md): refused on a QRS site.
+RELOAD_FIELDS = ("partial", "weight", "variables")
+MAX_VARIABLES = 20
+MAX_VARIABLE_LENGTH = 256
 REQUEST_FIELDS = (
     "requestId",
     "replyTo",
@@ -154,7 +160,35 @@ REQUEST_FIELDS = (
     "wait",
     "waitTimeoutS",
     "dryRun",
+    *RELOAD_FIELDS,
 )
+
+
+def _reload_options(data: Mapping[str, Any]) -> ReloadOptions | None:
+    if not any(k in data for k in RELOAD_FIELDS):
+        return None
+    partial = data.get("partial")
+    weight = data.get("weight")
+    variables = data.get("variables")
+    if partial is not None:
+        partial = _flag(partial, "partial")
+    if weight is not None and (
+        not isinstance(weight, int) or isinstance(weight, bool) or not 1 <= weight <= 10
+    ):
+        raise BadPayload("weight: an integer from 1 to 10")
+    pairs: tuple[tuple[str, str], ...] | None = None
+    if variables is not None:
+        if not isinstance(variables, Mapping):
+            raise BadPayload("variables: expected an object of names and string values")
+        if len(variables) > MAX_VARIABLES:
+            raise BadPayload(f"variables: at most {MAX_VARIABLES} entries")
+        pairs = tuple(
+            (name, _string(value, f"variables.{name}")) for name, value in variables.items()
+        )
+        long = next((n for n, v in pairs if len(v) > MAX_VARIABLE_LENGTH), None)
+        if long is not None:
+            raise BadPayload(f"variables.{long}: at most {MAX_VARIABLE_LENGTH} characters")
+    return ReloadOptions(partial=partial, weight=weight, variables=pairs)
 
 
 def parse_request(
@@ -194,6 +228,7 @@ def parse_request(
         wait=_flag(data.get("wait", False), "wait"),
         wait_timeout_s=_seconds(data.get("waitTimeoutS"), "waitTimeoutS"),
         dry_run=_flag(data.get("dryRun", False), "dryRun"),
+        reload=_reload_options(data),
     )
 
 
@@ -281,7 +316,7 @@ def _final_json(end: FollowEnd) -> dict[str, Any]:
             data["error"] = end.lost
     else:
         data = {
-            "state": last.status.qrs_name,
+            "state": last.state_name,
             "stateCode": int(last.status),
             "durationMs": last.duration_ms,
         }
@@ -303,6 +338,8 @@ def _outcome_json(outcome: TaskOutcome) -> dict[str, Any]:
         data["executionId"] = outcome.execution_id
     if outcome.error is not None:
         data["error"] = outcome.error
+    if outcome.waited_ms:
+        data["waitedMs"] = outcome.waited_ms
     if outcome.final is not None:
         data.update(_final_json(outcome.final))
     return data
@@ -347,7 +384,7 @@ def encode_status_event(
             "taskId": execution.task_id,
             "taskName": task_name,
             "executionId": execution.execution_id,
-            "state": execution.status.qrs_name,
+            "state": execution.state_name,
             "stateCode": int(execution.status),
             "requestId": request_id,
             "startedBy": started_by,

@@ -16,6 +16,7 @@ class SelectorKind(StrEnum):
     TAG = "tag"
     CUSTOM_PROPERTY = "cp"
     NAME = "name"
+    SPACE = "space"  # Qlik Cloud: the apps of a space
 
 
 @dataclass(frozen=True)
@@ -120,6 +121,7 @@ class TaskRef:
     last_status: TaskStatus = TaskStatus.NEVER_STARTED
     app_name: str = ""
     app_id: str = ""
+    space: str = ""  # Qlik Cloud: the name of the app's space
     # id of operational.lastExecutionResult: it changes when a new run is triggered.
     last_result_id: str = ""
 
@@ -165,6 +167,11 @@ class Execution:
     file_reference_id: str = ""  # the older script log call's key; "" when none
     script_log: bool = False  # scriptLogAvailable
     details: tuple[Detail, ...] = ()  # oldest first
+    state: str = ""  # the site's own name of the state, when it is not QRS (Qlik Cloud)
+
+    @property
+    def state_name(self) -> str:
+        return self.state or self.status.qrs_name
 
 
 @dataclass(frozen=True)
@@ -188,6 +195,15 @@ class FollowEnd:
 
 
 @dataclass(frozen=True)
+class ReloadOptions:
+    """What a Qlik Cloud reload may be asked for (`partial`, `weight`, `variables`)."""
+
+    partial: bool | None = None
+    weight: int | None = None
+    variables: tuple[tuple[str, str], ...] | None = None
+
+
+@dataclass(frozen=True)
 class Request:
     """A start request, whatever door it came through (MQTT topic + payload, or Butler's REST)."""
 
@@ -198,12 +214,14 @@ class Request:
     wait: bool = False
     wait_timeout_s: float | None = None  # None: status.wait_timeout_s
     dry_run: bool = False
+    reload: ReloadOptions | None = None  # Qlik Cloud only
 
 
 class UnmatchedReason(StrEnum):
     INVALID_ID = "invalid_id"
     NOT_FOUND = "not_found"
     NO_TASKS = "no_tasks"
+    UNSUPPORTED = "unsupported"  # a selector the site has no equivalent for
 
 
 @dataclass(frozen=True)
@@ -246,6 +264,7 @@ class StartResult:
     result: TaskResult
     execution_id: str | None = None
     error: str | None = None
+    waited_ms: int = 0  # time the start waited for the site's rate limit
 
 
 @dataclass(frozen=True)
@@ -258,6 +277,7 @@ class TaskOutcome:
     execution_id: str | None = None
     error: str | None = None
     final: FollowEnd | None = None  # set at stage "finished" for started tasks
+    waited_ms: int = 0  # time the start waited for the site's rate limit
 
 
 class ReplyStatus(StrEnum):

@@ -146,7 +146,7 @@ def state_json(execution: Execution, task: TaskRef, started_by: str) -> dict[str
     return {
         "taskId": task.id,
         "taskName": task.name,
-        "state": execution.status.qrs_name,
+        "state": execution.state_name,
         "stateCode": int(execution.status),
         "executionId": execution.execution_id,
         "startTime": execution.start_time,
@@ -173,7 +173,7 @@ def event_json(
         "appId": task.app_id or execution.app_id or None,
         "appName": task.app_name or None,
         "executionId": execution.execution_id,
-        "state": execution.status.qrs_name,
+        "state": execution.state_name,
         "stateCode": int(execution.status),
         "startTime": execution.start_time,
         "stopTime": execution.stop_time,

@@ -64,6 +64,8 @@ def _term(selector: Selector) -> str:
                 f"(customProperties.definition.name eq {quote(selector.name)}"
                 f" and customProperties.value eq {quote(selector.value)})"
             )
+        case SelectorKind.SPACE:
+            raise ValueError("QRS has no spaces: the backend reports them unsupported")
 
 
 def task_filters(selectors: Sequence[Selector]) -> list[str]:
@@ -133,6 +135,8 @@ def selector_matches(selector: Selector, task: TaskRef) -> bool:
             return any(tag.casefold() == wanted for tag in task.tags)
         case SelectorKind.NAME:
             return task.name.casefold() == selector.value.casefold()
+        case SelectorKind.SPACE:
+            return task.space.casefold() == selector.value.casefold()
         case SelectorKind.CUSTOM_PROPERTY:
             name, value = selector.name.casefold(), selector.value.casefold()
             return any(

@@ -8,7 +8,7 @@ with allTaskIdsMustExist, one bad id withholds every task that only an id chose.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 
 from .model import (
     Resolution,
@@ -26,6 +26,7 @@ _EMPTY_REASON = {
     SelectorKind.NAME: UnmatchedReason.NOT_FOUND,
     SelectorKind.TAG: UnmatchedReason.NO_TASKS,
     SelectorKind.CUSTOM_PROPERTY: UnmatchedReason.NO_TASKS,
+    SelectorKind.SPACE: UnmatchedReason.NO_TASKS,
 }
 
 
@@ -43,10 +44,16 @@ def dedupe_selectors(selectors: Iterable[Selector]) -> list[Selector]:
     return result
 
 
-def queryable(selectors: Iterable[Selector]) -> list[Selector]:
-    """The selectors worth sending to QRS: everything but malformed ids."""
+def queryable(
+    selectors: Iterable[Selector], unsupported: Collection[SelectorKind] = ()
+) -> list[Selector]:
+    """The selectors worth sending to the site: everything but malformed ids and the kinds
+    it has no equivalent for."""
     return [
-        s for s in selectors if s.kind is not SelectorKind.ID or normalize_guid(s.value) is not None
+        s
+        for s in selectors
+        if s.kind not in unsupported
+        and (s.kind is not SelectorKind.ID or normalize_guid(s.value) is not None)
     ]
 
 
@@ -55,8 +62,10 @@ def resolve(
     candidates: Iterable[TaskRef],
     *,
     all_task_ids_must_exist: bool = False,
+    unsupported: Collection[SelectorKind] = (),
 ) -> Resolution:
-    """Match `candidates` (whatever QRS returned for the filters) against `selectors`."""
+    """Match `candidates` (whatever QRS returned for the filters) against `selectors`;
+    selectors of an `unsupported` kind are `unsupported`."""
     selectors = dedupe_selectors(selectors)
     by_id: dict[str, TaskRef] = {}
     for task in candidates:
@@ -65,6 +74,9 @@ def resolve(
     matched: dict[str, list[Selector]] = {}
     unmatched: list[Unmatched] = []
     for selector in selectors:
+        if selector.kind in unsupported:
+            unmatched.append(Unmatched(selector, UnmatchedReason.UNSUPPORTED))
+            continue
         if selector.kind is SelectorKind.ID and normalize_guid(selector.value) is None:
             unmatched.append(Unmatched(selector, UnmatchedReason.INVALID_ID))
             continue

@@ -93,6 +93,7 @@ _TOPIC_KINDS: dict[str, tuple[int, Callable[[list[str]], Selector]]] = {
     "tag": (1, lambda v: Selector(SelectorKind.TAG, v[0])),
     "name": (1, lambda v: Selector(SelectorKind.NAME, v[0])),
     "cp": (2, lambda v: Selector(SelectorKind.CUSTOM_PROPERTY, v[1], name=v[0])),
+    "space": (1, lambda v: Selector(SelectorKind.SPACE, v[0])),
 }
 
 

@@ -50,9 +50,9 @@ def warn_about_settings(settings: Settings) -> None:
             " publish to {}/start",
             settings.mqtt.base_topic,
         )
-    if settings.qrs.insecure:
+    if settings.qrs is not None and settings.qrs.insecure:
         logger.warning("qrs.insecure is true: the QRS server certificate is NOT verified")
-    elif not settings.qrs.verify_hostname:
+    elif settings.qrs is not None and not settings.qrs.verify_hostname:
         logger.info(
             "qrs.verify_hostname is false: the QRS certificate chain is verified against"
             " qrs.ca_file, its host name is not"
@@ -183,8 +183,9 @@ class Daemon:
                 about = await parts.backend.about()
                 self._qrs_build = str(about.get("buildVersion", ""))
                 logger.info(
-                    "QRS {} answered (build {})",
-                    parts.settings.qrs.url,
+                    "{} {} answered (build {})",
+                    parts.backend.site.upper(),
+                    parts.settings.site.url,
                     about.get("buildVersion", "?"),
                 )
                 self.qrs_ready.set()
@@ -192,7 +193,7 @@ class Daemon:
             except QrsError as exc:
                 logger.warning("QRS not ready: {}", exc)
                 self.notifier.status(f"waiting for QRS: {exc}")
-                await asyncio.sleep(parts.settings.qrs.retry.max_backoff_s)
+                await asyncio.sleep(parts.settings.site.retry.max_backoff_s)
 
     def _start_link(self, door: MqttDoor) -> None:
         s = self.settings.mqtt
@@ -257,8 +258,8 @@ class Daemon:
             "version": __version__,
             "startedAt": self._started_at,
             "baseTopic": s.mqtt.base_topic,
-            "backend": "qrs",
-            "qrs": {"url": s.qrs.url, "build": self._qrs_build or None},
+            "backend": self.parts.backend.site,
+            self.parts.backend.site: {"url": s.site.url, "build": self._qrs_build or None},
             "monitor": s.monitor.enabled,
             "monitoring": self.monitor is not None and self.monitor.leading,
         }
@@ -270,7 +271,7 @@ class Daemon:
         """The answer to a health check: whether QRS answers, and how fast."""
         started = time.monotonic()
         try:
-            await asyncio.wait_for(self.parts.backend.about(), self.settings.qrs.timeout_s)
+            await asyncio.wait_for(self.parts.backend.about(), self.settings.site.timeout_s)
             reachable, latency = True, (time.monotonic() - started) * 1000
         except (QrsError, TimeoutError):
             reachable, latency = False, None
@@ -297,7 +298,7 @@ class Daemon:
         last = backend.last_success
         if last is None or time.monotonic() - last > QRS_FRESH_S:
             try:
-                await asyncio.wait_for(backend.about(), self.settings.qrs.timeout_s)
+                await asyncio.wait_for(backend.about(), self.settings.site.timeout_s)
             except (QrsError, TimeoutError) as exc:
                 reasons.append(f"QRS does not answer: {exc}")
         return reasons
@@ -343,7 +344,7 @@ class Daemon:
         try:
             new = self._reload_settings()
             old = self.parts
-            if new.qrs != old.settings.qrs:
+            if new.qrs != old.settings.qrs or new.cloud != old.settings.cloud:
                 parts = await Parts.build(new, self.metrics.observe_qrs)
             else:
                 parts = old.successor(new, build_rules(new), allow_list(new.policy))

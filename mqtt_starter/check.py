@@ -41,16 +41,21 @@ async def check_broker(settings: Settings) -> Check:
 
 
 async def check_qrs(settings: Settings) -> list[Check]:
-    quick = settings.qrs.model_copy(
+    """The site (QRS or Qlik Cloud): it answers, and what it shows."""
+    site = settings.site
+    quick = site.model_copy(
         update={
-            "retry": settings.qrs.retry.model_copy(update={"attempts": 1}),
-            "timeout_s": min(settings.qrs.timeout_s, 10.0),
+            "retry": site.retry.model_copy(update={"attempts": 1}),
+            "timeout_s": min(site.timeout_s, 10.0),
         }
     )
-    what = f"QRS {settings.qrs.url} ({settings.qrs.auth})"
-    skipped = Check(None, "QRS task query", "QRS did not answer")
+    key = "qrs" if settings.qrs is not None else "cloud"
+    name, things = ("QRS", "tasks") if key == "qrs" else ("Qlik Cloud", "apps")
+    what = f"{name} {site.url} ({site.auth})"
+    query = f"{name} {things[:-1]} query"
+    skipped = Check(None, query, f"{name} did not answer")
     try:
-        backend = await open_backend(settings.model_copy(update={"qrs": quick}))
+        backend = await open_backend(settings.model_copy(update={key: quick}))
     except ConfigError as exc:
         return [Check(False, str(p.path), p.message) for p in exc.problems] + [skipped]
     try:
@@ -59,10 +64,10 @@ async def check_qrs(settings: Settings) -> list[Check]:
         try:
             count = await backend.task_count()
         except QrsError as exc:
-            return [first, Check(False, "QRS task query", str(exc))]
+            return [first, Check(False, query, str(exc))]
         if count is None:
-            return [first, Check(False, "QRS task query", "unexpected answer to task/count")]
-        return [first, Check(True, "QRS task query", f"{count} tasks visible")]
+            return [first, Check(False, query, "unexpected answer to the count")]
+        return [first, Check(True, query, f"{count} {things} visible")]
     except QrsError as exc:
         return [Check(False, what, str(exc)), skipped]
     finally:

@@ -148,7 +148,7 @@ class MqttSettings(Section):
 
 
 class RetrySettings(Section):
-    attempts: int = Field(5, ge=1, le=100, description="tries of one QRS call, the first included")
+    attempts: int = Field(5, ge=1, le=100, description="tries of one call, the first included")
     backoff_s: float = Field(
         0.5,
         ge=0,
@@ -289,11 +289,14 @@ class CustomPropertySelector(Section):
 
 
 class AllowList(Section):
-    task_ids: list[str] = Field([], description="task ids that may be started")
+    task_ids: list[str] = Field(
+        [], description="task ids (Qlik Cloud: app ids) that may be started"
+    )
     tags: list[str] = Field([], description="tasks with one of these tags may be started")
     custom_properties: list[CustomPropertySelector] = Field(
         [], description="tasks with one of these custom property values may be started"
     )
+    spaces: list[str] = Field([], description="Qlik Cloud: apps in these spaces may be started")
 
 
 class PolicySettings(Section):
@@ -569,17 +572,41 @@ def settings_from_mapping(data: Any, env: Mapping[str, str] | None = None) -> Se
     data = _interpolate(data, env, (), problems)
     _apply_env(data, env, problems)
     _read_secret_files(data, problems)
+    sites = [k for k in ("qrs", "cloud") if data.get(k) is not None]
+    if len(sites) != 1:
+        # Said here, with the other problems: the model's own check runs only on valid input.
+        problems.append(
+            ConfigProblem(
+                "qrs" if not sites else "cloud",
+                "field required: `qrs` (client-managed Sense) or `cloud` (Qlik Cloud)"
+                if not sites
+                else "give `qrs` or `cloud`, not both: one daemon serves one site",
+            )
+        )
     try:
         settings = Settings.model_validate(data)
     except ValidationError as exc:
         for error in exc.errors():
+            if not error["loc"] and len(sites) != 1:
+                continue  # the site problem, said above
             loc = tuple(p for p in error["loc"] if p not in ("function-after", "function-before"))
             message = error["msg"].removeprefix("Value error, ")
             problems.append(ConfigProblem(_path(loc), message[:1].lower() + message[1:]))
-        raise ConfigError(problems) from None
+        raise ConfigError(_in_section_order(problems)) from None
     if problems:
         raise ConfigError(problems)
     return settings
+
+
+def _in_section_order(problems: list[ConfigProblem]) -> list[ConfigProblem]:
+    """Problems in the order of the sections they concern (stable within one)."""
+    order = list(Settings.model_fields)
+
+    def rank(problem: ConfigProblem) -> int:
+        section = problem.path.split(".")[0].split("[")[0]
+        return order.index(section) if section in order else len(order)
+
+    return sorted(problems, key=rank)
 
 
 def load_settings(path: Path | None, env: Mapping[str, str] | None = None) -> Settings:

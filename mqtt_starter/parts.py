@@ -28,7 +28,10 @@ def allow_list(policy: PolicySettings) -> AllowList | None:
     if allow is None:
         return None
     return AllowList.build(
-        allow.task_ids, allow.tags, [(cp.name, cp.value) for cp in allow.custom_properties]
+        allow.task_ids,
+        allow.tags,
+        [(cp.name, cp.value) for cp in allow.custom_properties],
+        allow.spaces,
     )
 
 
@@ -61,6 +64,19 @@ def build_rules(settings: Settings) -> TriggerRules:
 
 async def open_backend(settings: Settings, observer: Observer | None = None) -> Backend:
     """The backend the settings name, started (ConfigError when its files cannot be used)."""
+    if settings.cloud is not None:
+        from .cloud_client import CloudClient
+
+        allow = settings.policy.allow
+        cloud = CloudClient(
+            settings.cloud,
+            log_tail_lines=settings.monitor.log_tail_lines,
+            known_tags=allow.tags if allow is not None else (),
+            observer=observer,
+        )
+        await cloud.start()
+        return cloud
+    assert settings.qrs is not None
     client = QrsClient(settings.qrs, observer=observer)
     await client.start()
     return client
@@ -80,7 +96,7 @@ class Parts:
     _owns_backend: bool = True
 
     def __post_init__(self) -> None:
-        self.tracker = Tracker(self.backend, self.settings.qrs.poll_interval_s)
+        self.tracker = Tracker(self.backend, self.settings.site.poll_interval_s)
 
     @classmethod
     async def build(cls, settings: Settings, observer: Observer | None = None) -> Parts:

@@ -29,11 +29,13 @@ RUNNING = frozenset(
 
 @dataclass(frozen=True)
 class AllowList:
-    """Which tasks may be started: by id, by tag, or by a custom property value."""
+    """Which tasks may be started: by id, by tag, by a custom property value, or (Qlik Cloud)
+    by the app's space."""
 
     task_ids: frozenset[str] = frozenset()
     tags: frozenset[str] = frozenset()
     custom_properties: frozenset[tuple[str, str]] = frozenset()
+    spaces: frozenset[str] = frozenset()
 
     @classmethod
     def build(
@@ -41,17 +43,20 @@ class AllowList:
         task_ids: Iterable[str],
         tags: Iterable[str],
         custom_properties: Iterable[tuple[str, str]],
+        spaces: Iterable[str] = (),
     ) -> AllowList:
         return cls(
             frozenset(normalize_guid(t) or t.strip().lower() for t in task_ids),
             frozenset(t.casefold() for t in tags),
             frozenset((n.casefold(), v.casefold()) for n, v in custom_properties),
+            frozenset(s.casefold() for s in spaces),
         )
 
     def allows(self, task: TaskRef) -> bool:
         return (
             task.id.lower() in self.task_ids
             or any(t.casefold() in self.tags for t in task.tags)
+            or (bool(task.space) and task.space.casefold() in self.spaces)
             or any(
                 (cp.name.casefold(), cp.value.casefold()) in self.custom_properties
                 for cp in task.custom_properties

@@ -7,11 +7,22 @@ from pathlib import Path
 import pytest
 import yaml
 
-from mqtt_starter.config import Settings, file_problems, load_settings, settings_from_mapping
+from mqtt_starter.config import (
+    QrsSettings,
+    Settings,
+    file_problems,
+    load_settings,
+    settings_from_mapping,
+)
 from mqtt_starter.core.errors import ConfigError
 
 EXAMPLE = Path(__file__).parents[2] / "config" / "mqtt-starter.yaml"
 MINIMAL = {"qrs": {"url": "https://sense:4242"}}
+
+
+def qrs(settings: Settings) -> QrsSettings:
+    assert settings.qrs is not None
+    return settings.qrs
 
 
 def problems(data: object, env: dict[str, str] | None = None) -> list[str]:
@@ -53,7 +64,7 @@ def test_all_errors_at_once_with_their_key_paths() -> None:
         "mqtt.port: input should be greater than or equal to 1",
         "mqtt.protocol: input should be '5' or '3.1.1'",
         "mqtt.colour: extra inputs are not permitted",
-        "qrs: field required",
+        "qrs: field required: `qrs` (client-managed Sense) or `cloud` (Qlik Cloud)",
         "policy.on_running: input should be 'skip' or 'start'",
         "routes[0]: a route needs at least one of task_ids, tags, custom_properties, names",
     ]
@@ -64,7 +75,7 @@ def test_interpolation_and_missing_variables() -> None:
         {"qrs": {"url": "https://${HOST}:4242", "user_id": "${USER_ID}"}},
         {"HOST": "sense", "USER_ID": "svc"},
     )
-    assert (settings.qrs.url, settings.qrs.user_id) == ("https://sense:4242", "svc")
+    assert (qrs(settings).url, qrs(settings).user_id) == ("https://sense:4242", "svc")
     assert problems({"qrs": {"url": "${NOPE}"}}) == [
         "qrs.url: environment variable NOPE is not set",
         "qrs.url: an http(s) URL without query or fragment",
@@ -83,7 +94,7 @@ def test_environment_overrides() -> None:
             "UNRELATED": "x",
         },
     )
-    assert (settings.mqtt.port, settings.mqtt.tls.enabled, settings.qrs.url) == (
+    assert (settings.mqtt.port, settings.mqtt.tls.enabled, qrs(settings).url) == (
         8883,
         True,
         "https://other:4242",
@@ -108,7 +119,7 @@ def test_secrets_from_files(tmp_path: Path) -> None:
     assert settings.mqtt.password is not None
     assert settings.mqtt.password.get_secret_value() == "s3cret"
     # The QRS client reads qrs.jwt_file itself, and again when it changes.
-    assert (settings.qrs.jwt, settings.qrs.jwt_file) == (None, tmp_path / "pw")
+    assert (qrs(settings).jwt, qrs(settings).jwt_file) == (None, tmp_path / "pw")
     assert "s3cret" not in repr(settings)
     assert problems(
         {
@@ -180,7 +191,7 @@ def test_server_name_and_chain_only_verification() -> None:
     settings = settings_from_mapping(
         {"qrs": {"url": "https://10.0.0.5:4242", "server_name": "sense-node1.corp.example"}}, {}
     )
-    assert (settings.qrs.server_name, settings.qrs.verify_hostname) == (
+    assert (qrs(settings).server_name, qrs(settings).verify_hostname) == (
         "sense-node1.corp.example",
         True,
     )

@@ -61,12 +61,22 @@ def test_one_module_owns_each_foreign_library(library: str, owners: set[str]) ->
     assert users == owners
 
 
-def test_the_http_client_lives_in_the_qrs_client() -> None:
-    # aiohttp's server side serves the HTTP door and the simulator; its client only QRS calls.
+def test_the_http_client_lives_in_the_site_clients() -> None:
+    # aiohttp's server side serves the HTTP door and the simulators; its client only the calls
+    # to a site (QRS, Qlik Cloud).
     users = {p.relative_to(PACKAGE).as_posix() for p in modules(PACKAGE) if "aiohttp" in imports(p)}
-    assert users == {"qrs_client.py", "http_api.py", "simulator/server.py"}
+    assert users == {
+        "qrs_client.py",
+        "cloud_client.py",
+        "http_api.py",
+        "simulator/server.py",
+        "cloud_sim/server.py",
+    }
 
 
-def test_the_simulator_shares_nothing_with_the_client_side() -> None:
-    for path in modules(PACKAGE / "simulator"):
-        assert all(not n.startswith("..") for n in imports(path)), path.name
+@pytest.mark.parametrize("folder", ["simulator", "cloud_sim"])
+def test_the_simulators_share_nothing_with_the_client_side(folder: str) -> None:
+    # The Cloud simulator may use the QRS simulator's certificates, journal and faults.
+    for path in modules(PACKAGE / folder):
+        names = imports(path)
+        assert all(not n.startswith("..") or n.startswith("..simulator") for n in names), path.name

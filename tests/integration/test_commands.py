@@ -152,7 +152,8 @@ async def test_check_invalid_configuration(tmp_path: Path) -> None:
     assert out.splitlines()[1:3] == [
         f"  FAIL  configuration {path}: mqtt.port: input should be a valid integer, unable to"
         " parse string as an integer",
-        f"  FAIL  configuration {path}: qrs: field required",
+        f"  FAIL  configuration {path}: qrs: field required: `qrs` (client-managed Sense) or"
+        " `cloud` (Qlik Cloud)",
     ]
 
 

@@ -39,7 +39,7 @@ def test_invalid_configuration_exits_78_naming_every_key(tmp_path: Path) -> None
         "mqtt-starter: invalid configuration:",
         "  mqtt.port: input should be less than or equal to 65535",
         "  mqtt.colour: extra inputs are not permitted",
-        "  qrs: field required",
+        "  qrs: field required: `qrs` (client-managed Sense) or `cloud` (Qlik Cloud)",
         "  policy.allow.tags: input should be a valid list",
     ]
 

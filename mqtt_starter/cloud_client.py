@@ -1,0 +1,593 @@
+"""The Qlik Cloud backend: the same `Backend` as QRS, on a tenant's REST API (qlik-cloud-api.md).
+
+A "task" is an app: its id is the app id, a run is a reload. Selectors: `id`, `tag` (a public
+collection), `name` (exact, compared here: the API matches loosely) and `space`; custom
+properties have no Cloud equivalent (`unsupported`).
+
+Calls are retried with jittered backoff on connection errors, timeouts and 5xx, except a
+reload start, which is re-sent only when the connection was refused; when its answer is lost
+the app's reloads are read and one created since is reported `started`, else `unknown`. A 429
+rate limit (`HTTP-429`) is waited out for its `Retry-After` and the call repeated; the tenant
+did not carry it out. Starts pass one at a time, in order (a FIFO lock), paced to
+`max_starts_per_minute`: a start that must wait is never dropped, and says how long it waited.
+
+Auth: an API key, or an OAuth client (client credentials) whose token is fetched again before
+it expires and, on a 401, once at once. HTTPS_PROXY / NO_PROXY are honoured; `ca_file` adds a
+private CA (a TLS-inspecting proxy).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import ssl
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Mapping, Sequence
+from datetime import datetime
+from typing import Any
+
+import aiohttp
+from loguru import logger
+from yarl import URL
+
+from .config import CloudSettings
+from .core.errors import (
+    QrsAnswerLost,
+    QrsAuthError,
+    QrsRequestError,
+    QrsUnavailable,
+)
+from .core.model import (
+    Execution,
+    ReloadOptions,
+    Selector,
+    SelectorKind,
+    StartResult,
+    TaskRef,
+    TaskResult,
+    TaskStatus,
+)
+from .core.monitoring import log_tail
+from .core.pacing import StartPacer
+
+Observer = Callable[[str, float, int], None]
+# Qlik Cloud's reload states and their QRS counterparts (DESIGN.md section 8).
+STATES = {
+    "QUEUED": TaskStatus.QUEUED,
+    "RELOADING": TaskStatus.STARTED,
+    "CANCELING": TaskStatus.ABORT_INITIATED,
+    "SUCCEEDED": TaskStatus.FINISHED_SUCCESS,
+    "FAILED": TaskStatus.FINISHED_FAIL,
+    "CANCELED": TaskStatus.ABORTED,
+    "EXCEEDED_LIMIT": TaskStatus.ERROR,
+}
+PAGE = 100  # the API's largest page
+MAX_PAGES = 100
+TOKEN_MARGIN_S = 60.0  # a token is fetched again this long before it expires
+LOG_TAIL_BYTES = 256 * 1024
+KEPT = 10_000  # reloads whose last state and reason are remembered
+# A reload created this long before the start call (clock skew) still counts as ours.
+CREATION_SKEW_S = 2.0
+
+
+class _Retryable(Exception):
+    def __init__(self, message: str, status: int = 0, *, never_sent: bool = False) -> None:
+        super().__init__(message)
+        self.status = status
+        self.never_sent = never_sent
+
+
+def _errors(data: Any) -> tuple[str, str]:
+    """(code, "title: detail") of Qlik's error body."""
+    errors = data.get("errors") if isinstance(data, dict) else None
+    first = errors[0] if isinstance(errors, list) and errors and isinstance(errors[0], dict) else {}
+    code = str(first.get("code", ""))
+    text = ": ".join(str(first[k]) for k in ("title", "detail") if first.get(k))
+    return code, text
+
+
+def _time(text: Any) -> datetime | None:
+    if not isinstance(text, str) or not text:
+        return None
+    try:
+        return datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+
+
+class CloudClient:
+    site = "cloud"
+    unsupported = frozenset({SelectorKind.CUSTOM_PROPERTY})
+
+    def __init__(
+        self,
+        settings: CloudSettings,
+        *,
+        log_tail_lines: int = 30,
+        known_tags: Sequence[str] = (),
+        observer: Observer | None = None,
+        rng: random.Random | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        """`known_tags`: tags whose membership every found app is checked for (the
+        allow-list's), since an app found by id or name does not show its collections."""
+        self.settings = settings
+        self.last_success: float | None = None
+        self._tail_lines = log_tail_lines
+        self._known_tags = tuple(known_tags)
+        self._observer = observer
+        self._rng = rng or random.Random()
+        self._clock = clock
+        self._session: aiohttp.ClientSession | None = None
+        self._token: str | None = None
+        self._token_expiry = 0.0
+        self._token_lock = asyncio.Lock()
+        self._lane = asyncio.Lock()  # starts, one at a time and in order
+        self._pacer = StartPacer(settings.max_starts_per_minute)
+        self._throttled = 0.0  # seconds starts have waited for the rate limit, in all
+        self._spaces: dict[str, str] = {}  # space id → name
+        self._collections: dict[str, list[str]] = {}  # tag → collection ids
+        self._states: OrderedDict[str, TaskStatus] = OrderedDict()
+        self._reasons: OrderedDict[str, str] = OrderedDict()
+
+    # -- lifecycle -------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        context = ssl.create_default_context(
+            cafile=str(self.settings.ca_file) if self.settings.ca_file else None
+        )
+        self._session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(ssl=context, limit=self.settings.max_concurrency),
+            timeout=aiohttp.ClientTimeout(total=self.settings.timeout_s),
+            trust_env=True,  # HTTPS_PROXY, NO_PROXY
+        )
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    # -- HTTP --------------------------------------------------------------------------------------
+
+    async def _bearer(self, *, renew: bool = False) -> str:
+        s = self.settings
+        if s.auth == "api_key":
+            assert s.api_key is not None
+            return s.api_key.get_secret_value()
+        async with self._token_lock:
+            if renew or self._token is None or self._clock() >= self._token_expiry:
+                self._token, lifetime = await self._fetch_token()
+                margin = min(TOKEN_MARGIN_S, lifetime / 10)
+                self._token_expiry = self._clock() + lifetime - margin
+            return self._token
+
+    async def _fetch_token(self) -> tuple[str, float]:
+        s = self.settings
+        assert s.client_id is not None and s.client_secret is not None
+        body = {
+            "client_id": s.client_id,
+            "client_secret": s.client_secret.get_secret_value(),
+            "grant_type": "client_credentials",
+        }
+        status, data, _ = await self._send("POST", f"{s.tenant_url}/oauth/token", None, body, "")
+        if status >= 500:
+            raise QrsUnavailable(f"Qlik Cloud OAuth token endpoint: HTTP {status}")
+        token = data.get("access_token") if isinstance(data, dict) else None
+        lifetime = data.get("expires_in") if isinstance(data, dict) else None
+        if status != 200 or not isinstance(token, str):
+            code, text = _errors(data)
+            raise QrsAuthError(
+                f"Qlik Cloud refused the OAuth client {s.client_id!r}: HTTP {status}"
+                f" {code} {text}".rstrip()
+                + "; check cloud.client_id and cloud.client_secret",
+                status=status,
+            )
+        logger.debug("Qlik Cloud OAuth token fetched for client {}", s.client_id)
+        return token, float(lifetime) if isinstance(lifetime, int | float) else 3600.0
+
+    async def _send(
+        self,
+        method: str,
+        url: str,
+        params: Mapping[str, str] | None,
+        body: Any,
+        bearer: str,
+        *,
+        tail_bytes: int = 0,
+    ) -> tuple[int, Any, Mapping[str, str]]:
+        if self._session is None:
+            raise RuntimeError("CloudClient.start() was not called")
+        headers = {"Authorization": f"Bearer {bearer}"} if bearer else {}
+        try:
+            async with self._session.request(
+                method, url, params=params, json=body, headers=headers, allow_redirects=False
+            ) as response:
+                if tail_bytes and response.status < 300:
+                    kept = bytearray()
+                    async for chunk in response.content.iter_chunked(65536):
+                        kept += chunk
+                        del kept[: max(0, len(kept) - tail_bytes)]
+                    return response.status, kept.decode("utf-8", "replace"), response.headers
+                text = await response.text()
+                data: Any = text
+                if response.content_type == "application/json":
+                    try:
+                        data = json.loads(text)
+                    except json.JSONDecodeError:
+                        data = text
+                return response.status, data, response.headers
+        except aiohttp.ClientConnectorCertificateError as exc:
+            raise QrsAuthError(
+                f"TLS verification of {self.settings.tenant_url} failed: {exc.certificate_error};"
+                " behind a TLS-inspecting proxy, set cloud.ca_file to its CA"
+            ) from None
+        except aiohttp.ClientConnectorError as exc:
+            raise _Retryable(f"{type(exc).__name__}: {exc}", never_sent=True) from None
+        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+            raise _Retryable(f"{type(exc).__name__}: {exc}".rstrip(": ")) from None
+
+    async def _call(
+        self,
+        method: str,
+        path: str,
+        params: Mapping[str, str] | None = None,
+        body: Any = None,
+        *,
+        repeatable: bool = True,
+        tail_bytes: int = 0,
+    ) -> tuple[int, Any]:
+        """(status, data) of an answer below 500, after retries, rate-limit waits and one token
+        renewal; 401 and 403 raise QrsAuthError unless the caller takes 403 itself."""
+        retry = self.settings.retry
+        url = f"{self.settings.tenant_url}/{path}"
+        operation = f"{method} {path.split('/')[2] if path.count('/') >= 2 else path}"
+        attempt, renewed = 0, False
+        while True:
+            attempt += 1
+            started = self._clock()
+            status = 0
+            try:
+                bearer = await self._bearer()
+                status, data, headers = await self._send(
+                    method, url, params, body, bearer, tail_bytes=tail_bytes
+                )
+                if status >= 500:
+                    raise _Retryable(f"HTTP {status}: {str(data)[:200]}", status)
+            except _Retryable as exc:
+                if not repeatable and not exc.never_sent:
+                    raise QrsAnswerLost(
+                        f"Qlik Cloud {method} /{path}: {exc}", status=exc.status or None, path=path
+                    ) from None
+                if attempt >= retry.attempts:
+                    raise QrsUnavailable(
+                        f"Qlik Cloud {method} /{path} failed after {attempt} attempt(s): {exc}",
+                        status=exc.status or None,
+                        path=path,
+                    ) from None
+                ceiling = min(retry.max_backoff_s, retry.backoff_s * 2 ** (attempt - 1))
+                await asyncio.sleep(self._rng.uniform(0, ceiling))
+                continue
+            finally:
+                if self._observer is not None:
+                    self._observer(operation, self._clock() - started, status)
+            self.last_success = self._clock()
+            code, text = _errors(data)
+            if status == 401 and self.settings.auth == "oauth" and not renewed:
+                renewed = True  # the token expired early, or was revoked: a new one, once
+                await self._bearer(renew=True)
+                attempt -= 1
+                continue
+            if status == 429 and code == "HTTP-429":
+                wait = self._retry_after(headers)
+                logger.info("Qlik Cloud rate limit on {} /{}: waiting {:.0f} s", method, path, wait)
+                self._pacer.blocked(self._clock(), wait)
+                self._throttled += wait
+                await asyncio.sleep(wait)
+                attempt -= 1
+                continue
+            if status == 401:
+                raise QrsAuthError(
+                    f"Qlik Cloud refused {method} /{path}: HTTP 401 {text}; check"
+                    f" cloud.{'api_key' if self.settings.auth == 'api_key' else 'client_id'}",
+                    status=status,
+                    path=path,
+                    detail=text,
+                )
+            return status, data
+
+    @staticmethod
+    def _retry_after(headers: Mapping[str, str]) -> float:
+        try:
+            return max(0.0, float(headers.get("Retry-After", "1")))
+        except ValueError:
+            return 1.0
+
+    async def _json(self, path: str, params: Mapping[str, str] | None = None) -> Any:
+        status, data = await self._call("GET", path, params)
+        if status >= 400:
+            code, text = _errors(data)
+            error = QrsAuthError if status == 403 else QrsRequestError
+            raise error(
+                f"Qlik Cloud answered GET /{path} with HTTP {status}: {code} {text}".rstrip(),
+                status=status,
+                path=path,
+                detail=f"{code} {text}".strip(),
+            )
+        return data
+
+    async def _list(self, path: str, params: Mapping[str, str]) -> list[dict[str, Any]]:
+        """Every item of a paged list (`links.next.href`)."""
+        found: list[dict[str, Any]] = []
+        query: dict[str, str] = {**params, "limit": str(PAGE)}
+        for _ in range(MAX_PAGES):
+            data = await self._json(path, query)
+            page = data.get("data") if isinstance(data, dict) else None
+            found += [i for i in page or [] if isinstance(i, dict)]
+            href = (
+                data.get("links", {}).get("next", {}).get("href")
+                if isinstance(data, dict)
+                else None
+            )
+            if not isinstance(href, str) or not href:
+                return found
+            query = dict(URL(href).query)
+        logger.warning("Qlik Cloud /{}: more than {} pages; the rest is left", path, MAX_PAGES)
+        return found
+
+    # -- finding apps ---------------------------------------------------------------------------
+
+    async def about(self) -> dict[str, Any]:
+        await self._json("api/v1/items", {"resourceType": "app", "limit": "1"})
+        return {"buildVersion": "Qlik Cloud", "tenant": self.settings.tenant_url}
+
+    async def task_count(self) -> int | None:
+        return len(await self._list("api/v1/items", {"resourceType": "app"}))
+
+    async def _collection_ids(self, tag: str) -> list[str]:
+        if tag not in self._collections:
+            found = await self._list("api/v1/collections", {"type": "public", "name": tag})
+            self._collections[tag] = [
+                str(c["id"]) for c in found if c.get("name") == tag and c.get("id")
+            ]
+        return self._collections[tag]
+
+    async def _space_name(self, space_id: str) -> str:
+        if space_id and space_id not in self._spaces:
+            for space in await self._list("api/v1/spaces", {}):
+                self._spaces[str(space.get("id"))] = str(space.get("name", ""))
+            self._spaces.setdefault(space_id, "")
+        return self._spaces.get(space_id, "")
+
+    async def find_tasks(self, selectors: Sequence[Selector]) -> list[TaskRef]:
+        items: dict[str, dict[str, Any]] = {}
+        tags: dict[str, set[str]] = {}
+
+        def take(found: list[dict[str, Any]], tag: str | None = None) -> None:
+            for item in found:
+                app_id = str(item.get("resourceId", "")).lower()
+                if app_id:
+                    items.setdefault(app_id, item)
+                    if tag is not None:
+                        tags.setdefault(app_id, set()).add(tag)
+
+        ids = [s.value for s in selectors if s.kind is SelectorKind.ID]
+        for i in range(0, len(ids), PAGE):
+            take(
+                await self._list(
+                    "api/v1/items",
+                    {"resourceType": "app", "resourceIds": ",".join(ids[i : i + PAGE])},
+                )
+            )
+        for s in selectors:
+            if s.kind is SelectorKind.TAG:
+                for collection in await self._collection_ids(s.value):
+                    found = await self._list(
+                        "api/v1/items", {"resourceType": "app", "collectionId": collection}
+                    )
+                    take(found, s.value)
+            elif s.kind is SelectorKind.NAME:
+                found = await self._list("api/v1/items", {"resourceType": "app", "name": s.value})
+                take([i for i in found if str(i.get("name", "")).casefold() == s.value.casefold()])
+            elif s.kind is SelectorKind.SPACE:
+                spaces = await self._list("api/v1/spaces", {"name": s.value})
+                for space in spaces:
+                    if str(space.get("name", "")).casefold() == s.value.casefold():
+                        self._spaces[str(space["id"])] = str(space["name"])
+                        found = await self._list(
+                            "api/v1/items", {"resourceType": "app", "spaceId": str(space["id"])}
+                        )
+                        take(found)
+        await self._known_tag_members(items, tags)
+        return [await self._task(item, tags.get(app_id, set())) for app_id, item in items.items()]
+
+    async def _known_tag_members(
+        self, items: dict[str, dict[str, Any]], tags: dict[str, set[str]]
+    ) -> None:
+        """Mark which found apps carry the allow-list's tags (an item does not show them)."""
+        ids = list(items)
+        for tag in self._known_tags:
+            for collection in await self._collection_ids(tag) if ids else []:
+                for i in range(0, len(ids), PAGE):
+                    found = await self._list(
+                        "api/v1/items",
+                        {
+                            "resourceType": "app",
+                            "collectionId": collection,
+                            "resourceIds": ",".join(ids[i : i + PAGE]),
+                        },
+                    )
+                    for item in found:
+                        tags.setdefault(str(item.get("resourceId", "")).lower(), set()).add(tag)
+
+    async def _task(self, item: Mapping[str, Any], tags: set[str]) -> TaskRef:
+        app_id = str(item.get("resourceId", "")).lower()
+        name = str(item.get("name", ""))
+        return TaskRef(
+            id=app_id,
+            name=name,
+            tags=tuple(sorted(tags)),
+            app_id=app_id,
+            app_name=name,
+            space=await self._space_name(str(item.get("spaceId") or "")),
+        )
+
+    async def all_tasks(self) -> list[TaskRef]:
+        found = await self._list("api/v1/items", {"resourceType": "app"})
+        return [await self._task(i, set()) for i in found]
+
+    async def task(self, task_id: str) -> TaskRef | None:
+        found = await self.find_tasks([Selector(SelectorKind.ID, task_id)])
+        return found[0] if found else None
+
+    # -- starting ---------------------------------------------------------------------------------
+
+    async def start_task(self, task: TaskRef, options: ReloadOptions | None = None) -> StartResult:
+        body: dict[str, Any] = {"appId": task.id}
+        if options is not None:
+            if options.partial is not None:
+                body["partial"] = options.partial
+            if options.weight is not None:
+                body["weight"] = options.weight
+            if options.variables is not None:
+                body["variables"] = dict(options.variables)
+        queued_at, throttled = self._clock(), self._throttled
+        async with self._lane:
+            delay = self._pacer.delay(self._clock())
+            if delay > 0:
+                self._throttled += delay
+                await asyncio.sleep(delay)
+            sent_at = time.time()
+            waited = self._clock() - queued_at if self._throttled > throttled else 0.0
+            try:
+                status, data = await self._call(
+                    "POST", "api/v1/reloads", body=body, repeatable=False
+                )
+            except QrsAnswerLost as exc:
+                self._pacer.started(self._clock())
+                return await self._after_lost_start(task, sent_at, str(exc))
+            except (QrsUnavailable, QrsAuthError) as exc:
+                return StartResult(TaskResult.FAILED, error=str(exc))
+            if self._throttled > throttled:
+                waited = self._clock() - queued_at  # a 429 was waited out too
+            self._pacer.started(self._clock())
+        waited_ms = round(waited * 1000)
+        if status == 201 and isinstance(data, dict) and isinstance(data.get("id"), str):
+            self._remember(
+                self._states, data["id"], STATES.get(str(data.get("status")), TaskStatus.QUEUED)
+            )
+            return StartResult(TaskResult.STARTED, execution_id=data["id"], waited_ms=waited_ms)
+        code, text = _errors(data)
+        if status == 429:
+            return StartResult(TaskResult.ALREADY_RUNNING, error=text or None, waited_ms=waited_ms)
+        return StartResult(
+            TaskResult.FAILED,
+            error=f"Qlik Cloud refused the reload: HTTP {status} {code} {text}".rstrip(),
+            waited_ms=waited_ms,
+        )
+
+    async def _after_lost_start(self, task: TaskRef, sent_at: float, why: str) -> StartResult:
+        """The answer to a reload start was lost: a reload of the app created since is ours."""
+        try:
+            data = await self._json("api/v1/reloads", {"appId": task.id, "limit": "5"})
+        except (QrsUnavailable, QrsAuthError, QrsRequestError) as exc:
+            return StartResult(TaskResult.UNKNOWN, error=f"{why}; the app's reloads: {exc}")
+        for reload in data.get("data", []) if isinstance(data, dict) else []:
+            created = _time(reload.get("creationTime"))
+            if created is not None and created.timestamp() >= sent_at - CREATION_SKEW_S:
+                logger.warning(
+                    "the answer to starting app {} was lost ({}); reload {} was created since",
+                    task.id,
+                    why,
+                    reload.get("id"),
+                )
+                return StartResult(TaskResult.STARTED, execution_id=str(reload["id"]))
+        return StartResult(
+            TaskResult.UNKNOWN,
+            error=f"{why}; no reload of the app was created since: it may or may not run",
+        )
+
+    # -- following ---------------------------------------------------------------------------------
+
+    @staticmethod
+    def _remember(cache: OrderedDict[str, Any], key: str, value: Any) -> None:
+        cache[key] = value
+        cache.move_to_end(key)
+        while len(cache) > KEPT:
+            cache.popitem(last=False)
+
+    async def execution_results(self, execution_id: str) -> list[Execution]:
+        try:
+            data = await self._json(f"api/v1/reloads/{execution_id}")
+        except QrsRequestError as exc:
+            if exc.status == 404:
+                return []
+            raise
+        if not isinstance(data, dict):
+            return []
+        state = str(data.get("status", ""))
+        status = STATES.get(state, TaskStatus.NEVER_STARTED)
+        self._remember(self._states, execution_id, status)
+        start, end = _time(data.get("startTime")), _time(data.get("endTime"))
+        reason = ""
+        if status in (TaskStatus.FINISHED_FAIL, TaskStatus.ERROR):
+            reason = await self._reason(execution_id, data)
+        message = str(data.get("errorMessage") or data.get("log") or "")
+        return [
+            Execution(
+                execution_id=execution_id,
+                task_id=str(data.get("appId", "")).lower(),
+                status=status,
+                start_time=data.get("startTime") or None,
+                stop_time=data.get("endTime") or None,
+                duration_ms=round((end - start).total_seconds() * 1000) if start and end else 0,
+                message=message,
+                reason=reason,
+                result_id=execution_id,
+                app_id=str(data.get("appId", "")).lower(),
+                state=state,
+            )
+        ]
+
+    async def _reason(self, reload_id: str, data: Mapping[str, Any]) -> str:
+        """Qlik's error, then the tail of the reload's log (read once per reload)."""
+        if reload_id in self._reasons:
+            return self._reasons[reload_id]
+        error = ": ".join(str(data[k]) for k in ("errorCode", "errorMessage") if data.get(k))
+        tail = None
+        try:
+            tail = await self._log_tail(str(data.get("appId", "")), reload_id, self._tail_lines)
+        except (QrsUnavailable, QrsAuthError, QrsRequestError) as exc:
+            logger.warning("the log of reload {} cannot be read: {}", reload_id, exc)
+        reason = "\n".join(part for part in (error, tail) if part)
+        self._remember(self._reasons, reload_id, reason)
+        return reason
+
+    async def _log_tail(self, app_id: str, reload_id: str, lines: int) -> str | None:
+        if lines <= 0:
+            return None
+        status, text = await self._call(
+            "GET", f"api/v1/apps/{app_id}/reloads/logs/{reload_id}", tail_bytes=LOG_TAIL_BYTES
+        )
+        if status >= 400 or not isinstance(text, str):
+            return None
+        return log_tail(text, lines)
+
+    async def execution_alive(self, execution_id: str) -> bool:
+        status = self._states.get(execution_id)
+        if status is None:
+            results = await self.execution_results(execution_id)
+            status = results[0].status if results else None
+        return status is not None and not status.terminal
+
+    async def executions_of(self, execution_ids: Sequence[str]) -> list[Execution]:
+        """One read per reload (the API has no batch read); the connector bounds concurrency."""
+        answers = await asyncio.gather(*(self.execution_results(i) for i in execution_ids))
+        return [e for results in answers for e in results]
+
+    async def changed_executions(self, since: str) -> list[Execution]:
+        raise QrsRequestError("watching every run is not available for Qlik Cloud")
+
+    async def script_log_tail(self, task: TaskRef, execution: Execution, lines: int) -> str | None:
+        return await self._log_tail(task.id, execution.execution_id, lines)

@@ -16,6 +16,7 @@ from .core.errors import EXIT_CONFIG, ConfigError, MqttStarterError
 from .logs import configure_logging
 
 if TYPE_CHECKING:
+    from .cloud_sim.server import CloudSimulator
     from .simulator.server import QrsSimulator
 
 # Each command imports what it needs when it runs: the daemon then does not carry the
@@ -71,7 +72,7 @@ def _tasks(args: argparse.Namespace) -> int:
 
     try:
         settings = load_settings(args.config)
-        selectors = parse_selectors(args.id, args.tag, args.cp, args.name)
+        selectors = parse_selectors(args.id, args.tag, args.cp, args.name, args.space)
     except ConfigError as error:
         return _config_failed(error)
     except ValueError as exc:
@@ -91,7 +92,7 @@ def _demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
     configure_logging(LogSettings(level="WARNING"))
-    return asyncio.run(run_demo(sys.stdout, once=args.once, port=args.port))
+    return asyncio.run(run_demo(sys.stdout, once=args.once, port=args.port, cloud=args.cloud))
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -105,8 +106,8 @@ def _parser() -> argparse.ArgumentParser:
     configured = {}
     for name, text in (
         ("run", "run the daemon"),
-        ("check", "validate the configuration, reach the broker and QRS, and say what fails"),
-        ("tasks", "resolve selectors against QRS and list the tasks; starts nothing"),
+        ("check", "validate the configuration, reach the broker and the site, say what fails"),
+        ("tasks", "resolve selectors against the site and list the tasks; starts nothing"),
     ):
         configured[name] = commands.add_parser(name, help=text)
         configured[name].add_argument(
@@ -123,6 +124,9 @@ def _parser() -> argparse.ArgumentParser:
         "--cp", action="append", default=[], metavar="NAME=VALUE", help="custom property value"
     )
     tasks.add_argument("--name", action="append", default=[], metavar="NAME", help="task name")
+    tasks.add_argument(
+        "--space", action="append", default=[], metavar="SPACE", help="Qlik Cloud space name"
+    )
     tasks.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
     demo = commands.add_parser(
@@ -130,6 +134,9 @@ def _parser() -> argparse.ArgumentParser:
         help="a local broker, the QRS simulator and the daemon, end to end, with a short tour",
     )
     demo.add_argument("--once", action="store_true", help="play the tour, then stop and exit")
+    demo.add_argument(
+        "--cloud", action="store_true", help="the tour against the Qlik Cloud simulator"
+    )
     demo.add_argument(
         "--port",
         type=int,
@@ -165,6 +172,15 @@ def _parser() -> argparse.ArgumentParser:
         choices=("redirect", "401", "html"),
         default="redirect",
         help="proxy mode: how a bad token is answered",
+    )
+    cloud = commands.add_parser(
+        "simulate-cloud", help="run the Qlik Cloud simulator (HTTPS, API keys and OAuth)"
+    )
+    cloud.add_argument("--apps", type=Path, help="tenant fixture (YAML or JSON); default: samples")
+    cloud.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    cloud.add_argument("--port", type=int, default=8443, help="port to listen on (0: any free)")
+    cloud.add_argument(
+        "--cert-dir", type=Path, default=None, help="where root.pem is written or reused"
     )
     return parser
 
@@ -220,6 +236,45 @@ def _simulate_qrs(args: argparse.Namespace) -> int:
     return 0
 
 
+async def _serve_cloud_until_signal(sim: CloudSimulator) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await sim.start()
+    fixture = sim.fixture
+    print(f"Qlik Cloud simulator on {sim.url} with {len(fixture.apps)} apps", flush=True)
+    print(f"CA certificate: {sim.certs.root}", flush=True)
+    key = fixture.api_keys[0] if fixture.api_keys else "<api key>"
+    print(
+        f"try: curl --cacert {sim.certs.root} -H 'Authorization: Bearer {key}'"
+        f" '{sim.url}/api/v1/items?resourceType=app'",
+        flush=True,
+    )
+    try:
+        await stop.wait()
+    finally:
+        await sim.stop()
+
+
+def _simulate_cloud(args: argparse.Namespace) -> int:
+    from .cloud_sim.fixtures import FixtureError, load_cloud_fixture
+    from .cloud_sim.server import CloudSimulator
+    from .simulator.certs import default_cert_dir, ensure_certificates
+
+    try:
+        fixture = load_cloud_fixture(args.apps)
+    except (FixtureError, OSError) as exc:
+        print(f"mqtt-starter: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    folder = args.cert_dir or default_cert_dir().with_name("cloud-sim")
+    certs = ensure_certificates(folder, (args.host,))
+    asyncio.run(
+        _serve_cloud_until_signal(CloudSimulator(fixture, certs, host=args.host, port=args.port))
+    )
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     commands = {
@@ -228,5 +283,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         "tasks": _tasks,
         "demo": _demo,
         "simulate-qrs": _simulate_qrs,
+        "simulate-cloud": _simulate_cloud,
     }
     return commands[args.command](args)

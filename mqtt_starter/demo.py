@@ -25,6 +25,8 @@ from typing import Any, TextIO
 
 import yaml
 
+from .cloud_sim.fixtures import load_cloud_fixture
+from .cloud_sim.server import CloudSimulator
 from .config import MqttSettings
 from .mqtt_link import MqttPeer
 from .simulator.certs import ensure_certificates
@@ -32,6 +34,7 @@ from .simulator.fixtures import load_fixture
 from .simulator.server import QrsSimulator
 
 SALES = "6ca1c5f2-2742-44d5-8adf-d6cba3701a4e"
+CLOUD_SALES = "3a1f6c2e-8b4d-4e7a-9c0f-1d2e3f4a5b6c"  # Sales Dashboard, in the sample tenant
 WEB_SHOP = "0c5d9f1e-2a3b-4d8c-a47f-6b9c0d1e2f3a"  # its schedule's run fails
 
 
@@ -218,14 +221,20 @@ class Tour:
                 f"      {task['result']:<16}{task['taskName']}{state}"
                 f"   matched by {', '.join(task['matchedBy'])}"
             )
+        for task in reply.get("tasks", []):
+            if task.get("error"):
+                self.say(f"        ({task['taskName']}: {task['error']})")
         for missing in reply.get("unmatched", []):
             self.say(f"      {missing['reason']:<16}{missing['selector']}")
         if "error" in reply:
             self.say(f"      error {reply['error']['code']}: {reply['error']['message']}")
 
 
-async def run_demo(out: TextIO, *, once: bool, port: int = DEFAULT_BROKER_PORT) -> int:
-    """The tour; the broker listens on `port` when it is free (0: any free port)."""
+async def run_demo(
+    out: TextIO, *, once: bool, port: int = DEFAULT_BROKER_PORT, cloud: bool = False
+) -> int:
+    """The tour; the broker listens on `port` when it is free (0: any free port). `cloud`:
+    against the Qlik Cloud simulator instead of the QRS one."""
     folder = Path(tempfile.mkdtemp(prefix="mqtt-starter-demo-"))
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -235,11 +244,28 @@ async def run_demo(out: TextIO, *, once: bool, port: int = DEFAULT_BROKER_PORT) 
         async with _broker(folder, port) as got:
             wanted, port = port, got
             certs = ensure_certificates(folder / "certs")
-            sim = QrsSimulator(load_fixture(), certs, port=0)
-            await sim.start()
-            try:
+            sim: QrsSimulator | CloudSimulator
+            mqtt = {"host": "127.0.0.1", "port": port, "client_id": "mqtt-starter-demo"}
+            config: dict[str, Any]
+            if cloud:
+                sim = CloudSimulator(load_cloud_fixture(), certs, port=0)
+                await sim.start()
                 config = {
-                    "mqtt": {"host": "127.0.0.1", "port": port, "client_id": "mqtt-starter-demo"},
+                    "mqtt": mqtt,
+                    "cloud": {
+                        "tenant_url": sim.url,
+                        "api_key": sim.fixture.api_keys[0],
+                        "ca_file": str(certs.root),
+                        "poll_interval_s": 0.25,
+                    },
+                    "monitor": {"log_tail_lines": 4},
+                }
+                what = f"Qlik Cloud simulator {sim.url} with {len(sim.fixture.apps)} sample apps"
+            else:
+                sim = QrsSimulator(load_fixture(), certs, port=0)
+                await sim.start()
+                config = {
+                    "mqtt": mqtt,
                     "qrs": {
                         "url": sim.url,
                         "cert_file": str(certs.client),
@@ -249,10 +275,11 @@ async def run_demo(out: TextIO, *, once: bool, port: int = DEFAULT_BROKER_PORT) 
                     },
                     "monitor": {"enabled": True, "interval_s": 0.5, "log_tail_lines": 6},
                 }
+                what = f"QRS simulator {sim.url} with {len(sim.fixture.tasks)} sample tasks"
+            try:
                 async with _daemon(folder, config) as config_path:
                     print(
-                        f"mqtt-starter demo: broker 127.0.0.1:{port}, QRS simulator {sim.url}"
-                        f" with {len(sim.fixture.tasks)} sample tasks, daemon ready"
+                        f"mqtt-starter demo: broker 127.0.0.1:{port}, {what}, daemon ready"
                         f"\n(files and logs in {folder})",
                         file=out,
                         flush=True,
@@ -264,7 +291,10 @@ async def run_demo(out: TextIO, *, once: bool, port: int = DEFAULT_BROKER_PORT) 
                             file=out,
                             flush=True,
                         )
-                    await _tour(port, out, sim)
+                    if isinstance(sim, CloudSimulator):
+                        await _cloud_tour(port, out)
+                    else:
+                        await _tour(port, out, sim)
                     if not once:
                         _print_try(out, port, config_path)
                         await stop.wait()
@@ -304,6 +334,47 @@ async def _tour(port: int, out: TextIO, sim: QrsSimulator) -> None:
             )
             await tour.scheduled_failure(sim)
             await _dashboard(settings, tour)
+        finally:
+            listener.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await listener
+
+
+async def _cloud_tour(port: int, out: TextIO) -> None:
+    settings = MqttSettings(host="127.0.0.1", port=port)
+    async with MqttPeer(settings, f"demo-tour-{uuid.uuid4().hex[:6]}") as peer:
+        tour = Tour(peer, out)
+        await peer.subscribe("butler/status/task/#")
+        listener = asyncio.create_task(tour.listen(), name="demo-listen")
+        try:
+            await tour.request("Reload one app by id", f"butler/start/id/{CLOUD_SALES}")
+            await tour.request(
+                "Reload every app tagged Nightly, in any space (Sales Dashboard is reloading)",
+                "butler/start/tag/Nightly",
+            )
+            await tour.request(
+                "Reload the apps of the space Sales",
+                "butler/start/space/Sales",
+                {"requestId": "demo-space"},
+            )
+            await tour.request(
+                "Custom properties have no Qlik Cloud equivalent",
+                "butler/start/cp/taskGroup/tasks1",
+            )
+            await tour.request(
+                "A partial reload with a variable that waits for the end: one fails, one is"
+                " refused",
+                "butler/start",
+                {
+                    "requestId": "demo-wait",
+                    "tags": ["Nightly-fragile"],
+                    "names": ["HR Headcount"],
+                    "partial": True,
+                    "variables": {"vSource": "mqtt"},
+                    "wait": True,
+                },
+                replies=2,
+            )
         finally:
             listener.cancel()
             with contextlib.suppress(asyncio.CancelledError):

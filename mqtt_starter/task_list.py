@@ -19,7 +19,11 @@ TYPES = {0: "reload", 1: "external", 2: "usersync", 3: "distribute", 4: "preload
 
 
 def parse_selectors(
-    ids: Sequence[str], tags: Sequence[str], cps: Sequence[str], names: Sequence[str]
+    ids: Sequence[str],
+    tags: Sequence[str],
+    cps: Sequence[str],
+    names: Sequence[str],
+    spaces: Sequence[str] = (),
 ) -> list[Selector]:
     """Selectors from command-line values; a custom property is NAME=VALUE."""
     selectors = [Selector(SelectorKind.ID, v) for v in ids]
@@ -30,6 +34,7 @@ def parse_selectors(
             raise ValueError(f"--cp {text!r}: expected NAME=VALUE")
         selectors.append(Selector(SelectorKind.CUSTOM_PROPERTY, value, name))
     selectors += [Selector(SelectorKind.NAME, v) for v in names]
+    selectors += [Selector(SelectorKind.SPACE, v) for v in spaces]
     return selectors
 
 
@@ -55,6 +60,7 @@ def rows(settings: Settings, resolution: Resolution) -> list[dict[str, Any]]:
             "customProperties": [
                 {"name": cp.name, "value": cp.value} for cp in r.task.custom_properties
             ],
+            "space": r.task.space or None,
             "lastState": r.task.last_status.qrs_name,
             "allowed": allow is None or allow.allows(r.task),
             "matchedBy": [s.match_label for s in r.matched_by],

@@ -117,3 +117,69 @@ def test_the_demo_broker_takes_the_wanted_port_when_it_is_free() -> None:
         assert _free_port(busy) != busy
     free = _free_port()
     assert _free_port(free) == free
+
+
+@pytest.mark.slow
+def test_demo_cloud_plays_the_tour_against_the_cloud_simulator() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "mqtt_starter", "demo", "--once", "--cloud", "--port", "0"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        stdin=subprocess.DEVNULL,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    lines = result.stdout.splitlines()
+    assert "Qlik Cloud simulator https://127.0.0.1:" in lines[0]
+    assert lines[0].endswith("with 6 sample apps, daemon ready")
+    fixed = [line for line in lines[2:] if not line.startswith("      [")]
+    refused = (
+        "        (HR Headcount: Qlik Cloud refused the reload: HTTP 403 RELOADS-003 Not allowed:"
+        " you may not reload this app)"
+    )
+    pending = (
+        "        (Sales Dashboard: Too many requests: a pending reload request already exists"
+        " for this app)"
+    )
+    assert fixed == [
+        "",
+        ">>> Reload one app by id",
+        "    publish butler/start/id/3a1f6c2e-8b4d-4e7a-9c0f-1d2e3f4a5b6c",
+        "    reply (accepted): status ok",
+        "      started         Sales Dashboard   matched by id",
+        "",
+        ">>> Reload every app tagged Nightly, in any space (Sales Dashboard is reloading)",
+        "    publish butler/start/tag/Nightly",
+        "    reply (accepted): status partial",
+        "      already_running Sales Dashboard   matched by tag:Nightly",
+        "      started         Finance Overview   matched by tag:Nightly",
+        "      started         Stock Levels   matched by tag:Nightly",
+        pending,
+        "",
+        ">>> Reload the apps of the space Sales",
+        '    publish butler/start/space/Sales {"requestId": "demo-space"}',
+        "    reply (accepted): status partial",
+        "      already_running Sales Dashboard   matched by space:Sales",
+        "      started         Stock Levels   matched by space:Sales",
+        pending,
+        "",
+        ">>> Custom properties have no Qlik Cloud equivalent",
+        "    publish butler/start/cp/taskGroup/tasks1",
+        "    reply (accepted): status error",
+        "      unsupported     cp:taskGroup=tasks1",
+        "",
+        ">>> A partial reload with a variable that waits for the end: one fails, one is refused",
+        '    publish butler/start {"requestId": "demo-wait", "tags": ["Nightly-fragile"],'
+        ' "names": ["HR Headcount"], "partial": true, "variables": {"vSource": "mqtt"},'
+        ' "wait": true}',
+        "    reply (accepted): status partial",
+        "      started         Forecast   matched by tag:Nightly-fragile",
+        "      failed          HR Headcount   matched by name",
+        refused,
+        "    reply (finished): status error",
+        "      started         Forecast -> FAILED   matched by tag:Nightly-fragile",
+        "      failed          HR Headcount   matched by name",
+        refused,
+        "",
+        "demo finished: broker, simulator and daemon stopped",
+    ]

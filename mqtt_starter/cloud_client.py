@@ -110,9 +110,11 @@ class CloudClient:
         observer: Observer | None = None,
         rng: random.Random | None = None,
         clock: Callable[[], float] = time.monotonic,
+        rate_window_s: float = 60.0,
     ) -> None:
         """`known_tags`: tags whose membership every found app is checked for (the
-        allow-list's), since an app found by id or name does not show its collections."""
+        allow-list's), since an app found by id or name does not show its collections.
+        `rate_window_s`: the window of max_starts_per_minute (a minute; tests shorten it)."""
         self.settings = settings
         self.last_success: float | None = None
         self._tail_lines = log_tail_lines
@@ -125,7 +127,7 @@ class CloudClient:
         self._token_expiry = 0.0
         self._token_lock = asyncio.Lock()
         self._lane = asyncio.Lock()  # starts, one at a time and in order
-        self._pacer = StartPacer(settings.max_starts_per_minute)
+        self._pacer = StartPacer(settings.max_starts_per_minute, rate_window_s)
         self._throttled = 0.0  # seconds starts have waited for the rate limit, in all
         self._spaces: dict[str, str] = {}  # space id → name
         self._collections: dict[str, list[str]] = {}  # tag → collection ids

@@ -175,7 +175,26 @@ class Notify:
         self.sock.close()
 
 
+def qrs_section(sim: QrsSimulator) -> dict[str, Any]:
+    return {
+        "url": sim.url,
+        "cert_file": str(sim.certs.client),
+        "key_file": str(sim.certs.client_key),
+        "ca_file": str(sim.certs.root),
+        "poll_interval_s": 0.05,
+        "timeout_s": 5,
+        "retry": {"attempts": 3, "backoff_s": 0.05, "max_backoff_s": 0.2},
+    }
+
+
 def daemon_config(broker: Broker, sim: QrsSimulator, **sections: Any) -> dict[str, Any]:
+    return site_config(broker, "qrs", qrs_section(sim), **sections)
+
+
+def site_config(
+    broker: Broker, kind: str, section: dict[str, Any], **sections: Any
+) -> dict[str, Any]:
+    """A test daemon's configuration for a site (`kind` "qrs" or "cloud", and its section)."""
     config: dict[str, Any] = {
         "mqtt": {
             "host": "127.0.0.1",
@@ -184,15 +203,7 @@ def daemon_config(broker: Broker, sim: QrsSimulator, **sections: Any) -> dict[st
             "reconnect": {"min_s": 0.2, "max_s": 1.0},
             "stop_timeout_s": 10,
         },
-        "qrs": {
-            "url": sim.url,
-            "cert_file": str(sim.certs.client),
-            "key_file": str(sim.certs.client_key),
-            "ca_file": str(sim.certs.root),
-            "poll_interval_s": 0.05,
-            "timeout_s": 5,
-            "retry": {"attempts": 3, "backoff_s": 0.05, "max_backoff_s": 0.2},
-        },
+        kind: section,
         "log": {"level": "DEBUG"},
     }
     for name, values in sections.items():

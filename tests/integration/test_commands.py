@@ -216,6 +216,7 @@ async def test_tasks_json(tmp_path: Path, broker: Broker, simulator: QrsSimulato
                 "enabled": True,
                 "tags": ["Nightly", "startTask1"],
                 "customProperties": [{"name": "taskGroup", "value": "tasks1"}],
+                "space": None,  # Qlik Cloud only
                 "lastState": "NeverStarted",
                 "allowed": True,
                 "matchedBy": ["tag:startTask1"],
@@ -227,6 +228,7 @@ async def test_tasks_json(tmp_path: Path, broker: Broker, simulator: QrsSimulato
                 "enabled": True,
                 "tags": ["startTask1"],
                 "customProperties": [],
+                "space": None,
                 "lastState": "NeverStarted",
                 "allowed": True,
                 "matchedBy": ["tag:startTask1"],
@@ -255,3 +257,41 @@ async def test_tasks_bad_custom_property(
         "tasks", "-c", write(tmp_path, daemon_config(broker, simulator)), "--cp", "novalue"
     )
     assert (code, err.strip()) == (2, "mqtt-starter: --cp 'novalue': expected NAME=VALUE")
+
+
+async def test_check_and_tasks_against_qlik_cloud(tmp_path: Path, broker: Broker) -> None:
+    from mqtt_starter.cloud_sim.fixtures import load_cloud_fixture
+    from mqtt_starter.cloud_sim.server import CloudSimulator
+    from mqtt_starter.simulator.certs import ensure_certificates
+    from tests.integration.conftest import site_config
+
+    certs = ensure_certificates(tmp_path / "certs")
+    sim = CloudSimulator(load_cloud_fixture(), certs)
+    await sim.start()
+    try:
+        section = {"tenant_url": sim.url, "api_key": "sim-api-key", "ca_file": str(certs.root)}
+        path = write(tmp_path, site_config(broker, "cloud", section))
+        code, out, _ = await cli("check", "-c", path)
+        assert code == 0, out
+        assert out.splitlines()[4:] == [
+            f"  ok    Qlik Cloud {sim.url} (api_key): answered, build Qlik Cloud",
+            "  ok    Qlik Cloud app query: 6 apps visible",
+            "everything works",
+        ]
+        code, out, _ = await cli("tasks", "-c", path, "--space", "Sales", "--cp", "a=b", "--json")
+        assert code == 0, out
+        listed = json.loads(out)
+        assert [(t["taskName"], t["space"], t["matchedBy"]) for t in listed["tasks"]] == [
+            ("Sales Dashboard", "Sales", ["space:Sales"]),
+            ("Stock Levels", "Sales", ["space:Sales"]),
+        ]
+        assert listed["unmatched"] == [{"selector": "cp:a=b", "reason": "unsupported"}]
+        assert sim.state is not None and sim.state.started == []
+        section["api_key"] = "wrong"
+        code, out, _ = await cli(
+            "check", "-c", write(tmp_path, site_config(broker, "cloud", section))
+        )
+        assert code == 1
+        assert "HTTP 401" in out and "cloud.api_key" in out and "wrong" not in out
+    finally:
+        await sim.stop()

@@ -34,6 +34,7 @@ from .mqtt_door import MqttDoor, ReplyPublisher
 from .mqtt_link import Incoming, MqttLink, build_tls_context
 from .parts import Parts, allow_list, build_rules
 from .starter import Starter
+from .status_board import StatusBoard
 from .systemd import Notifier
 
 if TYPE_CHECKING:
@@ -41,6 +42,8 @@ if TYPE_CHECKING:
 
 # Readiness asks QRS again when its last answer is older than this.
 QRS_FRESH_S = 30.0
+# With the HTTP endpoint on, the status page's view of the site is refreshed this often.
+SITE_WATCH_S = 10.0
 
 
 def warn_about_settings(settings: Settings) -> None:
@@ -96,6 +99,20 @@ class Daemon:
         self._door: MqttDoor | None = None
         self._started_at = iso(datetime.now(UTC))
         self._qrs_build = ""
+        self.board = StatusBoard(
+            settings.mqtt.base_topic,
+            {
+                "instance": settings.mqtt.client_id,
+                "version": __version__,
+                "startedAt": self._started_at,
+                "backend": "cloud" if settings.cloud is not None else "qrs",
+                "siteUrl": settings.site.url,
+                "brokerConnected": False,
+                "siteReachable": False,
+                "monitor": settings.monitor.enabled,
+                "monitoring": False,
+            },
+        )
 
     @property
     def parts(self) -> Parts:
@@ -127,10 +144,19 @@ class Daemon:
         self._parts = await Parts.build(self.settings, self.metrics.observe_qrs)
         try:
             self._tls = await broker_tls(self.settings)
-            publisher = ReplyPublisher(lambda: self.link)
+            board = self.board
+            publisher = ReplyPublisher(lambda: self.link, on_publish=board.published)
             self._publisher = publisher
-            starter = Starter(lambda: self.parts, publisher, self.metrics, self._spawn)
-            self.monitor = Monitor(lambda: self.parts, publisher, on_role=self._on_role)
+            starter = Starter(
+                lambda: self.parts, publisher, self.metrics, self._spawn, watcher=board
+            )
+            self.monitor = Monitor(
+                lambda: self.parts,
+                publisher,
+                on_role=self._on_role,
+                on_state=board.published,
+                on_task=lambda task: board.task_tags(task.id, task.tags),
+            )
             door = MqttDoor(lambda: self.parts, starter, publisher, health=self.health)
             self._door = door
             async with asyncio.TaskGroup() as group:
@@ -138,6 +164,8 @@ class Daemon:
                 self._start_probe()
                 self._start_link(door)
                 await self._start_http(starter)
+                if self.settings.http.enabled:
+                    self._spawn(self._watch_site(), "site-watch")
                 self._spawn(self.notifier.watchdog(), "watchdog")
                 self._spawn(self._announce_ready(), "ready")
                 try:
@@ -182,6 +210,7 @@ class Daemon:
             try:
                 about = await parts.backend.about()
                 self._qrs_build = str(about.get("buildVersion", ""))
+                self.board.set_instance(siteReachable=True)
                 logger.info(
                     "{} {} answered (build {})",
                     parts.backend.site.upper(),
@@ -224,6 +253,7 @@ class Daemon:
             self.metrics.reconnects.inc()
         self._connected_once = True
         self.metrics.broker_connected.set(1)
+        self.board.set_instance(brokerConnected=True)
         self._spawn(self._after_connect(), "announce-info")
 
     async def _after_connect(self) -> None:
@@ -237,10 +267,12 @@ class Daemon:
 
     def _on_disconnect(self) -> None:
         self.metrics.broker_connected.set(0)
+        self.board.set_instance(brokerConnected=False)
         if self.monitor is not None:
             self.monitor.on_disconnect()
 
     def _on_role(self) -> None:
+        self.board.set_instance(monitoring=self.monitor is not None and self.monitor.leading)
         if self._group is not None and self.link is not None and self.link.connected.is_set():
             self._spawn(self._publish_info_quietly(), "announce-role")
 
@@ -300,8 +332,16 @@ class Daemon:
             try:
                 await asyncio.wait_for(backend.about(), self.settings.site.timeout_s)
             except (QrsError, TimeoutError) as exc:
-                reasons.append(f"QRS does not answer: {exc}")
+                reasons.append(f"{backend.site.upper()} does not answer: {exc}")
+        self.board.set_instance(siteReachable=not any("does not answer" in r for r in reasons))
         return reasons
+
+    async def _watch_site(self) -> None:
+        """Keep the status page's view of the site current (at most one call per interval,
+        and none while other calls succeed)."""
+        while True:
+            await asyncio.sleep(SITE_WATCH_S)
+            await self.not_ready()
 
     async def _start_http(self, starter: Starter) -> None:
         if not self.settings.http.enabled:
@@ -309,7 +349,12 @@ class Daemon:
         from .http_api import HttpApi  # aiohttp.web only when the endpoint is on
 
         self.http = HttpApi(
-            self.settings.http, starter, lambda: self.parts, self.metrics, self.not_ready
+            self.settings.http,
+            starter,
+            lambda: self.parts,
+            self.metrics,
+            self.not_ready,
+            board=self.board,
         )
         await self.http.start_serving()
         logger.info("HTTP endpoint on http://{}:{}", self.settings.http.host, self.http.port)

@@ -44,6 +44,8 @@ class DemoError(Exception):
 
 # MQTT's own port: the example Node-RED flow and mosquitto_rr connect there as they are.
 DEFAULT_BROKER_PORT = 1883
+# The status page's, when it is free.
+DEFAULT_PAGE_PORT = 8080
 
 
 def _free_port(wanted: int = 0) -> int:
@@ -246,12 +248,15 @@ async def run_demo(
             certs = ensure_certificates(folder / "certs")
             sim: QrsSimulator | CloudSimulator
             mqtt = {"host": "127.0.0.1", "port": port, "client_id": "mqtt-starter-demo"}
+            page_port = _free_port(DEFAULT_PAGE_PORT)
+            http = {"enabled": True, "host": "127.0.0.1", "port": page_port}
             config: dict[str, Any]
             if cloud:
                 sim = CloudSimulator(load_cloud_fixture(), certs, port=0)
                 await sim.start()
                 config = {
                     "mqtt": mqtt,
+                    "http": http,
                     "cloud": {
                         "tenant_url": sim.url,
                         "api_key": sim.fixture.api_keys[0],
@@ -266,6 +271,7 @@ async def run_demo(
                 await sim.start()
                 config = {
                     "mqtt": mqtt,
+                    "http": http,
                     "qrs": {
                         "url": sim.url,
                         "cert_file": str(certs.client),
@@ -280,7 +286,8 @@ async def run_demo(
                 async with _daemon(folder, config) as config_path:
                     print(
                         f"mqtt-starter demo: broker 127.0.0.1:{port}, {what}, daemon ready"
-                        f"\n(files and logs in {folder})",
+                        f"\n(files and logs in {folder})"
+                        f"\nstatus page: http://127.0.0.1:{page_port}/ (watch the tour there)",
                         file=out,
                         flush=True,
                     )

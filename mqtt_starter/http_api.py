@@ -1,17 +1,28 @@
-"""The HTTP endpoint: health, readiness, metrics, and Butler's REST start API.
+"""The HTTP endpoint: health, readiness, metrics, Butler's REST start API, and the status page.
 
 `PUT|POST /v4/reloadtask/{taskId}/start` is a door of the request service, like MQTT: it
 translates the path and Butler's body into a Request and the Reply into Butler's answer;
 the log line, metrics, status events and limits (`policy.max_payload_bytes`) are the service's.
 Unlike Butler, each start is awaited, and a task matched by several selectors is started once
 (and listed under each selector that matched it).
+
+The status page (`GET /`) is one file with its CSS and script inline: nothing is fetched from
+elsewhere. It gets a snapshot and then each change over Server-Sent Events (`GET /events`).
+With `http.token` set, every route wants it: as a bearer header (scripts), or for a browser
+once as `/?token=...`, which sets an HttpOnly cookie holding the token's SHA-256 and redirects
+to `/` (so the token does not stay in the address bar or the history).
 """
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import hmac
+import json
+import re
 import time
 from collections.abc import Awaitable, Callable
+from importlib import resources
 from typing import Any
 
 from aiohttp import web
@@ -23,9 +34,29 @@ from .core.model import Reply, Request, Selector, SelectorKind, TaskResult
 from .metrics import CONTENT_TYPE, Metrics
 from .parts import Parts
 from .starter import Inbound, Starter, error_reply
+from .status_board import StatusBoard
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 ReadyCheck = Callable[[], Awaitable[list[str]]]  # why the daemon is not ready; [] when it is
+COOKIE = "mqtt_starter_token"
+HEARTBEAT_S = 15.0  # an SSE comment this often keeps proxies from closing an idle page
+
+
+def _page() -> tuple[bytes, str]:
+    """The page, and its Content-Security-Policy: only its own inline script and style run
+    (by hash), and it connects only to this endpoint; an injected element could do nothing."""
+    text = resources.files(__package__).joinpath("status_page.html").read_text("utf-8")
+
+    def digest(tag: str) -> str:
+        [body] = re.findall(rf"<{tag}>(.*?)</{tag}>", text, re.S)
+        return "'sha256-" + base64.b64encode(hashlib.sha256(body.encode()).digest()).decode() + "'"
+
+    policy = (
+        f"default-src 'none'; script-src {digest('script')}; style-src {digest('style')};"
+        " connect-src 'self'; img-src 'none'; base-uri 'none'; form-action 'none';"
+        " frame-ancestors 'none'"
+    )
+    return text.encode("utf-8"), policy
 
 
 def butler_answer(reply: Reply) -> dict[str, Any]:
@@ -71,6 +102,11 @@ def butler_answer(reply: Reply) -> dict[str, Any]:
     }
 
 
+def _sse(event: str, data: str) -> bytes:
+    # JSON has no raw line breaks, so one `data:` line carries it whole.
+    return f"event: {event}\ndata: {data}\n\n".encode()
+
+
 def _error(status: int, code: str, message: str) -> web.Response:
     return web.json_response({"code": code, "message": message}, status=status)
 
@@ -100,24 +136,92 @@ class HttpApi:
         parts: Callable[[], Parts],
         metrics: Metrics,
         not_ready: ReadyCheck,
+        board: StatusBoard | None = None,
     ) -> None:
         self.settings = settings
         self._starter = starter
         self._parts = parts
         self._metrics = metrics
         self._not_ready = not_ready
+        self._board = board
         self._runner: web.AppRunner | None = None
+        self._page, self._policy = _page()
         self.port = settings.port
 
     @web.middleware
     async def _auth(self, request: web.Request, handler: Handler) -> web.StreamResponse:
         token = self.settings.token
-        if token is not None:
-            expected = f"Bearer {token.get_secret_value()}".encode()
-            given = request.headers.get("Authorization", "").encode()
-            if not hmac.compare_digest(given, expected):
-                return _error(401, "unauthorized", "a valid bearer token is required")
-        return await handler(request)
+        if token is None:
+            return await handler(request)
+        secret = token.get_secret_value()
+        expected = f"Bearer {secret}".encode()
+        given = request.headers.get("Authorization", "").encode()
+        if hmac.compare_digest(given, expected):
+            return await handler(request)
+        cookie = hashlib.sha256(secret.encode()).hexdigest()
+        if hmac.compare_digest(request.cookies.get(COOKIE, "").encode(), cookie.encode()):
+            return await handler(request)
+        offered = request.query.get("token")
+        if (
+            request.path == "/"
+            and offered is not None
+            and hmac.compare_digest(offered.encode(), secret.encode())
+        ):
+            response = web.Response(status=303, headers={"Location": "/"})
+            response.set_cookie(COOKIE, cookie, httponly=True, samesite="Strict", path="/")
+            return response
+        return _error(401, "unauthorized", "a valid bearer token is required")
+
+    async def page(self, request: web.Request) -> web.Response:
+        return web.Response(
+            body=self._page,
+            content_type="text/html",
+            charset="utf-8",
+            headers={
+                "Content-Security-Policy": self._policy,
+                "X-Content-Type-Options": "nosniff",
+                "Referrer-Policy": "no-referrer",
+                "Cache-Control": "no-store",
+            },
+        )
+
+    async def status(self, request: web.Request) -> web.Response:
+        assert self._board is not None
+        return web.json_response(self._board.snapshot())
+
+    async def events(self, request: web.Request) -> web.StreamResponse:
+        """Server-Sent Events: a snapshot, then each change; a new snapshot for a page that
+        fell behind the board's ring of changes."""
+        board = self._board
+        assert board is not None
+        response = web.StreamResponse(
+            headers={
+                "Content-Type": "text/event-stream",
+                "Cache-Control": "no-store",
+                "X-Accel-Buffering": "no",
+            }
+        )
+        await response.prepare(request)
+        board.pages += 1
+        try:
+            seq = board.seq
+            await response.write(_sse("snapshot", json.dumps(board.snapshot(), ensure_ascii=False)))
+            while True:
+                events = await board.after(seq, HEARTBEAT_S)
+                if events is None:
+                    seq = board.seq
+                    snapshot = json.dumps(board.snapshot(), ensure_ascii=False)
+                    await response.write(_sse("snapshot", snapshot))
+                elif not events:
+                    await response.write(b": still here\n\n")
+                else:
+                    seq = events[-1][0]
+                    await response.write(b"".join(_sse("change", data) for _, data in events))
+        except (ConnectionResetError, ConnectionError):
+            pass  # the page was closed
+        finally:
+            board.pages -= 1
+        return response
 
     async def healthz(self, request: web.Request) -> web.Response:
         return web.json_response({"status": "alive"})
@@ -179,6 +283,14 @@ class HttpApi:
 
     def app(self) -> web.Application:
         app = web.Application(middlewares=[self._auth])
+        if self._board is not None:
+            app.add_routes(
+                [
+                    web.get("/", self.page),
+                    web.get("/events", self.events),
+                    web.get("/status.json", self.status),
+                ]
+            )
         app.add_routes(
             [
                 web.get("/healthz", self.healthz),

@@ -68,8 +68,14 @@ class Monitor:
         *,
         on_role: Callable[[], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
+        on_state: Callable[[str, bytes], None] | None = None,
+        on_task: Callable[[TaskRef], None] | None = None,
     ) -> None:
-        """`on_role`: called when this instance starts or stops monitoring."""
+        """`on_role`: called when this instance starts or stops monitoring; `on_state`: told
+        each retained task state the broker hands over; `on_task`: each task read (both for
+        the status page)."""
+        self._on_state = on_state
+        self._on_task = on_task
         self._parts = parts
         self._publisher = publisher
         self._on_role = on_role
@@ -128,6 +134,8 @@ class Monitor:
             if task is None or (scope is not None and not scope.allows(task)):
                 self.ledger.mark(change)  # out of scope (or deleted): nothing to publish
                 continue
+            if self._on_task is not None:
+                self._on_task(task)
             try:
                 await self._publish(parts, change, task)
             except MqttLinkError as exc:
@@ -253,6 +261,8 @@ class Monitor:
         elif topic.startswith(f"{base}/state/task/"):
             run = KnownRun.from_state(_json(incoming.payload)) if incoming.payload else None
             self.ledger.remember(name.lower(), run)
+            if self._on_state is not None:
+                self._on_state(topic, incoming.payload)
         elif topic == f"{base}/sync/{parts.instance}" and incoming.payload == self._marker.encode():
             self.synced = True
         self.elect()

@@ -25,8 +25,14 @@ from .starter import Inbound, Starter, error_reply
 class ReplyPublisher:
     """Publishes to whatever broker link is current (a reload may replace it)."""
 
-    def __init__(self, link: Callable[[], MqttLink | None]) -> None:
+    def __init__(
+        self,
+        link: Callable[[], MqttLink | None],
+        on_publish: Callable[[str, bytes], None] | None = None,
+    ) -> None:
+        """`on_publish`: told each message once the broker has it (the status page)."""
         self._link = link
+        self._on_publish = on_publish
 
     async def publish(
         self,
@@ -40,6 +46,8 @@ class ReplyPublisher:
         if link is None:
             raise MqttLinkError("no broker link")
         await link.publish(topic, payload, retain=retain, correlation_data=correlation_data)
+        if self._on_publish is not None:
+            self._on_publish(topic, payload)
 
 
 HealthCheck = Callable[[str | None], Awaitable[bytes]]

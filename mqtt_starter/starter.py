@@ -69,6 +69,14 @@ class Publisher(Protocol):
     async def publish(self, topic: str, payload: bytes) -> None: ...
 
 
+class RequestWatcher(Protocol):
+    """Who sees every request and its replies (the status page)."""
+
+    def request(self, door: str, topic: str, reply: Reply, duration_ms: float) -> None: ...
+
+    def finished(self, reply: Reply) -> None: ...
+
+
 def error_reply(request_id: str | None, code: str, message: str) -> Reply:
     return Reply(ReplyStatus.ERROR, request_id=request_id, error=ErrorInfo(code, message))
 
@@ -103,9 +111,11 @@ class Starter:
         spawn: Spawn,
         *,
         clock: Callable[[], float] = time.monotonic,
+        watcher: RequestWatcher | None = None,
     ) -> None:
         """`parts`: the current parts (a reload swaps them); `spawn`: runs a follow-up in the
-        daemon's task group, under a name."""
+        daemon's task group, under a name; `watcher`: sees each request and its replies."""
+        self._watcher = watcher
         self._parts = parts
         self._publisher = publisher
         self._metrics = metrics
@@ -152,6 +162,9 @@ class Starter:
         detail = " ".join(f"{k}={v}" for k, v in sorted(counts.items()))
         if reply.error is not None:
             detail = f"{reply.error.code}: {reply.error.message}"
+        elapsed_ms = (self._clock() - started) * 1000
+        if self._watcher is not None:
+            self._watcher.request(door, topic, reply, elapsed_ms)
         logger.info(
             "request {} {} requestId={} -> {}{} {} unmatched={} in {:.0f} ms",
             door,
@@ -161,7 +174,7 @@ class Starter:
             " (replayed)" if reply.replayed else "",
             detail,
             len(reply.unmatched),
-            (self._clock() - started) * 1000,
+            elapsed_ms,
         )
 
     # -- serving --------------------------------------------------------------------------------
@@ -361,6 +374,8 @@ class Starter:
             )
             reply = finished_reply(accepted, {o.task.id: o for o in ends})
             finished.set_result(reply)
+            if self._watcher is not None:
+                self._watcher.finished(reply)
             if request.wait and on_finished is not None:
                 await _deliver(on_finished, reply)
         except asyncio.CancelledError:

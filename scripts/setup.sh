@@ -1,16 +1,25 @@
 #!/usr/bin/env bash
-# Install what mqtt-starter needs on a Debian machine: mosquitto (when missing) and a virtual
-# environment in .venv with the package and the given extras. Sourced by test.sh and demo.sh.
+# Install what mqtt-starter needs on a Debian machine: mosquitto (when missing), for the tests
+# Chromium and its driver (the status page is tested in a real headless browser), and a
+# virtual environment in .venv with the package and the given extras. Used by test.sh,
+# demo.sh and bench.sh.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 extras="${1:-}"
+packages=()
 if ! command -v mosquitto >/dev/null || ! command -v mosquitto_rr >/dev/null; then
+    packages+=(mosquitto mosquitto-clients)
+fi
+if [[ ",$extras," == *",test,"* ]] && { [ ! -x /usr/bin/chromium ] || [ ! -x /usr/bin/chromedriver ]; }; then
+    packages+=(chromium chromium-driver)
+fi
+if [ "${#packages[@]}" -gt 0 ]; then
     sudo=""
     [ "$(id -u)" -eq 0 ] || sudo="sudo"
-    echo "== installing mosquitto (apt-get)"
+    echo "== installing ${packages[*]} (apt-get)"
     $sudo env DEBIAN_FRONTEND=noninteractive apt-get update -qq
-    $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq mosquitto mosquitto-clients \
+    $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${packages[@]}" \
         </dev/null >/dev/null
 fi
 python="${PYTHON:-python3}"

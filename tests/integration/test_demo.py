@@ -25,10 +25,11 @@ def test_demo_once_plays_the_tour_and_exits_0() -> None:
     lines = result.stdout.splitlines()
     assert lines[0].startswith("mqtt-starter demo: broker 127.0.0.1:")
     assert lines[0].endswith("with 13 sample tasks, daemon ready")
+    assert re.fullmatch(r"status page: http://127\.0\.0\.1:\d+/ \(watch the tour there\)", lines[2])
     # Status events interleave by timing; replies and requests come in a fixed order.
     fixed = [
         line
-        for line in lines[2:]
+        for line in lines[3:]
         if not line.startswith(("      [", "        | ", "      state  "))
     ]
     assert fixed == [
@@ -132,7 +133,7 @@ def test_demo_cloud_plays_the_tour_against_the_cloud_simulator() -> None:
     lines = result.stdout.splitlines()
     assert "Qlik Cloud simulator https://127.0.0.1:" in lines[0]
     assert lines[0].endswith("with 6 sample apps, daemon ready")
-    fixed = [line for line in lines[2:] if not line.startswith("      [")]
+    fixed = [line for line in lines[3:] if not line.startswith("      [")]
     refused = (
         "        (HR Headcount: Qlik Cloud refused the reload: HTTP 403 RELOADS-003 Not allowed:"
         " you may not reload this app)"

@@ -15,10 +15,10 @@ to `/` (so the token does not stay in the address bar or the history).
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import hmac
-import json
 import re
 import time
 from collections.abc import Awaitable, Callable
@@ -40,6 +40,9 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 ReadyCheck = Callable[[], Awaitable[list[str]]]  # why the daemon is not ready; [] when it is
 COOKIE = "mqtt_starter_token"
 HEARTBEAT_S = 15.0  # an SSE comment this often keeps proxies from closing an idle page
+# A page gets the changes at most this often, in one write: with many pages open during a
+# burst of requests, one write per page per change would cost more than the requests.
+PAGE_BATCH_S = 0.2
 
 
 def _page() -> tuple[bytes, str]:
@@ -100,11 +103,6 @@ def butler_answer(reply: Reply) -> dict[str, Any]:
         "tasksCP": cps,
         "tasksCPDenied": denied_cps,
     }
-
-
-def _sse(event: str, data: str) -> bytes:
-    # JSON has no raw line breaks, so one `data:` line carries it whole.
-    return f"event: {event}\ndata: {data}\n\n".encode()
 
 
 def _error(status: int, code: str, message: str) -> web.Response:
@@ -204,19 +202,19 @@ class HttpApi:
         await response.prepare(request)
         board.pages += 1
         try:
-            seq = board.seq
-            await response.write(_sse("snapshot", json.dumps(board.snapshot(), ensure_ascii=False)))
+            seq, frame = board.snapshot_frame()
+            await response.write(frame)
             while True:
-                events = await board.after(seq, HEARTBEAT_S)
-                if events is None:
-                    seq = board.seq
-                    snapshot = json.dumps(board.snapshot(), ensure_ascii=False)
-                    await response.write(_sse("snapshot", snapshot))
-                elif not events:
+                changes = await board.after(seq, HEARTBEAT_S)
+                if changes is None:
+                    seq, frame = board.snapshot_frame()
+                    await response.write(frame)
+                elif not changes[1]:
                     await response.write(b": still here\n\n")
                 else:
-                    seq = events[-1][0]
-                    await response.write(b"".join(_sse("change", data) for _, data in events))
+                    seq = changes[0]
+                    await response.write(changes[1])
+                    await asyncio.sleep(PAGE_BATCH_S)
         except (ConnectionResetError, ConnectionError):
             pass  # the page was closed
         finally:

@@ -26,7 +26,7 @@ from .core.codec import reply_json
 from .core.model import Reply
 
 REQUESTS_KEPT = 200
-EVENTS_KEPT = 1000
+EVENTS_KEPT = 2000
 RUNS_KEPT = 1000
 TASKS_KEPT = 20_000
 TERMINAL_CODES = {6, 7, 8, 9, 11, 12}
@@ -45,10 +45,15 @@ class StatusBoard:
         self.tasks: OrderedDict[str, dict[str, Any]] = OrderedDict()
         self._tags: OrderedDict[str, list[str]] = OrderedDict()  # task id → tags, as last read
         self.seq = 0
-        self._events: deque[tuple[int, str]] = deque(maxlen=EVENTS_KEPT)
+        # (seq, the change as a Server-Sent Events frame): encoded once for every page.
+        self._events: deque[tuple[int, bytes]] = deque(maxlen=EVENTS_KEPT)
         self._changed = asyncio.Event()
         self._request_seq = 0
         self.pages = 0  # pages connected now
+        # The last snapshot frame and the last batch of change frames, shared by every page
+        # that asks for the same: pages that open or wake together cost one encoding.
+        self._snapshot: tuple[int, bytes] | None = None
+        self._batch: tuple[int, int, bytes] | None = None
 
     # -- feeding ---------------------------------------------------------------------------------
 
@@ -187,22 +192,44 @@ class StatusBoard:
 
     def _emit(self, kind: str, data: Any) -> None:
         self.seq += 1
-        self._events.append(
-            (self.seq, json.dumps({"kind": kind, "data": data}, ensure_ascii=False))
-        )
+        if not self.pages:
+            # Nobody to tell: a page that opens starts from a snapshot anyway.
+            self._events.clear()
+            return
+        change = json.dumps({"kind": kind, "data": data}, ensure_ascii=False)
+        self._events.append((self.seq, sse_frame("change", change)))
         self._changed.set()
         self._changed = asyncio.Event()
 
-    async def after(self, seq: int, timeout: float) -> list[tuple[int, str]] | None:
-        """The events after `seq`, waiting up to `timeout` for one; None when the page fell
-        behind the ring (it needs a new snapshot)."""
+    def snapshot_frame(self) -> tuple[int, bytes]:
+        """(seq, the snapshot as a Server-Sent Events frame)."""
+        if self._snapshot is None or self._snapshot[0] != self.seq:
+            data = json.dumps(self.snapshot(), ensure_ascii=False)
+            self._snapshot = (self.seq, sse_frame("snapshot", data))
+        return self._snapshot
+
+    async def after(self, seq: int, timeout: float) -> tuple[int, bytes] | None:
+        """(the newest seq, the frames of the changes after `seq`), waiting up to `timeout`
+        for one (b"" when none came); None when the page fell behind the ring (it needs a
+        new snapshot)."""
         if seq == self.seq:
             changed = self._changed
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(changed.wait(), timeout)
-        if self._events and self._events[0][0] > seq + 1:
+        newest = self.seq
+        if newest == seq:
+            return seq, b""
+        if not self._events or self._events[0][0] > seq + 1:
             return None
-        return [e for e in self._events if e[0] > seq]
+        if self._batch is None or self._batch[:2] != (seq, newest):
+            frames = b"".join(frame for s, frame in self._events if s > seq)
+            self._batch = (seq, newest, frames)
+        return newest, self._batch[2]
+
+
+def sse_frame(event: str, data: str) -> bytes:
+    # JSON has no raw line breaks, so one `data:` line carries it whole.
+    return f"event: {event}\ndata: {data}\n\n".encode()
 
 
 def _json(payload: bytes) -> Any:

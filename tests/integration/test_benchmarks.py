@@ -47,3 +47,21 @@ def test_monitor_benchmark_quick_run(tmp_path: Path) -> None:
     assert report[0]["published_per_interval"] == 0
     assert report[2]["published_per_interval"] > 100
     assert (tmp_path / "monitor.md").read_text().startswith("# Monitor cost per interval")
+
+
+@pytest.mark.slow
+def test_status_page_benchmark_quick_run(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "benchmarks.status_page", "--quick", "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        stdin=subprocess.DEVNULL,
+    )
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    none, hundred, idle = json.loads((tmp_path / "status_page.json").read_text())
+    assert (none["pages"], hundred["pages"], idle["pages"]) == (0, 100, 100)
+    assert none["chunks_received_by_pages"] == 0
+    # Every page got its snapshot, and the changes came in batches, not one write each.
+    assert 100 < hundred["chunks_received_by_pages"] < 100 * hundred["requests"]
+    assert (tmp_path / "status_page.md").read_text().startswith("# Status page cost")

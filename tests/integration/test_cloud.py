@@ -217,3 +217,45 @@ async def test_a_burst_of_120_against_the_rate_limit(
         assert posts[-1] == 201
         waited = [t.get("waitedMs", 0) for t in answer["tasks"]]
         assert waited[:50] == [0] * 50 and all(w > 0 for w in waited[100:])
+
+
+async def test_the_allow_list_works_on_apps_tags_and_spaces(
+    cloud: tuple[CloudState, Any], mqtt: Client
+) -> None:
+    state, make = cloud
+    await make(policy={"allow": {"spaces": ["Sales"], "tags": ["Fragile"]}})
+    answer = await mqtt.request("butler/start", {"names": ["Orders"], "taskIds": [FORECAST]})
+    assert results(answer) == [
+        (FORECAST, ["id"], "started"),  # by its tag, although found by id
+        (SALES_ORDERS, ["name"], "started"),  # by its space
+        (OPS_ORDERS, ["name"], "denied"),
+    ]
+    assert state.started == [FORECAST, SALES_ORDERS]
+
+
+async def test_the_status_page_shows_a_cloud_site(
+    cloud: tuple[CloudState, Any], mqtt: Client
+) -> None:
+    import aiohttp
+
+    from tests.conftest import free_port
+
+    _, make = cloud
+    port = free_port()
+    await make(http={"enabled": True, "port": port})
+    await mqtt.request(f"butler/start/id/{FORECAST}", {"requestId": "page"})
+    async with aiohttp.ClientSession() as session:
+
+        async def ended() -> bool:
+            async with session.get(f"http://127.0.0.1:{port}/status.json") as response:
+                snapshot = await response.json()
+            return [r["stage"] for r in snapshot["requests"]] == ["finished"]
+
+        await wait_until(ended, what="the reload to end on the page")
+        async with session.get(f"http://127.0.0.1:{port}/status.json") as response:
+            snapshot = await response.json()
+    instance = snapshot["instance"]
+    assert (instance["backend"], instance["siteReachable"]) == ("cloud", True)
+    assert instance["siteUrl"].startswith("https://127.0.0.1:")
+    [request] = snapshot["requests"]
+    assert request["reply"]["tasks"][0]["state"] == "FAILED"  # its finished state

@@ -51,6 +51,7 @@ from .core.model import (
 )
 from .core.monitoring import log_tail
 from .core.pacing import StartPacer
+from .retries import Retryable, back_off
 
 Observer = Callable[[str, float, int], None]
 # Qlik Cloud's reload states and their QRS counterparts (DESIGN.md section 8).
@@ -70,13 +71,6 @@ LOG_TAIL_BYTES = 256 * 1024
 KEPT = 10_000  # reloads whose last state and reason are remembered
 # A reload created this long before the start call (clock skew) still counts as ours.
 CREATION_SKEW_S = 2.0
-
-
-class _Retryable(Exception):
-    def __init__(self, message: str, status: int = 0, *, never_sent: bool = False) -> None:
-        super().__init__(message)
-        self.status = status
-        self.never_sent = never_sent
 
 
 def _errors(data: Any) -> tuple[str, str]:
@@ -226,9 +220,9 @@ class CloudClient:
                 " behind a TLS-inspecting proxy, set cloud.ca_file to its CA"
             ) from None
         except aiohttp.ClientConnectorError as exc:
-            raise _Retryable(f"{type(exc).__name__}: {exc}", never_sent=True) from None
+            raise Retryable(f"{type(exc).__name__}: {exc}", never_sent=True) from None
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
-            raise _Retryable(f"{type(exc).__name__}: {exc}".rstrip(": ")) from None
+            raise Retryable(f"{type(exc).__name__}: {exc}".rstrip(": ")) from None
 
     async def _call(
         self,
@@ -256,20 +250,17 @@ class CloudClient:
                     method, url, params, body, bearer, tail_bytes=tail_bytes
                 )
                 if status >= 500:
-                    raise _Retryable(f"HTTP {status}: {str(data)[:200]}", status)
-            except _Retryable as exc:
-                if not repeatable and not exc.never_sent:
-                    raise QrsAnswerLost(
-                        f"Qlik Cloud {method} /{path}: {exc}", status=exc.status or None, path=path
-                    ) from None
-                if attempt >= retry.attempts:
-                    raise QrsUnavailable(
-                        f"Qlik Cloud {method} /{path} failed after {attempt} attempt(s): {exc}",
-                        status=exc.status or None,
-                        path=path,
-                    ) from None
-                ceiling = min(retry.max_backoff_s, retry.backoff_s * 2 ** (attempt - 1))
-                await asyncio.sleep(self._rng.uniform(0, ceiling))
+                    raise Retryable(f"HTTP {status}: {str(data)[:200]}", status)
+            except Retryable as exc:
+                await back_off(
+                    exc,
+                    what=f"Qlik Cloud {method} /{path}",
+                    path=path,
+                    attempt=attempt,
+                    retry=retry,
+                    repeatable=repeatable,
+                    rng=self._rng,
+                )
                 continue
             finally:
                 if self._observer is not None:

@@ -40,7 +40,6 @@ from .core.errors import (
     QrsAuthError,
     QrsError,
     QrsRequestError,
-    QrsUnavailable,
 )
 from .core.model import (
     Execution,
@@ -65,6 +64,7 @@ from .core.qrs_query import (
 )
 from .core.start_check import explain_declined, lost_unknown, run_after
 from .core.tokens import expiry_warning, token_expiry
+from .retries import Retryable, back_off
 
 # Called after each QRS call with (operation, seconds, HTTP status or 0 when none came back).
 Observer = Callable[[str, float, int], None]
@@ -169,14 +169,6 @@ class _Token:
     mtime: float = 0.0
     checked: float = 0.0
     warned: float = float("-inf")
-
-
-class _Retryable(Exception):
-    def __init__(self, message: str, status: int = 0, *, never_sent: bool = False) -> None:
-        self.status = status
-        # True when the connection could not be made: the request provably never left.
-        self.never_sent = never_sent
-        super().__init__(message)
 
 
 def _read_token(path: Path) -> tuple[str, float]:
@@ -344,7 +336,7 @@ class QrsClient:
             ) from None
         except aiohttp.ClientConnectorError as exc:
             # No connection was made: nothing was sent.
-            raise _Retryable(f"{type(exc).__name__}: {exc}", never_sent=True) from None
+            raise Retryable(f"{type(exc).__name__}: {exc}", never_sent=True) from None
         except aiohttp.ServerDisconnectedError as exc:
             # A probe tells a refused certificate from a dropped connection; disconnects are
             # rare, so it costs nothing in the common case (a request trace would, on every
@@ -356,9 +348,9 @@ class QrsClient:
                     " export client.pem, client_key.pem and root.pem again from the QMC",
                     path=path,
                 ) from None
-            raise _Retryable(f"{type(exc).__name__}: {exc}") from None
+            raise Retryable(f"{type(exc).__name__}: {exc}") from None
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
-            raise _Retryable(f"{type(exc).__name__}: {exc}".rstrip(": ")) from None
+            raise Retryable(f"{type(exc).__name__}: {exc}".rstrip(": ")) from None
 
     async def _certificate_refused(self) -> bool:
         """Whether QRS refuses the client certificate.
@@ -444,20 +436,17 @@ class QrsClient:
             try:
                 status, text = await self._once(method, path, params, body, tail_bytes)
                 if status >= 500:
-                    raise _Retryable(f"HTTP {status}: {text[:200]}", status)
-            except _Retryable as exc:
-                if not repeatable and not exc.never_sent:
-                    raise QrsAnswerLost(
-                        f"QRS {method} /qrs/{path}: {exc}", status=exc.status or None, path=path
-                    ) from None
-                if attempt == retry.attempts:
-                    raise QrsUnavailable(
-                        f"QRS {method} /qrs/{path} failed after {attempt} attempt(s): {exc}",
-                        status=exc.status or None,
-                        path=path,
-                    ) from None
-                ceiling = min(retry.max_backoff_s, retry.backoff_s * 2 ** (attempt - 1))
-                await asyncio.sleep(self._rng.uniform(0, ceiling))
+                    raise Retryable(f"HTTP {status}: {text[:200]}", status)
+            except Retryable as exc:
+                await back_off(
+                    exc,
+                    what=f"QRS {method} /qrs/{path}",
+                    path=path,
+                    attempt=attempt,
+                    retry=retry,
+                    repeatable=repeatable,
+                    rng=self._rng,
+                )
                 continue
             finally:
                 if self._observer is not None:

@@ -8,7 +8,6 @@ Control endpoints under /_sim (journal, faults) need no bearer.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import ssl
 import time
@@ -19,7 +18,7 @@ from urllib.parse import parse_qsl, urlencode
 from aiohttp import web
 
 from ..simulator.certs import CertPaths
-from ..simulator.server import server_ssl_context
+from ..simulator.server import server_ssl_context, set_faults_of, with_faults
 from ..simulator.state import JournalEntry
 from .fixtures import CloudFixture
 from .state import ApiError, CloudState
@@ -228,30 +227,13 @@ async def journal(request: web.Request, handler: Handler) -> web.StreamResponse:
 @web.middleware
 async def faults(request: web.Request, handler: Handler) -> web.StreamResponse:
     state = _state(request)
-    if state.faults.delay_s:
-        await state.pause(state.faults.delay_s)
-    kind = state.faults.take(request.path)
-    if kind == "fail":
-        return _error(ApiError(state.faults.fail_status, "HTTP-503", "Service Unavailable"))
-    if kind == "hang":
-        await state.pause(state.faults.hang_s)
-    if kind == "drop":
-        _drop(request)
-    if kind == "lose":
-        with contextlib.suppress(web.HTTPException):
-            await handler(request)
-        if state.faults.lose_as == "hang":
-            await state.pause(state.faults.hang_s)
-        if state.faults.lose_as in ("drop", "hang"):
-            _drop(request)
-        return _error(ApiError(int(state.faults.lose_as), "HTTP-503", "Service Unavailable"))
-    return await handler(request)
-
-
-def _drop(request: web.Request) -> None:
-    if request.transport is not None:
-        request.transport.abort()
-    raise ConnectionResetError("connection dropped (injected)")
+    return await with_faults(
+        state.faults,
+        state.pause,
+        request,
+        handler,
+        lambda status: _error(ApiError(status, "HTTP-503", "Service Unavailable")),
+    )
 
 
 @web.middleware
@@ -291,24 +273,7 @@ async def clear_journal(request: web.Request) -> web.Response:
 
 
 async def set_faults(request: web.Request) -> web.Response:
-    body = await request.json()
-    names = {
-        "failNext": "fail_next",
-        "failStatus": "fail_status",
-        "hangNext": "hang_next",
-        "hangS": "hang_s",
-        "dropNext": "drop_next",
-        "loseNext": "lose_next",
-        "loseAs": "lose_as",
-        "delayS": "delay_s",
-        "pathContains": "path_contains",
-    }
-    if not isinstance(body, dict) or not set(body) <= set(names):
-        raise web.HTTPBadRequest(text=f"fields: {sorted(names)}")
-    state = _state(request)
-    for key, value in body.items():
-        setattr(state.faults, names[key], value)
-    return web.json_response({k: getattr(state.faults, v) for k, v in names.items()})
+    return await set_faults_of(request, _state(request).faults)
 
 
 def build_app(state: CloudState) -> web.Application:

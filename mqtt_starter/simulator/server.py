@@ -31,7 +31,7 @@ from aiohttp import web
 from .certs import CertPaths
 from .filter_engine import FilterError, evaluate, parse
 from .fixtures import Fixture
-from .state import EMPTY_GUID, JournalEntry, SimState, SimTask, StartRefused
+from .state import EMPTY_GUID, Faults, JournalEntry, SimState, SimTask, StartRefused
 
 XSRF_TEXT = "XSRF prevention check failed. Possible XSRF discovered."
 _XRFKEY = re.compile(r"^[0-9a-zA-Z]{16}$")
@@ -333,31 +333,56 @@ async def journal(request: web.Request, handler: Handler) -> web.StreamResponse:
         entry.ended = time.monotonic()
 
 
-@web.middleware
-async def faults(request: web.Request, handler: Handler) -> web.StreamResponse:
-    state = _state(request)
-    if not state.faults.open.is_set():
-        await state.faults.open.wait()
-    if state.faults.delay_s:
-        await state.pause(state.faults.delay_s)
-    kind = state.faults.take(request.path)
+async def with_faults(
+    faults: Faults,
+    pause: Callable[[float], Awaitable[None]],
+    request: web.Request,
+    handler: Handler,
+    failure: Callable[[int], web.Response],
+) -> web.StreamResponse:
+    """Serve `request` through the faults set for it (both simulators use this); `failure`
+    is the answer of an injected error status."""
+    if not faults.open.is_set():
+        await faults.open.wait()
+    if faults.delay_s:
+        await pause(faults.delay_s)
+    kind = faults.take(request.path)
     if kind == "fail":
-        return _text(state.faults.fail_status, "Service Unavailable (injected)")
+        return failure(faults.fail_status)
     if kind == "hang":
-        await state.pause(state.faults.hang_s)
+        await pause(faults.hang_s)
     if kind == "drop":
         _drop(request)
     if kind == "lose":
         # The call takes effect; only its answer is lost.
         with contextlib.suppress(web.HTTPException):
             await handler(request)
-        lose_as = state.faults.lose_as
-        if lose_as == "hang":
-            await state.pause(state.faults.hang_s)
-        if lose_as in ("drop", "hang"):
+        if faults.lose_as == "hang":
+            await pause(faults.hang_s)
+        if faults.lose_as in ("drop", "hang"):
             _drop(request)
-        return _text(int(lose_as), "Service Unavailable (injected after the call took effect)")
+        return failure(int(faults.lose_as))
     return await handler(request)
+
+
+@web.middleware
+async def faults(request: web.Request, handler: Handler) -> web.StreamResponse:
+    state = _state(request)
+    return await with_faults(
+        state.faults,
+        state.pause,
+        request,
+        handler,
+        lambda status: _text(status, "Service Unavailable (injected)"),
+    )
+
+
+async def set_faults_of(request: web.Request, faults: Faults) -> web.Response:
+    """POST /_sim/faults: any of the fields of `Faults.FIELDS`."""
+    settings = faults.update(await request.json())
+    if settings is None:
+        raise web.HTTPBadRequest(text=f"fields: {sorted(Faults.FIELDS)}")
+    return web.json_response(settings)
 
 
 def _drop(request: web.Request) -> None:
@@ -452,26 +477,7 @@ async def fire_task(request: web.Request) -> web.Response:
 
 
 async def set_faults(request: web.Request) -> web.Response:
-    """Body: any of {"failNext", "failStatus", "hangNext", "hangS", "dropNext", "loseNext",
-    "loseAs", "delayS", "pathContains"}."""
-    body = await request.json()
-    state = _state(request)
-    names = {
-        "failNext": "fail_next",
-        "failStatus": "fail_status",
-        "hangNext": "hang_next",
-        "hangS": "hang_s",
-        "dropNext": "drop_next",
-        "loseNext": "lose_next",
-        "loseAs": "lose_as",
-        "delayS": "delay_s",
-        "pathContains": "path_contains",
-    }
-    if not isinstance(body, dict) or not set(body) <= set(names):
-        raise web.HTTPBadRequest(text=f"fields: {sorted(names)}")
-    for key, value in body.items():
-        setattr(state.faults, names[key], value)
-    return web.json_response({k: getattr(state.faults, v) for k, v in names.items()})
+    return await set_faults_of(request, _state(request).faults)
 
 
 def build_app(state: SimState, *, prefix: str = "", proxy: Proxy | None = None) -> web.Application:

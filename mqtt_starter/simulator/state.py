@@ -117,6 +117,28 @@ class Faults:
     def __post_init__(self) -> None:
         self.open.set()
 
+    # The control endpoint's names (POST /_sim/faults) of the settable fields.
+    FIELDS = {
+        "failNext": "fail_next",
+        "failStatus": "fail_status",
+        "hangNext": "hang_next",
+        "hangS": "hang_s",
+        "dropNext": "drop_next",
+        "loseNext": "lose_next",
+        "loseAs": "lose_as",
+        "delayS": "delay_s",
+        "pathContains": "path_contains",
+    }
+
+    def update(self, body: Any) -> dict[str, Any] | None:
+        """Set the fields `body` names; the settings after, or None when `body` is not an
+        object of known fields."""
+        if not isinstance(body, dict) or not set(body) <= set(self.FIELDS):
+            return None
+        for key, value in body.items():
+            setattr(self, self.FIELDS[key], value)
+        return {k: getattr(self, v) for k, v in self.FIELDS.items()}
+
     def take(self, path: str) -> str | None:
         if self.path_contains and self.path_contains not in path:
             return None

@@ -25,6 +25,7 @@ from tests.integration.conftest import (
     qrs_section,
     site_config,
 )
+from tests.integration.helpers import reply
 
 OK = "0f000000-0000-4000-8000-000000000001"
 OTHER = "0f000000-0000-4000-8000-000000000002"
@@ -134,17 +135,6 @@ async def start_daemon(broker: Broker, site: Site) -> AsyncIterator[Callable[...
 def line(task_id: str, matched: list[str], result: str, **extra: Any) -> dict[str, Any]:
     return {"taskId": task_id, "taskName": NAMES[task_id], "matchedBy": matched,
             "result": result, **extra}  # fmt: skip
-
-
-def reply(
-    status: str,
-    tasks: list[dict[str, Any]],
-    unmatched: list[dict[str, str]] | None = None,
-    request_id: str | None = None,
-    stage: str = "accepted",
-) -> dict[str, Any]:
-    return {"requestId": request_id, "status": status, "stage": stage, "tasks": tasks,
-            "unmatched": unmatched or [], "instance": "starter-test"}  # fmt: skip
 
 
 def execution_of(answer: dict[str, Any], task_id: str) -> str:

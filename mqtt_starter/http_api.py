@@ -143,6 +143,7 @@ class HttpApi:
         self._not_ready = not_ready
         self._board = board
         self._runner: web.AppRunner | None = None
+        self._closing = False
         self._page, self._policy = _page()
         self.port = settings.port
 
@@ -204,8 +205,10 @@ class HttpApi:
         try:
             seq, frame = board.snapshot_frame()
             await response.write(frame)
-            while True:
+            while not self._closing:
                 changes = await board.after(seq, HEARTBEAT_S)
+                if self._closing:
+                    break
                 if changes is None:
                     seq, frame = board.snapshot_frame()
                     await response.write(frame)
@@ -308,6 +311,11 @@ class HttpApi:
         self.port = int(self._runner.addresses[0][1])
 
     async def stop(self) -> None:
+        # Open pages end their streams at once (the browser reconnects to whatever serves
+        # next); the server would otherwise wait for them until its shutdown timeout.
+        self._closing = True
+        if self._board is not None:
+            self._board.wake_pages()
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None

@@ -201,6 +201,11 @@ class StatusBoard:
         self._changed.set()
         self._changed = asyncio.Event()
 
+    def wake_pages(self) -> None:
+        """Wake every page's stream at once (the endpoint is closing)."""
+        self._changed.set()
+        self._changed = asyncio.Event()
+
     def snapshot_frame(self) -> tuple[int, bytes]:
         """(seq, the snapshot as a Server-Sent Events frame)."""
         if self._snapshot is None or self._snapshot[0] != self.seq:

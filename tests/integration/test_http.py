@@ -299,9 +299,11 @@ async def test_open_pages_do_not_hold_up_a_stop(make_daemon: Any) -> None:
     # event stream never ends by itself, so the endpoint must end it.
     port = free_port()
     daemon: LocalDaemon = await make_daemon(http={"enabled": True, "port": port})
-    async with aiohttp.ClientSession() as session:
-        async with session.get(f"http://127.0.0.1:{port}/events") as events:
-            assert (await events.content.readuntil(b"\n\n")).startswith(b"event: snapshot")
-            await daemon.stop()  # within its deadline, with the page still open
-            assert daemon.daemon is not None and daemon.daemon.board.pages == 0
-            assert await events.content.read() == b""  # the stream ended
+    async with (
+        aiohttp.ClientSession() as session,
+        session.get(f"http://127.0.0.1:{port}/events") as events,
+    ):
+        assert (await events.content.readuntil(b"\n\n")).startswith(b"event: snapshot")
+        await daemon.stop()  # within its deadline, with the page still open
+        assert daemon.daemon is not None and daemon.daemon.board.pages == 0
+        assert await events.content.read() == b""  # the stream ended

@@ -157,6 +157,7 @@ class Daemon:
                 on_state=board.published,
                 on_task=lambda task: board.task_tags(task.id, task.tags),
             )
+            self._attach_monitor(self.parts)
             door = MqttDoor(lambda: self.parts, starter, publisher, health=self.health)
             self._door = door
             async with asyncio.TaskGroup() as group:
@@ -270,6 +271,13 @@ class Daemon:
         self.board.set_instance(brokerConnected=False)
         if self.monitor is not None:
             self.monitor.on_disconnect()
+
+    def _attach_monitor(self, parts: Parts) -> None:
+        """The monitor serves the followers of these parts when it watches, and says which runs
+        they started when another instance watches."""
+        assert self.monitor is not None
+        parts.tracker.attach(self.monitor)
+        parts.tracker.announcer = self.monitor.announce
 
     def _on_role(self) -> None:
         self.board.set_instance(monitoring=self.monitor is not None and self.monitor.leading)
@@ -408,8 +416,7 @@ class Daemon:
             old.tracker.attach(None)
         if self.monitor is not None:
             self.monitor.elect()
-            if self.monitor.leading:
-                parts.tracker.attach(self.monitor)
+            self._attach_monitor(parts)
         # Requests in flight and followers keep the old parts until they are done.
         await old.retire()
         if (

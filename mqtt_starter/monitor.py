@@ -102,8 +102,25 @@ class Monitor:
         return self.leading
 
     def covers(self, task: TaskRef) -> bool:
-        scope = monitor_scope(self._parts())
+        """Whether some instance (this one or the one that leads) publishes the task's runs:
+        once this one has joined, someone always leads."""
+        parts = self._parts()
+        if not (parts.settings.monitor.enabled and self.synced):
+            return False
+        scope = monitor_scope(parts)
         return scope is None or scope.allows(task)
+
+    async def announce(self, execution_id: str, request_id: str | None) -> None:
+        """Tell the monitoring instance that this one started a run (for its `startedBy` and
+        `requestId`), when another instance monitors."""
+        parts = self._parts()
+        if not (parts.settings.monitor.enabled and self.synced) or self.leading:
+            return
+        payload = encode_json({"requestId": request_id, "instance": parts.instance})
+        try:
+            await self._publisher.publish(f"{parts.base}/claim/{execution_id}", payload)
+        except MqttLinkError as exc:
+            logger.debug("monitor: the claim of {} was not published: {}", execution_id, exc)
 
     async def poll(self) -> list[Execution]:
         parts = self._parts()
@@ -227,13 +244,20 @@ class Monitor:
             f"{base}/availability/+",
             f"{base}/info/+",
             f"{base}/state/task/+",
+            f"{base}/claim/+",
             f"{base}/sync/{parts.instance}",
         ]
 
     def wants(self, topic: str) -> bool:
         base = self._parts().base
         return topic.startswith(
-            (f"{base}/availability/", f"{base}/info/", f"{base}/state/task/", f"{base}/sync/")
+            (
+                f"{base}/availability/",
+                f"{base}/info/",
+                f"{base}/state/task/",
+                f"{base}/claim/",
+                f"{base}/sync/",
+            )
         )
 
     async def on_connect(self) -> None:
@@ -263,6 +287,12 @@ class Monitor:
             self.ledger.remember(name.lower(), run)
             if self._on_state is not None:
                 self._on_state(topic, incoming.payload)
+        elif topic.startswith(f"{base}/claim/"):
+            claim = _json(incoming.payload)
+            if isinstance(claim, dict) and claim.get("instance") != parts.instance:
+                request_id = claim.get("requestId")
+                parts.tracker.claim(name, request_id if isinstance(request_id, str) else None)
+            return  # a claim changes nobody's role
         elif topic == f"{base}/sync/{parts.instance}" and incoming.payload == self._marker.encode():
             self.synced = True
         self.elect()

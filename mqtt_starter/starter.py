@@ -271,7 +271,7 @@ class Starter:
         )
         for outcome in outcomes:
             if outcome.result is TaskResult.STARTED and outcome.execution_id:
-                parts.tracker.claim(outcome.execution_id, request.request_id)
+                await parts.tracker.started(outcome.execution_id, request.request_id)
         outcomes += [
             TaskOutcome(
                 w.task,

@@ -54,7 +54,8 @@ class ChangeSource(Protocol):
         ...
 
     def covers(self, task: TaskRef) -> bool:
-        """Whether the monitor publishes the status events of `task`'s runs."""
+        """Whether a monitor (this instance's or another's) publishes the status events of
+        `task`'s runs."""
         ...
 
 
@@ -93,6 +94,8 @@ class Tracker:
         self._loop: asyncio.Task[None] | None = None
         self.polls = 0  # queries made for followers and the monitor
         self._claims: OrderedDict[str, str | None] = OrderedDict()
+        # Tells the monitoring instance which runs this one started (set by the daemon).
+        self.announcer: Callable[[str, str | None], Awaitable[None]] | None = None
 
     @property
     def following(self) -> int:
@@ -104,15 +107,23 @@ class Tracker:
         self._kick()
 
     def covered(self, task: TaskRef) -> bool:
-        """Whether the monitor publishes this task's status events (then followers do not)."""
+        """Whether a monitor (this instance's or another's) publishes this task's status
+        events: then followers do not."""
         source = self._source
-        return source is not None and source.active and source.covers(task)
+        return source is not None and source.covers(task)
 
     def claim(self, execution_id: str, request_id: str | None) -> None:
-        """This daemon started the execution, for the request `request_id`."""
+        """This daemon (or, told by it, another instance) started the execution, for the
+        request `request_id`."""
         self._claims[execution_id.lower()] = request_id
         if len(self._claims) > CLAIMS_KEPT:
             self._claims.popitem(last=False)
+
+    async def started(self, execution_id: str, request_id: str | None) -> None:
+        """This daemon started the execution: remember it, and tell the monitoring instance."""
+        self.claim(execution_id, request_id)
+        if self.announcer is not None:
+            await self.announcer(execution_id, request_id)
 
     def claimed(self, execution_id: str) -> tuple[bool, str | None]:
         """(whether this daemon started the execution, the requestId it started it for)."""

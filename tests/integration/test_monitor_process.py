@@ -130,3 +130,39 @@ async def test_one_instance_monitors_and_the_next_takes_over_when_it_dies(
     finally:
         await first.stop()
         await second.stop()
+
+
+async def test_runs_started_by_the_instance_that_does_not_monitor_are_published_once(
+    tmp_path: Path, private_broker: Broker, simulator: QrsSimulator, sim_state: SimState
+) -> None:
+    first = process(tmp_path, private_broker, simulator, "starter-a")
+    second = process(tmp_path, private_broker, simulator, "starter-b")
+    for daemon in (first, second):
+        daemon.config["mqtt"]["shared_group"] = "starters"  # each request goes to one of them
+    try:
+        async with Client(private_broker) as mqtt:
+            await mqtt.subscribe("butler/info/+", "butler/status/task/+", "butler/state/task/+")
+            await first.start()
+            await mqtt.wait_for("butler/info/starter-a", until=lambda r: r.json()["monitoring"])
+            await second.start()
+            await mqtt.wait_for("butler/info/starter-b", until=lambda r: r.json()["monitor"])
+            replies = [
+                await mqtt.request(f"butler/start/id/{task}", {"requestId": f"r-{task[-1]}"})
+                for task in (OK, FAIL)
+            ]
+            # Round robin: one request each, so one run was started by the instance that
+            # does not monitor.
+            assert sorted(r["instance"] for r in replies) == ["starter-a", "starter-b"]
+            runs = {r["tasks"][0]["executionId"]: r["requestId"] for r in replies}
+            for task, reply in zip((OK, FAIL), replies, strict=True):
+                final = "FinishedSuccess" if task == OK else "FinishedFail"
+                await state_is(mqtt, task, reply["tasks"][0]["executionId"], final)
+            events = [r.json() for r in mqtt.on("butler/status/task/+")]
+            seen = Counter((e["executionId"], e["state"]) for e in events)
+            assert all(n == 1 for n in seen.values()), seen
+            assert {(e["executionId"], e["startedBy"], e["requestId"]) for e in events} == {
+                (execution, "mqtt-starter", request) for execution, request in runs.items()
+            }
+    finally:
+        await first.stop()
+        await second.stop()

@@ -94,4 +94,6 @@ async def test_an_inactive_monitor_serves_nobody() -> None:
     tracker.attach(source)
     end = await tracker.follow(TASK, execution_id, timeout_s=30)
     assert end.succeeded and source.polls == 0
-    assert not tracker.covered(TASK)
+    # Not polling here does not mean nobody publishes: another instance may monitor, and
+    # the source says so.
+    assert tracker.covered(TASK)

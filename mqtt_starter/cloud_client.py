@@ -393,7 +393,11 @@ class CloudClient:
                         )
                         take(found)
         await self._known_tag_members(items, tags)
-        return [await self._task(item, tags.get(app_id, set())) for app_id, item in items.items()]
+        return list(
+            await asyncio.gather(
+                *(self._task(item, tags.get(app_id, set())) for app_id, item in items.items())
+            )
+        )
 
     async def _known_tag_members(
         self, items: dict[str, dict[str, Any]], tags: dict[str, set[str]]
@@ -414,21 +418,35 @@ class CloudClient:
                     for item in found:
                         tags.setdefault(str(item.get("resourceId", "")).lower(), set()).add(tag)
 
-    async def _task(self, item: Mapping[str, Any], tags: set[str]) -> TaskRef:
+    async def _task(
+        self, item: Mapping[str, Any], tags: set[str], *, with_state: bool = True
+    ) -> TaskRef:
+        """The app as a task. `with_state`: its newest reload gives `last_status`, so that the
+        policy sees a reloading app as running (`policy.on_running`), as on QRS."""
         app_id = str(item.get("resourceId", "")).lower()
         name = str(item.get("name", ""))
+        status, reload_id = TaskStatus.NEVER_STARTED, ""
+        if with_state:
+            data = await self._json("api/v1/reloads", {"appId": app_id, "limit": "1"})
+            newest = data.get("data") if isinstance(data, dict) else None
+            if newest and isinstance(newest[0], dict):
+                status = STATES.get(str(newest[0].get("status")), TaskStatus.NEVER_STARTED)
+                reload_id = str(newest[0].get("id", ""))
         return TaskRef(
             id=app_id,
             name=name,
             tags=tuple(sorted(tags)),
+            last_status=status,
             app_id=app_id,
             app_name=name,
             space=await self._space_name(str(item.get("spaceId") or "")),
+            last_result_id=reload_id,
         )
 
     async def all_tasks(self) -> list[TaskRef]:
+        """Every app, without its state (one call per app would be too many here)."""
         found = await self._list("api/v1/items", {"resourceType": "app"})
-        return [await self._task(i, set()) for i in found]
+        return [await self._task(i, set(), with_state=False) for i in found]
 
     async def task(self, task_id: str) -> TaskRef | None:
         found = await self.find_tasks([Selector(SelectorKind.ID, task_id)])

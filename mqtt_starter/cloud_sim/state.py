@@ -1,8 +1,9 @@
 """The simulated tenant: spaces, public collections (tags), app items, reloads and their logs,
 OAuth tokens, the reload rate limit and quota, the journal and faults.
 
-Rules from qlik-cloud-api.md: one pending reload per app (a POST while the app has a reload
-QUEUED or RELOADING answers 429 "pending reload"); at most `reload_limit` reload POSTs per
+Rules from qlik-cloud-api.md: one queued reload per app (a POST while the app has a reload
+QUEUED answers 429 "pending reload"; one asked for while another RELOADS is queued, and
+reloads once that one ended); at most `reload_limit` reload POSTs per
 `reload_window_s` (more answer 429 HTTP-429 with Retry-After); a refused reload answers 403 with
 a RELOADS code; a reload goes QUEUED → RELOADING → SUCCEEDED | FAILED | EXCEEDED_LIMIT, or on
 cancel CANCELING → CANCELED. What it keeps is bounded (reloads per app, the journal).
@@ -23,6 +24,7 @@ from ..simulator.state import Faults, JournalEntry
 from .fixtures import App, CloudFixture
 
 ACTIVE = ("QUEUED", "RELOADING", "CANCELING")
+RUNNING = ("RELOADING", "CANCELING")
 RELOADS_PER_APP = 20
 
 
@@ -33,6 +35,15 @@ def _now_iso() -> str:
 def _object_id() -> str:
     """Qlik Cloud's ids of reloads, items, spaces and collections: 24 hex digits."""
     return secrets.token_hex(12)
+
+
+async def _either(first: asyncio.Event, second: asyncio.Event) -> None:
+    waiters = [asyncio.ensure_future(first.wait()), asyncio.ensure_future(second.wait())]
+    try:
+        await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for waiter in waiters:
+            waiter.cancel()
 
 
 class ApiError(Exception):
@@ -75,6 +86,7 @@ class CloudState:
         self.faults = Faults()
         self._runners: set[asyncio.Task[None]] = set()
         self._cancels: dict[str, asyncio.Event] = {}
+        self._ended: dict[str, asyncio.Event] = {}  # of each active reload
         self._closing = asyncio.Event()
 
     # -- lookups ------------------------------------------------------------------------------
@@ -143,13 +155,15 @@ class CloudState:
         quota = self.fixture.reload_quota
         if quota is not None and self.reloads_started >= quota:
             raise ApiError(403, "RELOADS-013", "Reload quota reached", "the tenant's quota")
-        if any(self.reloads[r]["status"] in ACTIVE for r in self.by_app[app_id]):
+        if any(self.reloads[r]["status"] == "QUEUED" for r in self.by_app[app_id]):
             raise ApiError(
                 429,
                 "RELOADS-007",
                 "Too many requests",
                 "a pending reload request already exists for this app",
             )
+        # The reload it queues behind: the app's running one, if any.
+        ahead = next((r for r in self.by_app[app_id] if self.reloads[r]["status"] in RUNNING), None)
         reload_id = _object_id()
         reload: dict[str, Any] = {
             "id": reload_id,
@@ -181,7 +195,11 @@ class CloudState:
         self.reloads_started += 1
         self.started.append(app_id)
         self._cancels[reload_id] = asyncio.Event()
-        runner = asyncio.create_task(self._run(reload, app), name=f"cloud-reload-{reload_id}")
+        self._ended[reload_id] = asyncio.Event()
+        runner = asyncio.create_task(
+            self._run(reload, app, self._ended.get(ahead) if ahead else None),
+            name=f"cloud-reload-{reload_id}",
+        )
         self._runners.add(runner)
         runner.add_done_callback(self._runners.discard)
         return reload
@@ -199,10 +217,14 @@ class CloudState:
             await asyncio.wait_for(self._cancels[reload_id].wait(), seconds)
         return self._cancels[reload_id].is_set()
 
-    async def _run(self, reload: dict[str, Any], app: App) -> None:
+    async def _run(self, reload: dict[str, Any], app: App, ahead: asyncio.Event | None) -> None:
         outcome = app.outcome
         try:
-            if await self._wait(reload["id"], outcome.queue_s):
+            if ahead is not None:
+                await _either(ahead, self._cancels[reload["id"]])
+            if self._cancels[reload["id"]].is_set() or await self._wait(
+                reload["id"], outcome.queue_s
+            ):
                 return await self._cancel(reload)
             reload["status"] = "RELOADING"
             reload["startTime"] = _now_iso()
@@ -216,6 +238,9 @@ class CloudState:
             self._end(reload, app)
         finally:
             self._cancels.pop(reload["id"], None)
+            ended = self._ended.pop(reload["id"], None)
+            if ended is not None:
+                ended.set()
 
     async def _cancel(self, reload: dict[str, Any]) -> None:
         reload["status"] = "CANCELING"

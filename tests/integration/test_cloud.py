@@ -113,19 +113,14 @@ async def test_a_name_shared_by_two_apps_starts_both(
     assert state.started == [SALES_ORDERS, OPS_ORDERS]
 
 
-async def test_pending_and_refused_reloads(cloud: tuple[CloudState, Any], mqtt: Client) -> None:
+async def test_running_and_refused_reloads(cloud: tuple[CloudState, Any], mqtt: Client) -> None:
     state, make = cloud
     await make()
     await mqtt.request(f"butler/start/id/{STOCK}")
+    # The app's newest reload says it runs: not started again (policy.on_running: skip).
     answer = await mqtt.request("butler/start", {"taskIds": [STOCK, LOCKED]})
     assert answer["tasks"] == [
-        {
-            "taskId": STOCK,
-            "taskName": "Stock",
-            "matchedBy": ["id"],
-            "result": "already_running",
-            "error": "Too many requests: a pending reload request already exists for this app",
-        },
+        {"taskId": STOCK, "taskName": "Stock", "matchedBy": ["id"], "result": "already_running"},
         {
             "taskId": LOCKED,
             "taskName": "Locked",
@@ -137,6 +132,26 @@ async def test_pending_and_refused_reloads(cloud: tuple[CloudState, Any], mqtt: 
     ]
     assert answer["status"] == "error"
     assert state.started == [STOCK]
+
+
+async def test_on_running_start_queues_one_reload_and_qlik_refuses_a_second(
+    cloud: tuple[CloudState, Any], mqtt: Client
+) -> None:
+    state, make = cloud
+    await make(policy={"on_running": "start"})
+    first = await mqtt.request(f"butler/start/id/{STOCK}")
+    queued = await mqtt.request(f"butler/start/id/{STOCK}")
+    refused = await mqtt.request(f"butler/start/id/{STOCK}")
+    assert [r["tasks"][0]["result"] for r in (first, queued, refused)] == [
+        "started",
+        "started",
+        "already_running",
+    ]
+    assert refused["tasks"][0]["error"] == (
+        "Too many requests: a pending reload request already exists for this app"
+    )
+    assert state.started == [STOCK, STOCK]
+    assert state.reloads[queued["tasks"][0]["executionId"]]["status"] == "QUEUED"
 
 
 async def test_a_failing_reload_with_its_reason(

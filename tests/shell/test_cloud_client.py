@@ -111,7 +111,10 @@ async def test_selectors_find_apps_across_spaces(certs: CertPaths) -> None:
         assert [(u.selector.label, u.reason) for u in resolution.unmatched] == [
             ("cp:group=x", UnmatchedReason.UNSUPPORTED)
         ]
-        assert all(p != "/api/v1/reloads" for _, p, _ in calls(state))
+        # Nothing was started; each app's newest reload was read once, for its state.
+        assert [m for m, _, _ in calls(state) if m != "GET"] == []
+        reads = [e.query["appId"] for e in state.journal if e.path == "/api/v1/reloads"]
+        assert sorted(reads) == sorted([A, B, C, FAILS])
 
 
 async def test_an_unknown_tag_name_or_space_matches_nothing(certs: CertPaths) -> None:
@@ -176,6 +179,10 @@ async def test_pending_refused_and_unknown(certs: CertPaths) -> None:
     async with site(certs, fixture) as (client, _):
         first = await client.start_task(TaskRef(id=A, name="Orders"))
         assert first.result is TaskResult.STARTED
+        # Qlik keeps one queued reload per app: the second queues, the third is refused.
+        queued = await client.start_task(TaskRef(id=A, name="Orders"))
+        assert queued.result is TaskResult.STARTED
+        assert queued.execution_id != first.execution_id
         again = await client.start_task(TaskRef(id=A, name="Orders"))
         assert again.result is TaskResult.ALREADY_RUNNING
         assert (

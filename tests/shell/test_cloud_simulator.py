@@ -219,14 +219,26 @@ async def test_a_failed_reload_has_its_error_and_its_log(api: Api) -> None:
     assert (await api("GET", f"/api/v1/apps/{SALES}/reloads/logs/{reload['id']}"))[0] == 404
 
 
-async def test_one_pending_reload_per_app(api: Api) -> None:
+async def test_one_queued_reload_per_app(api: Api) -> None:
+    # "Qlik keeps one queued reload per app": one asked for while another reloads waits its
+    # turn; one more while that one waits is refused.
     _, first, _ = await api("POST", "/api/v1/reloads", body={"appId": SALES})
+
+    async def reloading() -> bool:
+        return (await api("GET", f"/api/v1/reloads/{first['id']}"))[1]["status"] == "RELOADING"
+
+    await wait_until(reloading, what="the first reload to run")
+    status, queued, _ = await api("POST", "/api/v1/reloads", body={"appId": SALES})
+    assert (status, queued["status"]) == (201, "QUEUED")
     status, body, headers = await api("POST", "/api/v1/reloads", body={"appId": SALES})
     assert status == 429
     assert body["errors"][0]["code"] != "HTTP-429"  # not the rate limit
     assert "pending reload" in body["errors"][0]["detail"]
     assert "Retry-After" not in headers
-    await finished(api, first["id"])
+    ended_first = await finished(api, first["id"])
+    ended_queued = await finished(api, queued["id"])
+    # The queued one reloaded only after the first had ended.
+    assert ended_first["endTime"] <= ended_queued["startTime"]
     assert (await api("POST", "/api/v1/reloads", body={"appId": SALES}))[0] == 201
 
 

@@ -191,7 +191,7 @@ async def test_an_oauth_token_that_expires_during_a_run_of_requests(
 ) -> None:
     cloud = {"auth": "oauth", "api_key": None, "client_id": "sim-client",
              "client_secret": "sim-secret"}  # fmt: skip
-    async with tenant_and_daemons(certs, broker, tenant(token_lifetime_s=1.0), **cloud) as (
+    async with tenant_and_daemons(certs, broker, tenant(token_lifetime_s=3.0), **cloud) as (
         state,
         make,
     ):
@@ -213,7 +213,9 @@ async def test_an_oauth_token_that_expires_during_a_run_of_requests(
 async def test_a_burst_of_120_against_the_rate_limit(
     certs: CertPaths, broker: Broker, mqtt: Client
 ) -> None:
-    fixture = tenant(reload_limit=50, reload_window_s=1.0)
+    # A window of 3 s, not a minute: long enough that 50 starts fit into it on a loaded
+    # machine (so the limit is hit), short enough for a test.
+    fixture = tenant(reload_limit=50, reload_window_s=3.0)
     async with tenant_and_daemons(certs, broker, fixture, max_starts_per_minute=100_000) as (
         state,
         make,

@@ -279,7 +279,9 @@ async def test_a_quiet_interval_costs_one_query(
     calls = [(e.method, e.path) for e in sim_state.journal]
     ticks = tracker.polls - polls
     assert set(calls) == {("GET", "/qrs/executionresult/full")}
-    assert ticks <= len(calls) <= ticks + 1  # one query a tick (one may be under way)
+    # One query a tick: a tick counted but not yet arrived, or arrived just after the
+    # journal was cleared, is the only slack either way.
+    assert ticks - 1 <= len(calls) <= ticks + 1
 
 
 async def test_info_and_health(make_daemon: Any, mqtt: Client) -> None:

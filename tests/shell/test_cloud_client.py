@@ -239,7 +239,7 @@ async def test_a_rate_limit_429_is_waited_out_and_the_start_repeated(certs: Cert
 
 
 async def test_oauth_token_is_renewed_before_it_expires_and_on_401(certs: CertPaths) -> None:
-    fixture = tenant(token_lifetime_s=1.0)
+    fixture = tenant(token_lifetime_s=3.0)
     async with site(
         certs,
         fixture,

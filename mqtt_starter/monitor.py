@@ -87,9 +87,6 @@ class Monitor:
         self.leading = False
         self._marker = ""
         self._next_deleted_check = 0.0
-        self.published = 0  # changes published (status events)
-        self.events = 0  # failed and aborted events published
-        self.retained_cleared = 0
 
     # -- ChangeSource (tracker.py) ------------------------------------------------------------
 
@@ -176,7 +173,6 @@ class Monitor:
             f"{base}/status/task/{task.id}",
             encode_status_event(change, task.name, request_id, started_by=started_by),
         )
-        self.published += 1
         kind = EVENT_KINDS.get(change.status)
         if kind is not None:
             reason = await self._reason(parts, task, change)
@@ -188,7 +184,6 @@ class Monitor:
                     )
                 ),
             )
-            self.events += 1
             logger.info(
                 "monitor: task {} ({}) {}: {}",
                 task.name,
@@ -232,7 +227,6 @@ class Monitor:
             except MqttLinkError:
                 return
             self.ledger.remember(task_id, None)
-            self.retained_cleared += 1
             logger.info("monitor: task {} no longer exists; its retained state is cleared", task_id)
 
     # -- the broker's side: peers, retained states, the marker -----------------------------------

@@ -131,10 +131,6 @@ class Tracker:
             return True, self._claims[execution_id]
         return False, None
 
-    def wake(self) -> None:
-        """Poll now (the monitor became active, or stopped)."""
-        self._kick()
-
     async def follow(
         self,
         task: TaskRef,

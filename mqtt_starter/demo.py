@@ -315,77 +315,75 @@ async def run_demo(
     return 0
 
 
-async def _tour(port: int, out: TextIO, sim: QrsSimulator) -> None:
-    settings = MqttSettings(host="127.0.0.1", port=port)
-    async with MqttPeer(settings, f"demo-tour-{uuid.uuid4().hex[:6]}") as peer:
+@contextlib.asynccontextmanager
+async def _touring(port: int, out: TextIO) -> AsyncIterator[Tour]:
+    """A tour that prints the status events (and failure events) as they come."""
+    async with MqttPeer(
+        MqttSettings(host="127.0.0.1", port=port), f"demo-tour-{uuid.uuid4().hex[:6]}"
+    ) as peer:
         tour = Tour(peer, out)
         await peer.subscribe("butler/status/task/#")
         await peer.subscribe("butler/event/task/#")
         listener = asyncio.create_task(tour.listen(), name="demo-listen")
         try:
-            await tour.request("Start one task by id", f"butler/start/id/{SALES}")
-            await tour.request(
-                "Start every task tagged Nightly (Reload Sales is still running)",
-                "butler/start/tag/Nightly",
-            )
-            await tour.request(
-                "Start the tasks whose custom property taskGroup is tasks2",
-                "butler/start/cp/taskGroup/tasks2",
-                {"requestId": "demo-cp"},
-            )
-            await tour.request(
-                "A JSON request that waits for the end: one task fails, one succeeds on retry",
-                "butler/start",
-                {"requestId": "demo-wait", "tags": ["Monthly", "Nightly-fragile"], "wait": True},
-                replies=2,
-            )
-            await tour.scheduled_failure(sim)
-            await _dashboard(settings, tour)
+            yield tour
         finally:
             listener.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await listener
+
+
+async def _tour(port: int, out: TextIO, sim: QrsSimulator) -> None:
+    async with _touring(port, out) as tour:
+        await tour.request("Start one task by id", f"butler/start/id/{SALES}")
+        await tour.request(
+            "Start every task tagged Nightly (Reload Sales is still running)",
+            "butler/start/tag/Nightly",
+        )
+        await tour.request(
+            "Start the tasks whose custom property taskGroup is tasks2",
+            "butler/start/cp/taskGroup/tasks2",
+            {"requestId": "demo-cp"},
+        )
+        await tour.request(
+            "A JSON request that waits for the end: one task fails, one succeeds on retry",
+            "butler/start",
+            {"requestId": "demo-wait", "tags": ["Monthly", "Nightly-fragile"], "wait": True},
+            replies=2,
+        )
+        await tour.scheduled_failure(sim)
+        await _dashboard(MqttSettings(host="127.0.0.1", port=port), tour)
 
 
 async def _cloud_tour(port: int, out: TextIO) -> None:
-    settings = MqttSettings(host="127.0.0.1", port=port)
-    async with MqttPeer(settings, f"demo-tour-{uuid.uuid4().hex[:6]}") as peer:
-        tour = Tour(peer, out)
-        await peer.subscribe("butler/status/task/#")
-        listener = asyncio.create_task(tour.listen(), name="demo-listen")
-        try:
-            await tour.request("Reload one app by id", f"butler/start/id/{CLOUD_SALES}")
-            await tour.request(
-                "Reload every app tagged Nightly, in any space (Sales Dashboard is reloading)",
-                "butler/start/tag/Nightly",
-            )
-            await tour.request(
-                "Reload the apps of the space Sales",
-                "butler/start/space/Sales",
-                {"requestId": "demo-space"},
-            )
-            await tour.request(
-                "Custom properties have no Qlik Cloud equivalent",
-                "butler/start/cp/taskGroup/tasks1",
-            )
-            await tour.request(
-                "A partial reload with a variable that waits for the end: one fails, one is"
-                " refused",
-                "butler/start",
-                {
-                    "requestId": "demo-wait",
-                    "tags": ["Nightly-fragile"],
-                    "names": ["HR Headcount"],
-                    "partial": True,
-                    "variables": {"vSource": "mqtt"},
-                    "wait": True,
-                },
-                replies=2,
-            )
-        finally:
-            listener.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await listener
+    async with _touring(port, out) as tour:
+        await tour.request("Reload one app by id", f"butler/start/id/{CLOUD_SALES}")
+        await tour.request(
+            "Reload every app tagged Nightly, in any space (Sales Dashboard is reloading)",
+            "butler/start/tag/Nightly",
+        )
+        await tour.request(
+            "Reload the apps of the space Sales",
+            "butler/start/space/Sales",
+            {"requestId": "demo-space"},
+        )
+        await tour.request(
+            "Custom properties have no Qlik Cloud equivalent",
+            "butler/start/cp/taskGroup/tasks1",
+        )
+        await tour.request(
+            "A partial reload with a variable that waits for the end: one fails, one is refused",
+            "butler/start",
+            {
+                "requestId": "demo-wait",
+                "tags": ["Nightly-fragile"],
+                "names": ["HR Headcount"],
+                "partial": True,
+                "variables": {"vSource": "mqtt"},
+                "wait": True,
+            },
+            replies=2,
+        )
 
 
 async def _dashboard(settings: MqttSettings, tour: Tour) -> None:

@@ -10,16 +10,21 @@ from pathlib import Path
 import pytest
 
 
-@pytest.mark.slow
-def test_benchmarks_quick_run_writes_every_result(tmp_path: Path) -> None:
+def quick_run(module: str, out: Path) -> None:
+    """`python -m <module> --quick --out <out>`, which must succeed."""
     result = subprocess.run(
-        [sys.executable, "-m", "benchmarks.run", "--quick", "--out", str(tmp_path)],
+        [sys.executable, "-m", module, "--quick", "--out", str(out)],
         capture_output=True,
         text=True,
         timeout=600,
         stdin=subprocess.DEVNULL,
     )
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+
+
+@pytest.mark.slow
+def test_benchmarks_quick_run_writes_every_result(tmp_path: Path) -> None:
+    quick_run("benchmarks.run", tmp_path)
     report = json.loads((tmp_path / "results.json").read_text())
     assert set(report["summary"]) == {"zero", "slow"}
     fan = report["fan_out_slow"]["daemon"]
@@ -32,14 +37,7 @@ def test_benchmarks_quick_run_writes_every_result(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_monitor_benchmark_quick_run(tmp_path: Path) -> None:
-    result = subprocess.run(
-        [sys.executable, "-m", "benchmarks.monitor", "--quick", "--out", str(tmp_path)],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        stdin=subprocess.DEVNULL,
-    )
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    quick_run("benchmarks.monitor", tmp_path)
     report = json.loads((tmp_path / "monitor.json").read_text())
     assert [r["runs_per_interval"] for r in report] == [0, 10, 100]
     # A quiet site costs the one query of what changed, and nothing else.
@@ -51,14 +49,7 @@ def test_monitor_benchmark_quick_run(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_status_page_benchmark_quick_run(tmp_path: Path) -> None:
-    result = subprocess.run(
-        [sys.executable, "-m", "benchmarks.status_page", "--quick", "--out", str(tmp_path)],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        stdin=subprocess.DEVNULL,
-    )
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    quick_run("benchmarks.status_page", tmp_path)
     none, hundred, idle = json.loads((tmp_path / "status_page.json").read_text())
     assert (none["pages"], hundred["pages"], idle["pages"]) == (0, 100, 100)
     assert none["chunks_received_by_pages"] == 0

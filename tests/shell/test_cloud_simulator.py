@@ -225,7 +225,8 @@ async def test_one_queued_reload_per_app(api: Api) -> None:
     _, first, _ = await api("POST", "/api/v1/reloads", body={"appId": SALES})
 
     async def reloading() -> bool:
-        return (await api("GET", f"/api/v1/reloads/{first['id']}"))[1]["status"] == "RELOADING"
+        reload = (await api("GET", f"/api/v1/reloads/{first['id']}"))[1]
+        return bool(reload["status"] == "RELOADING")
 
     await wait_until(reloading, what="the first reload to run")
     status, queued, _ = await api("POST", "/api/v1/reloads", body={"appId": SALES})

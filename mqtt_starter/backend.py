@@ -9,9 +9,13 @@ asked. `start_task` never raises for a task: what became of the start is its Sta
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import asyncio
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Protocol
 
+from loguru import logger
+
+from .core.errors import LogNotReady, QrsError
 from .core.model import (
     Execution,
     ReloadOptions,
@@ -25,8 +29,11 @@ from .core.resolution import dedupe_selectors, queryable, resolve
 
 
 class Backend(Protocol):
-    # monotonic time of the last call the site answered; None before the first
-    last_success: float | None
+    @property
+    def last_success(self) -> float | None:
+        """Monotonic time of the last call the site answered; None before the first."""
+        ...
+
     # "qrs" (client-managed Sense) or "cloud" (a Qlik Cloud tenant)
     site: str
     # selector kinds the site has no equivalent for (answered `unsupported`)
@@ -73,7 +80,8 @@ class Backend(Protocol):
         ...
 
     async def script_log_tail(self, task: TaskRef, execution: Execution, lines: int) -> str | None:
-        """The end of the attempt's script log; None when the run has none."""
+        """The end of the attempt's script log; None when the run has none; LogNotReady when
+        the site has not written it yet."""
         ...
 
     async def close(self) -> None: ...
@@ -92,3 +100,31 @@ async def resolve_selectors(
         all_task_ids_must_exist=all_task_ids_must_exist,
         unsupported=backend.unsupported,
     )
+
+
+# Butler's patience with a log that is not written yet: 0.5 s, then 3 times 2 s apart.
+LOG_RETRY_S = (0.5, 2.0, 2.0, 2.0)
+
+
+async def contained_log_tail(
+    read: Callable[[], Awaitable[str | None]], waits: Sequence[float], what: str
+) -> str | None:
+    """A run's log tail, asked again after each of `waits` while it is not written yet; None
+    when it has none, cannot be read, or never came. Never raises: a log that cannot be read
+    leaves its run with the run's own details, and is logged with the run it concerns."""
+    for wait in (*waits, None):
+        try:
+            return await read()
+        except LogNotReady as exc:
+            if wait is None:
+                logger.warning("the log of {} did not come in time: {}", what, exc)
+                return None
+            await asyncio.sleep(wait)
+        except QrsError as exc:
+            logger.warning("the log of {} cannot be read: {}", what, exc)
+            return None
+        except Exception:
+            # Not a failure this code knows: logged with its traceback, and contained.
+            logger.exception("reading the log of {} failed", what)
+            return None
+    return None

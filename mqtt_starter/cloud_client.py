@@ -19,21 +19,20 @@ private CA (a TLS-inspecting proxy).
 from __future__ import annotations
 
 import asyncio
-import json
 import random
-import ssl
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime
 from typing import Any
 
-import aiohttp
 from loguru import logger
 from yarl import URL
 
+from .backend import LOG_RETRY_S, contained_log_tail
 from .config import CloudSettings
 from .core.errors import (
+    LogNotReady,
     QrsAnswerLost,
     QrsAuthError,
     QrsRequestError,
@@ -51,9 +50,8 @@ from .core.model import (
 )
 from .core.monitoring import log_tail
 from .core.pacing import StartPacer
-from .retries import Retryable, back_off
+from .transport import Answer, Observer, Prepared, SharedToken, TlsFiles, Transport
 
-Observer = Callable[[str, float, int], None]
 # Qlik Cloud's reload states and their QRS counterparts (DESIGN.md section 8).
 STATES = {
     "QUEUED": TaskStatus.QUEUED,
@@ -71,6 +69,7 @@ LOG_TAIL_BYTES = 256 * 1024
 KEPT = 10_000  # reloads whose last state and reason are remembered
 # A reload created this long before the start call (clock skew) still counts as ours.
 CREATION_SKEW_S = 2.0
+RATE_LIMIT_CODE = "HTTP-429"
 
 
 def _errors(data: Any) -> tuple[str, str]:
@@ -80,6 +79,33 @@ def _errors(data: Any) -> tuple[str, str]:
     code = str(first.get("code", ""))
     text = ": ".join(str(first[k]) for k in ("title", "detail") if first.get(k))
     return code, text
+
+
+def rate_limit_wait(answer: Answer) -> float | None:
+    """How long a 429 asks to wait, when it is a rate limit: Qlik's `HTTP-429` or a
+    `Retry-After` (qlik-cloud-api.md). A pending-reload 429, or one from a proxy with an HTML
+    page, is not one (None)."""
+    if answer.status != 429:
+        return None
+    code, _ = _errors(answer.json())
+    header = answer.headers.get("Retry-After")
+    if code != RATE_LIMIT_CODE and header is None:
+        return None
+    try:
+        return max(0.0, float(header)) if header is not None else 1.0
+    except ValueError:
+        return 1.0
+
+
+def _item_tags(item: Mapping[str, Any]) -> set[str]:
+    """The tags an item carries (`meta.tags`): no query per tag is needed to know them."""
+    meta = item.get("meta")
+    found = meta.get("tags") if isinstance(meta, Mapping) else None
+    return {
+        str(t["name"])
+        for t in found or ()
+        if isinstance(t, Mapping) and isinstance(t.get("name"), str)
+    }
 
 
 def _time(text: Any) -> datetime | None:
@@ -92,6 +118,8 @@ def _time(text: Any) -> datetime | None:
 
 
 class CloudClient:
+    """The Qlik Cloud operations over the shared transport (transport.py)."""
+
     site = "cloud"
     unsupported = frozenset({SelectorKind.CUSTOM_PROPERTY})
 
@@ -100,26 +128,18 @@ class CloudClient:
         settings: CloudSettings,
         *,
         log_tail_lines: int = 30,
-        known_tags: Sequence[str] = (),
         observer: Observer | None = None,
         rng: random.Random | None = None,
         clock: Callable[[], float] = time.monotonic,
         rate_window_s: float = 60.0,
+        log_retry_s: Sequence[float] = LOG_RETRY_S,
     ) -> None:
-        """`known_tags`: tags whose membership every found app is checked for (the
-        allow-list's), since an app found by id or name does not show its collections.
-        `rate_window_s`: the window of max_starts_per_minute (a minute; tests shorten it)."""
+        """`rate_window_s`: the window of max_starts_per_minute (a minute; tests shorten it).
+        `log_retry_s`: the waits before each new read of a log that is not there yet."""
         self.settings = settings
-        self.last_success: float | None = None
         self._tail_lines = log_tail_lines
-        self._known_tags = tuple(known_tags)
-        self._observer = observer
-        self._rng = rng or random.Random()
         self._clock = clock
-        self._session: aiohttp.ClientSession | None = None
-        self._token: str | None = None
-        self._token_expiry = 0.0
-        self._token_lock = asyncio.Lock()
+        self._log_retry_s = tuple(log_retry_s)
         self._lane = asyncio.Lock()  # starts, one at a time and in order
         self._pacer = StartPacer(settings.max_starts_per_minute, rate_window_s)
         self._throttled = 0.0  # seconds starts have waited for the rate limit, in all
@@ -127,37 +147,47 @@ class CloudClient:
         self._collections: dict[str, list[str]] = {}  # tag → collection ids
         self._states: OrderedDict[str, TaskStatus] = OrderedDict()
         self._reasons: OrderedDict[str, str] = OrderedDict()
+        self.token = (
+            SharedToken(self._fetch_token, clock=clock, margin_s=TOKEN_MARGIN_S)
+            if settings.auth == "oauth"
+            else None
+        )
+        self.transport = Transport(
+            "Qlik Cloud",
+            settings.tenant_url,
+            TlsFiles(ca_file=settings.ca_file, ca_key="cloud.ca_file"),
+            timeout_s=settings.timeout_s,
+            max_concurrency=settings.max_concurrency,
+            retry=settings.retry,
+            trust_env=True,  # HTTPS_PROXY, NO_PROXY
+            observer=observer,
+            rng=rng,
+            clock=clock,
+            token=self.token,
+            rate_limit=rate_limit_wait,
+            certificate_hint=lambda _: "behind a TLS-inspecting proxy, set cloud.ca_file to its CA",
+        )
+        self.transport.on_rate_limit = self._rate_limited
+
+    @property
+    def last_success(self) -> float | None:
+        """Monotonic time of the last call the tenant answered."""
+        return self.transport.last_success
 
     # -- lifecycle -------------------------------------------------------------------------------
 
     async def start(self) -> None:
-        context = ssl.create_default_context(
-            cafile=str(self.settings.ca_file) if self.settings.ca_file else None
-        )
-        self._session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(ssl=context, limit=self.settings.max_concurrency),
-            timeout=aiohttp.ClientTimeout(total=self.settings.timeout_s),
-            trust_env=True,  # HTTPS_PROXY, NO_PROXY
-        )
+        """Load the TLS set-up (ConfigError naming cloud.ca_file when it cannot be used)."""
+        await self.transport.start()
 
     async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
+        await self.transport.close()
 
     # -- HTTP --------------------------------------------------------------------------------------
 
-    async def _bearer(self, *, renew: bool = False) -> str:
-        s = self.settings
-        if s.auth == "api_key":
-            assert s.api_key is not None
-            return s.api_key.get_secret_value()
-        async with self._token_lock:
-            if renew or self._token is None or self._clock() >= self._token_expiry:
-                self._token, lifetime = await self._fetch_token()
-                margin = min(TOKEN_MARGIN_S, lifetime / 10)
-                self._token_expiry = self._clock() + lifetime - margin
-            return self._token
+    def _rate_limited(self, wait: float) -> None:
+        self._pacer.blocked(self._clock(), wait)
+        self._throttled += wait
 
     async def _fetch_token(self) -> tuple[str, float]:
         s = self.settings
@@ -165,64 +195,37 @@ class CloudClient:
         body = {
             "client_id": s.client_id,
             "client_secret": s.client_secret.get_secret_value(),
+            "scope": s.scope,
             "grant_type": "client_credentials",
         }
-        status, data, _ = await self._send("POST", f"{s.tenant_url}/oauth/token", None, body, "")
-        if status >= 500:
-            raise QrsUnavailable(f"Qlik Cloud OAuth token endpoint: HTTP {status}")
+        answer = await self.transport.send(
+            "POST",
+            Prepared(f"{s.tenant_url}/oauth/token", {}),
+            path="oauth/token",
+            body=body,
+        )
+        data = answer.json()
+        if answer.status >= 500:
+            raise QrsUnavailable(f"Qlik Cloud OAuth token endpoint: HTTP {answer.status}")
         token = data.get("access_token") if isinstance(data, dict) else None
         lifetime = data.get("expires_in") if isinstance(data, dict) else None
-        if status != 200 or not isinstance(token, str):
+        if answer.status != 200 or not isinstance(token, str):
             code, text = _errors(data)
             raise QrsAuthError(
-                f"Qlik Cloud refused the OAuth client {s.client_id!r}: HTTP {status}"
+                f"Qlik Cloud refused the OAuth client {s.client_id!r}: HTTP {answer.status}"
                 f" {code} {text}".rstrip()
-                + "; check cloud.client_id and cloud.client_secret",
-                status=status,
+                + "; check cloud.client_id, cloud.client_secret and cloud.scope",
+                status=answer.status,
             )
         logger.debug("Qlik Cloud OAuth token fetched for client {}", s.client_id)
         return token, float(lifetime) if isinstance(lifetime, int | float) else 3600.0
 
-    async def _send(
-        self,
-        method: str,
-        url: str,
-        params: Mapping[str, str] | None,
-        body: Any,
-        bearer: str,
-        *,
-        tail_bytes: int = 0,
-    ) -> tuple[int, Any, Mapping[str, str]]:
-        if self._session is None:
-            raise RuntimeError("CloudClient.start() was not called")
-        headers = {"Authorization": f"Bearer {bearer}"} if bearer else {}
-        try:
-            async with self._session.request(
-                method, url, params=params, json=body, headers=headers, allow_redirects=False
-            ) as response:
-                if tail_bytes and response.status < 300:
-                    kept = bytearray()
-                    async for chunk in response.content.iter_chunked(65536):
-                        kept += chunk
-                        del kept[: max(0, len(kept) - tail_bytes)]
-                    return response.status, kept.decode("utf-8", "replace"), response.headers
-                text = await response.text()
-                data: Any = text
-                if response.content_type == "application/json":
-                    try:
-                        data = json.loads(text)
-                    except json.JSONDecodeError:
-                        data = text
-                return response.status, data, response.headers
-        except aiohttp.ClientConnectorCertificateError as exc:
-            raise QrsAuthError(
-                f"TLS verification of {self.settings.tenant_url} failed: {exc.certificate_error};"
-                " behind a TLS-inspecting proxy, set cloud.ca_file to its CA"
-            ) from None
-        except aiohttp.ClientConnectorError as exc:
-            raise Retryable(f"{type(exc).__name__}: {exc}", never_sent=True) from None
-        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
-            raise Retryable(f"{type(exc).__name__}: {exc}".rstrip(": ")) from None
+    def _bearer(self) -> Mapping[str, str]:
+        s = self.settings
+        if s.auth == "api_key":
+            assert s.api_key is not None
+            return {"Authorization": f"Bearer {s.api_key.get_secret_value()}"}
+        return {}  # the shared token is added by the transport
 
     async def _call(
         self,
@@ -235,67 +238,28 @@ class CloudClient:
         tail_bytes: int = 0,
     ) -> tuple[int, Any]:
         """(status, data) of an answer below 500, after retries, rate-limit waits and one token
-        renewal; 401 and 403 raise QrsAuthError unless the caller takes 403 itself."""
-        retry = self.settings.retry
+        renewal; 401 raises QrsAuthError."""
         url = f"{self.settings.tenant_url}/{path}"
-        operation = f"{method} {path.split('/')[2] if path.count('/') >= 2 else path}"
-        attempt, renewed = 0, False
-        while True:
-            attempt += 1
-            started = self._clock()
-            status = 0
-            try:
-                bearer = await self._bearer()
-                status, data, headers = await self._send(
-                    method, url, params, body, bearer, tail_bytes=tail_bytes
-                )
-                if status >= 500:
-                    raise Retryable(f"HTTP {status}: {str(data)[:200]}", status)
-            except Retryable as exc:
-                await back_off(
-                    exc,
-                    what=f"Qlik Cloud {method} /{path}",
-                    path=path,
-                    attempt=attempt,
-                    retry=retry,
-                    repeatable=repeatable,
-                    rng=self._rng,
-                )
-                continue
-            finally:
-                if self._observer is not None:
-                    self._observer(operation, self._clock() - started, status)
-            self.last_success = self._clock()
-            code, text = _errors(data)
-            if status == 401 and self.settings.auth == "oauth" and not renewed:
-                renewed = True  # the token expired early, or was revoked: a new one, once
-                await self._bearer(renew=True)
-                attempt -= 1
-                continue
-            if status == 429 and code == "HTTP-429":
-                wait = self._retry_after(headers)
-                logger.info("Qlik Cloud rate limit on {} /{}: waiting {:.0f} s", method, path, wait)
-                self._pacer.blocked(self._clock(), wait)
-                self._throttled += wait
-                await asyncio.sleep(wait)
-                attempt -= 1
-                continue
-            if status == 401:
-                raise QrsAuthError(
-                    f"Qlik Cloud refused {method} /{path}: HTTP 401 {text}; check"
-                    f" cloud.{'api_key' if self.settings.auth == 'api_key' else 'client_id'}",
-                    status=status,
-                    path=path,
-                    detail=text,
-                )
-            return status, data
-
-    @staticmethod
-    def _retry_after(headers: Mapping[str, str]) -> float:
-        try:
-            return max(0.0, float(headers.get("Retry-After", "1")))
-        except ValueError:
-            return 1.0
+        answer = await self.transport.call(
+            method,
+            lambda: Prepared(url, self._bearer(), params),
+            path=path,
+            operation=f"{method} {path.split('/')[2] if path.count('/') >= 2 else path}",
+            body=body,
+            repeatable=repeatable,
+            tail_bytes=tail_bytes,
+        )
+        data: Any = answer.text if tail_bytes and answer.status < 300 else answer.json()
+        if answer.status == 401:
+            _, text = _errors(data)
+            raise QrsAuthError(
+                f"Qlik Cloud refused {method} /{path}: HTTP 401 {text}; check"
+                f" cloud.{'api_key' if self.settings.auth == 'api_key' else 'client_id'}",
+                status=401,
+                path=path,
+                detail=text,
+            )
+        return answer.status, data
 
     async def _json(self, path: str, params: Mapping[str, str] | None = None) -> Any:
         status, data = await self._call("GET", path, params)
@@ -392,31 +356,11 @@ class CloudClient:
                             "api/v1/items", {"resourceType": "app", "spaceId": str(space["id"])}
                         )
                         take(found)
-        await self._known_tag_members(items, tags)
         return list(
             await asyncio.gather(
                 *(self._task(item, tags.get(app_id, set())) for app_id, item in items.items())
             )
         )
-
-    async def _known_tag_members(
-        self, items: dict[str, dict[str, Any]], tags: dict[str, set[str]]
-    ) -> None:
-        """Mark which found apps carry the allow-list's tags (an item does not show them)."""
-        ids = list(items)
-        for tag in self._known_tags:
-            for collection in await self._collection_ids(tag) if ids else []:
-                for i in range(0, len(ids), PAGE):
-                    found = await self._list(
-                        "api/v1/items",
-                        {
-                            "resourceType": "app",
-                            "collectionId": collection,
-                            "resourceIds": ",".join(ids[i : i + PAGE]),
-                        },
-                    )
-                    for item in found:
-                        tags.setdefault(str(item.get("resourceId", "")).lower(), set()).add(tag)
 
     async def _task(
         self, item: Mapping[str, Any], tags: set[str], *, with_state: bool = True
@@ -425,6 +369,7 @@ class CloudClient:
         policy sees a reloading app as running (`policy.on_running`), as on QRS."""
         app_id = str(item.get("resourceId", "")).lower()
         name = str(item.get("name", ""))
+        tags = tags | _item_tags(item)
         status, reload_id = TaskStatus.NEVER_STARTED, ""
         if with_state:
             data = await self._json("api/v1/reloads", {"appId": app_id, "limit": "1"})
@@ -490,8 +435,20 @@ class CloudClient:
             )
             return StartResult(TaskResult.STARTED, execution_id=data["id"], waited_ms=waited_ms)
         code, text = _errors(data)
-        if status == 429:
+        if status == 429 and code == RATE_LIMIT_CODE:
+            return StartResult(
+                TaskResult.FAILED,
+                error=f"Qlik Cloud's rate limit held the reload back past"
+                f" cloud.retry.max_backoff_s ({self.settings.retry.max_backoff_s:g} s): {text}",
+                waited_ms=waited_ms,
+            )
+        if status == 429 and code:
+            # Qlik keeps one queued reload per app: "a pending reload request already exists".
             return StartResult(TaskResult.ALREADY_RUNNING, error=text or None, waited_ms=waited_ms)
+        if status == 429:
+            text = (
+                f"a 429 that is neither Qlik's rate limit nor a pending reload: {str(data)[:200]}"
+            )
         return StartResult(
             TaskResult.FAILED,
             error=f"Qlik Cloud refused the reload: HTTP {status} {code} {text}".rstrip(),
@@ -499,13 +456,17 @@ class CloudClient:
         )
 
     async def _after_lost_start(self, task: TaskRef, sent_at: float, why: str) -> StartResult:
-        """The answer to a reload start was lost: a reload of the app created since is ours."""
+        """The answer to a reload start was lost: a reload of the app created since through
+        the API (`type: external`) is ours; one a user, a schedule or an automation started
+        is not."""
         try:
             data = await self._json("api/v1/reloads", {"appId": task.id, "limit": "5"})
         except (QrsUnavailable, QrsAuthError, QrsRequestError) as exc:
             return StartResult(TaskResult.UNKNOWN, error=f"{why}; the app's reloads: {exc}")
         for reload in data.get("data", []) if isinstance(data, dict) else []:
             created = _time(reload.get("creationTime"))
+            if reload.get("type") != "external":
+                continue
             if created is not None and created.timestamp() >= sent_at - CREATION_SKEW_S:
                 logger.warning(
                     "the answer to starting app {} was lost ({}); reload {} was created since",
@@ -566,23 +527,31 @@ class CloudClient:
         if reload_id in self._reasons:
             return self._reasons[reload_id]
         error = ": ".join(str(data[k]) for k in ("errorCode", "errorMessage") if data.get(k))
-        tail = None
-        try:
-            tail = await self._log_tail(str(data.get("appId", "")), reload_id, self._tail_lines)
-        except (QrsUnavailable, QrsAuthError, QrsRequestError) as exc:
-            logger.warning("the log of reload {} cannot be read: {}", reload_id, exc)
+        app_id = str(data.get("appId", ""))
+        tail = await contained_log_tail(
+            lambda: self._log_tail(app_id, reload_id, self._tail_lines),
+            self._log_retry_s,
+            f"reload {reload_id} of app {app_id}",
+        )
         reason = "\n".join(part for part in (error, tail) if part)
         self._remember(self._reasons, reload_id, reason)
         return reason
 
     async def _log_tail(self, app_id: str, reload_id: str, lines: int) -> str | None:
+        """The log's last `lines` lines; LogNotReady while it answers 404 (just after the end)."""
         if lines <= 0:
             return None
-        status, text = await self._call(
-            "GET", f"api/v1/apps/{app_id}/reloads/logs/{reload_id}", tail_bytes=LOG_TAIL_BYTES
-        )
+        path = f"api/v1/apps/{app_id}/reloads/logs/{reload_id}"
+        status, text = await self._call("GET", path, tail_bytes=LOG_TAIL_BYTES)
+        if status == 404:
+            raise LogNotReady(f"the log of reload {reload_id} is not there yet (HTTP 404)")
         if status >= 400 or not isinstance(text, str):
-            return None
+            code, detail = _errors(text)
+            raise QrsRequestError(
+                f"Qlik Cloud answered GET /{path} with HTTP {status}: {code} {detail}".rstrip(),
+                status=status,
+                path=path,
+            )
         return log_tail(text, lines)
 
     async def execution_alive(self, execution_id: str) -> bool:

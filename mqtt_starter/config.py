@@ -194,6 +194,11 @@ class QrsSettings(Section):
         None,
         description="file holding the JWT instead of `jwt`; read again when it changes",
     )
+    session_cookie: str | None = Field(
+        None,
+        description="the virtual proxy's session cookie name (the admin's choice in the QMC);"
+        " none: any cookie the proxy sets is kept and sent back",
+    )
     user_directory: str = Field("INTERNAL", description="X-Qlik-User UserDirectory")
     user_id: str = Field("sa_repository", description="X-Qlik-User UserId")
     timeout_s: float = Field(30.0, gt=0, description="time limit of one QRS call")
@@ -244,6 +249,12 @@ class CloudSettings(Section):
     client_id: str | None = Field(None, description="the OAuth client's id")
     client_secret: SecretStr | None = Field(
         None, description="the OAuth client's secret (or client_secret_file)"
+    )
+    scope: str = Field(
+        "user_default",
+        min_length=1,
+        description="OAuth scopes sent with the token request, space-separated (a client"
+        " without scopes can reach nothing)",
     )
     timeout_s: float = Field(30.0, gt=0, description="time limit of one API call")
     max_concurrency: int = Field(8, ge=1, le=256, description="API calls in flight at once")

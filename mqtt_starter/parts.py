@@ -67,11 +67,9 @@ async def open_backend(settings: Settings, observer: Observer | None = None) -> 
     if settings.cloud is not None:
         from .cloud_client import CloudClient
 
-        allow = settings.policy.allow
         cloud = CloudClient(
             settings.cloud,
             log_tail_lines=settings.monitor.log_tail_lines,
-            known_tags=allow.tags if allow is not None else (),
             observer=observer,
         )
         await cloud.start()

@@ -1,6 +1,7 @@
-"""The QRS client: the only module that imports the HTTP client library.
+"""The QRS client: the QRS API's operations, over the transport both sites share
+(transport.py: session, TLS, retries, error mapping, tail reading).
 
-One aiohttp session and connection pool; every call gets a fresh xrfkey (query and header),
+Every call gets a fresh xrfkey (query and header),
 the X-Qlik-User header (values URL-encoded), and either the client certificate (port 4242) or a
 bearer JWT (virtual proxy, whose session cookie is kept, also for IP hosts). At most
 `max_concurrency` calls are in flight. Redirects are never followed: from a proxy, a redirect
@@ -9,8 +10,12 @@ or an HTML page means the token was refused.
 Retries: a call that is safe to repeat is retried on connection errors, timeouts and 5xx with
 full-jitter exponential backoff; 4xx never are. A start is not safe to repeat: it is re-sent
 only when it provably never left (the connection could not be made); otherwise its answer is
-lost (QrsAnswerLost), and `start_task` re-reads the task instead. aiohttp and ssl errors become
-QrsError subclasses here and nowhere else.
+lost (QrsAnswerLost), and `start_task` re-reads the task instead.
+
+Where qrs-api.md section 6 leaves an answer open, every answer listed is taken: a script log
+download of any media type and charset (or none, or a BOM), `scriptlogfile` as an object or a
+bare string or missing, a log not written yet (LogNotReady: the caller tries again), filter
+dates read as UTC or as the server's local time (`calibrate_dates`), any session cookie name.
 """
 
 from __future__ import annotations
@@ -24,22 +29,24 @@ import ssl
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote as url_quote
 from urllib.parse import urlsplit
 
-import aiohttp
 from loguru import logger
 from yarl import URL
 
 from .config import QrsSettings
 from .core.errors import (
     ConfigError,
+    LogNotReady,
     QrsAnswerLost,
     QrsAuthError,
     QrsError,
     QrsRequestError,
+    QrsUnavailable,
 )
 from .core.model import (
     Execution,
@@ -50,7 +57,7 @@ from .core.model import (
     TaskRef,
     TaskResult,
 )
-from .core.monitoring import log_tail
+from .core.monitoring import iso, log_tail, parse_iso
 from .core.qrs_query import (
     EMPTY_GUID,
     changed_filter,
@@ -64,10 +71,10 @@ from .core.qrs_query import (
 )
 from .core.start_check import explain_declined, lost_unknown, run_after
 from .core.tokens import expiry_warning, token_expiry
-from .retries import Retryable, back_off
+from .transport import Answer, Observer, Prepared, TlsFiles, Transport
+from .transport import build_ssl_context as build_tls_context
 
-# Called after each QRS call with (operation, seconds, HTTP status or 0 when none came back).
-Observer = Callable[[str, float, int], None]
+__all__ = ["Observer", "QrsClient"]
 
 # How often a jwt_file is looked at for a new token, and a near expiry warned about again.
 TOKEN_CHECK_S = 2.0
@@ -76,24 +83,12 @@ EXPIRY_WARN_EVERY_S = 3600.0
 CERT_PROBE_S = 0.5
 # How much of a script log's end is read: enough for any sensible monitor.log_tail_lines.
 LOG_TAIL_BYTES = 256 * 1024
+QUARTER_HOUR_S = 900.0  # time zones' offsets are whole quarter hours
 # OpenSSL verification codes that get a hint of their own.
 _HOSTNAME_MISMATCH = 62
 _IP_MISMATCH = 64
 _UNKNOWN_ISSUER = {2, 18, 19, 20, 21}
 _EXPIRED = {9, 10}
-
-
-async def _read_tail(response: aiohttp.ClientResponse, limit: int) -> str:
-    """The last `limit` bytes of a body, read in chunks: memory stays bounded."""
-    kept = bytearray()
-    cut = False
-    async for chunk in response.content.iter_chunked(65536):
-        kept += chunk
-        if len(kept) > limit:
-            del kept[: len(kept) - limit]
-            cut = True
-    text = kept.decode(response.get_encoding() or "utf-8", errors="replace")
-    return text.split("\n", 1)[-1] if cut else text  # a cut line is no line
 
 
 def new_xrfkey() -> str:
@@ -107,35 +102,22 @@ def qlik_user_header(settings: QrsSettings) -> str:
     return f"UserDirectory={directory}; UserId={url_quote(settings.user_id, safe='')}"
 
 
-def build_ssl_context(settings: QrsSettings) -> ssl.SSLContext:
-    """Blocking (reads key files): call once, off the event loop.
+def tls_files(settings: QrsSettings) -> TlsFiles:
+    return TlsFiles(
+        ca_file=settings.ca_file,
+        ca_key="qrs.ca_file",
+        cert_file=settings.cert_file if settings.auth == "certificate" else None,
+        key_file=settings.key_file if settings.auth == "certificate" else None,
+        cert_key="qrs.cert_file",
+        relax_strict_for_pinned_root=True,
+        check_hostname=settings.verify_hostname,
+        verify=not settings.insecure,
+    )
 
-    An unreadable or corrupt file is a ConfigError that names its key: retrying cannot help.
-    """
-    try:
-        context = ssl.create_default_context(
-            cafile=str(settings.ca_file) if settings.ca_file else None
-        )
-    except OSError as exc:
-        raise ConfigError.unusable("qrs.ca_file", settings.ca_file, exc) from None
-    if settings.ca_file is not None:
-        # Sense's own CA and server certificates fail the strict X.509 checks that Python 3.13
-        # turns on by default; for a root pinned by hand they add nothing, so they are off.
-        context.verify_flags &= ~ssl.VERIFY_X509_STRICT
-    if settings.insecure:
-        context.check_hostname = False
-        context.verify_mode = ssl.CERT_NONE
-    elif not settings.verify_hostname:
-        # The chain is still verified against ca_file; only the name is not compared.
-        context.check_hostname = False
-    if settings.auth == "certificate":
-        try:
-            context.load_cert_chain(settings.cert_file, settings.key_file)
-        except OSError as exc:  # ssl.SSLError is one
-            raise ConfigError.unusable(
-                "qrs.cert_file", f"{settings.cert_file} (with {settings.key_file})", exc
-            ) from None
-    return context
+
+def build_ssl_context(settings: QrsSettings) -> ssl.SSLContext:
+    """Blocking (reads key files): call once, off the event loop."""
+    return build_tls_context(tls_files(settings))
 
 
 def verification_hint(code: int, settings: QrsSettings) -> str:
@@ -176,7 +158,10 @@ def _read_token(path: Path) -> tuple[str, float]:
 
 
 class QrsClient:
-    """`await client.start()` once, then the operations; `await client.close()` at the end."""
+    """The QRS API operations over the shared transport (transport.py).
+
+    `await client.start()` once, then the operations; `await client.close()` at the end.
+    """
 
     site = "qrs"
     unsupported = frozenset({SelectorKind.SPACE})
@@ -190,39 +175,47 @@ class QrsClient:
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.settings = settings
-        self._observer = observer
-        self._rng = rng or random.Random()
         self._clock = clock
-        self._session: aiohttp.ClientSession | None = None
-        self._gate = asyncio.Semaphore(settings.max_concurrency)
         # Held by the one call that opens a proxy session, so that calls in parallel do not
         # each open a session of their own (Sense allows a user about five).
         self._proxy_session_lock = asyncio.Lock()
         self._token: _Token | None = None
-        self._ssl_context: ssl.SSLContext | None = None
         self._base = f"{settings.url}/qrs/"
-        self.last_success: float | None = None  # monotonic time of the last answered call
+        # How QRS reads a date in a filter, measured by `calibrate_dates` (seconds to add to a
+        # UTC moment so that QRS reads it as that moment; 0 for a server that reads UTC).
+        self.date_offset_s = 0.0
+        self.date_note = "not measured yet"
+        self.transport = Transport(
+            "QRS",
+            settings.url,
+            tls_files(settings),
+            timeout_s=settings.timeout_s,
+            max_concurrency=settings.max_concurrency,
+            retry=settings.retry,
+            headers={"X-Qlik-User": qlik_user_header(settings), "Accept": "application/json"},
+            server_hostname=settings.server_name,
+            observer=observer,
+            rng=rng,
+            inspect=self._refuse_login_answers,
+            explain_disconnect=self._explain_disconnect,
+            certificate_hint=lambda error: verification_hint(
+                int(getattr(error, "verify_code", 0) or 0), settings
+            ),
+        )
+
+    @property
+    def last_success(self) -> float | None:
+        """Monotonic time of the last call QRS answered."""
+        return self.transport.last_success
 
     async def start(self) -> None:
         """Load certificates and the token (ConfigError when they cannot be used)."""
-        context = await asyncio.to_thread(build_ssl_context, self.settings)
-        self._ssl_context = context
         if self.settings.auth == "jwt":
             self._token = await self._load_token()
-        self._session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(ssl=context, limit=self.settings.max_concurrency),
-            headers={"X-Qlik-User": qlik_user_header(self.settings), "Accept": "application/json"},
-            # The proxy's session cookie must come back even when the URL names an IP address,
-            # which aiohttp's default jar refuses.
-            cookie_jar=aiohttp.CookieJar(unsafe=True),
-            raise_for_status=False,
-            timeout=aiohttp.ClientTimeout(total=self.settings.timeout_s),
-        )
+        await self.transport.start()
 
     async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
+        await self.transport.close()
 
     async def __aenter__(self) -> QrsClient:
         await self.start()
@@ -266,18 +259,20 @@ class QrsClient:
                 mtime = (await asyncio.to_thread(token.path.stat)).st_mtime
                 if mtime != token.mtime:
                     self._token = await self._load_token()
-                    assert self._session is not None
                     # A new token may be another user: its proxy session starts afresh.
-                    self._session.cookie_jar.clear()
+                    self.transport.cookies.clear()
                     logger.info("qrs.jwt_file changed: using the new token")
             except (OSError, ConfigError) as exc:
                 logger.warning("qrs.jwt_file {}: keeping the current token ({})", token.path, exc)
         return self._token.value if self._token is not None else token.value
 
     def _needs_proxy_session(self) -> bool:
-        if self.settings.auth != "jwt" or self._session is None:
+        """Whether no proxy session is open yet: the name of the proxy's cookie is the
+        admin's choice (`qrs.session_cookie`); without it, any cookie the proxy set counts."""
+        if self.settings.auth != "jwt":
             return False
-        return not any(c.key.startswith("X-Qlik-Session") for c in self._session.cookie_jar)
+        wanted = self.settings.session_cookie
+        return not any(wanted is None or c.key == wanted for c in self.transport.cookies)
 
     # -- transport ---------------------------------------------------------------------------
 
@@ -285,72 +280,17 @@ class QrsClient:
         query = "".join(f"{k}={url_quote(v, safe='')}&" for k, v in params.items())
         return URL(f"{self._base}{path}?{query}xrfkey={xrfkey}", encoded=True)
 
-    async def _once(
-        self, method: str, path: str, params: Mapping[str, str], body: Any, tail_bytes: int
-    ) -> tuple[int, str]:
-        if self._needs_proxy_session():
-            async with self._proxy_session_lock:
-                if self._needs_proxy_session():
-                    return await self._send(method, path, params, body, tail_bytes)
-        return await self._send(method, path, params, body, tail_bytes)
-
-    async def _send(
-        self, method: str, path: str, params: Mapping[str, str], body: Any, tail_bytes: int = 0
-    ) -> tuple[int, str]:
-        if self._session is None:
-            raise RuntimeError("QrsClient.start() was not called")
-        xrfkey = new_xrfkey()
-        headers = {"X-Qlik-Xrfkey": xrfkey}
-        if self._token is not None:
-            headers["Authorization"] = f"Bearer {await self._current_token()}"
-        try:
-            async with (
-                self._gate,
-                self._session.request(
-                    method,
-                    self._url(path, params, xrfkey),
-                    json=body,
-                    headers=headers,
-                    allow_redirects=False,
-                    server_hostname=self.settings.server_name,
-                ) as response,
-            ):
-                if tail_bytes and response.status < 300:
-                    text = await _read_tail(response, tail_bytes)
-                else:
-                    text = await response.text()
-                self._refuse_login_answers(method, path, response)
-                return response.status, text
-        except aiohttp.ClientConnectorCertificateError as exc:
-            error = exc.certificate_error
-            code = getattr(error, "verify_code", 0)
-            message = getattr(error, "verify_message", error)
-            raise QrsAuthError(
-                f"TLS verification of {self.settings.url} failed: {message};"
-                f" {verification_hint(code, self.settings)}",
+    async def _explain_disconnect(self, path: str) -> QrsAuthError | None:
+        # A probe tells a refused certificate from a dropped connection; disconnects are
+        # rare, so it costs nothing in the common case (a request trace would, on every call).
+        if self.settings.auth == "certificate" and await self._certificate_refused():
+            return QrsAuthError(
+                f"QRS {self.settings.url} closed a new connection without answering: it"
+                " does not accept the client certificate (qrs.cert_file, qrs.key_file);"
+                " export client.pem, client_key.pem and root.pem again from the QMC",
                 path=path,
-            ) from None
-        except aiohttp.ClientSSLError as exc:
-            raise QrsAuthError(
-                f"TLS handshake with {self.settings.url} failed: {exc}", path=path
-            ) from None
-        except aiohttp.ClientConnectorError as exc:
-            # No connection was made: nothing was sent.
-            raise Retryable(f"{type(exc).__name__}: {exc}", never_sent=True) from None
-        except aiohttp.ServerDisconnectedError as exc:
-            # A probe tells a refused certificate from a dropped connection; disconnects are
-            # rare, so it costs nothing in the common case (a request trace would, on every
-            # call).
-            if self.settings.auth == "certificate" and await self._certificate_refused():
-                raise QrsAuthError(
-                    f"QRS {self.settings.url} closed a new connection without answering: it"
-                    " does not accept the client certificate (qrs.cert_file, qrs.key_file);"
-                    " export client.pem, client_key.pem and root.pem again from the QMC",
-                    path=path,
-                ) from None
-            raise Retryable(f"{type(exc).__name__}: {exc}") from None
-        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
-            raise Retryable(f"{type(exc).__name__}: {exc}".rstrip(": ")) from None
+            )
+        return None
 
     async def _certificate_refused(self) -> bool:
         """Whether QRS refuses the client certificate.
@@ -362,17 +302,15 @@ class QrsClient:
         waits for a request.
         """
         parts = urlsplit(self.settings.url)
-        if self._ssl_context is None or parts.scheme != "https":
+        context = self.transport.ssl_context
+        if context is None or parts.scheme != "https":
             return False
         host = parts.hostname or ""
-        port = parts.port or (443 if parts.scheme == "https" else 80)
+        port = parts.port or 443
         try:
             reader, writer = await asyncio.wait_for(
                 asyncio.open_connection(
-                    host,
-                    port,
-                    ssl=self._ssl_context,
-                    server_hostname=self.settings.server_name or host,
+                    host, port, ssl=context, server_hostname=self.settings.server_name or host
                 ),
                 self.settings.timeout_s,
             )
@@ -387,9 +325,7 @@ class QrsClient:
         finally:
             writer.close()
 
-    def _refuse_login_answers(
-        self, method: str, path: str, response: aiohttp.ClientResponse
-    ) -> None:
+    def _refuse_login_answers(self, method: str, path: str, response: Answer) -> None:
         """A redirect, or an HTML page where JSON was asked for, is a proxy's login: the
         token (or the header) was not accepted."""
         if 300 <= response.status < 400:
@@ -427,47 +363,44 @@ class QrsClient:
         any other failure raises QrsAnswerLost at once. `tail_bytes`: keep only the end of
         the answer (a script log can be megabytes).
         """
-        params = params or {}
-        retry = self.settings.retry
-        operation = f"{method} {path.split('/')[0]}"
-        for attempt in range(1, retry.attempts + 1):
-            started = time.monotonic()
-            status = 0
-            try:
-                status, text = await self._once(method, path, params, body, tail_bytes)
-                if status >= 500:
-                    raise Retryable(f"HTTP {status}: {text[:200]}", status)
-            except Retryable as exc:
-                await back_off(
-                    exc,
-                    what=f"QRS {method} /qrs/{path}",
-                    path=path,
-                    attempt=attempt,
-                    retry=retry,
-                    repeatable=repeatable,
-                    rng=self._rng,
-                )
-                continue
-            finally:
-                if self._observer is not None:
-                    self._observer(operation, time.monotonic() - started, status)
-            self.last_success = time.monotonic()
-            if status in (401, 403):
-                raise QrsAuthError(
-                    f"QRS refused {method} /qrs/{path}: HTTP {status} {text[:200]}",
-                    status=status,
-                    path=path,
-                    detail=text[:200],
-                )
-            if status >= 400:
-                raise QrsRequestError(
-                    f"QRS answered {method} /qrs/{path} with HTTP {status}: {text[:200]}",
-                    status=status,
-                    path=path,
-                    detail=text[:200],
-                )
-            return status, text
-        raise AssertionError("unreachable: retry.attempts >= 1")
+        query = params or {}
+
+        async def prepare() -> Prepared:
+            xrfkey = new_xrfkey()
+            headers = {"X-Qlik-Xrfkey": xrfkey}
+            if self._token is not None:
+                headers["Authorization"] = f"Bearer {await self._current_token()}"
+            return Prepared(self._url(path, query, xrfkey), headers)
+
+        kwargs: dict[str, Any] = {
+            "path": path,
+            "operation": f"{method} {path.split('/')[0]}",
+            "what": f"QRS {method} /qrs/{path}",
+            "body": body,
+            "repeatable": repeatable,
+            "tail_bytes": tail_bytes,
+        }
+        if self._needs_proxy_session():
+            async with self._proxy_session_lock:
+                answer = await self.transport.call(method, prepare, **kwargs)
+        else:
+            answer = await self.transport.call(method, prepare, **kwargs)
+        status, text = answer.status, answer.text
+        if status in (401, 403):
+            raise QrsAuthError(
+                f"QRS refused {method} /qrs/{path}: HTTP {status} {text[:200]}",
+                status=status,
+                path=path,
+                detail=text[:200],
+            )
+        if status >= 400:
+            raise QrsRequestError(
+                f"QRS answered {method} /qrs/{path} with HTTP {status}: {text[:200]}",
+                status=status,
+                path=path,
+                detail=text[:200],
+            )
+        return status, text
 
     async def _json(
         self,
@@ -597,13 +530,85 @@ class QrsClient:
         return found
 
     async def changed_executions(self, since: str) -> list[Execution]:
-        return await self._executions({"filter": changed_filter(since)})
+        return await self._executions({"filter": changed_filter(self._as_read(since))})
+
+    def _as_read(self, moment: str) -> str:
+        """`moment` (UTC) written so that QRS reads it as that moment (`calibrate_dates`)."""
+        if not self.date_offset_s:
+            return moment
+        parsed = parse_iso(moment)
+        return moment if parsed is None else iso(parsed + timedelta(seconds=self.date_offset_s))
+
+    async def calibrate_dates(self) -> str:
+        """Learn how QRS reads a date in a filter (qrs-api.md section 6: as UTC, or as the
+        server's local time) and correct for it; what was found, in words.
+
+        A known result is asked for by its own `modifiedDate`: a server that reads UTC returns
+        it. Else, and to find a server east of UTC (which returns it, and more), the latest
+        moment that still returns it is sought among the offsets time zones have (quarter
+        hours from -12 h to +14 h): that is the server's offset.
+        """
+        known = await self._known_result()
+        if known is None:
+            self.date_note = "no run in the last day to measure against: dates are sent as UTC"
+            return self.date_note
+        moment = parse_iso(known.modified)
+        assert moment is not None
+
+        async def returned(offset_s: float) -> bool:
+            literal = iso(moment + timedelta(seconds=offset_s))
+            found = await self._executions(
+                {"filter": f"id eq {known.result_id} and modifiedDate ge '{literal}'"}
+            )
+            return any(r.result_id == known.result_id for r in found)
+
+        quarters = range(-12 * 4, 14 * 4 + 1)
+        if await returned(0) and not await returned(QUARTER_HOUR_S):
+            offset = 0.0
+        else:
+            low, high = 0, len(quarters) - 1  # the last quarter that still returns it
+            if not await returned(quarters[low] * QUARTER_HOUR_S):
+                self.date_note = "QRS did not return a known run by its own date: sent as UTC"
+                logger.warning("QRS date filter: {}", self.date_note)
+                return self.date_note
+            while low < high:
+                middle = (low + high + 1) // 2
+                if await returned(quarters[middle] * QUARTER_HOUR_S):
+                    low = middle
+                else:
+                    high = middle - 1
+            offset = quarters[low] * QUARTER_HOUR_S
+        self.date_offset_s = offset
+        if offset:
+            self.date_note = (
+                f"QRS reads filter dates as its local time (UTC{offset / 3600:+g} h): corrected for"
+            )
+            logger.warning("QRS date filter: {}", self.date_note)
+        else:
+            self.date_note = "QRS reads filter dates as UTC"
+            logger.info("QRS date filter: {}", self.date_note)
+        return self.date_note
+
+    async def _known_result(self) -> Execution | None:
+        """The newest result changed in the last hour, else the last day (read as UTC: a
+        server west of UTC returns less, which the wider window makes up for)."""
+        now = datetime.now(UTC)
+        for back in (timedelta(hours=1), timedelta(days=1)):
+            found = [
+                r
+                for r in await self._executions({"filter": changed_filter(iso(now - back))})
+                if r.result_id and parse_iso(r.modified) is not None
+            ]
+            if found:
+                return max(found, key=lambda r: (parse_iso(r.modified), r.result_id))
+        return None
 
     async def script_log_tail(self, task: TaskRef, execution: Execution, lines: int) -> str | None:
-        """The last `lines` lines of the attempt's script log; None when it has none.
+        """The last `lines` lines of the attempt's script log; None when it has none (not a
+        reload); LogNotReady when QRS has not written it yet (try again later).
 
-        The call of May 2025 first (by result id); a server that does not know it answers
-        404, and the older call (by file reference) is tried.
+        The call of May 2025 first (by result id); a server without it (any 4xx but 401 and
+        403, or a 5xx after the retries) gets the older call (by file reference).
         """
         if task.task_type != 0:
             return None  # only reloads write a script log
@@ -615,21 +620,32 @@ class QrsClient:
                 f"reloadtask/{task.id}/scriptlog", {"fileReferenceId": execution.file_reference_id}
             )
         if download is None:
-            return None
+            raise LogNotReady(f"QRS has no script log for result {execution.result_id} yet")
         file_name = re.sub(r"[^0-9A-Za-z_-]+", "_", task.name)[:100] or "script"
-        _, text = await self._call(
-            "GET", f"download/reloadtask/{download}/{file_name}.log", tail_bytes=LOG_TAIL_BYTES
-        )
-        return log_tail(text, lines)
+        try:
+            _, text = await self._call(
+                "GET", f"download/reloadtask/{download}/{file_name}.log", tail_bytes=LOG_TAIL_BYTES
+            )
+        except QrsRequestError as exc:
+            if exc.status == 404:
+                raise LogNotReady(f"the script log download answered 404: {exc}") from None
+            raise
+        tail = log_tail(text, lines)
+        if not tail:
+            raise LogNotReady(f"the script log of result {execution.result_id} is empty so far")
+        return tail
 
     async def _log_download(self, path: str, params: Mapping[str, str]) -> str | None:
+        """The download id a log call gives (`{"value": id}` or a bare JSON string); None when
+        this call cannot give it (a server without the call, or no log under that key)."""
         try:
             data = await self._json("GET", path, params)
-        except QrsRequestError as exc:
-            if exc.status in (400, 404):
-                return None
+        except QrsAuthError:
             raise
-        value = data.get("value") if isinstance(data, dict) else None
+        except (QrsRequestError, QrsUnavailable) as exc:
+            logger.debug("QRS {}: {}; trying the other script log call", path, exc)
+            return None
+        value = data.get("value") if isinstance(data, dict) else data
         return normalize_guid(value) if isinstance(value, str) else None
 
     async def execution_alive(self, execution_id: str) -> bool:

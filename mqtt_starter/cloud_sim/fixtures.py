@@ -40,6 +40,21 @@ class OAuthClient(BaseModel):
     client_secret: str
 
 
+class CloudVariants(BaseModel):
+    """Which answer the tenant gives where qlik-cloud-api.md leaves it open."""
+
+    model_config = ConfigDict(extra="forbid")
+    log_ready_after_reads: int = Field(
+        0, ge=0, description="a finished reload's log answers 404 for this many reads"
+    )
+    proxy_429_next: int = Field(
+        0,
+        ge=0,
+        description="the next API calls answered 429 with an HTML page by a proxy in front"
+        " (neither a rate limit nor a pending reload)",
+    )
+
+
 class CloudFixture(BaseModel):
     model_config = ConfigDict(extra="forbid")
     api_keys: list[str] = Field(["sim-api-key"], description="bearer keys accepted")
@@ -53,6 +68,7 @@ class CloudFixture(BaseModel):
         None, description="reloads the tenant may start in all; more get 403 RELOADS-013"
     )
     journal_limit: int = Field(20_000, ge=100)
+    variants: CloudVariants = CloudVariants()
     spaces: list[str] = []
     apps: list[App] = []
 

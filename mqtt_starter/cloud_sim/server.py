@@ -20,7 +20,7 @@ from aiohttp import web
 from ..simulator.certs import CertPaths
 from ..simulator.server import server_ssl_context, set_faults_of, with_faults
 from ..simulator.state import JournalEntry
-from .fixtures import CloudFixture
+from .fixtures import CloudFixture, CloudVariants
 from .state import ApiError, CloudState
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -67,8 +67,13 @@ async def token(request: web.Request) -> web.Response:
         raise ApiError(400, "OAUTH-2", "invalid_request", "a JSON body") from None
     if not isinstance(body, dict) or body.get("grant_type") != "client_credentials":
         raise ApiError(400, "OAUTH-3", "unsupported_grant_type", "client_credentials only")
+    scope = body.get("scope")
     return web.json_response(
-        _state(request).issue_token(str(body.get("client_id")), str(body.get("client_secret")))
+        _state(request).issue_token(
+            str(body.get("client_id")),
+            str(body.get("client_secret")),
+            scope if isinstance(scope, str) else "",
+        )
     )
 
 
@@ -189,7 +194,7 @@ async def reload_log(request: web.Request) -> web.Response:
     if reload is None or reload["appId"] != request.match_info["app"]:
         raise ApiError(404, "RELOADS-002", "Reload not found", "no such reload for this app")
     text = state.logs.get(reload["id"])
-    if text is None:
+    if text is None or state.log_not_ready(reload["id"]):
         raise ApiError(404, "RELOADS-011", "Log not available", "the reload has not ended")
     return web.Response(text=text, content_type="text/plain")
 
@@ -236,12 +241,21 @@ async def faults(request: web.Request, handler: Handler) -> web.StreamResponse:
     )
 
 
+PROXY_PAGE = "<html><body><h1>429 Too Many Requests</h1>nginx</body></html>"
+
+
 @web.middleware
 async def bearer(request: web.Request, handler: Handler) -> web.StreamResponse:
-    if request.path.startswith("/api/") and not _state(request).authorised(
-        request.headers.get("Authorization")
-    ):
+    state = _state(request)
+    if not request.path.startswith("/api/"):
+        return await handler(request)
+    if state.take_proxy_429():
+        return web.Response(status=429, text=PROXY_PAGE, content_type="text/html")
+    header = request.headers.get("Authorization")
+    if not state.authorised(header):
         return _error(ApiError(401, "HTTP-401", "Unauthorized", "a valid bearer is required"))
+    if not state.scoped(header):
+        return _error(ApiError(403, "HTTP-403", "Forbidden", "the token has no scope"))
     return await handler(request)
 
 
@@ -276,6 +290,26 @@ async def set_faults(request: web.Request) -> web.Response:
     return await set_faults_of(request, _state(request).faults)
 
 
+async def set_variants(request: web.Request) -> web.Response:
+    """POST /_sim/variants: any fields of `CloudVariants`; the variants after."""
+    state = _state(request)
+    try:
+        body = await request.json()
+        state.variants = CloudVariants.model_validate({**state.variants.model_dump(), **body})
+    except (ValueError, TypeError) as exc:
+        raise web.HTTPBadRequest(text=str(exc)) from None
+    return web.json_response(state.variants.model_dump())
+
+
+async def reload_by_other(request: web.Request) -> web.Response:
+    """POST /_sim/apps/{id}/reloads {"type": "hub"|"chronos"|"automations"}: a reload nobody
+    started through the API."""
+    body = await request.json()
+    kind = body.get("type", "hub") if isinstance(body, dict) else "hub"
+    reload = _state(request).start_reload(request.match_info["id"], kind=str(kind))
+    return web.json_response(reload, status=201)
+
+
 def build_app(state: CloudState) -> web.Application:
     app = web.Application(middlewares=[journal, api_errors, faults, bearer])
     app[STATE_KEY] = state
@@ -295,6 +329,8 @@ def build_app(state: CloudState) -> web.Application:
             web.get("/_sim/journal", get_journal),
             web.delete("/_sim/journal", clear_journal),
             web.post("/_sim/faults", set_faults),
+            web.post("/_sim/variants", set_variants),
+            web.post("/_sim/apps/{id}/reloads", reload_by_other),
         ]
     )
     return app

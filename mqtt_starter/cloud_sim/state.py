@@ -78,6 +78,9 @@ class CloudState:
         self.logs: dict[str, str] = {}
         self.by_app: dict[str, deque[str]] = {app.id: deque() for app in fixture.apps}
         self.tokens: dict[str, float] = {}  # access token → monotonic expiry
+        self.scopeless: set[str] = set()  # tokens issued without a scope: they reach nothing
+        self.variants = fixture.variants
+        self._log_reads: dict[str, int] = {}
         self.tokens_issued = 0
         self.posts: deque[float] = deque()  # monotonic times of reload POSTs in the window
         self.reloads_started = 0
@@ -103,11 +106,16 @@ class CloudState:
             "spaceId": self.space_id(app.space) or "",
             "ownerId": "sim-user",
             "collectionIds": [i for i, tag in self.collections.items() if tag in app.tags],
+            "meta": {
+                "tags": [
+                    {"id": i, "name": tag} for i, tag in self.collections.items() if tag in app.tags
+                ]
+            },
         }
 
     # -- auth ---------------------------------------------------------------------------------
 
-    def issue_token(self, client_id: str, client_secret: str) -> dict[str, Any]:
+    def issue_token(self, client_id: str, client_secret: str, scope: str = "") -> dict[str, Any]:
         if not any(
             c.client_id == client_id and c.client_secret == client_secret
             for c in self.fixture.oauth_clients
@@ -116,6 +124,8 @@ class CloudState:
         token = secrets.token_urlsafe(24)
         lifetime = self.fixture.token_lifetime_s
         self.tokens[token] = time.monotonic() + lifetime
+        if not scope.split():
+            self.scopeless.add(token)
         self.tokens_issued += 1
         return {"access_token": token, "expires_in": lifetime, "token_type": "Bearer"}
 
@@ -130,9 +140,38 @@ class CloudState:
 
     # -- reloads ------------------------------------------------------------------------------
 
+    def scoped(self, header: str | None) -> bool:
+        """Whether the bearer may reach anything (an OAuth token asked for without a scope
+        reaches nothing)."""
+        return (header or "").removeprefix("Bearer ") not in self.scopeless
+
+    def log_not_ready(self, reload_id: str) -> bool:
+        """Whether this read of a finished reload's log finds it not there yet (counted)."""
+        reads = self._log_reads.get(reload_id, 0)
+        if reads >= self.variants.log_ready_after_reads:
+            return False
+        self._log_reads[reload_id] = reads + 1
+        return True
+
+    def take_proxy_429(self) -> bool:
+        if self.variants.proxy_429_next <= 0:
+            return False
+        self.variants = self.variants.model_copy(
+            update={"proxy_429_next": self.variants.proxy_429_next - 1}
+        )
+        return True
+
     def start_reload(
-        self, app_id: str, *, partial: bool = False, weight: int = 1, variables: Any = None
+        self,
+        app_id: str,
+        *,
+        partial: bool = False,
+        weight: int = 1,
+        variables: Any = None,
+        kind: str = "external",
     ) -> dict[str, Any]:
+        """A reload of the app; `kind` is its `type`: `external` through the API, `hub` by a
+        user, `chronos` by a schedule, `automations` by an automation."""
         app = self.apps.get(app_id)
         if app is None:
             raise ApiError(404, "RELOADS-001", "App not found", f"app {app_id} does not exist")
@@ -170,7 +209,7 @@ class CloudState:
             "appId": app_id,
             "tenantId": "sim-tenant",
             "userId": "sim-user",
-            "type": "hub",
+            "type": kind,
             "status": "QUEUED",
             "partial": partial,
             "weight": weight,

@@ -15,7 +15,8 @@ calls the foreign library; nothing above that edge catches anything else.
     │   ├── QrsUnavailable           connection errors, timeouts, 5xx after the last retry
     │   │   └── QrsAnswerLost        a call not safe to repeat may have reached QRS; no answer
     │   ├── QrsAuthError             401/403 or a TLS failure: retrying cannot help
-    │   └── QrsRequestError          any other 4xx: the request itself was wrong ("internal")
+    │   ├── QrsRequestError          any other 4xx: the request itself was wrong ("internal")
+    │   └── LogNotReady              a run's script log is not written yet: ask again later
     └── MqttLinkError                the broker refused or dropped the connection
 """
 
@@ -102,6 +103,10 @@ class QrsAuthError(QrsError):
 class QrsRequestError(QrsError):
     # QRS is up but refused what it was sent: not "unavailable", a fault on this side.
     code = "internal"
+
+
+class LogNotReady(QrsError):
+    """The site has not written a finished run's log yet (404 or empty for a few seconds)."""
 
 
 class MqttLinkError(MqttStarterError):

@@ -13,7 +13,12 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
+
+# Reads a date literal of a filter as the moment the server takes it for.
+DateReader = Callable[[str], datetime | None]
+_DATE = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d+)?(Z|[+-]\d{2}:\d{2})?$")
 
 
 class FilterError(ValueError):
@@ -197,13 +202,29 @@ def _leaves(obj: Any, path: tuple[str, ...]) -> Iterator[Any]:
                 yield from _leaves(child, path[1:])
 
 
-def _ordered(left: Any, right: Any) -> tuple[Any, Any] | None:
+def _date(text: str) -> datetime | None:
+    if not _DATE.match(text):
+        return None
+    try:
+        moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+
+
+def _ordered(left: Any, right: Any, read_date: DateReader | None = None) -> tuple[Any, Any] | None:
     if isinstance(left, bool) or isinstance(right, bool):
         return None
     if isinstance(left, int | float) and isinstance(right, int | float):
         return left, right
     if isinstance(left, str) and isinstance(right, str):
-        return left.lower(), right.lower()  # ISO dates order as text
+        # DateTime fields compare as moments (with or without milliseconds); the literal is
+        # read as the server reads it.
+        stored = _date(left)
+        wanted = (read_date or _date)(right) if stored is not None else None
+        if stored is not None and wanted is not None:
+            return stored, wanted
+        return left.lower(), right.lower()
     return None
 
 
@@ -215,7 +236,7 @@ def _equal(actual: Any, wanted: Any) -> bool:
     return bool(actual == wanted)
 
 
-def _compare(op: str, actual: Any, wanted: Any) -> bool:
+def _compare(op: str, actual: Any, wanted: Any, read_date: DateReader | None = None) -> bool:
     if op in _STRING_ONLY:
         if not isinstance(actual, str) or not isinstance(wanted, str):
             return False
@@ -224,7 +245,7 @@ def _compare(op: str, actual: Any, wanted: Any) -> bool:
     if op in ("eq", "ne"):
         same = _equal(actual, wanted)
         return same if op == "eq" else not same
-    pair = _ordered(actual, wanted)
+    pair = _ordered(actual, wanted, read_date)
     if pair is None:
         return False
     a, w = pair
@@ -237,9 +258,11 @@ def _compare(op: str, actual: Any, wanted: Any) -> bool:
     return checks[op](a, w)
 
 
-def evaluate(node: Node, obj: Mapping[str, Any]) -> bool:
+def evaluate(node: Node, obj: Mapping[str, Any], read_date: DateReader | None = None) -> bool:
+    """Whether `obj` matches; `read_date` reads a date literal as the server does (default:
+    as UTC)."""
     if isinstance(node, BoolOp):
         if node.op == "and":
-            return evaluate(node.left, obj) and evaluate(node.right, obj)
-        return evaluate(node.left, obj) or evaluate(node.right, obj)
-    return any(_compare(node.op, leaf, node.value) for leaf in _leaves(obj, node.path))
+            return evaluate(node.left, obj, read_date) and evaluate(node.right, obj, read_date)
+        return evaluate(node.left, obj, read_date) or evaluate(node.right, obj, read_date)
+    return any(_compare(node.op, leaf, node.value, read_date) for leaf in _leaves(obj, node.path))

@@ -55,6 +55,53 @@ class TaskFixture(BaseModel):
         return str(uuid.UUID(value))
 
 
+class Variants(BaseModel):
+    """Which answer the server gives where qrs-api.md section 6 leaves it open. The defaults
+    are the answers a real site is most likely to give, not the politest."""
+
+    model_config = ConfigDict(extra="forbid")
+    log_content_type: Literal["octet-stream", "text", "text-charset", "bom"] = Field(
+        "octet-stream",
+        description="the script log download: application/octet-stream; text/plain without"
+        " charset; text/plain; charset=utf-8; or octet-stream starting with a UTF-8 BOM",
+    )
+    log_call_body: Literal["string", "object"] = Field(
+        "string",
+        description="scriptlogfile's answer: a bare JSON string (Qlik's reference) or"
+        ' {"value": ...}',
+    )
+    missing_log_call_status: Literal[400, 404, 405, 500] = Field(
+        404,
+        description="how a log call the server does not offer (script_log_api) answers; 500:"
+        " it fails every time",
+    )
+    log_ready_after_reads: int = Field(
+        0,
+        ge=0,
+        description="a finished run's log is not there for this many reads (of either log"
+        " call or the download), as on a large site for a few seconds after FinishedFail",
+    )
+    log_not_ready_as: Literal["404", "empty"] = Field(
+        "404", description="what a log that is not there yet answers: 404, or an empty log"
+    )
+    date_filter_offset_s: float = Field(
+        0.0,
+        description="a date literal in a filter is read as the server's local time at this"
+        " offset from UTC (0: as UTC)",
+    )
+    date_milliseconds: bool = Field(
+        True, description="dates are written with milliseconds (false: whole seconds)"
+    )
+    session_cookie: str | None = Field(
+        None, description="the proxy's session cookie name (none: X-Qlik-Session-<prefix>)"
+    )
+    running_start: Literal["empty-guid", "new-session"] = Field(
+        "empty-guid",
+        description="start/synchronous of a task already running: the empty GUID, or a new"
+        " session id (the run then queues behind the one running)",
+    )
+
+
 class Fixture(BaseModel):
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
     max_concurrent: int = Field(4, ge=1, description="executions Started at once; others Queue")
@@ -78,6 +125,7 @@ class Fixture(BaseModel):
         " section 4): new = reloadtask/{id}/scriptlogfile, old = reloadtask/{id}/scriptlog;"
         " the other answers 404",
     )
+    variants: Variants = Field(Variants(), description="answers to qrs-api.md section 6")
     tasks: list[TaskFixture] = []
 
 

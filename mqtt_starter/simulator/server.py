@@ -29,8 +29,8 @@ from urllib.parse import parse_qsl, unquote
 from aiohttp import web
 
 from .certs import CertPaths
-from .filter_engine import FilterError, evaluate, parse
-from .fixtures import Fixture
+from .filter_engine import DateReader, FilterError, evaluate, parse
+from .fixtures import Fixture, Variants
 from .state import EMPTY_GUID, Faults, JournalEntry, SimState, SimTask, StartRefused
 
 XSRF_TEXT = "XSRF prevention check failed. Possible XSRF discovered."
@@ -69,8 +69,12 @@ class Proxy:
     # session cookie value → user; the simulator knows one user, the token's.
     sessions: dict[str, str] = field(default_factory=dict)
 
+    cookie: str | None = None  # the admin's choice; none: X-Qlik-Session-<prefix>
+
     @property
     def cookie_name(self) -> str:
+        if self.cookie:
+            return self.cookie
         return "X-Qlik-Session" + (f"-{self.prefix.strip('/')}" if self.prefix else "")
 
     def user_sessions(self, user: str) -> int:
@@ -90,7 +94,11 @@ def _state(request: web.Request) -> SimState:
     return request.config_dict[STATE_KEY]
 
 
-def _filtered(request: web.Request, objects: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def _filtered(
+    request: web.Request,
+    objects: list[dict[str, Any]],
+    read_date: DateReader | None = None,
+) -> list[dict[str, Any]]:
     text = request.query.get("filter")
     if text is None:
         return objects
@@ -98,7 +106,7 @@ def _filtered(request: web.Request, objects: list[dict[str, Any]]) -> list[dict[
         node = parse(text)
     except FilterError as exc:
         raise web.HTTPBadRequest(text=exc.message) from None
-    return [o for o in objects if evaluate(node, o)]
+    return [o for o in objects if evaluate(node, o, read_date)]
 
 
 def _task(request: web.Request) -> SimTask:
@@ -203,34 +211,50 @@ def _reload_task(request: web.Request) -> SimTask:
     return task
 
 
-def _log_reference(request: web.Request, result: dict[str, Any] | None) -> web.Response:
-    """`{"value": <download id>}` for the result's script log, 404 when there is none."""
+def _log_reference(
+    request: web.Request, result: dict[str, Any] | None, *, bare: bool = False
+) -> web.Response:
+    """The download id of the result's script log (`{"value": ...}`, or with `bare` the
+    string itself), 404 when there is none or it is not written yet."""
     task = _reload_task(request)
     state = _state(request)
     download = None
     if result is not None and result["taskID"] == task.id:
+        if state.variants.log_not_ready_as == "404" and state.log_not_ready(result["id"]):
+            raise web.HTTPNotFound(text="Script log not found")
         download = state.log_download(result["id"])
     if download is None:
         raise web.HTTPNotFound(text="Script log not found")
-    return web.json_response({"value": download})
+    return web.json_response(download if bare else {"value": download})
+
+
+def _missing_call(state: SimState) -> web.Response:
+    """How a log call this server does not offer answers (Variants.missing_log_call_status)."""
+    status = state.variants.missing_log_call_status
+    texts = {400: "Bad request", 404: "Not found", 405: "Method not allowed"}
+    return _text(status, texts.get(status, "Internal server error"))
 
 
 async def script_log_file(request: web.Request) -> web.Response:
     """The May 2025 generation: by execution result id."""
     state = _state(request)
     if state.script_log_api == "old":
-        raise web.HTTPNotFound(text="Not found")
+        return _missing_call(state)
     result_id = request.query.get("executionResultId")
     if result_id is None:
         raise web.HTTPBadRequest(text="Missing parameter value(s)")
-    return _log_reference(request, state.result_by_id.get(result_id.lower()))
+    return _log_reference(
+        request,
+        state.result_by_id.get(result_id.lower()),
+        bare=state.variants.log_call_body == "string",
+    )
 
 
 async def script_log(request: web.Request) -> web.Response:
     """The older generation: by the result's fileReferenceID (never the empty GUID)."""
     state = _state(request)
     if state.script_log_api == "new":
-        raise web.HTTPNotFound(text="Not found")
+        return _missing_call(state)
     reference = request.query.get("fileReferenceId")
     if reference is None:
         raise web.HTTPBadRequest(text="Missing parameter value(s)")
@@ -242,9 +266,24 @@ async def download_log(request: web.Request) -> web.Response:
     state = _state(request)
     result_id = state.downloads.pop(request.match_info["download"].lower(), None)
     text = state.logs.get(result_id) if result_id is not None else None
-    if text is None:
+    if text is None or result_id is None:
         raise web.HTTPNotFound(text="Not found")
-    return web.Response(text=text, content_type="text/plain", charset="utf-8")
+    if state.log_not_ready(result_id):
+        if state.variants.log_not_ready_as == "404":
+            raise web.HTTPNotFound(text="Not found")
+        text = ""
+    # Qlik documents the answer as byte[]: no media type or charset is promised.
+    kind = state.variants.log_content_type
+    body = text.encode("utf-8")
+    if kind == "bom":
+        body = b"\xef\xbb\xbf" + body
+    content_type = {
+        "octet-stream": "application/octet-stream",
+        "bom": "application/octet-stream",
+        "text": "text/plain",
+        "text-charset": "text/plain; charset=utf-8",
+    }[kind]
+    return web.Response(body=body, headers={"Content-Type": content_type})
 
 
 def _indexed_results(state: SimState, text: str | None) -> list[dict[str, Any]]:
@@ -276,7 +315,9 @@ async def execution_results(request: web.Request) -> web.Response:
     tail = request.match_info.get("tail", "")
     state = _state(request)
     # The filter still runs over the indexed candidates, so the answer is the engine's.
-    objects = _filtered(request, _indexed_results(state, request.query.get("filter")))
+    objects = _filtered(
+        request, _indexed_results(state, request.query.get("filter")), state.filter_moment
+    )
     if not _may_read_executions(request):
         objects = []  # QRS filters out what a user may not read: an empty list, no error
     if tail == "/count":
@@ -480,6 +521,20 @@ async def set_faults(request: web.Request) -> web.Response:
     return await set_faults_of(request, _state(request).faults)
 
 
+async def set_variants(request: web.Request) -> web.Response:
+    """POST /_sim/variants: any fields of `Variants` (qrs-api.md section 6); the variants after."""
+    state = _state(request)
+    try:
+        body = await request.json()
+        state.variants = Variants.model_validate({**state.variants.model_dump(), **body})
+    except (ValueError, TypeError) as exc:  # pydantic's ValidationError is a ValueError
+        raise web.HTTPBadRequest(text=str(exc)) from None
+    proxy = request.app.get(PROXY_KEY)
+    if proxy is not None:
+        proxy.cookie = state.variants.session_cookie
+    return web.json_response(state.variants.model_dump())
+
+
 def build_app(state: SimState, *, prefix: str = "", proxy: Proxy | None = None) -> web.Application:
     """The simulator's aiohttp application; `proxy` makes it a JWT virtual proxy."""
     qrs = web.Application(middlewares=[journal, faults, proxy_auth, qrs_rules])
@@ -505,11 +560,14 @@ def build_app(state: SimState, *, prefix: str = "", proxy: Proxy | None = None) 
     )
     app = web.Application()
     app[STATE_KEY] = state
+    if proxy is not None:
+        app[PROXY_KEY] = proxy  # for the control endpoints
     app.add_routes(
         [
             web.get("/_sim/journal", get_journal),
             web.delete("/_sim/journal", clear_journal),
             web.post("/_sim/faults", set_faults),
+            web.post("/_sim/variants", set_variants),
             web.post("/_sim/tasks/{id}/fire", fire_task),
             web.get(f"{prefix}/internal_forms_authentication/", login_page),
         ]
@@ -567,6 +625,8 @@ class QrsSimulator:
     async def start(self) -> None:
         self.state = SimState(self.fixture)
         self.state.start_schedules()
+        if self.proxy is not None:
+            self.proxy.cookie = self.fixture.variants.session_cookie
         app = build_app(self.state, prefix=self.prefix, proxy=self.proxy)
         context = server_ssl_context(self.certs, require_client_cert=self.token is None)
         self._context = context

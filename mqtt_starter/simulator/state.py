@@ -19,10 +19,10 @@ import time
 import uuid
 from collections import deque
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from .fixtures import Fixture, TaskFixture
+from .fixtures import Fixture, TaskFixture, Variants
 
 EMPTY_GUID = "00000000-0000-0000-0000-000000000000"
 NEVER = "1753-01-01T00:00:00.000Z"
@@ -65,8 +65,20 @@ class StartRefused(Exception):
         super().__init__(text)
 
 
-def _now_iso() -> str:
-    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
+def _now_iso(milliseconds: bool = True) -> str:
+    now = datetime.now(UTC)
+    if not milliseconds:
+        return now.strftime("%Y-%m-%dT%H:%M:%SZ")
+    return now.strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
+
+
+def parse_date(text: str) -> datetime | None:
+    """A QRS date (with or without milliseconds, `Z` or an offset) as an aware datetime."""
+    try:
+        moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
 
 
 def _stable_id(*parts: str) -> str:
@@ -269,12 +281,15 @@ class SimState:
         self.started: list[str] = []  # task id of every execution session opened, in order
         self.scheduled: list[str] = []  # task id of every run a schedule started, in order
         self.script_log_api = fixture.script_log_api
+        self.variants: Variants = fixture.variants
+        # Reads of each result's log while it is not there yet (Variants.log_ready_after_reads).
+        self._log_reads: dict[str, int] = {}
         # Script logs by result id; download ids (single use) → result id.
         self.logs: dict[str, str] = {}
         self.downloads: dict[str, str] = {}
         # (modifiedDate, result id) of every change, in time order: answers "what changed
         # since" without scanning every result.
-        self._changes: list[tuple[str, str]] = []
+        self._changes: list[tuple[datetime, str]] = []
         self._slots = asyncio.Semaphore(fixture.max_concurrent)
         self._closing = asyncio.Event()
         self._choices: dict[str, list[str]] | None = None
@@ -363,7 +378,10 @@ class SimState:
         if (
             not task.spec.enabled
             or not task.spec.startable
-            or self.live_session(task.id) is not None
+            or (
+                self.live_session(task.id) is not None
+                and self.variants.running_start == "empty-guid"
+            )
         ):
             return EMPTY_GUID
         session = Session(str(uuid.uuid4()), task)
@@ -391,18 +409,38 @@ class SimState:
     def results_of(self, execution_id: str) -> list[dict[str, Any]]:
         return list(self.executions.get(execution_id.lower(), ()))
 
-    def changed_since(self, moment: str) -> list[dict[str, Any]]:
-        """The kept results modified at or after `moment` (an ISO 8601 UTC string)."""
+    def now(self) -> str:
+        return _now_iso(self.variants.date_milliseconds)
+
+    def filter_moment(self, literal: str) -> datetime | None:
+        """The moment a date literal of a filter stands for, read as this server reads it
+        (as UTC, or as its local time: Variants.date_filter_offset_s)."""
+        moment = parse_date(literal)
+        if moment is None:
+            return None
+        return moment - timedelta(seconds=self.variants.date_filter_offset_s)
+
+    def changed_since(self, literal: str) -> list[dict[str, Any]]:
+        """The kept results modified at or after the moment `literal` names."""
+        moment = self.filter_moment(literal)
+        if moment is None:
+            return []
         start = bisect.bisect_left(self._changes, (moment, ""))
         ids = dict.fromkeys(result_id for _, result_id in self._changes[start:])
         return [r for i in ids if (r := self.result_by_id.get(i)) is not None]
 
     def _changed(self, result: dict[str, Any]) -> None:
-        result["modifiedDate"] = _now_iso()
-        self._changes.append((result["modifiedDate"], result["id"]))
+        result["modifiedDate"] = self.now()
+        moment = parse_date(result["modifiedDate"])
+        assert moment is not None
+        self._changes.append((moment, result["id"]))
         if len(self._changes) > 4 * len(self.result_by_id) + 1000:
             # Keep one entry per kept result, the newest, in time order.
-            self._changes = sorted((r["modifiedDate"], i) for i, r in self.result_by_id.items())
+            self._changes = sorted(
+                (d, i)
+                for i, r in self.result_by_id.items()
+                if (d := parse_date(r["modifiedDate"])) is not None
+            )
 
     def _new_result(self, session: Session, status: int) -> dict[str, Any]:
         task = session.task
@@ -424,7 +462,7 @@ class SimState:
             "scriptLogLocation": "",
             "scriptLogSize": 0,
             "details": [],
-            "createdDate": _now_iso(),
+            "createdDate": self.now(),
             "modifiedDate": "",
             "schemaPath": "ExecutionResult",
         }
@@ -437,7 +475,7 @@ class SimState:
 
     def _detail(self, result: dict[str, Any], kind: int, message: str) -> None:
         result["details"].append(
-            {"detailsType": kind, "message": message, "detailCreatedDate": _now_iso()}
+            {"detailsType": kind, "message": message, "detailCreatedDate": self.now()}
         )
         result["_task"].changed()
         self._changed(result)
@@ -450,10 +488,10 @@ class SimState:
         )
         result["status"] = status
         if status == STARTED:
-            result["startTime"] = _now_iso()
+            result["startTime"] = self.now()
             result["_t0"] = time.monotonic()
         if status in _TERMINAL:
-            result["stopTime"] = _now_iso()
+            result["stopTime"] = self.now()
             if result["startTime"] == NEVER:
                 result["startTime"] = result["stopTime"]
             t0 = result.pop("_t0", None)
@@ -495,6 +533,16 @@ class SimState:
             scriptLogLocation=f"sim-node\\{task.id}.{result['id']}.log",
             scriptLogSize=len(text.encode("utf-8")),
         )
+
+    def log_not_ready(self, result_id: str) -> bool:
+        """Whether this read of the result's log finds it not written yet (and counts it)."""
+        reads = self._log_reads.get(result_id, 0)
+        if reads >= self.variants.log_ready_after_reads:
+            return False
+        self._log_reads[result_id] = reads + 1
+        if len(self._log_reads) > 10_000:
+            del self._log_reads[next(iter(self._log_reads))]
+        return True
 
     def log_download(self, result_id: str) -> str | None:
         """A single-use download id for the result's script log; None when it has none."""

@@ -62,12 +62,11 @@ def test_one_module_owns_each_foreign_library(library: str, owners: set[str]) ->
 
 
 def test_the_http_client_lives_in_the_site_clients() -> None:
-    # aiohttp's server side serves the HTTP door and the simulators; its client only the calls
-    # to a site (QRS, Qlik Cloud).
+    # aiohttp's server side serves the HTTP door and the simulators; its client only the one
+    # transport both sites share.
     users = {p.relative_to(PACKAGE).as_posix() for p in modules(PACKAGE) if "aiohttp" in imports(p)}
     assert users == {
-        "qrs_client.py",
-        "cloud_client.py",
+        "transport.py",
         "http_api.py",
         "simulator/server.py",
         "cloud_sim/server.py",

@@ -227,7 +227,8 @@ async def test_starts_wait_their_turn_in_order(certs: CertPaths) -> None:
 
 async def test_a_rate_limit_429_is_waited_out_and_the_start_repeated(certs: CertPaths) -> None:
     fixture = tenant(reload_limit=2, reload_window_s=1)
-    async with site(certs, fixture) as (client, state):
+    retry = RetrySettings(attempts=3, backoff_s=0.01, max_backoff_s=10)
+    async with site(certs, fixture, retry=retry) as (client, state):
         tasks = [TaskRef(id=i, name=i) for i in (A, B, C)]
         results = await asyncio.gather(*(client.start_task(t) for t in tasks))
         assert [r.result for r in results] == [TaskResult.STARTED] * 3

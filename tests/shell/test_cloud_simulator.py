@@ -113,6 +113,7 @@ async def test_oauth_client_credentials_and_expiring_tokens(certs: CertPaths) ->
         body = {
             "client_id": "sim-client",
             "client_secret": "wrong",
+            "scope": "user_default",
             "grant_type": "client_credentials",
         }
         status, refused, _ = await api("POST", "/oauth/token", bearer=None, body=body)
@@ -128,6 +129,12 @@ async def test_oauth_client_credentials_and_expiring_tokens(certs: CertPaths) ->
             return (await api("GET", "/api/v1/items", bearer=token))[0] == 401
 
         await wait_until(expired, what="the token to expire")
+        # Without a scope the token is issued, but reaches nothing (qlik-cloud-api.md).
+        del body["scope"]
+        status, scopeless, _ = await api("POST", "/oauth/token", bearer=None, body=body)
+        assert status == 200
+        status, refused, _ = await api("GET", "/api/v1/items", bearer=scopeless["access_token"])
+        assert (status, refused["errors"][0]["code"]) == (403, "HTTP-403")
 
 
 # -- finding apps --------------------------------------------------------------------------------

@@ -49,7 +49,8 @@ async def test_a_failed_reload_has_its_log_through_the_newer_call(raw: Raw) -> N
         "GET", f"/qrs/reloadtask/{FORECAST}/scriptlogfile", f"executionResultId={result['id']}"
     )
     assert status == 200
-    download = body["value"]
+    download = body  # a bare JSON string, as Qlik's reference shows
+    assert isinstance(download, str)
     status, text = await raw("GET", f"/qrs/download/reloadtask/{download}/Reload Forecast.log")
     assert status == 200
     lines = text.splitlines()

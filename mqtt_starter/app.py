@@ -156,6 +156,7 @@ class Daemon:
                 on_role=self._on_role,
                 on_state=board.published,
                 on_task=lambda task: board.task_tags(task.id, task.tags),
+                spawn=self._spawn,
             )
             self._attach_monitor(self.parts)
             door = MqttDoor(lambda: self.parts, starter, publisher, health=self.health)

@@ -7,6 +7,12 @@ details), then the retained task state. The state goes last: it is what a restar
 succeeding instance reads to know what was published, so a crash in between repeats an event
 rather than losing one.
 
+One run never stops the rest: a failure while publishing a run is logged with the run, and
+the monitor goes on with the others and its cursor advances. A failed run's log that is not
+written yet is asked for again in the background (0.5 s, then 3 times 2 s apart, as Butler
+does) while the monitor goes on; that task's failure event and state wait for it (a task's
+publications keep their order), and carry the run's details when the log never comes.
+
 The tasks of the changed runs are read once per interval, in one filtered query. Tasks whose
 state is retained are checked for deletion every `deleted_check_s`, and a deleted task's state
 is cleared. The query also serves the followers of runs this daemon started (tracker.py).
@@ -19,17 +25,19 @@ comes back after them).
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from datetime import UTC, datetime
-from typing import Protocol
+from typing import Any, Protocol
 
 from loguru import logger
 
+from .backend import LOG_RETRY_S, contained_log_tail
 from .core.codec import encode_json, encode_status_event
-from .core.errors import MqttLinkError, QrsError
+from .core.errors import LogNotReady, MqttLinkError, QrsError
 from .core.model import Execution, Selector, SelectorKind, TaskRef
 from .core.monitoring import (
     EVENT_KINDS,
@@ -51,6 +59,9 @@ class RetainingPublisher(Protocol):
     async def publish(self, topic: str, payload: bytes, *, retain: bool = False) -> None: ...
 
 
+Spawn = Callable[[Coroutine[Any, Any, None], str], object]
+
+
 def monitor_scope(parts: Parts) -> AllowList | None:
     scope = parts.settings.monitor.scope
     if scope is None:
@@ -70,10 +81,19 @@ class Monitor:
         clock: Callable[[], float] = time.monotonic,
         on_state: Callable[[str, bytes], None] | None = None,
         on_task: Callable[[TaskRef], None] | None = None,
+        spawn: Spawn | None = None,
+        log_retry_s: Sequence[float] = LOG_RETRY_S,
     ) -> None:
         """`on_role`: called when this instance starts or stops monitoring; `on_state`: told
         each retained task state the broker hands over; `on_task`: each task read (both for
-        the status page)."""
+        the status page); `spawn`: runs background work under a name (the daemon's task
+        group); `log_retry_s`: the waits for a log that is not written yet."""
+        self._spawn = spawn or self._own_spawn
+        self._own: set[asyncio.Task[None]] = set()
+        self._log_retry_s = tuple(log_retry_s)
+        # Per task, the last publication still waiting (for its log): the task's later
+        # publications run after it, so that its events and its state keep their order.
+        self._lanes: dict[str, asyncio.Future[None]] = {}
         self._on_state = on_state
         self._on_task = on_task
         self._parts = parts
@@ -134,6 +154,18 @@ class Monitor:
             await self._clear_deleted(parts)
         return results
 
+    def _own_spawn(self, coroutine: Coroutine[Any, Any, None], name: str) -> object:
+        task = asyncio.create_task(coroutine, name=name)
+        self._own.add(task)
+        task.add_done_callback(self._own.discard)
+        return task
+
+    async def close(self) -> None:
+        """Cancel what waits in the background (publications waiting for a log)."""
+        for task in list(self._own):
+            task.cancel()
+        await asyncio.gather(*self._own, return_exceptions=True)
+
     # -- publishing ----------------------------------------------------------------------------
 
     async def _publish_changes(self, parts: Parts, changes: Sequence[Execution]) -> bool:
@@ -150,13 +182,66 @@ class Monitor:
                 continue
             if self._on_task is not None:
                 self._on_task(task)
+            self.ledger.mark(change)
+            if task.id in self._lanes:
+                # An earlier run of the task waits for its log: this one goes after it.
+                self._queue(parts, task, change, self._lanes[task.id])
+                continue
             try:
                 await self._publish(parts, change, task)
             except MqttLinkError as exc:
                 logger.warning("monitor: publishing the run of {} failed: {}", task.id, exc)
+                self.ledger.reopen(change)
                 return False
-            self.ledger.mark(change)
+            except Exception:
+                # One run must not stop the others: logged with the run, and passed over.
+                logger.exception(
+                    "monitor: publishing execution {} of task {} ({}) failed",
+                    change.execution_id,
+                    task.name,
+                    task.id,
+                )
         return True
+
+    def _queue(
+        self,
+        parts: Parts,
+        task: TaskRef,
+        change: Execution,
+        before: Awaitable[None] | None,
+        *,
+        reason_first: bool = False,
+    ) -> None:
+        """Publish `change` in the background, after `before` (the task's lane)."""
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._lanes[task.id] = done
+
+        async def publish() -> None:
+            try:
+                if before is not None:
+                    await before
+                if reason_first:
+                    await self._publish_end(
+                        parts, change, task, await self._late_reason(parts, task, change)
+                    )
+                else:
+                    await self._publish(parts, change, task)
+            except MqttLinkError as exc:
+                logger.warning("monitor: publishing the run of {} failed: {}", task.id, exc)
+                self.ledger.reopen(change)
+            except Exception:
+                logger.exception(
+                    "monitor: publishing execution {} of task {} ({}) failed",
+                    change.execution_id,
+                    task.name,
+                    task.id,
+                )
+            finally:
+                done.set_result(None)
+                if self._lanes.get(task.id) is done:
+                    del self._lanes[task.id]
+
+        self._spawn(publish(), f"monitor-publish-{change.execution_id}")
 
     @staticmethod
     async def _tasks(parts: Parts, ids: set[str]) -> dict[str, TaskRef]:
@@ -166,16 +251,32 @@ class Monitor:
         return {t.id: t for t in found if t.id in ids}
 
     async def _publish(self, parts: Parts, change: Execution, task: TaskRef) -> None:
-        base = parts.base
+        """The status event, then for a failed or aborted run its event, then the state."""
         ours, request_id = parts.tracker.claimed(change.execution_id)
         started_by = STARTED_BY_US if ours else STARTED_BY_OTHER
         await self._publisher.publish(
-            f"{base}/status/task/{task.id}",
+            f"{parts.base}/status/task/{task.id}",
             encode_status_event(change, task.name, request_id, started_by=started_by),
         )
+        reason = ""
+        if change.status in EVENT_KINDS:
+            try:
+                reason = await self._reason(parts, task, change)
+            except LogNotReady:
+                # Not written yet: waited for in the background; the monitor goes on.
+                self._queue(parts, task, change, None, reason_first=True)
+                return
+        await self._publish_end(parts, change, task, reason)
+
+    async def _publish_end(
+        self, parts: Parts, change: Execution, task: TaskRef, reason: str
+    ) -> None:
+        """A failed or aborted run's event (with `reason`), then the retained state."""
+        base = parts.base
+        ours, request_id = parts.tracker.claimed(change.execution_id)
+        started_by = STARTED_BY_US if ours else STARTED_BY_OTHER
         kind = EVENT_KINDS.get(change.status)
         if kind is not None:
-            reason = await self._reason(parts, task, change)
             await self._publisher.publish(
                 f"{base}/event/task/{kind}",
                 encode_json(
@@ -198,17 +299,51 @@ class Monitor:
             )
             self.ledger.remember(task.id, KnownRun.from_state(state))
 
+    @staticmethod
+    def _has_log(parts: Parts, change: Execution) -> bool:
+        """Whether the run may have a log to read: it started (a log is written from then)."""
+        return parts.settings.monitor.log_tail_lines > 0 and (
+            change.script_log or change.start_time is not None
+        )
+
     async def _reason(self, parts: Parts, task: TaskRef, change: Execution) -> str:
-        lines = parts.settings.monitor.log_tail_lines
-        if lines > 0 and change.script_log:
+        """The log's tail at once, else the run's details; LogNotReady when the log is not
+        written yet (the caller waits for it in the background)."""
+        if self._has_log(parts, change):
+            lines = parts.settings.monitor.log_tail_lines
             try:
                 tail = await parts.backend.script_log_tail(task, change, lines)
+            except LogNotReady:
+                raise
             except QrsError as exc:
-                logger.warning("monitor: the script log of {} cannot be read: {}", task.id, exc)
+                logger.warning(
+                    "monitor: the script log of execution {} of task {} cannot be read: {}",
+                    change.execution_id,
+                    task.id,
+                    exc,
+                )
+                tail = None
+            except Exception:
+                logger.exception(
+                    "monitor: reading the script log of execution {} of task {} failed",
+                    change.execution_id,
+                    task.id,
+                )
                 tail = None
             if tail:
                 return tail
         return change.reason or change.message
+
+    async def _late_reason(self, parts: Parts, task: TaskRef, change: Execution) -> str:
+        """The log's tail once it is written (asked again after each of the waits), else the
+        run's details."""
+        lines = parts.settings.monitor.log_tail_lines
+        tail = await contained_log_tail(
+            lambda: parts.backend.script_log_tail(task, change, lines),
+            self._log_retry_s,
+            f"execution {change.execution_id} of task {task.id}",
+        )
+        return tail or change.reason or change.message
 
     async def _clear_deleted(self, parts: Parts) -> None:
         known = set(self.ledger.known)

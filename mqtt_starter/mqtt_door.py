@@ -83,8 +83,10 @@ class MqttDoor:
             return
         if isinstance(decision, Refuse):
             reply = error_reply(decision.request_id, decision.error.code, str(decision.error))
-            await self._reply(parts, decision.reply_topic, reply, incoming)
+            # Counted before the reply goes out, as a served request is: whoever reads the
+            # metrics after the reply sees it.
             self._starter.account("mqtt", incoming.topic, decision.kind, reply, started)
+            await self._reply(parts, decision.reply_topic, reply, incoming)
             return
         if isinstance(decision, Health):
             if self._health is not None and decision.reply_topic is not None:

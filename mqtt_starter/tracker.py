@@ -196,9 +196,12 @@ class Tracker:
 
     async def _tick(self) -> None:
         followers = [f for f in self._followers if not f.done.done()]
-        if not (self._monitoring() and await self._tick_monitor(followers)) and followers:
-            await self._tick_followers(followers)
-        self._expire(followers)
+        try:
+            if not (self._monitoring() and await self._tick_monitor(followers)) and followers:
+                await self._tick_followers(followers)
+        finally:
+            # Deadlines pass whatever went wrong above: no follower waits past its own.
+            self._expire(followers)
 
     async def _tick_monitor(self, followers: list[_Follower]) -> bool:
         """The monitor's query, which serves the followers too; False when QRS refuses it
@@ -212,6 +215,10 @@ class Tracker:
             return True
         except QrsError as exc:
             logger.error("monitor: QRS refuses the query of what changed: {}", exc)
+            return False
+        except Exception:
+            # A failure of the monitor's own: the followers are served by their own query.
+            logger.exception("monitor: the query of what changed failed")
             return False
         await self._dispatch(followers, results, complete=False)
         return True
@@ -264,7 +271,19 @@ class Tracker:
             if current is None or current.status.terminal:
                 to_check.append((follower, current))
         if to_check:
-            await asyncio.gather(*(self._check_session(f, c) for f, c in to_check))
+            await asyncio.gather(*(self._check_session_contained(f, c) for f, c in to_check))
+
+    async def _check_session_contained(self, follower: _Follower, latest: Execution | None) -> None:
+        try:
+            await self._check_session(follower, latest)
+        except Exception:
+            # One follower's failure is its own: logged, and it ends with what is known.
+            logger.exception("following execution {} failed", follower.execution_id)
+            follower.end(
+                FollowEnd(latest)
+                if latest is not None
+                else FollowEnd(follower.last, lost="following it failed (see the log)")
+            )
 
     async def _notify(self, follower: _Follower, execution: Execution) -> None:
         if follower.on_change is None:

@@ -42,6 +42,15 @@ def parse_iso(text: str) -> datetime | None:
     return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
 
 
+NO_DATE = datetime.min.replace(tzinfo=UTC)
+
+
+def moment_of(text: str) -> datetime:
+    """A QRS date as a moment, for comparing: dates come with and without milliseconds
+    (`...24.827Z`, `...24Z`), which as text sort the wrong way round. Unreadable: the earliest."""
+    return (parse_iso(text) if text else None) or NO_DATE
+
+
 @dataclass(frozen=True)
 class KnownRun:
     """What a task's retained state on the broker says was published last."""
@@ -94,7 +103,10 @@ class RunLedger:
     def changes(self, results: Iterable[Execution]) -> list[Execution]:
         """The results that are news, oldest change first."""
         fresh = [r for r in results if r.result_id and not self._published(r)]
-        return sorted(fresh, key=lambda r: (r.modified, r.start_time or "", r.result_id))
+        return sorted(
+            fresh,
+            key=lambda r: (moment_of(r.modified), moment_of(r.start_time or ""), r.result_id),
+        )
 
     def _published(self, result: Execution) -> bool:
         seen = self._seen.get(result.result_id)
@@ -105,23 +117,36 @@ class RunLedger:
             return False
         if known.execution_id == result.execution_id and known.state_code == int(result.status):
             return True
-        return bool(result.modified and known.updated_at and result.modified < known.updated_at)
+        return bool(
+            result.modified
+            and known.updated_at
+            and moment_of(result.modified) < moment_of(known.updated_at)
+        )
 
     def mark(self, result: Execution) -> None:
         """`result` was published."""
         self._seen[result.result_id] = (int(result.status), result.modified)
 
+    def reopen(self, result: Execution) -> None:
+        """Publishing `result` did not finish (the broker link broke): it is news again, and
+        the next query reaches back to it."""
+        self._seen.pop(result.result_id, None)
+        if result.modified and (
+            self.cursor is None or moment_of(result.modified) < moment_of(self.cursor)
+        ):
+            self.cursor = result.modified
+
     def taken_in(self, results: Sequence[Execution]) -> None:
         """Every change of an answer was published (or is not ours to publish): the cursor
         moves on, and what the overlap can no longer return is forgotten."""
-        newest = max((r.modified for r in results if r.modified), default=None)
-        if newest is not None and (self.cursor is None or newest > self.cursor):
+        newest = max((r.modified for r in results if r.modified), key=moment_of, default=None)
+        if newest is not None and (
+            self.cursor is None or moment_of(newest) > moment_of(self.cursor)
+        ):
             self.cursor = newest
         if len(self._seen) > self._memory and self.cursor is not None:
-            floor = parse_iso(self.cursor)
-            if floor is not None:
-                oldest = iso(floor - 2 * self.overlap)
-                self._seen = {k: v for k, v in self._seen.items() if v[1] >= oldest}
+            oldest = moment_of(self.cursor) - 2 * self.overlap
+            self._seen = {k: v for k, v in self._seen.items() if moment_of(v[1]) >= oldest}
 
 
 @dataclass(frozen=True)

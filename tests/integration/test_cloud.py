@@ -216,7 +216,11 @@ async def test_a_burst_of_120_against_the_rate_limit(
     # A window of 3 s, not a minute: long enough that 50 starts fit into it on a loaded
     # machine (so the limit is hit), short enough for a test.
     fixture = tenant(reload_limit=50, reload_window_s=3.0)
-    async with tenant_and_daemons(certs, broker, fixture, max_starts_per_minute=100_000) as (
+    # Rate-limit waits are bounded by retry.max_backoff_s in all: room for a few windows.
+    retry = {"attempts": 3, "backoff_s": 0.05, "max_backoff_s": 30}
+    async with tenant_and_daemons(
+        certs, broker, fixture, max_starts_per_minute=100_000, retry=retry
+    ) as (
         state,
         make,
     ):

@@ -6,8 +6,11 @@ schedules (status events, and the `finished` reply of a `wait`). The MQTT door a
 REST endpoint only translate their protocol to an Inbound and the Reply back, so they cannot
 drift apart.
 
-Dedupe: a requestId handled within `policy.dedupe_window_s` is answered again from memory with
-`replayed: true` and starts nothing; with `wait` it still gets the finished reply, once the
+Dedupe: a repeat (the same requestId with the same ask: door, topic, selectors, options)
+handled within `policy.dedupe_window_s` is answered again from memory with `replayed: true` and
+starts nothing; the same requestId with another ask is a new request, served and logged as such
+(two devices that both count from 1, a route fed by status events that carry the upstream
+requestId); with `wait` it still gets the finished reply, once the
 first request's runs have ended. A repeat that arrives while the first is being handled waits
 for it; if the first failed, the repeat is served in its own right.
 Followers hold the parts they started with, so a reload never cuts them off.
@@ -37,7 +40,7 @@ from .core.model import (
     TaskOutcome,
     TaskResult,
 )
-from .core.policy import Debouncer, Decision, ExpiringMemory, decide
+from .core.policy import Debouncer, Decision, ExpiringMemory, decide, request_key
 from .core.qrs_query import MAX_VALUE_LENGTH, too_long
 from .metrics import Metrics
 from .parts import Parts
@@ -122,10 +125,11 @@ class Starter:
         self._spawn = spawn
         self._clock = clock
         self._debouncer = Debouncer()
-        self._answered: ExpiringMemory[str, _Record] = ExpiringMemory(
-            parts().settings.policy.dedupe_window_s
-        )
-        self._pending: dict[str, asyncio.Future[_Record | None]] = {}
+        window_s = parts().settings.policy.dedupe_window_s
+        self._answered: ExpiringMemory[Hashable, _Record] = ExpiringMemory(window_s)
+        # The ask each requestId came with last: a different one is logged as a new request.
+        self._asks: ExpiringMemory[str, Hashable] = ExpiringMemory(window_s)
+        self._pending: dict[Hashable, asyncio.Future[_Record | None]] = {}
         self.following = 0  # executions being followed now
         metrics.follow_executions(lambda: self.following)
 
@@ -135,7 +139,7 @@ class Starter:
         """Serve one request; `on_finished` receives the `finished` reply of a `wait`."""
         started = self._clock()
         parts = self._parts()
-        self._answered.window_s = parts.settings.policy.dedupe_window_s
+        self._answered.window_s = self._asks.window_s = parts.settings.policy.dedupe_window_s
         try:
             reply = await self._serve(parts, inbound, on_finished)
         except Exception:
@@ -194,11 +198,21 @@ class Starter:
         request_id = request.request_id
         if request_id is None:
             return (await self._carry_out(parts, request, on_finished)).reply
+        key = request_key(request, inbound.door, inbound.topic)
+        earlier = self._asks.get(request_id, self._clock())
+        if earlier is not None and earlier != key:
+            logger.info(
+                "requestId={} came before with another request ({} {}): served as a new one",
+                request_id,
+                inbound.door,
+                inbound.topic,
+            )
+        self._asks.put(request_id, key, self._clock())
         while True:
-            known = self._answered.get(request_id, self._clock())
+            known = self._answered.get(key, self._clock())
             if known is not None:
                 return self._replay(parts, known, request, on_finished)
-            first = self._pending.get(request_id)
+            first = self._pending.get(key)
             if first is None:
                 break
             # The same requestId is being handled: wait for its answer, then look again: it
@@ -207,16 +221,16 @@ class Starter:
             await asyncio.shield(first)
             parts = self._parts()  # a reload may have come while this one waited
         pending = asyncio.get_running_loop().create_future()
-        self._pending[request_id] = pending
+        self._pending[key] = pending
         record: _Record | None = None
         try:
             record = await self._carry_out(parts, request, on_finished)
         finally:
-            del self._pending[request_id]
+            del self._pending[key]
             pending.set_result(record)
         error = record.reply.error
         if error is None or error.code not in PASSING:
-            self._answered.put(request_id, record, self._clock())
+            self._answered.put(key, record, self._clock())
         return record.reply
 
     async def _carry_out(

@@ -7,12 +7,13 @@ started again unless `on_running` says `start`.
 
 from __future__ import annotations
 
+import dataclasses
 from collections import OrderedDict
 from collections.abc import Hashable, Iterable
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
-from .model import ResolvedTask, TaskRef, TaskResult, TaskStatus
+from .model import Request, ResolvedTask, TaskRef, TaskResult, TaskStatus
 from .qrs_query import normalize_guid
 
 RUNNING = frozenset(
@@ -146,3 +147,11 @@ class Debouncer:
         while len(self._last) > self.capacity:
             self._last.popitem(last=False)
         return True
+
+
+def request_key(request: Request, door: str, topic: str) -> Hashable:
+    """What makes a request a repeat (DESIGN.md section 2): the same `requestId` and the same
+    ask (door, topic, selectors, options). Where the reply goes and whether to wait are not
+    part of it: a repeat may ask to wait for what the first started."""
+    asked = dataclasses.replace(request, reply_to=None, wait=False, wait_timeout_s=None)
+    return (request.request_id, door, topic, asked)

@@ -7,6 +7,7 @@ import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from loguru import logger
@@ -19,6 +20,37 @@ from mqtt_starter.simulator.server import QrsSimulator
 from mqtt_starter.simulator.state import SimState
 
 DATA = Path(__file__).parent / "data"
+
+
+class LoggedExceptions:
+    """Exceptions the code under test logged with a traceback (logger.exception)."""
+
+    def __init__(self) -> None:
+        self.records: list[str] = []
+        self.expected = False
+
+    def expect(self) -> list[str]:
+        """The test expects one or more: they are its to assert, and do not fail it."""
+        self.expected = True
+        return self.records
+
+
+@pytest.fixture(autouse=True)
+def logged_exceptions() -> Iterator[LoggedExceptions]:
+    """Fails the test when the code logs an unexpected exception (a blind `except Exception`
+    must not hide a bug from the suite), unless the test calls `.expect()`."""
+    seen = LoggedExceptions()
+
+    def sink(message: Any) -> None:
+        record = message.record
+        if record["exception"] is not None:
+            seen.records.append(f"{record['name']}: {record['message']}")
+
+    handle = logger.add(sink, level="DEBUG")
+    yield seen
+    logger.remove(handle)
+    if seen.records and not seen.expected:
+        pytest.fail(f"the code logged unexpected exceptions: {seen.records}", pytrace=False)
 
 
 @pytest.fixture

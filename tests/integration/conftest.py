@@ -224,6 +224,7 @@ class Daemon:
         self.process: asyncio.subprocess.Process | None = None
         self.log_path = folder / "daemon.log"
         self.notify: Notify | None = None
+        self.expects_traceback = False  # a test that provokes one says so
         folder.mkdir(parents=True, exist_ok=True)
 
     @property
@@ -311,6 +312,10 @@ async def daemons(
     finally:
         for d in made:
             await d.stop()
+    # A daemon process that logged a traceback logged an unexpected exception.
+    broken = [d for d in made if isinstance(d, Daemon) and "Traceback (most recent" in d.log]
+    if broken and not any(d.expects_traceback for d in broken):
+        pytest.fail(f"a daemon logged an unexpected exception:\n{broken[0].log[-3000:]}")
 
 
 @pytest.fixture

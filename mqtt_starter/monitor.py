@@ -35,7 +35,8 @@ from typing import Any, Protocol
 
 from loguru import logger
 
-from .backend import LOG_RETRY_S, contained_log_tail
+from . import backend
+from .backend import contained_log_tail
 from .core.codec import encode_json, encode_status_event
 from .core.errors import LogNotReady, MqttLinkError, QrsError
 from .core.model import Execution, Selector, SelectorKind, TaskRef
@@ -82,15 +83,16 @@ class Monitor:
         on_state: Callable[[str, bytes], None] | None = None,
         on_task: Callable[[TaskRef], None] | None = None,
         spawn: Spawn | None = None,
-        log_retry_s: Sequence[float] = LOG_RETRY_S,
+        log_retry_s: Sequence[float] | None = None,
     ) -> None:
         """`on_role`: called when this instance starts or stops monitoring; `on_state`: told
         each retained task state the broker hands over; `on_task`: each task read (both for
         the status page); `spawn`: runs background work under a name (the daemon's task
-        group); `log_retry_s`: the waits for a log that is not written yet."""
+        group); `log_retry_s`: the waits for a log that is not written yet (default
+        backend.LOG_RETRY_S)."""
         self._spawn = spawn or self._own_spawn
         self._own: set[asyncio.Task[None]] = set()
-        self._log_retry_s = tuple(log_retry_s)
+        self._log_retry_s = tuple(backend.LOG_RETRY_S if log_retry_s is None else log_retry_s)
         # Per task, the last publication still waiting (for its log): the task's later
         # publications run after it, so that its events and its state keep their order.
         self._lanes: dict[str, asyncio.Future[None]] = {}

@@ -9,12 +9,14 @@ from typing import Any
 
 import pytest
 
+from mqtt_starter import backend
 from mqtt_starter.core.monitoring import log_tail
+from mqtt_starter.qrs_client import QrsClient
 from mqtt_starter.simulator.certs import CertPaths
-from mqtt_starter.simulator.fixtures import Fixture, Outcome, TaskFixture
+from mqtt_starter.simulator.fixtures import Fixture, Outcome, TaskFixture, Variants
 from mqtt_starter.simulator.server import QrsSimulator
 from mqtt_starter.simulator.state import SimState
-from tests.conftest import wait_until
+from tests.conftest import LoggedExceptions, wait_until
 from tests.integration.conftest import Broker, Client, LocalDaemon, daemon_config, daemons
 
 OK = "0a000000-0000-4000-8000-000000000001"
@@ -330,3 +332,82 @@ async def test_without_the_monitor_nothing_is_watched(
     await mqtt.request("butler/request/health")
     assert not [e for e in sim_state.journal if "modifiedDate" in e.query.get("filter", "")]
     assert not [r for r in mqtt.received if r.topic.startswith(("butler/status", "butler/state"))]
+
+
+# -- one bad run never stops the rest (DESIGN.md section 3) -------------------------------------
+
+
+async def broken_read(*_: Any) -> str:
+    raise RuntimeError("an answer this client has never seen")
+
+
+@pytest.mark.parametrize("failure", ["unseen-exception", "http-500", "never-written"])
+async def test_a_log_that_cannot_be_read_stops_nothing(
+    make_daemon: Any,
+    mqtt: Client,
+    sim_state: SimState,
+    failure: str,
+    monkeypatch: pytest.MonkeyPatch,
+    logged_exceptions: LoggedExceptions,
+) -> None:
+    """The failed run still gets its failure event (with its details), later runs are
+    published, and a `wait` for another task gets its finished reply."""
+    if failure == "unseen-exception":
+        monkeypatch.setattr(QrsClient, "script_log_tail", broken_read)
+        logged_exceptions.expect()
+    elif failure == "http-500":
+        sim_state.faults.fail_next, sim_state.faults.fail_status = 1000, 500
+        sim_state.faults.path_contains = "scriptlog"
+    else:
+        sim_state.variants = Variants(log_ready_after_reads=10**6)
+        monkeypatch.setattr(backend, "LOG_RETRY_S", (0.01, 0.01))
+    await watch(mqtt)
+    await monitoring(make_daemon, mqtt)
+    failed = await fire_and_end(sim_state, FAIL)
+    later = await fire_and_end(sim_state, OK)
+    reply_topic = "test/reply/wait"
+    await mqtt.subscribe(reply_topic)
+    await mqtt.publish(
+        f"butler/start/id/{OUTSIDE}",
+        {"requestId": "w-1", "wait": True},
+        response_topic=reply_topic,
+    )
+    [_, finished] = await mqtt.wait_for(reply_topic, count=2)
+    assert (finished.json()["stage"], finished.json()["status"]) == ("finished", "ok")
+    [event] = await mqtt.wait_for("butler/event/task/failed")
+    assert event.json()["executionId"] == failed
+    assert event.json()["reason"] == ERROR  # the run's error details, for want of its log
+    await mqtt.wait_for(f"butler/state/task/{OK}", until=lambda r: r.json()["executionId"] == later)
+    await mqtt.wait_for(
+        f"butler/state/task/{FAIL}", until=lambda r: r.json()["executionId"] == failed
+    )
+    assert states_of(mqtt, later)[-1] == "FinishedSuccess"
+    if failure == "unseen-exception":
+        assert logged_exceptions.records == [
+            f"mqtt_starter.monitor: monitor: reading the script log of execution {failed} of"
+            f" task {FAIL} failed"
+        ]
+
+
+async def test_the_monitor_goes_on_while_a_log_is_awaited(
+    make_daemon: Any, mqtt: Client, sim_state: SimState, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A failed run whose log is not written yet waits in the background: the runs after it
+    and a `wait` are served meanwhile (asserted by events: its failure event has not come)."""
+    sim_state.variants = Variants(log_ready_after_reads=10**6)
+    monkeypatch.setattr(backend, "LOG_RETRY_S", (3600.0,))
+    await watch(mqtt)
+    await monitoring(make_daemon, mqtt)
+    failed = await fire_and_end(sim_state, FAIL)
+    await mqtt.wait_for(
+        f"butler/status/task/{FAIL}", until=lambda r: r.json()["state"] == "FinishedFail"
+    )
+    later = await fire_and_end(sim_state, OK)
+    await mqtt.wait_for(f"butler/state/task/{OK}", until=lambda r: r.json()["executionId"] == later)
+    answer = await mqtt.request(f"butler/start/id/{OUTSIDE}", {"wait": True, "requestId": "w-2"})
+    assert answer["stage"] == "accepted"
+    await mqtt.wait_for("test/reply/+", until=lambda r: r.json().get("stage") == "finished")
+    assert mqtt.on("butler/event/task/+") == []  # still waiting for the log of `failed`
+    assert not [
+        r for r in mqtt.on(f"butler/state/task/{FAIL}") if r.json()["executionId"] == failed
+    ]

@@ -57,7 +57,10 @@ async def check_qrs(settings: Settings) -> list[Check]:
     try:
         backend = await open_backend(settings.model_copy(update={key: quick}))
     except ConfigError as exc:
-        return [Check(False, str(p.path), p.message) for p in exc.problems] + [skipped]
+        # A file the site client cannot use: a configuration error (exit 78), named by key.
+        return [Check(False, f"configuration {p.path}", p.message) for p in exc.problems] + [
+            skipped
+        ]
     try:
         about = await backend.about()
         first = Check(True, what, f"answered, build {about.get('buildVersion', '?')}")
@@ -75,7 +78,8 @@ async def check_qrs(settings: Settings) -> list[Check]:
 
 
 async def run_checks(path: Path | None) -> tuple[list[Check], int]:
-    """The checklist and the exit code: 0 all fine, 78 invalid configuration, 1 otherwise."""
+    """The checklist and the exit code: 0 all fine, 78 invalid configuration (a file the
+    site client cannot use included), 1 otherwise."""
     where = str(path) if path else "environment"
     try:
         settings = load_settings(path)
@@ -88,5 +92,7 @@ async def run_checks(path: Path | None) -> tuple[list[Check], int]:
     ]
     checks.append(await check_broker(settings))
     checks += await check_qrs(settings)
+    if any(c.ok is False and c.what.startswith("configuration ") for c in checks):
+        return checks, 78
     failed = any(c.ok is False for c in checks)
     return checks, (1 if failed else 0)

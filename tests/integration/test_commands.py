@@ -139,7 +139,7 @@ async def test_check_qrs_failures(
     finally:
         if fault == "qrs_token":
             await proxy.stop()
-    assert code == 1
+    assert code == (78 if fault == "qrs_cert_garbage" else 1)  # a file is configuration
     [fail] = [line for line in out.splitlines() if line.startswith("  FAIL")]
     assert expected in fail
     assert "wrong-token" not in out
@@ -295,3 +295,20 @@ async def test_check_and_tasks_against_qlik_cloud(tmp_path: Path, broker: Broker
         assert "HTTP 401" in out and "cloud.api_key" in out and "wrong" not in out
     finally:
         await sim.stop()
+
+
+async def test_a_corrupt_cloud_ca_file_is_a_configuration_error(
+    tmp_path: Path, broker: Broker
+) -> None:
+    from tests.integration.conftest import site_config
+
+    garbage = tmp_path / "ca.pem"
+    garbage.write_text("-----BEGIN CERTIFICATE-----\nnot base64\n-----END CERTIFICATE-----\n")
+    section = {"tenant_url": "https://127.0.0.1:9", "api_key": "k", "ca_file": str(garbage)}
+    code, out, err = await cli(
+        "check", "-c", write(tmp_path, site_config(broker, "cloud", section))
+    )
+    assert code == 78, out + err
+    [fail] = [line for line in out.splitlines() if line.startswith("  FAIL")]
+    assert fail.startswith(f"  FAIL  configuration cloud.ca_file: {garbage} cannot be used")
+    assert "Traceback" not in out + err

@@ -15,7 +15,14 @@ import trustme
 from mqtt_starter.simulator.server import QrsSimulator
 from mqtt_starter.simulator.state import SimState
 from tests.conftest import wait_until
-from tests.integration.conftest import Client, Daemon, daemon_config, tls_settings
+from tests.integration.conftest import (
+    Broker,
+    Client,
+    Daemon,
+    daemon_config,
+    site_config,
+    tls_settings,
+)
 from tests.integration.helpers import EXPORT, FORECAST, LONG, SALES, line, reply
 
 
@@ -291,3 +298,45 @@ async def test_a_reload_naming_a_corrupt_certificate_is_refused(
     )
     answer = await mqtt.request(f"butler/start/id/{SALES}")
     assert answer["status"] == "ok"
+
+
+async def test_a_corrupt_cloud_ca_file_exits_78_and_a_reload_naming_it_is_refused(
+    tmp_path: Path, broker: Broker, mqtt: Client
+) -> None:
+    from mqtt_starter.cloud_sim.fixtures import load_cloud_fixture
+    from mqtt_starter.cloud_sim.server import CloudSimulator
+    from mqtt_starter.simulator.certs import ensure_certificates
+
+    garbage = tmp_path / "ca.pem"
+    garbage.write_text("-----BEGIN CERTIFICATE-----\nnot base64\n-----END CERTIFICATE-----\n")
+    certs = ensure_certificates(tmp_path / "certs")
+    sim = CloudSimulator(load_cloud_fixture(), certs)
+    await sim.start()
+    section = {"tenant_url": sim.url, "api_key": "sim-api-key", "ca_file": str(garbage)}
+    broken = Daemon(tmp_path / "broken", site_config(broker, "cloud", section))
+    good = Daemon(
+        tmp_path / "good", site_config(broker, "cloud", {**section, "ca_file": str(certs.root)})
+    )
+    try:
+        await broken.start(wait_ready=False)
+        assert await broken.wait() == 78
+        assert f"cloud.ca_file: {garbage} cannot be used" in broken.log
+        assert "Traceback" not in broken.log
+
+        await good.start()
+        config = dict(good.config)
+        config["cloud"] = {**config["cloud"], "ca_file": str(garbage)}
+        good.write_config(config)
+        good.signal(signal.SIGHUP)
+        assert good.notify is not None
+        await good.notify.wait_for("STATUS=reload refused: invalid configuration")
+        assert (
+            f"reload refused, keeping the running configuration: cloud.ca_file: {garbage}"
+            in good.log
+        )
+        answer = await mqtt.request("butler/start/name/Sales Dashboard", {"dryRun": True})
+        assert [t["result"] for t in answer["tasks"]] == ["dry_run"]
+    finally:
+        await broken.stop()
+        await good.stop()
+        await sim.stop()

@@ -285,3 +285,28 @@ async def test_refused_reply_topics(
     [answer] = await mqtt.wait_for(f"butler/reply/start/id/{SALES}")
     assert answer.json() == refusal("reply_topic_refused", message, "bad-reply")
     assert sim_state.started == []
+
+
+async def test_a_route_fed_by_status_events_starts_its_tasks(
+    make_daemon: Any, mqtt: Client, sim_state: SimState
+) -> None:
+    """A chain built by hand: the status events of SALES's run carry the upstream request's
+    requestId, and the route's request (another topic, other selectors) is served, not
+    answered from memory as a repeat."""
+    await make_daemon(
+        routes=[
+            {
+                "topic": f"butler/status/task/{SALES}",
+                "task_ids": [STOCK],
+                "when": {"field": "state", "equals": "FinishedSuccess"},
+            }
+        ]
+    )
+    await mqtt.subscribe(f"butler/reply/status/task/{SALES}")
+    upstream = await mqtt.request(f"butler/start/id/{SALES}", {"requestId": "erp-1"})
+    assert upstream["tasks"][0]["result"] == "started"
+    [chained] = await mqtt.wait_for(f"butler/reply/status/task/{SALES}")
+    assert chained.json()["requestId"] == "erp-1"
+    assert not chained.json().get("replayed")
+    assert [t["result"] for t in chained.json()["tasks"]] == ["started"]
+    assert sim_state.started == [SALES, STOCK]

@@ -24,11 +24,13 @@ from mqtt_starter.core.model import (
 from mqtt_starter.metrics import Metrics
 from mqtt_starter.parts import Parts, allow_list, build_rules
 from mqtt_starter.starter import Inbound, Starter
-from tests.conftest import wait_until
+from tests.conftest import LoggedExceptions, wait_until
 from tests.fakes import FAILURE, FakeBackend, FakePublisher
 
 SALES = TaskRef(id="11111111-1111-4111-8111-111111111111", name="Reload Sales", tags=("Nightly",))
 STOCK = TaskRef(id="22222222-2222-4222-8222-222222222222", name="Reload Stock", tags=("Nightly",))
+ID_SALES = Selector(SelectorKind.ID, SALES.id)
+ID_STOCK = Selector(SelectorKind.ID, STOCK.id)
 FORECAST = TaskRef(id="33333333-3333-4333-8333-333333333333", name="Forecast", tags=("Fragile",))
 TAG = Selector(SelectorKind.TAG, "Nightly")
 
@@ -198,7 +200,10 @@ async def test_a_replayed_wait_follows_runs_the_first_did_not(harness: Harness) 
     assert len(harness.backend.started()) == 2
 
 
-async def test_the_same_request_id_at_once_when_the_first_fails(harness: Harness) -> None:
+async def test_the_same_request_id_at_once_when_the_first_fails(
+    harness: Harness, logged_exceptions: LoggedExceptions
+) -> None:
+    logged_exceptions.expect()  # the first one's bug
     harness.backend.gate = asyncio.Event()
     harness.backend.broken = 1
     first = asyncio.create_task(harness.ask(request_id="twice"))
@@ -306,7 +311,10 @@ async def test_a_follow_up_keeps_retired_parts_open(harness: Harness) -> None:
     assert finished.status.value == "ok"
 
 
-async def test_a_bug_is_answered_internal_and_logged(harness: Harness, logged: list[str]) -> None:
+async def test_a_bug_is_answered_internal_and_logged(
+    harness: Harness, logged: list[str], logged_exceptions: LoggedExceptions
+) -> None:
+    assert logged_exceptions.expect() == []
     harness.backend.broken = 1
     reply = await harness.ask(request_id="bug")
     assert reply.error is not None
@@ -315,6 +323,7 @@ async def test_a_bug_is_answered_internal_and_logged(harness: Harness, logged: l
         "internal error; the daemon's log has the details",
     )
     assert "request on butler/start failed" in logged
+    assert logged_exceptions.records == ["mqtt_starter.starter: request on butler/start failed"]
     assert harness.count("payload", "refused") == 1
 
 
@@ -337,3 +346,41 @@ async def test_a_reload_during_a_request_keeps_its_follower_on_the_old_parts(
     assert (reply.status.value, finished.status.value) == ("ok", "ok")
     assert old_backend.closed and not new_backend.closed
     assert new_backend.calls == []
+
+
+async def test_the_same_request_id_with_another_request_is_served(
+    harness: Harness, logged: list[str]
+) -> None:
+    # Two devices that both count from 1, on their own topics and selectors.
+    first = await harness.starter.handle(
+        Inbound(Request((ID_SALES,), request_id="1"), "mqtt", "butler/start/id/a", "id")
+    )
+    second = await harness.starter.handle(
+        Inbound(Request((ID_STOCK,), request_id="1"), "mqtt", "butler/start/id/b", "id")
+    )
+    assert not first.replayed and not second.replayed
+    assert harness.backend.started() == [SALES.id, STOCK.id]
+    assert (
+        "requestId=1 came before with another request (mqtt butler/start/id/b): served as a new one"
+    ) in logged
+    # The same request on another topic is another request too.
+    other_topic = await harness.starter.handle(
+        Inbound(Request((ID_SALES,), request_id="1"), "mqtt", "factory/line-2/done", "route")
+    )
+    assert not other_topic.replayed
+    assert harness.backend.started() == [SALES.id, STOCK.id, SALES.id]
+    # The very same request again is a repeat.
+    again = await harness.starter.handle(
+        Inbound(Request((ID_STOCK,), request_id="1"), "mqtt", "butler/start/id/b", "id")
+    )
+    assert again.replayed
+    assert harness.backend.started() == [SALES.id, STOCK.id, SALES.id]
+
+
+async def test_where_the_reply_goes_and_waiting_do_not_make_another_request(
+    harness: Harness,
+) -> None:
+    await harness.ask(request_id="r", reply_to="a/reply")
+    again = await harness.ask(request_id="r", reply_to="b/reply", wait=True)
+    assert again.replayed
+    assert len(harness.backend.started()) == 2

@@ -300,7 +300,11 @@ class Daemon:
             "startedAt": self._started_at,
             "baseTopic": s.mqtt.base_topic,
             "backend": self.parts.backend.site,
-            self.parts.backend.site: {"url": s.site.url, "build": self._qrs_build or None},
+            self.parts.backend.site: {
+                "url": s.site.url,
+                "build": self._qrs_build or None,
+                "dateFilter": self.parts.backend.date_note,
+            },
             "monitor": s.monitor.enabled,
             "monitoring": self.monitor is not None and self.monitor.leading,
         }

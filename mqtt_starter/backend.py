@@ -79,6 +79,16 @@ class Backend(Protocol):
         clock): one call, whatever the number of tasks."""
         ...
 
+    async def calibrate_dates(self) -> bool:
+        """Learn how the site reads a date in a filter and correct for it (qrs-api.md section
+        6); whether it could be measured. `date_note` says what was found."""
+        ...
+
+    @property
+    def date_note(self) -> str:
+        """What `calibrate_dates` found, in words."""
+        ...
+
     async def script_log_tail(self, task: TaskRef, execution: Execution, lines: int) -> str | None:
         """The end of the attempt's script log; None when the run has none; LogNotReady when
         the site has not written it yet."""

@@ -70,7 +70,14 @@ async def check_qrs(settings: Settings) -> list[Check]:
             return [first, Check(False, query, str(exc))]
         if count is None:
             return [first, Check(False, query, "unexpected answer to the count")]
-        return [first, Check(True, query, f"{count} {things} visible")]
+        checks = [first, Check(True, query, f"{count} {things} visible")]
+        if key == "qrs":
+            try:
+                await backend.calibrate_dates()
+                checks.append(Check(True, "QRS date filter", backend.date_note))
+            except QrsError as exc:
+                checks.append(Check(False, "QRS date filter", str(exc)))
+        return checks
     except QrsError as exc:
         return [Check(False, what, str(exc)), skipped]
     finally:

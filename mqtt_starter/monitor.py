@@ -109,6 +109,10 @@ class Monitor:
         self.leading = False
         self._marker = ""
         self._next_deleted_check = 0.0
+        # The backend whose date reading was measured (qrs-api.md section 6), and when to try
+        # again while there was no run to measure against.
+        self._calibrated: object | None = None
+        self._next_calibration = 0.0
 
     # -- ChangeSource (tracker.py) ------------------------------------------------------------
 
@@ -143,6 +147,7 @@ class Monitor:
 
     async def poll(self) -> list[Execution]:
         parts = self._parts()
+        await self._calibrate(parts)
         since = self.ledger.since(datetime.now(UTC))
         results = await parts.backend.changed_executions(since)
         changes = self.ledger.changes(results)
@@ -155,6 +160,23 @@ class Monitor:
             self._next_deleted_check = self._clock() + parts.settings.monitor.deleted_check_s
             await self._clear_deleted(parts)
         return results
+
+    async def _calibrate(self, parts: Parts) -> None:
+        """Before the first query of a backend, and again every `deleted_check_s` until it
+        could be measured: how the site reads the dates of the query."""
+        backend = parts.backend
+        if self._calibrated is backend or self._clock() < self._next_calibration:
+            return
+        self._next_calibration = self._clock() + parts.settings.monitor.deleted_check_s
+        try:
+            measured = await backend.calibrate_dates()
+        except QrsError as exc:
+            logger.warning("monitor: how the site reads dates could not be measured: {}", exc)
+            return
+        if measured:
+            self._calibrated = backend
+        if self._on_role is not None:
+            self._on_role()  # the info says what was found
 
     def _own_spawn(self, coroutine: Coroutine[Any, Any, None], name: str) -> object:
         task = asyncio.create_task(coroutine, name=name)

@@ -184,7 +184,7 @@ class QrsClient:
         # How QRS reads a date in a filter, measured by `calibrate_dates` (seconds to add to a
         # UTC moment so that QRS reads it as that moment; 0 for a server that reads UTC).
         self.date_offset_s = 0.0
-        self.date_note = "not measured yet"
+        self._date_note = "not measured yet"
         self.transport = Transport(
             "QRS",
             settings.url,
@@ -539,19 +539,24 @@ class QrsClient:
         parsed = parse_iso(moment)
         return moment if parsed is None else iso(parsed + timedelta(seconds=self.date_offset_s))
 
-    async def calibrate_dates(self) -> str:
+    @property
+    def date_note(self) -> str:
+        return self._date_note
+
+    async def calibrate_dates(self) -> bool:
         """Learn how QRS reads a date in a filter (qrs-api.md section 6: as UTC, or as the
         server's local time) and correct for it; what was found, in words.
 
         A known result is asked for by its own `modifiedDate`: a server that reads UTC returns
         it. Else, and to find a server east of UTC (which returns it, and more), the latest
         moment that still returns it is sought among the offsets time zones have (quarter
-        hours from -12 h to +14 h): that is the server's offset.
+        hours from -12 h to +14 h): that is the server's offset. False when there was no
+        run to measure against (dates are then sent as UTC).
         """
         known = await self._known_result()
         if known is None:
-            self.date_note = "no run in the last day to measure against: dates are sent as UTC"
-            return self.date_note
+            self._date_note = "no run in the last day to measure against: dates are sent as UTC"
+            return False
         moment = parse_iso(known.modified)
         assert moment is not None
 
@@ -568,9 +573,9 @@ class QrsClient:
         else:
             low, high = 0, len(quarters) - 1  # the last quarter that still returns it
             if not await returned(quarters[low] * QUARTER_HOUR_S):
-                self.date_note = "QRS did not return a known run by its own date: sent as UTC"
-                logger.warning("QRS date filter: {}", self.date_note)
-                return self.date_note
+                self._date_note = "QRS did not return a known run by its own date: sent as UTC"
+                logger.warning("QRS date filter: {}", self._date_note)
+                return False
             while low < high:
                 middle = (low + high + 1) // 2
                 if await returned(quarters[middle] * QUARTER_HOUR_S):
@@ -580,14 +585,14 @@ class QrsClient:
             offset = quarters[low] * QUARTER_HOUR_S
         self.date_offset_s = offset
         if offset:
-            self.date_note = (
+            self._date_note = (
                 f"QRS reads filter dates as its local time (UTC{offset / 3600:+g} h): corrected for"
             )
-            logger.warning("QRS date filter: {}", self.date_note)
+            logger.warning("QRS date filter: {}", self._date_note)
         else:
-            self.date_note = "QRS reads filter dates as UTC"
-            logger.info("QRS date filter: {}", self.date_note)
-        return self.date_note
+            self._date_note = "QRS reads filter dates as UTC"
+            logger.info("QRS date filter: {}", self._date_note)
+        return True
 
     async def _known_result(self) -> Execution | None:
         """The newest result changed in the last hour, else the last day (read as UTC: a

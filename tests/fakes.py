@@ -87,6 +87,12 @@ class FakeBackend:
     async def task_count(self) -> int | None:
         return len(self.tasks)
 
+    date_note: str = "the fake reads filter dates as UTC"
+
+    async def calibrate_dates(self) -> bool:
+        self.calls.append(("calibrate_dates", None))
+        return True
+
     async def find_tasks(self, selectors: Sequence[Selector]) -> list[TaskRef]:
         self.calls.append(("find_tasks", tuple(s.label for s in selectors)))
         if self.gate is not None:

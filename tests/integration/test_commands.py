@@ -15,7 +15,7 @@ import trustme
 import yaml
 
 from mqtt_starter.simulator.server import QrsSimulator
-from tests.conftest import free_port
+from tests.conftest import free_port, wait_until
 from tests.integration.conftest import Broker, Daemon, daemon_config, tls_settings
 from tests.integration.helpers import ARCHIVE, EXPORT, SALES, STOCK
 
@@ -61,6 +61,7 @@ async def test_check_all_green_beside_a_running_daemon(
     assert lines[4:] == [
         f"  ok    QRS {simulator.url} (certificate): answered, build 14.212.3",
         "  ok    QRS task query: 13 tasks visible",
+        "  ok    QRS date filter: no run in the last day to measure against: dates are sent as UTC",
         "everything works",
     ]
     # Same configuration, other client id: the daemon kept its connection and session.
@@ -312,3 +313,20 @@ async def test_a_corrupt_cloud_ca_file_is_a_configuration_error(
     [fail] = [line for line in out.splitlines() if line.startswith("  FAIL")]
     assert fail.startswith(f"  FAIL  configuration cloud.ca_file: {garbage} cannot be used")
     assert "Traceback" not in out + err
+
+
+async def test_check_says_how_qrs_reads_filter_dates(
+    tmp_path: Path, broker: Broker, simulator: QrsSimulator
+) -> None:
+    from mqtt_starter.simulator.fixtures import Variants
+
+    state = simulator.state
+    assert state is not None
+    state.variants = Variants(date_filter_offset_s=-5 * 3600)  # a server west of UTC
+    execution_id = state.fire(state.tasks[SALES])
+    await wait_until(lambda: execution_id not in state.sessions, what="the run's end")
+    code, out, _ = await cli("check", "-c", write(tmp_path, daemon_config(broker, simulator)))
+    assert code == 0, out
+    assert (
+        "  ok    QRS date filter: QRS reads filter dates as its local time (UTC-5 h): corrected for"
+    ) in out.splitlines()

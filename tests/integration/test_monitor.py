@@ -288,6 +288,11 @@ async def test_a_quiet_interval_costs_one_query(
 
 async def test_info_and_health(make_daemon: Any, mqtt: Client, broker: Broker) -> None:
     await monitoring(make_daemon, mqtt)
+    # The info says how QRS reads filter dates once the monitor has asked (its first poll).
+    await mqtt.wait_for(
+        "butler/info/starter-test",
+        until=lambda r: r.json()["qrs"]["dateFilter"] != "not measured yet",
+    )
     async with Client(broker) as late:  # the info is retained: a late subscriber gets it
         await late.subscribe("butler/info/+")
         [info] = await late.wait_for("butler/info/starter-test")
@@ -300,7 +305,11 @@ async def test_info_and_health(make_daemon: Any, mqtt: Client, broker: Broker) -
         "version": "0.1.0",
         "baseTopic": "butler",
         "backend": "qrs",
-        "qrs": {"url": data["qrs"]["url"], "build": "14.212.3"},
+        "qrs": {
+            "url": data["qrs"]["url"],
+            "build": "14.212.3",
+            "dateFilter": "no run in the last day to measure against: dates are sent as UTC",
+        },
         "monitor": True,
         "monitoring": True,
     }
@@ -411,3 +420,24 @@ async def test_the_monitor_goes_on_while_a_log_is_awaited(
     assert not [
         r for r in mqtt.on(f"butler/state/task/{FAIL}") if r.json()["executionId"] == failed
     ]
+
+
+@pytest.mark.parametrize("offset_h", [-5, 9])
+async def test_runs_are_published_when_qrs_reads_dates_as_local_time(
+    make_daemon: Any, mqtt: Client, sim_state: SimState, offset_h: int
+) -> None:
+    """West of UTC an uncorrected query returns nothing; east of UTC, everything."""
+    sim_state.variants = Variants(date_filter_offset_s=offset_h * 3600)
+    await fire_and_end(sim_state, OK)  # a run to measure against
+    await watch(mqtt)
+    await monitoring(make_daemon, mqtt)
+    info = await mqtt.wait_for(
+        "butler/info/starter-test",
+        until=lambda r: "local time" in r.json()["qrs"]["dateFilter"],
+    )
+    assert info[-1].json()["qrs"]["dateFilter"] == (
+        f"QRS reads filter dates as its local time (UTC{offset_h:+d} h): corrected for"
+    )
+    failed = await fire_and_end(sim_state, FAIL)
+    [event] = await mqtt.wait_for("butler/event/task/failed")
+    assert event.json()["executionId"] == failed

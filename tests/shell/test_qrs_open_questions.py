@@ -152,9 +152,9 @@ async def test_filter_dates_read_as_local_time_are_measured_and_corrected(
 ) -> None:
     async with site(certs, fixture(date_filter_offset_s=offset_s)) as (client, state):
         first = await run(client, state, QUICK)
-        note = await client.calibrate_dates()
+        assert await client.calibrate_dates()
         assert client.date_offset_s == offset_s
-        assert ("local time" in note) == bool(offset_s)
+        assert ("local time" in client.date_note) == bool(offset_s)
         second = await run(client, state, FAILS)
         changed = await client.changed_executions(second.modified)
         assert [r.result_id for r in changed] == [second.result_id]
@@ -164,8 +164,10 @@ async def test_filter_dates_read_as_local_time_are_measured_and_corrected(
 
 async def test_no_run_to_measure_against_is_said(certs: CertPaths) -> None:
     async with site(certs, fixture(date_filter_offset_s=3600)) as (client, _):
-        note = await client.calibrate_dates()
-        assert note == "no run in the last day to measure against: dates are sent as UTC"
+        assert not await client.calibrate_dates()
+        assert client.date_note == (
+            "no run in the last day to measure against: dates are sent as UTC"
+        )
         assert client.date_offset_s == 0
 
 

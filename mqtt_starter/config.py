@@ -322,7 +322,14 @@ class PolicySettings(Section):
     dedupe_window_s: float = Field(
         600.0,
         ge=0,
-        description="a repeated requestId within this window is answered from memory",
+        description="a repeat (the same requestId and the same request) within this window is"
+        " answered from memory",
+    )
+    dedupe_max_entries: int = Field(
+        100_000,
+        ge=1,
+        description="requestIds remembered at most (about 2 KB each, so 200 MB at the default"
+        " when full); the oldest go first. The memory is not kept across restarts",
     )
     max_payload_bytes: int = Field(65536, ge=64, description="larger payloads are refused")
     max_tasks_per_request: int = Field(

@@ -27,6 +27,7 @@ import paho.mqtt.client as paho
 from loguru import logger
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
+from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from .config import MqttSettings
 from .core.errors import ConfigError, MqttLinkError
@@ -193,12 +194,24 @@ class MqttLink:
                 await asyncio.wait_for(self._stopping.wait(), with_jitter)
             delay = min(delay * 2, self.settings.reconnect.max_s)
 
+    def _trigger_options(self) -> SubscribeOptions | None:
+        """MQTT 5: Retain As Published, so that a retained message published while the daemon
+        is subscribed still says it is retained (and is ignored as a trigger); MQTT 3.1.1 has
+        no such option: the broker clears the flag on live delivery."""
+        if self.settings.protocol != "5":
+            return None
+        return SubscribeOptions(qos=1, retainAsPublished=True)
+
     async def _session(self, handler: Handler) -> None:
         client = self._new_client()
         async with client:
             self._client = client
+            options = self._trigger_options()
             for topic_filter in self.subscriptions:
-                await client.subscribe(self._subscription(topic_filter), qos=1)
+                # paho takes the QoS from the options when there are options.
+                await client.subscribe(
+                    self._subscription(topic_filter), qos=0 if options else 1, options=options
+                )
             for topic_filter in self.private_subscriptions:
                 await client.subscribe(topic_filter, qos=1)
             await client.publish(self.availability_topic, b"online", qos=1, retain=True)

@@ -125,10 +125,11 @@ class Starter:
         self._spawn = spawn
         self._clock = clock
         self._debouncer = Debouncer()
-        window_s = parts().settings.policy.dedupe_window_s
-        self._answered: ExpiringMemory[Hashable, _Record] = ExpiringMemory(window_s)
+        policy = parts().settings.policy
+        window_s, capacity = policy.dedupe_window_s, policy.dedupe_max_entries
+        self._answered: ExpiringMemory[Hashable, _Record] = ExpiringMemory(window_s, capacity)
         # The ask each requestId came with last: a different one is logged as a new request.
-        self._asks: ExpiringMemory[str, Hashable] = ExpiringMemory(window_s)
+        self._asks: ExpiringMemory[str, Hashable] = ExpiringMemory(window_s, capacity)
         self._pending: dict[Hashable, asyncio.Future[_Record | None]] = {}
         self.following = 0  # executions being followed now
         metrics.follow_executions(lambda: self.following)
@@ -139,7 +140,9 @@ class Starter:
         """Serve one request; `on_finished` receives the `finished` reply of a `wait`."""
         started = self._clock()
         parts = self._parts()
-        self._answered.window_s = self._asks.window_s = parts.settings.policy.dedupe_window_s
+        policy = parts.settings.policy
+        self._answered.window_s = self._asks.window_s = policy.dedupe_window_s
+        self._answered.capacity = self._asks.capacity = policy.dedupe_max_entries
         try:
             reply = await self._serve(parts, inbound, on_finished)
         except Exception:

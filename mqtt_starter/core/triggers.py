@@ -109,6 +109,9 @@ def interpret(
     response_topic: str | None = None,
 ) -> Decision:
     kind = topic_kind(rules, topic)
+    if retain and not payload:
+        # The usual way to clear a retained message: never a trigger, whatever the settings.
+        return Ignore("an empty retained message (a retained trigger being cleared)", kind)
     if retain and not rules.accept_retained:
         return Ignore("retained message on a trigger topic (mqtt.accept_retained is false)", kind)
     triggers = rules.subscriptions

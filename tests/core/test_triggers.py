@@ -64,9 +64,12 @@ def test_refused_reply_topic_answers_on_the_default_topic() -> None:
 
 
 def test_retained_is_ignored_unless_accepted() -> None:
-    assert isinstance(interpret(RULES, "butler/start/tag/a", b"", retain=True), Ignore)
+    assert isinstance(interpret(RULES, "butler/start/tag/a", b"{}", retain=True), Ignore)
     rules = TriggerRules(base="butler", accept_retained=True)
-    assert isinstance(interpret(rules, "butler/start/tag/a", b"", retain=True), Accept)
+    assert isinstance(interpret(rules, "butler/start/tag/a", b"{}", retain=True), Accept)
+    # Clearing a retained message never triggers, accepted or not.
+    cleared = interpret(rules, "butler/start/tag/a", b"", retain=True)
+    assert cleared == Ignore("an empty retained message (a retained trigger being cleared)", "tag")
 
 
 def test_routes() -> None:

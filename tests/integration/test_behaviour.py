@@ -310,6 +310,35 @@ async def test_retained_trigger_is_ignored(
     await mqtt.publish(f"butler/start/id/{SALES}", retain=True, payload=b"")
 
 
+@pytest.mark.parametrize("accept_retained", [False, True])
+async def test_a_retained_trigger_published_live_and_its_clearing_start_nothing(
+    make_daemon: Any, mqtt: Client, sim_state: SimState, accept_retained: bool
+) -> None:
+    """MQTT 5, Retain As Published: a retained start published while the daemon is
+    subscribed still says it is retained; clearing it (an empty retained message) never
+    starts anything, even with mqtt.accept_retained."""
+    daemon = await make_daemon(mqtt={"accept_retained": accept_retained})
+    await mqtt.publish(f"butler/start/id/{SALES}", retain=True, payload=b"")  # a clearing
+    if not accept_retained:
+        await mqtt.publish(f"butler/start/id/{SALES}", {"requestId": "live"}, retain=True)
+    # A live request after them: once it is answered, the ones before were handled.
+    answer = await mqtt.request(f"butler/start/id/{STOCK}")
+    assert [t["taskId"] for t in answer["tasks"]] == [STOCK]
+    assert sim_state.started == [STOCK]
+    ignored = [line for line in daemon.log.splitlines() if line.startswith("ignored ")]
+    expected = [
+        f"ignored butler/start/id/{SALES}: an empty retained message (a retained trigger"
+        " being cleared)"
+    ]
+    if not accept_retained:
+        expected.append(
+            f"ignored butler/start/id/{SALES}: retained message on a trigger topic"
+            " (mqtt.accept_retained is false)"
+        )
+    assert ignored == expected
+    await mqtt.publish(f"butler/start/id/{SALES}", retain=True, payload=b"")
+
+
 BAD_INPUT = [
     (
         "butler/start/id/" + SALES,

@@ -384,3 +384,16 @@ async def test_where_the_reply_goes_and_waiting_do_not_make_another_request(
     again = await harness.ask(request_id="r", reply_to="b/reply", wait=True)
     assert again.replayed
     assert len(harness.backend.started()) == 2
+
+
+async def test_the_request_id_memory_keeps_at_most_dedupe_max_entries() -> None:
+    h = Harness(FakeBackend.of(SALES, STOCK), settings(policy={"dedupe_max_entries": 2}))
+    for request_id in ("a", "b", "c"):
+        await h.ask(ID_SALES, request_id=request_id)
+    assert (await h.ask(ID_SALES, request_id="c")).replayed
+    assert (await h.ask(ID_SALES, request_id="b")).replayed
+    assert not (await h.ask(ID_SALES, request_id="a")).replayed  # the oldest went first
+    assert h.backend.started() == [SALES.id] * 4
+    for task in h.tasks:
+        task.cancel()
+    await asyncio.gather(*h.tasks, return_exceptions=True)

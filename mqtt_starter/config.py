@@ -8,6 +8,7 @@ all at once (ConfigError, exit 78). Loading order: YAML file → `${VAR}` interp
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 from collections.abc import Mapping
@@ -447,7 +448,50 @@ class HttpSettings(Section):
     )
     host: str = Field("127.0.0.1", description="address to listen on")
     port: int = Field(8080, ge=0, le=65535, description="port to listen on")
-    token: SecretStr | None = Field(None, description="bearer token required by every route")
+    token: SecretStr | None = Field(
+        None,
+        description="bearer token required by every route (the start route takes it only in"
+        " the Authorization header)",
+    )
+    allow_no_token: bool = Field(
+        False,
+        description="listen beyond loopback without a token (anyone who reaches the port can"
+        " start tasks): needed for a non-loopback host without `token`",
+    )
+    max_connections: int = Field(
+        512,
+        ge=1,
+        description="open connections at most (and always below the process's file limit);"
+        " at the cap the oldest idle connection makes room",
+    )
+    request_timeout_s: float = Field(
+        10.0, gt=0, description="time a connection has to send a complete request"
+    )
+    session_max_age_s: float = Field(
+        28_800.0,
+        gt=0,
+        description="how long the status page's cookie (opened with /?token=) is good for",
+    )
+
+    @model_validator(mode="after")
+    def _token_beyond_loopback(self) -> HttpSettings:
+        open_to_all = self.token is None and not self.allow_no_token
+        if self.enabled and open_to_all and not _loopback(self.host):
+            raise ValueError(
+                f"host {self.host!r} is beyond loopback and there is no token: set"
+                " http.token, or http.allow_no_token: true to accept that anyone who"
+                " reaches the port can start tasks"
+            )
+        return self
+
+
+def _loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 class LogSettings(Section):

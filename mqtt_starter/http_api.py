@@ -8,9 +8,16 @@ Unlike Butler, each start is awaited, and a task matched by several selectors is
 
 The status page (`GET /`) is one file with its CSS and script inline: nothing is fetched from
 elsewhere. It gets a snapshot and then each change over Server-Sent Events (`GET /events`).
-With `http.token` set, every route wants it: as a bearer header (scripts), or for a browser
-once as `/?token=...`, which sets an HttpOnly cookie holding the token's SHA-256 and redirects
+With `http.token` set, every route wants it as a bearer header (scripts). The page's own GET
+routes also take a session cookie: a browser opens `/?token=...` once, which sets an HttpOnly,
+SameSite=Strict cookie (a signed issue time, good for `http.session_max_age_s`) and redirects
 to `/` (so the token does not stay in the address bar or the history).
+
+The start route is where a page on another site could do harm (a form post, a `no-cors`
+fetch, which carry cookies and no custom header): it takes the token only in the
+Authorization header, a JSON body or none (no form or text body), and no `Origin` but its
+own. Connections are guarded by http_guard.py (a cap below the file limit, a deadline to
+finish a request).
 """
 
 from __future__ import annotations
@@ -31,6 +38,7 @@ from .config import HttpSettings
 from .core.codec import decode_json, parse_butler_items
 from .core.errors import BadPayload, PayloadTooLarge, RequestError
 from .core.model import Reply, Request, Selector, SelectorKind, TaskResult
+from .http_guard import ConnectionGuard, connection_cap
 from .metrics import CONTENT_TYPE, Metrics
 from .parts import Parts
 from .starter import Inbound, Starter, error_reply
@@ -105,12 +113,40 @@ def butler_answer(reply: Reply) -> dict[str, Any]:
     }
 
 
+PAGE_ROUTES = frozenset({"/", "/events", "/status.json"})
+BROWSER_TYPES = frozenset({"application/x-www-form-urlencoded", "multipart/form-data"})
+# A request line in the log is cut here: a path can be as long as the client likes.
+PATH_IN_LOG = 200
+
+
+def _capped(path: str) -> str:
+    return path if len(path) <= PATH_IN_LOG else path[:PATH_IN_LOG] + "..."
+
+
+def _refuse_cross_site(request: web.Request) -> None:
+    """What a page on another site can send without a CORS preflight (a form, text, a foreign
+    Origin) never starts a task; a script with the header token and JSON can."""
+    origin = request.headers.get("Origin")
+    if origin is not None and origin != f"{request.scheme}://{request.host}":
+        raise CrossSite(f"a start from another origin ({origin[:100]}) is refused")
+    # The media types a page may send anywhere without asking first (CORS-safelisted).
+    if request.content_type in BROWSER_TYPES or request.content_type.startswith("text/"):
+        raise CrossSite(
+            f"a {request.content_type} body is refused: send JSON"
+            " (Content-Type: application/json), or no body"
+        )
+
+
+class CrossSite(RequestError):
+    code = "forbidden"
+
+
 def _error(status: int, code: str, message: str) -> web.Response:
     return web.json_response({"code": code, "message": message}, status=status)
 
 
 # HTTP status of each refusal code; any other is 400.
-_STATUS = {"payload_too_large": 413, "qrs_unavailable": 503, "internal": 500}
+_STATUS = {"payload_too_large": 413, "qrs_unavailable": 503, "internal": 500, "forbidden": 403}
 
 
 async def _read_at_most(request: web.Request, limit: int) -> bytes:
@@ -146,6 +182,19 @@ class HttpApi:
         self._closing = False
         self._page, self._policy = _page()
         self.port = settings.port
+        self._server: asyncio.Server | None = None
+        self.guard: ConnectionGuard | None = None
+
+    @web.middleware
+    async def _busy(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        """The connection serves a request: the guard does not count it as unfinished."""
+        if self.guard is None:
+            return await handler(request)
+        self.guard.begin(request.transport)
+        try:
+            return await handler(request)
+        finally:
+            self.guard.end(request.transport)
 
     @web.middleware
     async def _auth(self, request: web.Request, handler: Handler) -> web.StreamResponse:
@@ -157,19 +206,43 @@ class HttpApi:
         given = request.headers.get("Authorization", "").encode()
         if hmac.compare_digest(given, expected):
             return await handler(request)
-        cookie = hashlib.sha256(secret.encode()).hexdigest()
-        if hmac.compare_digest(request.cookies.get(COOKIE, "").encode(), cookie.encode()):
-            return await handler(request)
-        offered = request.query.get("token")
-        if (
-            request.path == "/"
-            and offered is not None
-            and hmac.compare_digest(offered.encode(), secret.encode())
-        ):
-            response = web.Response(status=303, headers={"Location": "/"})
-            response.set_cookie(COOKIE, cookie, httponly=True, samesite="Strict", path="/")
-            return response
+        if request.method == "GET" and request.path in PAGE_ROUTES:
+            if self._session_valid(secret, request.cookies.get(COOKIE, "")):
+                return await handler(request)
+            offered = request.query.get("token")
+            if (
+                request.path == "/"
+                and offered is not None
+                and hmac.compare_digest(offered.encode(), secret.encode())
+            ):
+                response = web.Response(status=303, headers={"Location": "/"})
+                response.set_cookie(
+                    COOKIE,
+                    self._session(secret),
+                    httponly=True,
+                    samesite="Strict",
+                    path="/",
+                    max_age=int(self.settings.session_max_age_s),
+                )
+                return response
         return _error(401, "unauthorized", "a valid bearer token is required")
+
+    @staticmethod
+    def _signature(secret: str, issued: str) -> str:
+        return hmac.new(secret.encode(), issued.encode(), hashlib.sha256).hexdigest()
+
+    def _session(self, secret: str) -> str:
+        """A page session: its issue time, signed with the token (nothing to store)."""
+        issued = str(int(time.time()))
+        return f"{issued}.{self._signature(secret, issued)}"
+
+    def _session_valid(self, secret: str, cookie: str) -> bool:
+        issued, _, signature = cookie.partition(".")
+        if not issued.isdigit() or not hmac.compare_digest(
+            signature.encode(), self._signature(secret, issued).encode()
+        ):
+            return False
+        return 0 <= time.time() - int(issued) < self.settings.session_max_age_s
 
     async def page(self, request: web.Request) -> web.Response:
         return web.Response(
@@ -240,9 +313,10 @@ class HttpApi:
 
     async def start(self, request: web.Request) -> web.Response:
         started = time.monotonic()
-        where = f"{request.method} {request.path}"
+        where = f"{request.method} {_capped(request.path)}"
         limit = self._parts().settings.policy.max_payload_bytes
         try:
+            _refuse_cross_site(request)
             body = await _read_at_most(request, limit)
             selectors, must_exist = self._selectors(request, body, limit)
         except RequestError as exc:
@@ -283,7 +357,7 @@ class HttpApi:
         return selectors, flag == "true"
 
     def app(self) -> web.Application:
-        app = web.Application(middlewares=[self._auth])
+        app = web.Application(middlewares=[self._busy, self._auth])
         if self._board is not None:
             app.add_routes(
                 [
@@ -306,9 +380,15 @@ class HttpApi:
     async def start_serving(self) -> None:
         self._runner = web.AppRunner(self.app(), access_log=None, handle_signals=False)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, self.settings.host, self.settings.port)
-        await site.start()
-        self.port = int(self._runner.addresses[0][1])
+        assert self._runner.server is not None
+        cap = connection_cap(self.settings.max_connections)
+        self.guard = ConnectionGuard(
+            self._runner.server, cap=cap, timeout_s=self.settings.request_timeout_s
+        )
+        self._server = await asyncio.get_running_loop().create_server(
+            self.guard, self.settings.host, self.settings.port, reuse_address=True
+        )
+        self.port = int(self._server.sockets[0].getsockname()[1])
 
     async def stop(self) -> None:
         # Open pages end their streams at once (the browser reconnects to whatever serves
@@ -316,6 +396,11 @@ class HttpApi:
         self._closing = True
         if self._board is not None:
             self._board.wake_pages()
+        if self._server is not None:
+            self._server.close()
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
+        if self._server is not None:
+            await self._server.wait_closed()
+            self._server = None

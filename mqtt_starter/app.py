@@ -62,6 +62,13 @@ def warn_about_settings(settings: Settings) -> None:
         )
     if settings.mqtt.tls.enabled and settings.mqtt.tls.insecure:
         logger.warning("mqtt.tls.insecure is true: the broker host name is NOT checked")
+    if settings.http.enabled and settings.http.token is None:
+        logger.warning(
+            "http.token is not set: anyone who reaches {}:{} can start tasks and read the"
+            " status page",
+            settings.http.host,
+            settings.http.port,
+        )
 
 
 async def broker_tls(settings: Settings) -> ssl.SSLContext | None:

@@ -2,6 +2,12 @@
 
 Standard `logging` records (aiohttp, paho through aiomqtt) are routed into loguru. Under
 journald (JOURNAL_STREAM is set) text lines carry no timestamp: the journal adds its own.
+
+No secret reaches the log: tracebacks never show variable values (loguru's `diagnose` is off:
+a request's headers would be printed with them), and a malformed HTTP request, which aiohttp
+logs with its traceback and which a client can send as often as it likes, becomes one
+rate-limited line that names only the kind of error. So do the event loop's errors about
+accepting connections (running out of files).
 """
 
 from __future__ import annotations
@@ -15,13 +21,21 @@ from typing import TYPE_CHECKING
 from loguru import logger
 
 from .config import LogSettings
+from .http_guard import RateLimitedLine
 
 if TYPE_CHECKING:
     from loguru import Message
 
 
 class _Intercept(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__()
+        self._malformed = RateLimitedLine()
+        self._accept = RateLimitedLine()
+
     def emit(self, record: logging.LogRecord) -> None:
+        if self._contained(record):
+            return
         try:
             level: str | int = logger.level(record.levelname).name
         except ValueError:
@@ -29,6 +43,23 @@ class _Intercept(logging.Handler):
         logger.opt(depth=6, exception=record.exc_info).bind(logger_name=record.name).log(
             level, record.getMessage()
         )
+
+    def _contained(self, record: logging.LogRecord) -> bool:
+        """A client's malformed request or an accept error: one rate-limited line with the
+        error's kind, never the request's bytes."""
+        error = record.exc_info[1] if record.exc_info else None
+        if record.name.startswith("aiohttp.server") and error is not None:
+            self._malformed.warning(
+                "HTTP: a malformed request was refused ({})", type(error).__name__
+            )
+            return True
+        if record.name == "asyncio" and "accept" in record.getMessage():
+            self._accept.warning(
+                "HTTP: accepting a connection failed ({})",
+                type(error).__name__ if error is not None else record.getMessage()[:80],
+            )
+            return True
+        return False
 
 
 def _json_sink(message: Message) -> None:
@@ -47,11 +78,22 @@ def _json_sink(message: Message) -> None:
 def configure_logging(settings: LogSettings) -> None:
     logger.remove()
     if settings.format == "json":
-        logger.add(_json_sink, level=settings.level, format="{message}\n{exception}")
+        logger.add(
+            _json_sink,
+            level=settings.level,
+            format="{message}\n{exception}",
+            diagnose=False,
+            backtrace=False,
+        )
     else:
         stamp = "" if os.environ.get("JOURNAL_STREAM") else "{time:YYYY-MM-DD HH:mm:ss.SSS} "
         logger.add(
-            sys.stderr, level=settings.level, colorize=False, format=stamp + "{level: <7} {message}"
+            sys.stderr,
+            level=settings.level,
+            colorize=False,
+            format=stamp + "{level: <7} {message}",
+            diagnose=False,
+            backtrace=False,
         )
     logging.basicConfig(handlers=[_Intercept()], level=logging.INFO, force=True)
     # paho's own debug chatter is noise at INFO; aiohttp's access log is off in our servers.

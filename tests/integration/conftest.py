@@ -214,6 +214,12 @@ def site_config(
     return config
 
 
+def _limit_files(limit: int) -> None:
+    import resource
+
+    resource.setrlimit(resource.RLIMIT_NOFILE, (limit, limit))
+
+
 class Daemon:
     """`mqtt-starter run` as a subprocess, as it runs in production."""
 
@@ -236,7 +242,14 @@ class Daemon:
             self.config = config
         self.config_path.write_text(yaml.safe_dump(self.config))
 
-    async def start(self, *, wait_ready: bool = True, env: dict[str, str] | None = None) -> None:
+    async def start(
+        self,
+        *,
+        wait_ready: bool = True,
+        env: dict[str, str] | None = None,
+        nofile: int | None = None,
+    ) -> None:
+        """`nofile`: the process's file limit (as systemd's LimitNOFILE sets it)."""
         self.write_config()
         if self.notify is not None:
             self.notify.close()
@@ -254,6 +267,7 @@ class Daemon:
                 stdout=log,
                 stderr=log,
                 env={**os.environ, "NOTIFY_SOCKET": str(socket_path), **(env or {})},
+                preexec_fn=(lambda: _limit_files(nofile)) if nofile is not None else None,
             )
         if wait_ready:
             try:

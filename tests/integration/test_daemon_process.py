@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import signal
 import subprocess
@@ -9,12 +10,13 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 import trustme
 
 from mqtt_starter.simulator.server import QrsSimulator
 from mqtt_starter.simulator.state import SimState
-from tests.conftest import wait_until
+from tests.conftest import free_port, wait_until
 from tests.integration.conftest import (
     Broker,
     Client,
@@ -340,3 +342,86 @@ async def test_a_corrupt_cloud_ca_file_exits_78_and_a_reload_naming_it_is_refuse
         await broken.stop()
         await good.stop()
         await sim.stop()
+
+
+async def test_a_malformed_request_logs_one_line_and_no_secret(
+    make_daemon: Any, tmp_path: Path
+) -> None:
+    """aiohttp logs a request whose header is too long with its traceback; with variable
+    values in tracebacks the raw request, token included, would be in the log."""
+    token = "s3cret-token-0123456789"
+    port = free_port()
+    daemon: Daemon = await make_daemon(
+        http={"enabled": True, "port": port, "token": token}, log={"level": "INFO"}
+    )
+    request = (
+        f"GET /healthz HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\n"
+        f"X-Filler: {'a' * 9000}\r\n\r\n"
+    ).encode()
+    for _ in range(20):
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(request)
+        await writer.drain()
+        answer = await reader.read()  # aiohttp answers 400 and closes
+        writer.close()
+        assert answer.split(b" ", 2)[1] == b"400"
+    await wait_until(lambda: "HTTP: a malformed request was refused" in daemon.log, what="a line")
+    status, _ = await http_get(port, "/healthz", token)
+    assert status == 200
+    await daemon.stop()
+    assert token not in daemon.log
+    lines = [line for line in daemon.log.splitlines() if "malformed request" in line]
+    assert len(lines) == 1, lines  # 20 malformed requests, one line: rate-limited
+    assert "Traceback" not in daemon.log
+
+
+async def http_get(port: int, path: str, token: str | None = None) -> tuple[int, str]:
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    async with (
+        aiohttp.ClientSession() as session,
+        session.get(f"http://127.0.0.1:{port}{path}", headers=headers) as response,
+    ):
+        return response.status, await response.text()
+
+
+async def test_unfinished_connections_do_not_take_the_endpoint_down(make_daemon: Any) -> None:
+    """1,100 connections that never finish their headers, under systemd's default limit of
+    1,024 files: the oldest idle ones make room, /healthz answers, and the log stays short."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < 2048:  # the test's own side of 1,100 connections
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(4096, hard), hard))
+    port = free_port()
+    daemon: Daemon = await make_daemon(
+        start=False, http={"enabled": True, "port": port, "request_timeout_s": 600}
+    )
+    await daemon.start(nofile=1024)
+    slow: list[asyncio.StreamWriter] = []
+    try:
+        for _ in range(1100):
+            _, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")  # and never the end
+            slow.append(writer)
+        await asyncio.gather(*(w.drain() for w in slow))
+        status, text = await http_get(port, "/healthz")
+        assert (status, text) == (200, '{"status": "alive"}')
+        assert daemon.alive
+    finally:
+        for writer in slow:
+            writer.close()
+    await daemon.stop()
+    http_lines = [line for line in daemon.log.splitlines() if "HTTP:" in line]
+    assert 1 <= len(http_lines) <= 3, http_lines  # rate-limited, not one per connection
+    assert "Traceback" not in daemon.log
+
+
+async def test_a_connection_that_does_not_finish_its_request_is_closed(make_daemon: Any) -> None:
+    port = free_port()
+    await make_daemon(http={"enabled": True, "port": port, "request_timeout_s": 0.2})
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
+    await writer.drain()
+    assert await asyncio.wait_for(reader.read(), 30) == b""  # closed by the daemon, unanswered
+    writer.close()
+    assert await http_get(port, "/healthz") == (200, '{"status": "alive"}')

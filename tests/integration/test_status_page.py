@@ -5,6 +5,7 @@ its HTTP side (snapshot, events, token, headers) with a plain HTTP client."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import shutil
@@ -14,6 +15,7 @@ from typing import Any
 
 import aiohttp
 import pytest
+from aiohttp import web
 from selenium import webdriver
 from selenium.common.exceptions import NoAlertPresentException
 from selenium.webdriver.chrome.service import Service
@@ -213,3 +215,77 @@ async def test_snapshot_events_and_headers(page_daemon: str, mqtt: Client) -> No
         async with session.get(f"{page_daemon}/status.json", headers=headers) as status:
             data = await status.json()
             assert [r["requestId"] for r in data["requests"]] == ["sse-1"]
+
+
+# -- pages of other sites cannot start tasks (DESIGN.md section 3) -------------------------------
+
+ATTACK = """<!DOCTYPE html><html><body>
+<iframe name="sink" id="sink"></iframe>
+<form id="form" method="post" target="sink" action="{target}"></form>
+<script>
+let left = 3;
+function one() {{ left -= 1; if (left === 0) document.title = "done"; }}
+document.getElementById("sink").addEventListener("load", one, {{once: true}});
+document.getElementById("form").submit();
+fetch("{target}", {{method: "POST", mode: "no-cors", credentials: "include",
+                    body: "[]"}}).then(one, one);
+fetch("{target}", {{method: "PUT", mode: "no-cors", credentials: "include"}}).then(one, one);
+</script></body></html>"""
+
+
+@contextlib.asynccontextmanager
+async def attacker(host: str, target: str) -> AsyncIterator[str]:
+    """A page on `host` (another port, or another site) that posts a form to `target` and
+    sends two no-cors fetches to it, with credentials; its title says when all three ended."""
+
+    async def page(_: web.Request) -> web.Response:
+        return web.Response(text=ATTACK.format(target=target), content_type="text/html")
+
+    app = web.Application()
+    app.router.add_get("/", page)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    try:
+        yield f"http://{host}:{port}/"
+    finally:
+        await runner.cleanup()
+
+
+async def attacked(browser: Browser, page: str) -> None:
+    await browser.get(page)
+    await wait_until(
+        lambda: browser(lambda: browser.driver.title == "done"), what="the attack to end"
+    )
+
+
+async def test_a_same_site_page_cannot_start_a_task_with_the_page_cookie(
+    page_daemon: str, browser: Browser, sim_state: Any
+) -> None:
+    await open_page(browser, page_daemon)  # the browser holds the page's cookie
+    async with attacker("127.0.0.1", f"{page_daemon}/v4/reloadtask/{ORDERS}/start") as page:
+        await attacked(browser, page)
+    assert sim_state.started == []
+
+
+async def test_a_cross_site_page_cannot_start_a_task_without_a_token(
+    broker: Broker, simulator: QrsSimulator, browser: Browser, sim_state: Any
+) -> None:
+    port = free_port()
+    async with daemons(
+        LocalDaemon, lambda **sections: daemon_config(broker, simulator, **sections)
+    ) as make:
+        daemon: LocalDaemon = await make(http={"enabled": True, "port": port})
+        target = f"http://127.0.0.1:{port}/v4/reloadtask/{ORDERS}/start"
+        async with attacker("localhost", target) as page:
+            await attacked(browser, page)
+        assert sim_state.started == []
+        # The form and the no-cors POST reached the daemon and were refused; a no-cors PUT
+        # the browser does not even send.
+        refusals = [line for line in daemon.lines if line.startswith("request http")]
+        assert len(refusals) == 2 and all("-> error forbidden" in r for r in refusals), refusals
+        assert (
+            f"http.token is not set: anyone who reaches 127.0.0.1:{port} can start tasks and"
+            " read the status page"
+        ) in daemon.lines

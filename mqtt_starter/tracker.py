@@ -5,7 +5,9 @@ all followed executions at once (`executionID eq a or executionID eq b ...`, chu
 size), then hands each follower its own. When the monitor watches the site, its query (what
 changed since the last one) serves the followers too, and no second query is made.
 
-For each follower, the newest attempt tells the state; when it is terminal, the execution
+A follower the monitor's query has not mentioned for a few intervals is asked about on its
+own (a run whose task was deleted never changes again). For each follower, the newest attempt
+tells the state; when it is terminal, the execution
 session is asked once more, since a retry opens a new result under the same session: only a
 gone session (404) ends the run. Following always ends (qrs-api.md section 4):
 - at the run's final state;
@@ -38,6 +40,9 @@ OnChange = Callable[[Execution], Awaitable[None]]
 # Runs this daemon started, remembered for the monitor (startedBy, requestId): enough for the
 # runs of many intervals, bounded so that memory does not grow with the runs.
 CLAIMS_KEPT = 10_000
+# A follower the monitor's query has not mentioned this many times in a row is asked about on
+# its own: a run whose task was deleted never changes again, and would wait to its deadline.
+QUIET_TICKS = 3
 
 
 class ChangeSource(Protocol):
@@ -71,6 +76,7 @@ class _Follower:
     )
     last: Execution | None = None
     seen: tuple[str, int] | None = None
+    quiet: int = 0  # the monitor's queries in a row that did not mention it
 
     def end(self, end: FollowEnd) -> None:
         if not self.done.done():
@@ -221,6 +227,15 @@ class Tracker:
             logger.exception("monitor: the query of what changed failed")
             return False
         await self._dispatch(followers, results, complete=False)
+        mentioned = {r.execution_id for r in results}
+        quiet = []
+        for follower in followers:
+            follower.quiet = 0 if follower.execution_id in mentioned else follower.quiet + 1
+            if follower.quiet >= QUIET_TICKS and not follower.done.done():
+                follower.quiet = 0
+                quiet.append(follower)
+        if quiet:
+            await self._tick_followers(quiet)
         return True
 
     async def _tick_followers(self, followers: list[_Follower]) -> None:

@@ -24,6 +24,7 @@ FAIL = "0a000000-0000-4000-8000-000000000002"
 EXTERNAL = "0a000000-0000-4000-8000-000000000003"
 OUTSIDE = "0a000000-0000-4000-8000-000000000004"
 GONE = "0a000000-0000-4000-8000-000000000005"
+SLOW = "0a000000-0000-4000-8000-000000000006"
 ERROR = "Field 'Amount' not found"
 
 
@@ -41,6 +42,7 @@ def monitor_fixture() -> Fixture:
                  outcome=Outcome(duration_s=0.05, result="fail", message="exit code 3")),
             task(OUTSIDE, "Ad hoc", tags=["Adhoc"], outcome=Outcome(duration_s=0.05)),
             task(GONE, "Retired", tags=["Nightly"], outcome=Outcome(duration_s=0.05)),
+            task(SLOW, "Long Haul", tags=["Adhoc"], outcome=Outcome(duration_s=3600)),
         ]
     )  # fmt: skip
 
@@ -441,3 +443,23 @@ async def test_runs_are_published_when_qrs_reads_dates_as_local_time(
     failed = await fire_and_end(sim_state, FAIL)
     [event] = await mqtt.wait_for("butler/event/task/failed")
     assert event.json()["executionId"] == failed
+
+
+async def test_a_wait_for_a_task_deleted_while_it_runs_ends_unknown(
+    make_daemon: Any, mqtt: Client, sim_state: SimState
+) -> None:
+    """The monitor's query never mentions the run again once its task is gone: the follower
+    asks on its own after a few quiet intervals, and the finished reply says Unknown."""
+    await monitoring(make_daemon, mqtt)
+    reply_topic = "test/reply/deleted"
+    await mqtt.subscribe(reply_topic)
+    await mqtt.publish(
+        f"butler/start/id/{SLOW}", {"requestId": "d-1", "wait": True}, response_topic=reply_topic
+    )
+    [accepted] = await mqtt.wait_for(reply_topic)
+    assert accepted.json()["tasks"][0]["result"] == "started"
+    sim_state.delete(sim_state.tasks[SLOW])
+    [_, finished] = await mqtt.wait_for(reply_topic, count=2)
+    [task] = finished.json()["tasks"]
+    assert (finished.json()["stage"], finished.json()["status"]) == ("finished", "error")
+    assert task["state"] == "Unknown" and not task.get("timedOut")

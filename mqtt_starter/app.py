@@ -152,7 +152,11 @@ class Daemon:
         try:
             self._tls = await broker_tls(self.settings)
             board = self.board
-            publisher = ReplyPublisher(lambda: self.link, on_publish=board.published)
+            publisher = ReplyPublisher(
+                lambda: self.link,
+                on_publish=board.published,
+                hold_max=self.settings.mqtt.hold_max_messages,
+            )
             self._publisher = publisher
             starter = Starter(
                 lambda: self.parts, publisher, self.metrics, self._spawn, watcher=board
@@ -263,6 +267,9 @@ class Daemon:
         self._connected_once = True
         self.metrics.broker_connected.set(1)
         self.board.set_instance(brokerConnected=True)
+        if self._publisher is not None:
+            self._publisher.hold_max = self.settings.mqtt.hold_max_messages
+            self._spawn(self._publisher.flush(), "publish-held")
         self._spawn(self._after_connect(), "announce-info")
 
     async def _after_connect(self) -> None:

@@ -119,6 +119,13 @@ class MqttSettings(Section):
         ReconnectSettings(),
         description="broker reconnect backoff (jittered, exponential)",
     )
+    hold_max_messages: int = Field(
+        10_000,
+        ge=1,
+        description="replies, status events and task states held while the broker cannot be"
+        " reached, published in order after the reconnect; beyond this the oldest are dropped"
+        " (counted in the log)",
+    )
 
     @field_validator("protocol", mode="before")
     @classmethod

@@ -14,12 +14,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import time
 from collections import OrderedDict
 from collections.abc import Callable
-from typing import Any
 
-from loguru import logger
+from .logs import RateLimitedLine
 
 # Files the process keeps for everything else (broker, site, logs) below its limit.
 FILES_KEPT = 64
@@ -35,26 +33,6 @@ def connection_cap(wanted: int) -> int:
     if soft == resource.RLIM_INFINITY:
         return wanted
     return max(1, min(wanted, int(soft) - FILES_KEPT))
-
-
-class RateLimitedLine:
-    """One log line per `every_s` at most; the lines held back are counted in the next."""
-
-    def __init__(self, every_s: float = 10.0, clock: Callable[[], float] = time.monotonic) -> None:
-        self.every_s = every_s
-        self._clock = clock
-        self._next = 0.0
-        self.held = 0
-
-    def warning(self, text: str, *args: Any) -> None:
-        now = self._clock()
-        if now < self._next:
-            self.held += 1
-            return
-        self._next = now + self.every_s
-        suffix = f" ({self.held} more like it held back)" if self.held else ""
-        self.held = 0
-        logger.warning(text + suffix, *args)
 
 
 class _Guarded(asyncio.Protocol):

@@ -16,15 +16,36 @@ import json
 import logging
 import os
 import sys
-from typing import TYPE_CHECKING
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 from loguru import logger
 
 from .config import LogSettings
-from .http_guard import RateLimitedLine
 
 if TYPE_CHECKING:
     from loguru import Message
+
+
+class RateLimitedLine:
+    """One log line per `every_s` at most; the lines held back are counted in the next."""
+
+    def __init__(self, every_s: float = 10.0, clock: Callable[[], float] = time.monotonic) -> None:
+        self.every_s = every_s
+        self._clock = clock
+        self._next = 0.0
+        self.held = 0
+
+    def warning(self, text: str, *args: Any) -> None:
+        now = self._clock()
+        if now < self._next:
+            self.held += 1
+            return
+        self._next = now + self.every_s
+        suffix = f" ({self.held} more like it held back)" if self.held else ""
+        self.held = 0
+        logger.warning(text + suffix, *args)
 
 
 class _Intercept(logging.Handler):

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 
 from loguru import logger
 
@@ -17,22 +19,49 @@ from .core.codec import encode_reply
 from .core.errors import MqttLinkError
 from .core.model import Reply
 from .core.triggers import Health, Ignore, Refuse, interpret
+from .logs import RateLimitedLine
 from .mqtt_link import Incoming, MqttLink
 from .parts import Parts
 from .starter import Inbound, Starter, error_reply
 
 
+@dataclass(frozen=True)
+class _Held:
+    topic: str
+    payload: bytes
+    retain: bool
+    correlation_data: bytes | None
+
+
 class ReplyPublisher:
-    """Publishes to whatever broker link is current (a reload may replace it)."""
+    """Publishes to whatever broker link is current (a reload may replace it).
+
+    What cannot be published now (no connection, or the broker dropped it) is held, in order
+    and bounded (the oldest dropped first, counted in the log), and published once the link
+    is back (`flush`, at every connect): a finished reply or a status event outlives a broker
+    outage or a move to another broker. While anything is held, new messages queue behind it,
+    so the order of a task's events is kept.
+    """
 
     def __init__(
         self,
         link: Callable[[], MqttLink | None],
         on_publish: Callable[[str, bytes], None] | None = None,
+        *,
+        hold_max: int = 10_000,
     ) -> None:
         """`on_publish`: told each message once the broker has it (the status page)."""
         self._link = link
         self._on_publish = on_publish
+        self.hold_max = hold_max
+        self._held: deque[_Held] = deque()
+        self.dropped = 0
+        self._dropped_log = RateLimitedLine(60.0)
+        self._flushing = asyncio.Lock()
+
+    @property
+    def held(self) -> int:
+        return len(self._held)
 
     async def publish(
         self,
@@ -42,12 +71,59 @@ class ReplyPublisher:
         retain: bool = False,
         correlation_data: bytes | None = None,
     ) -> None:
+        message = _Held(topic, payload, retain, correlation_data)
         link = self._link()
-        if link is None:
-            raise MqttLinkError("no broker link")
-        await link.publish(topic, payload, retain=retain, correlation_data=correlation_data)
+        if self._held or link is None or not link.connected.is_set():
+            self._hold(message, "not connected to the broker")
+            return
+        try:
+            await link.publish(topic, payload, retain=retain, correlation_data=correlation_data)
+        except MqttLinkError as exc:
+            self._hold(message, str(exc))
+            return
         if self._on_publish is not None:
             self._on_publish(topic, payload)
+
+    def _hold(self, message: _Held, why: str) -> None:
+        if not self._held:
+            logger.info("holding what is published until the broker is back ({})", why)
+        if len(self._held) >= self.hold_max:
+            self._held.popleft()
+            self.dropped += 1
+            self._dropped_log.warning(
+                "mqtt.hold_max_messages ({}) reached: the oldest held message was dropped"
+                " ({} in all)",
+                self.hold_max,
+                self.dropped,
+            )
+        self._held.append(message)
+        logger.debug("held for the broker: {}", message.topic)
+
+    async def flush(self) -> None:
+        """Publish what is held, in order, while the link stays up."""
+        async with self._flushing:
+            count = 0
+            while self._held:
+                link = self._link()
+                if link is None or not link.connected.is_set():
+                    return
+                message = self._held[0]
+                try:
+                    await link.publish(
+                        message.topic,
+                        message.payload,
+                        retain=message.retain,
+                        correlation_data=message.correlation_data,
+                    )
+                except MqttLinkError as exc:
+                    logger.info("the broker went away again; still holding: {}", exc)
+                    return
+                self._held.popleft()
+                count += 1
+                if self._on_publish is not None:
+                    self._on_publish(message.topic, message.payload)
+            if count:
+                logger.info("published the {} message(s) held while the broker was away", count)
 
 
 HealthCheck = Callable[[str | None], Awaitable[bytes]]

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
+import json
 import signal
 from typing import Any
 
+import aiomqtt
 import pytest
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 
 from mqtt_starter.simulator.fixtures import Fixture
 from mqtt_starter.simulator.state import SimState
@@ -128,3 +133,70 @@ async def test_two_instances_share_one_subscription_group(
     assert sorted(sim_state.started) == sorted(BULK[:6])
     assert "$share/starters/butler/start/#" in first.log
     assert "$share/starters/butler/start/#" in second.log
+
+
+def persistent_client(broker: Broker) -> aiomqtt.Client:
+    """A requester whose session (and what is queued for it) outlives its connection."""
+    properties = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+    properties.SessionExpiryInterval = 3600
+    return aiomqtt.Client(
+        "127.0.0.1",
+        broker.port,
+        identifier="waiter",
+        protocol=aiomqtt.ProtocolVersion.V5,
+        clean_start=False,
+        properties=properties,
+    )
+
+
+async def next_message(client: aiomqtt.Client) -> Any:
+    async with asyncio.timeout(30):
+        async for message in client.messages:
+            assert isinstance(message.payload, bytes)
+            return json.loads(message.payload)
+    raise AssertionError("no message")
+
+
+async def test_a_finished_reply_outlives_a_broker_outage(
+    make_daemon: Any, broker: Broker, sim_state: SimState
+) -> None:
+    daemon = await make_daemon()
+    reply_topic = "test/reply/outage"
+    async with persistent_client(broker) as waiter:
+        await waiter.subscribe(reply_topic, qos=1)
+        properties = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
+        properties.ResponseTopic = reply_topic
+        await waiter.publish(
+            f"butler/start/id/{BULK[1]}",
+            json.dumps({"requestId": "outage", "wait": True}),
+            qos=1,
+            properties=properties,
+        )
+        accepted = await next_message(waiter)
+        assert accepted["stage"] == "accepted"
+        # QRS holds the follower's next poll while the broker goes down; the run ends meanwhile.
+        sim_state.faults.open.clear()
+        await wait_until(
+            lambda: any(e.ended is None for e in sim_state.journal), what="a poll in flight"
+        )
+    broker.stop(signal.SIGKILL)
+    sim_state.faults.open.set()
+    await wait_until(
+        lambda: f"held for the broker: {reply_topic}" in daemon.log, what="the reply held"
+    )
+    broker.start()
+    async with persistent_client(broker) as waiter:
+        finished = await next_message(waiter)
+    assert (finished["requestId"], finished["stage"], finished["status"]) == (
+        "outage",
+        "finished",
+        "ok",
+    )
+    assert finished["tasks"][0]["state"] == "FinishedSuccess"
+    await wait_until(
+        lambda: (
+            "published the 1 message(s) held while the broker was away" in daemon.log
+            or "published the" in daemon.log
+        ),
+        what="the held messages published",
+    )

@@ -36,6 +36,7 @@ from .parts import Parts, allow_list, build_rules
 from .starter import Starter
 from .status_board import StatusBoard
 from .systemd import Notifier
+from .wait_memory import WaitMemory
 
 if TYPE_CHECKING:
     from .http_api import HttpApi
@@ -102,6 +103,7 @@ class Daemon:
         self.ready = asyncio.Event()  # subscribed and QRS answered (READY=1)
         self._connected_once = False
         self.monitor: Monitor | None = None
+        self.memory: WaitMemory | None = None
         self._publisher: ReplyPublisher | None = None
         self._door: MqttDoor | None = None
         self._started_at = iso(datetime.now(UTC))
@@ -170,7 +172,10 @@ class Daemon:
                 spawn=self._spawn,
             )
             self._attach_monitor(self.parts)
-            door = MqttDoor(lambda: self.parts, starter, publisher, health=self.health)
+            self.memory = WaitMemory(lambda: self.parts, publisher, starter, self._spawn)
+            door = MqttDoor(
+                lambda: self.parts, starter, publisher, health=self.health, memory=self.memory
+            )
             self._door = door
             async with asyncio.TaskGroup() as group:
                 self._group = group
@@ -247,13 +252,21 @@ class Daemon:
             on_connect=self._on_connect,
             on_disconnect=self._on_disconnect,
             tls=self._tls,
-            private_subscriptions=monitor.topics(self.parts)
-            if monitor is not None and self.settings.monitor.enabled
-            else (),
+            private_subscriptions=[
+                *(self.memory.topics() if self.memory is not None else ()),
+                *(
+                    monitor.topics(self.parts)
+                    if monitor is not None and self.settings.monitor.enabled
+                    else ()
+                ),
+            ],
         )
         self._link_task = self._spawn(self.link.run(self._on_message), "mqtt-link")
 
     async def _on_message(self, incoming: Incoming) -> None:
+        if self.memory is not None and self.memory.wants(incoming.topic):
+            self.memory.on_message(incoming)
+            return
         monitor = self.monitor
         if monitor is not None and self.settings.monitor.enabled and monitor.wants(incoming.topic):
             await monitor.on_message(incoming)
@@ -276,6 +289,8 @@ class Daemon:
         await self.qrs_ready.wait()  # the info names QRS's build
         try:
             await self._publish_info()
+            if self.memory is not None:
+                await self.memory.on_connect()
             if self.monitor is not None and self.settings.monitor.enabled:
                 await self.monitor.on_connect()
         except MqttLinkError as exc:

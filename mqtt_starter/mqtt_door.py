@@ -23,6 +23,7 @@ from .logs import RateLimitedLine
 from .mqtt_link import Incoming, MqttLink
 from .parts import Parts
 from .starter import Inbound, Starter, error_reply
+from .wait_memory import WaitMemory
 
 
 @dataclass(frozen=True)
@@ -136,12 +137,15 @@ class MqttDoor:
         starter: Starter,
         publisher: ReplyPublisher,
         health: HealthCheck | None = None,
+        memory: WaitMemory | None = None,
     ) -> None:
-        """`health`: the answer to `<base>/request/health` for a requestId."""
+        """`health`: the answer to `<base>/request/health` for a requestId; `memory`: keeps
+        each `wait` in flight on the broker, so that a restart resumes it."""
         self._parts = parts
         self._starter = starter
         self._publisher = publisher
         self._health = health
+        self._memory = memory
 
     async def on_message(self, incoming: Incoming) -> None:
         started = time.monotonic()
@@ -174,10 +178,15 @@ class MqttDoor:
             return
         reply_topic = decision.reply_topic
         accepted_sent = asyncio.Event()
+        kept: str | None = None  # the wait's record in the memory (wait_memory.py)
 
         async def on_finished(finished: Reply) -> None:
             await accepted_sent.wait()  # the finished reply never overtakes the accepted one
             await self._reply(self._parts(), reply_topic, finished, incoming)
+            if kept is not None and self._memory is not None:
+                await self._memory.forget(
+                    kept, [o.execution_id for o in finished.outcomes if o.execution_id]
+                )
 
         reply = await self._starter.handle(
             Inbound(
@@ -192,6 +201,18 @@ class MqttDoor:
         )
         try:
             await self._reply(parts, reply_topic, reply, incoming)
+            request = decision.request
+            if (
+                self._memory is not None
+                and request.wait
+                and reply_topic is not None
+                and reply.error is None
+                and not reply.replayed
+            ):
+                timeout_s = request.wait_timeout_s or parts.settings.status.wait_timeout_s
+                kept = await self._memory.remember(
+                    reply, reply_topic, incoming.correlation_data, timeout_s
+                )
         finally:
             accepted_sent.set()
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import time
-from collections.abc import Awaitable, Callable, Coroutine, Hashable
+from collections.abc import Awaitable, Callable, Coroutine, Hashable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -33,11 +33,13 @@ from .core.errors import BadPayload, MqttLinkError, QrsError, TooManyTasks
 from .core.model import (
     ErrorInfo,
     Execution,
+    FollowEnd,
     ReloadOptions,
     Reply,
     ReplyStatus,
     Request,
     TaskOutcome,
+    TaskRef,
     TaskResult,
 )
 from .core.policy import Debouncer, Decision, ExpiringMemory, decide, request_key
@@ -352,6 +354,29 @@ class Starter:
         await _deliver(sink, dataclasses.replace(reply, replayed=True))
 
     # -- following ------------------------------------------------------------------------------
+
+    async def resume(
+        self, runs: Sequence[tuple[TaskRef, str]], request_id: str | None, timeout_s: float
+    ) -> dict[str, FollowEnd]:
+        """Follow runs a previous life of this daemon started (a `wait` resumed after a
+        restart): status events as for any run, and each run's end by execution id."""
+        parts = self._parts()
+        async with parts.in_use():
+            for _, execution_id in runs:
+                parts.tracker.claim(execution_id, request_id)
+            ends = await asyncio.gather(
+                *(
+                    self._follow_one(
+                        parts,
+                        parts.tracker,
+                        TaskOutcome(task, (), TaskResult.STARTED, execution_id=execution_id),
+                        request_id,
+                        timeout_s,
+                    )
+                    for task, execution_id in runs
+                )
+            )
+        return {o.execution_id: o.final for o in ends if o.execution_id and o.final}
 
     def _follow_up(
         self, parts: Parts, request: Request, reply: Reply, on_finished: FinishedSink | None

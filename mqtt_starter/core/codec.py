@@ -296,11 +296,45 @@ def reply_status(
         ]
     else:
         good = [o for o in outcomes if o.result in going]
+    return _status(len(good), len(outcomes), unmatched_count)
+
+
+def _status(good: int, tasks: int, unmatched: int) -> ReplyStatus:
     if not good:
         return ReplyStatus.ERROR
-    if len(good) == len(outcomes) and unmatched_count == 0:
+    if good == tasks and unmatched == 0:
         return ReplyStatus.OK
     return ReplyStatus.PARTIAL
+
+
+def finished_from_accepted(
+    accepted: Mapping[str, Any], ends: Mapping[str, FollowEnd]
+) -> dict[str, Any]:
+    """The `finished` reply built from the accepted reply as it was sent (a `wait` resumed
+    after a restart): each started task gets its end from `ends` (by execution id); a started
+    task without one is Unknown."""
+    tasks = [dict(t) for t in accepted.get("tasks", ()) if isinstance(t, Mapping)]
+    good = 0
+    for task in tasks:
+        if task.get("result") == TaskResult.DRY_RUN.value:
+            good += 1
+        if task.get("result") != TaskResult.STARTED.value:
+            continue
+        end = ends.get(str(task.get("executionId")))
+        if end is None:
+            end = FollowEnd(None, lost="the run could not be followed after a restart")
+        task.update(_final_json(end))
+        good += end.succeeded
+    unmatched = accepted.get("unmatched", ())
+    data = {
+        **accepted,
+        "status": _status(
+            good, len(tasks), len(unmatched) if isinstance(unmatched, list) else 0
+        ).value,
+        "stage": "finished",
+        "tasks": tasks,
+    }
+    return data
 
 
 def _final_json(end: FollowEnd) -> dict[str, Any]:

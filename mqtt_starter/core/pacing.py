@@ -7,7 +7,17 @@ a start that waits is never overtaken and never dropped.
 
 from __future__ import annotations
 
+import math
 from collections import deque
+
+
+def _until(moment: float, now: float) -> float:
+    """A wait that brings `now` to `moment` at least, in floats too: `now + (moment - now)`
+    can fall one ulp short of `moment`."""
+    wait = max(moment - now, 0.0)
+    while now + wait < moment:
+        wait = math.nextafter(wait, math.inf)
+    return wait
 
 
 class StartPacer:
@@ -21,12 +31,12 @@ class StartPacer:
         """Seconds until the next start may go."""
         while self._starts and self._starts[0] <= now - self.window_s:
             self._starts.popleft()
-        wait = self._blocked_until - now
+        wait = _until(self._blocked_until, now)
         if len(self._starts) >= self.limit:
             # The limit-th newest start must have left the window (not merely the oldest:
             # float rounding may keep a start one ulp past the window's edge).
-            wait = max(wait, self._starts[-self.limit] + self.window_s - now)
-        return max(wait, 0.0)
+            wait = max(wait, _until(self._starts[-self.limit] + self.window_s, now))
+        return wait
 
     def started(self, now: float) -> None:
         self._starts.append(now)

@@ -425,3 +425,63 @@ async def test_a_connection_that_does_not_finish_its_request_is_closed(make_daem
     assert await asyncio.wait_for(reader.read(), 30) == b""  # closed by the daemon, unanswered
     writer.close()
     assert await http_get(port, "/healthz") == (200, '{"status": "alive"}')
+
+
+@pytest.mark.parametrize("memory", ["kept", "deleted"])
+async def test_a_wait_in_flight_survives_a_restart(
+    make_daemon: Any, mqtt: Client, sim_state: SimState, memory: str
+) -> None:
+    """SIGTERM while a `wait` follows a run, then a new daemon: the new one sends the finished
+    reply; with the run's memory deleted meanwhile, it says Unknown and why."""
+    old: Daemon = await make_daemon()
+    reply_topic = "test/reply/restart"
+    await mqtt.subscribe(reply_topic)
+    await mqtt.publish(
+        f"butler/start/id/{LONG}",
+        {"requestId": "across", "wait": True},
+        response_topic=reply_topic,
+        correlation=b"corr-7",
+    )
+    [accepted] = await mqtt.wait_for(reply_topic)
+    [task] = accepted.json()["tasks"]
+    assert task["result"] == "started"
+    execution_id = task["executionId"]
+    # The memory is on the broker before the daemon stops.
+    await mqtt.subscribe("butler/following/starter-test/+", "butler/wait/starter-test/+")
+    await mqtt.wait_for("butler/wait/starter-test/+")
+    [run] = await mqtt.wait_for(f"butler/following/starter-test/{execution_id}")
+    assert run.json() == {
+        "key": run.json()["key"],
+        "taskId": LONG,
+        "taskName": "Long Reload",
+        "executionId": execution_id,
+    }
+    old.signal(signal.SIGTERM)
+    assert await old.wait() == 0
+    if memory == "deleted":
+        await mqtt.publish(f"butler/following/starter-test/{execution_id}", b"", retain=True)
+    new: Daemon = await make_daemon()
+    await wait_until(lambda: "resuming the wait of requestId=across" in new.log, what="resume")
+    sim_state.stop(sim_state.tasks[LONG])  # the run ends (Aborted) under the new daemon
+    [_, finished] = await mqtt.wait_for(reply_topic, count=2)
+    assert finished.correlation == b"corr-7"
+    data = finished.json()
+    [end] = data["tasks"]
+    assert (data["requestId"], data["stage"], data["status"]) == ("across", "finished", "error")
+    if memory == "kept":
+        assert (end["state"], end["stateCode"], end["executionId"]) == (
+            "Aborted",
+            6,
+            execution_id,
+        )
+    else:
+        assert end["state"] == "Unknown"
+        assert end["error"] == (
+            "the daemon restarted, and no memory of this run was left to follow it by"
+        )
+    # Once answered, the memory is cleared.
+    await mqtt.wait_for("butler/wait/starter-test/+", until=lambda r: r.payload == b"")
+    if memory == "kept":
+        await mqtt.wait_for(
+            f"butler/following/starter-test/{execution_id}", until=lambda r: r.payload == b""
+        )

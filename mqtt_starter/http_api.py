@@ -115,14 +115,6 @@ def butler_answer(reply: Reply) -> dict[str, Any]:
 
 PAGE_ROUTES = frozenset({"/", "/events", "/status.json"})
 BROWSER_TYPES = frozenset({"application/x-www-form-urlencoded", "multipart/form-data"})
-# A request line in the log is cut here: a path can be as long as the client likes.
-PATH_IN_LOG = 200
-
-
-def _capped(path: str) -> str:
-    return path if len(path) <= PATH_IN_LOG else path[:PATH_IN_LOG] + "..."
-
-
 def _refuse_cross_site(request: web.Request) -> None:
     """What a page on another site can send without a CORS preflight (a form, text, a foreign
     Origin) never starts a task; a script with the header token and JSON can."""
@@ -313,7 +305,7 @@ class HttpApi:
 
     async def start(self, request: web.Request) -> web.Response:
         started = time.monotonic()
-        where = f"{request.method} {_capped(request.path)}"
+        where = f"{request.method} {request.path}"
         limit = self._parts().settings.policy.max_payload_bytes
         try:
             _refuse_cross_site(request)

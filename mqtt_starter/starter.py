@@ -48,6 +48,8 @@ from .metrics import Metrics
 from .parts import Parts
 from .tracker import Tracker
 
+# A topic or path in the log line is cut here: a client chooses its length.
+TOPIC_IN_LOG = 200
 # Error codes of a passing condition: such a refusal is not remembered for the requestId.
 PASSING = ("qrs_unavailable", "internal")
 
@@ -177,7 +179,7 @@ class Starter:
         logger.info(
             "request {} {} requestId={} -> {}{} {} unmatched={} in {:.0f} ms",
             door,
-            topic,
+            topic if len(topic) <= TOPIC_IN_LOG else topic[:TOPIC_IN_LOG] + "...",
             reply.request_id,
             reply.status.value,
             " (replayed)" if reply.replayed else "",

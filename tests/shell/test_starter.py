@@ -397,3 +397,11 @@ async def test_the_request_id_memory_keeps_at_most_dedupe_max_entries() -> None:
     for task in h.tasks:
         task.cancel()
     await asyncio.gather(*h.tasks, return_exceptions=True)
+
+
+async def test_a_long_topic_is_cut_in_the_log_line(harness: Harness, logged: list[str]) -> None:
+    topic = "butler/start/name/" + "x" * 5000
+    await harness.starter.handle(Inbound(Request((ID_SALES,)), "mqtt", topic, "name"))
+    [line] = [m for m in logged if m.startswith("request mqtt")]
+    assert f"request mqtt {topic[:200]}... requestId=None -> ok" in line
+    assert len(line) < 400

@@ -1,3 +1,3 @@
-from .cli import main
+from mqtt_starter.cli import main
 
 raise SystemExit(main())

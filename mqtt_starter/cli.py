@@ -10,14 +10,14 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from . import __version__
-from .config import LogSettings, Settings, file_problems, load_settings
-from .core.errors import EXIT_CONFIG, ConfigError, MqttStarterError
-from .logs import configure_logging
+from mqtt_starter import __version__
+from mqtt_starter.config import LogSettings, Settings, file_problems, load_settings
+from mqtt_starter.core.errors import EXIT_CONFIG, ConfigError, MqttStarterError
+from mqtt_starter.ops.logs import configure_logging
 
 if TYPE_CHECKING:
-    from .cloud_sim.server import CloudSimulator
-    from .simulator.server import QrsSimulator
+    from mqtt_starter.simulators.cloud.server import CloudSimulator
+    from mqtt_starter.simulators.qrs.server import QrsSimulator
 
 # Each command imports what it needs when it runs: the daemon then does not carry the
 # simulator, the demo or certificate generation in memory (about 10 MiB).
@@ -47,7 +47,7 @@ def _run(args: argparse.Namespace) -> int:
     except ConfigError as error:
         return _config_failed(error)
     configure_logging(settings.log)
-    from .app import Daemon
+    from mqtt_starter.daemon import Daemon
 
     try:
         return asyncio.run(Daemon(settings, reload=load).run())
@@ -57,7 +57,7 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _check(args: argparse.Namespace) -> int:
-    from .check import run_checks
+    from mqtt_starter.commands.check import run_checks
 
     checks, code = asyncio.run(run_checks(args.config))
     print(f"mqtt-starter check: {args.config}")
@@ -68,7 +68,7 @@ def _check(args: argparse.Namespace) -> int:
 
 
 def _tasks(args: argparse.Namespace) -> int:
-    from .task_list import list_tasks, parse_selectors, render_json, render_table
+    from mqtt_starter.commands.tasks import list_tasks, parse_selectors, render_json, render_table
 
     try:
         settings = load_settings(args.config)
@@ -89,7 +89,7 @@ def _tasks(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from .demo import run_demo
+    from mqtt_starter.commands.demo import run_demo
 
     configure_logging(LogSettings(level="WARNING"))
     return asyncio.run(run_demo(sys.stdout, once=args.once, port=args.port, cloud=args.cloud))
@@ -212,9 +212,9 @@ async def _serve_until_signal(sim: QrsSimulator) -> None:
 
 
 def _simulate_qrs(args: argparse.Namespace) -> int:
-    from .simulator.certs import default_cert_dir, ensure_certificates
-    from .simulator.fixtures import FixtureError, load_fixture
-    from .simulator.server import QrsSimulator
+    from mqtt_starter.simulators.certs import default_cert_dir, ensure_certificates
+    from mqtt_starter.simulators.qrs.fixtures import FixtureError, load_fixture
+    from mqtt_starter.simulators.qrs.server import QrsSimulator
 
     try:
         fixture = load_fixture(args.tasks)
@@ -258,9 +258,9 @@ async def _serve_cloud_until_signal(sim: CloudSimulator) -> None:
 
 
 def _simulate_cloud(args: argparse.Namespace) -> int:
-    from .cloud_sim.fixtures import FixtureError, load_cloud_fixture
-    from .cloud_sim.server import CloudSimulator
-    from .simulator.certs import default_cert_dir, ensure_certificates
+    from mqtt_starter.simulators.certs import default_cert_dir, ensure_certificates
+    from mqtt_starter.simulators.cloud.fixtures import FixtureError, load_cloud_fixture
+    from mqtt_starter.simulators.cloud.server import CloudSimulator
 
     try:
         fixture = load_cloud_fixture(args.apps)

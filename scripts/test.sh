@@ -11,6 +11,8 @@ echo "== ruff check"
 .venv/bin/ruff check mqtt_starter tests benchmarks
 echo "== mypy --strict"
 .venv/bin/mypy mqtt_starter tests
+echo "== import-linter (the layers, .importlinter)"
+.venv/bin/lint-imports
 echo "== pytest"
 status=0
 # Coverage includes the daemon, command and simulator subprocesses (pyproject.toml); a run

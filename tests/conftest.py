@@ -13,11 +13,11 @@ import pytest
 from loguru import logger
 
 from mqtt_starter.config import QrsSettings, RetrySettings
-from mqtt_starter.qrs_client import QrsClient
-from mqtt_starter.simulator.certs import CertPaths, ensure_certificates
-from mqtt_starter.simulator.fixtures import Fixture, load_fixture
-from mqtt_starter.simulator.server import QrsSimulator
-from mqtt_starter.simulator.state import SimState
+from mqtt_starter.simulators.certs import CertPaths, ensure_certificates
+from mqtt_starter.simulators.qrs.fixtures import Fixture, load_fixture
+from mqtt_starter.simulators.qrs.server import QrsSimulator
+from mqtt_starter.simulators.qrs.state import SimState
+from mqtt_starter.sites.qrs import QrsClient
 
 DATA = Path(__file__).parent / "data"
 

@@ -16,7 +16,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from mqtt_starter.simulator.certs import CertPaths
+from mqtt_starter.simulators.certs import CertPaths
 
 _KEY = serialization.PrivateFormat.TraditionalOpenSSL
 

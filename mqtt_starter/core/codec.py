@@ -13,8 +13,8 @@ import re
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from .errors import BadPayload, PayloadTooLarge
-from .model import (
+from mqtt_starter.core.errors import BadPayload, PayloadTooLarge
+from mqtt_starter.core.model import (
     Execution,
     FollowEnd,
     ReloadOptions,

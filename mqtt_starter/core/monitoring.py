@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from .model import Execution, TaskRef, TaskStatus
+from mqtt_starter.core.model import Execution, TaskRef, TaskStatus
 
 STARTED_BY_US = "mqtt-starter"
 STARTED_BY_OTHER = "other"

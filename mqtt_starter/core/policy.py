@@ -13,8 +13,8 @@ from collections.abc import Hashable, Iterable
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
-from .model import Request, ResolvedTask, TaskRef, TaskResult, TaskStatus
-from .qrs_query import normalize_guid
+from mqtt_starter.core.model import Request, ResolvedTask, TaskRef, TaskResult, TaskStatus
+from mqtt_starter.core.qrs_query import normalize_guid
 
 RUNNING = frozenset(
     {

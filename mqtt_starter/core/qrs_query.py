@@ -13,7 +13,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 from urllib.parse import quote as url_quote
 
-from .model import (
+from mqtt_starter.core.model import (
     CustomPropertyValue,
     Detail,
     Execution,

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Collection, Iterable, Sequence
 
-from .model import (
+from mqtt_starter.core.model import (
     Resolution,
     ResolvedTask,
     Selector,
@@ -19,7 +19,7 @@ from .model import (
     Unmatched,
     UnmatchedReason,
 )
-from .qrs_query import normalize_guid, selector_matches
+from mqtt_starter.core.qrs_query import normalize_guid, selector_matches
 
 _EMPTY_REASON = {
     SelectorKind.ID: UnmatchedReason.NOT_FOUND,

@@ -13,8 +13,8 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from .errors import BadTopic, ReplyTopicRefused
-from .model import Selector, SelectorKind
+from mqtt_starter.core.errors import BadTopic, ReplyTopicRefused
+from mqtt_starter.core.model import Selector, SelectorKind
 
 _ESCAPE = re.compile(r"%(?![0-9A-Fa-f]{2})")
 

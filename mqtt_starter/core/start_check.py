@@ -9,8 +9,8 @@ Pure: the QRS client re-reads the task and passes it in. Rules (qrs-api.md secti
 
 from __future__ import annotations
 
-from .model import StartResult, TaskRef, TaskResult, TaskStatus
-from .policy import RUNNING
+from mqtt_starter.core.model import StartResult, TaskRef, TaskResult, TaskStatus
+from mqtt_starter.core.policy import RUNNING
 
 
 def explain_declined(now: TaskRef | None) -> StartResult:

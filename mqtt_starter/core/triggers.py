@@ -1,8 +1,8 @@
 """One received message → what to do with it: accept a request, refuse it, or ignore it.
 
-Pure: the handler in app.py acts on the result. The reply topic is chosen first (MQTT 5 Response
-Topic, else the payload's `replyTo`, else `<base>/reply/...`), so that even a refusal reaches
-the requester: `mosquitto_rr` waits on its response topic whatever went wrong.
+Pure: the MQTT door (doors/mqtt.py) acts on the result. The reply topic is chosen first
+(MQTT 5 Response Topic, else the payload's `replyTo`, else `<base>/reply/...`), so that even a
+refusal reaches the requester: `mosquitto_rr` waits on its response topic whatever went wrong.
 """
 
 from __future__ import annotations
@@ -12,10 +12,10 @@ from dataclasses import dataclass
 from functools import cached_property
 from typing import Any
 
-from .codec import decode_json, parse_request, request_id_of
-from .errors import BadPayload, ReplyTopicRefused, RequestError
-from .model import Request
-from .routing import (
+from mqtt_starter.core.codec import decode_json, parse_request, request_id_of
+from mqtt_starter.core.errors import BadPayload, ReplyTopicRefused, RequestError
+from mqtt_starter.core.model import Request
+from mqtt_starter.core.routing import (
     Route,
     TopicFilter,
     check_reply_topic,

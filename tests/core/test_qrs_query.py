@@ -18,7 +18,7 @@ from mqtt_starter.core.qrs_query import (
     selector_matches,
     task_filters,
 )
-from mqtt_starter.simulator.filter_engine import evaluate, parse
+from mqtt_starter.simulators.qrs.filter_engine import evaluate, parse
 
 HOSTILE = [
     ("plain", "'plain'"),

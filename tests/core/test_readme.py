@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from mqtt_starter.config_doc import END, START, reference, rewrite
+from mqtt_starter.config.reference import END, START, reference, rewrite
 
 REFERENCE = Path(__file__).parents[2] / "docs" / "configuration.md"
 
@@ -12,7 +12,9 @@ REFERENCE = Path(__file__).parents[2] / "docs" / "configuration.md"
 def test_the_configuration_reference_matches_the_model() -> None:
     text = REFERENCE.read_text("utf-8")
     assert START in text and END in text
-    assert rewrite(text) == text, "run: python -m mqtt_starter.config_doc docs/configuration.md"
+    assert rewrite(text) == text, (
+        "run: python -m mqtt_starter.config.reference docs/configuration.md"
+    )
 
 
 def test_reference_names_every_key_of_the_example() -> None:

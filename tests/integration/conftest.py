@@ -31,9 +31,9 @@ from loguru import logger
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from mqtt_starter.app import Daemon as AppDaemon
 from mqtt_starter.config import settings_from_mapping
-from mqtt_starter.simulator.server import QrsSimulator
+from mqtt_starter.daemon import Daemon as AppDaemon
+from mqtt_starter.simulators.qrs.server import QrsSimulator
 from tests.conftest import free_port
 
 if shutil.which("mosquitto") is None:

@@ -5,8 +5,8 @@ from __future__ import annotations
 import uuid
 from typing import Any
 
-from mqtt_starter.simulator.fixtures import Fixture, Outcome, TaskFixture
-from mqtt_starter.simulator.state import SimState
+from mqtt_starter.simulators.qrs.fixtures import Fixture, Outcome, TaskFixture
+from mqtt_starter.simulators.qrs.state import SimState
 
 SALES = "11111111-1111-4111-8111-111111111111"
 STOCK = "22222222-2222-4222-8222-222222222222"

@@ -6,9 +6,9 @@ from typing import Any
 
 import pytest
 
-from mqtt_starter.simulator.filter_engine import evaluate as evaluate_filter
-from mqtt_starter.simulator.filter_engine import parse as parse_filter
-from mqtt_starter.simulator.state import SimState
+from mqtt_starter.simulators.qrs.filter_engine import evaluate as evaluate_filter
+from mqtt_starter.simulators.qrs.filter_engine import parse as parse_filter
+from mqtt_starter.simulators.qrs.state import SimState
 from tests.integration.conftest import Client, LocalDaemon
 from tests.integration.helpers import (
     ARCHIVE,

@@ -10,10 +10,10 @@ from typing import Any
 
 import pytest
 
-from mqtt_starter.cloud_sim.fixtures import App, CloudFixture, Outcome
-from mqtt_starter.cloud_sim.server import CloudSimulator
-from mqtt_starter.cloud_sim.state import CloudState
-from mqtt_starter.simulator.certs import CertPaths
+from mqtt_starter.simulators.certs import CertPaths
+from mqtt_starter.simulators.cloud.fixtures import App, CloudFixture, Outcome
+from mqtt_starter.simulators.cloud.server import CloudSimulator
+from mqtt_starter.simulators.cloud.state import CloudState
 from tests.conftest import wait_until
 from tests.integration.conftest import Broker, Client, LocalDaemon, daemons, site_config
 

@@ -14,7 +14,7 @@ import pytest
 import trustme
 import yaml
 
-from mqtt_starter.simulator.server import QrsSimulator
+from mqtt_starter.simulators.qrs.server import QrsSimulator
 from tests.conftest import free_port, wait_until
 from tests.integration.conftest import Broker, Daemon, daemon_config, tls_settings
 from tests.integration.helpers import ARCHIVE, EXPORT, SALES, STOCK
@@ -261,9 +261,9 @@ async def test_tasks_bad_custom_property(
 
 
 async def test_check_and_tasks_against_qlik_cloud(tmp_path: Path, broker: Broker) -> None:
-    from mqtt_starter.cloud_sim.fixtures import load_cloud_fixture
-    from mqtt_starter.cloud_sim.server import CloudSimulator
-    from mqtt_starter.simulator.certs import ensure_certificates
+    from mqtt_starter.simulators.certs import ensure_certificates
+    from mqtt_starter.simulators.cloud.fixtures import load_cloud_fixture
+    from mqtt_starter.simulators.cloud.server import CloudSimulator
     from tests.integration.conftest import site_config
 
     certs = ensure_certificates(tmp_path / "certs")
@@ -318,7 +318,7 @@ async def test_a_corrupt_cloud_ca_file_is_a_configuration_error(
 async def test_check_says_how_qrs_reads_filter_dates(
     tmp_path: Path, broker: Broker, simulator: QrsSimulator
 ) -> None:
-    from mqtt_starter.simulator.fixtures import Variants
+    from mqtt_starter.simulators.qrs.fixtures import Variants
 
     state = simulator.state
     assert state is not None

@@ -14,8 +14,8 @@ import aiohttp
 import pytest
 import trustme
 
-from mqtt_starter.simulator.server import QrsSimulator
-from mqtt_starter.simulator.state import SimState
+from mqtt_starter.simulators.qrs.server import QrsSimulator
+from mqtt_starter.simulators.qrs.state import SimState
 from tests.conftest import free_port, wait_until
 from tests.integration.conftest import (
     Broker,
@@ -305,9 +305,9 @@ async def test_a_reload_naming_a_corrupt_certificate_is_refused(
 async def test_a_corrupt_cloud_ca_file_exits_78_and_a_reload_naming_it_is_refused(
     tmp_path: Path, broker: Broker, mqtt: Client
 ) -> None:
-    from mqtt_starter.cloud_sim.fixtures import load_cloud_fixture
-    from mqtt_starter.cloud_sim.server import CloudSimulator
-    from mqtt_starter.simulator.certs import ensure_certificates
+    from mqtt_starter.simulators.certs import ensure_certificates
+    from mqtt_starter.simulators.cloud.fixtures import load_cloud_fixture
+    from mqtt_starter.simulators.cloud.server import CloudSimulator
 
     garbage = tmp_path / "ca.pem"
     garbage.write_text("-----BEGIN CERTIFICATE-----\nnot base64\n-----END CERTIFICATE-----\n")

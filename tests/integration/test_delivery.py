@@ -12,8 +12,8 @@ import pytest
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from mqtt_starter.simulator.fixtures import Fixture
-from mqtt_starter.simulator.state import SimState
+from mqtt_starter.simulators.qrs.fixtures import Fixture
+from mqtt_starter.simulators.qrs.state import SimState
 from tests.conftest import wait_until
 from tests.integration.conftest import Broker, Client
 from tests.integration.helpers import many_task_ids, many_tasks

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from mqtt_starter.demo import _free_port
+from mqtt_starter.commands.demo import _free_port
 
 
 @pytest.mark.slow

@@ -7,8 +7,8 @@ import json
 import subprocess
 from pathlib import Path
 
-from mqtt_starter.simulator.server import QrsSimulator
-from mqtt_starter.simulator.state import SimState
+from mqtt_starter.simulators.qrs.server import QrsSimulator
+from mqtt_starter.simulators.qrs.state import SimState
 from tests.integration.conftest import Broker, Client, Daemon, daemon_config
 from tests.integration.helpers import SALES, STOCK
 

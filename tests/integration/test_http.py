@@ -8,8 +8,8 @@ from typing import Any
 import aiohttp
 import pytest
 
-from mqtt_starter.simulator.server import QrsSimulator
-from mqtt_starter.simulator.state import SimState
+from mqtt_starter.simulators.qrs.server import QrsSimulator
+from mqtt_starter.simulators.qrs.state import SimState
 from tests.conftest import free_port, wait_until
 from tests.integration.conftest import Broker, Client, LocalDaemon, daemon_config
 from tests.integration.helpers import ARCHIVE, DECOY, EXPORT, SALES, STOCK, executions

@@ -9,13 +9,13 @@ from typing import Any
 
 import pytest
 
-from mqtt_starter import backend
 from mqtt_starter.core.monitoring import log_tail
-from mqtt_starter.qrs_client import QrsClient
-from mqtt_starter.simulator.certs import CertPaths
-from mqtt_starter.simulator.fixtures import Fixture, Outcome, TaskFixture, Variants
-from mqtt_starter.simulator.server import QrsSimulator
-from mqtt_starter.simulator.state import SimState
+from mqtt_starter.simulators.certs import CertPaths
+from mqtt_starter.simulators.qrs.fixtures import Fixture, Outcome, TaskFixture, Variants
+from mqtt_starter.simulators.qrs.server import QrsSimulator
+from mqtt_starter.simulators.qrs.state import SimState
+from mqtt_starter.sites import base as backend
+from mqtt_starter.sites.qrs import QrsClient
 from tests.conftest import LoggedExceptions, wait_until
 from tests.integration.conftest import Broker, Client, LocalDaemon, daemon_config, daemons
 
@@ -395,8 +395,8 @@ async def test_a_log_that_cannot_be_read_stops_nothing(
     assert states_of(mqtt, later)[-1] == "FinishedSuccess"
     if failure == "unseen-exception":
         assert logged_exceptions.records == [
-            f"mqtt_starter.monitor: monitor: reading the script log of execution {failed} of"
-            f" task {FAIL} failed"
+            f"mqtt_starter.service.monitor: monitor: reading the script log of execution"
+            f" {failed} of task {FAIL} failed"
         ]
 
 

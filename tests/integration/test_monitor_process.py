@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from mqtt_starter.simulator.certs import CertPaths
-from mqtt_starter.simulator.server import QrsSimulator
-from mqtt_starter.simulator.state import SimState
+from mqtt_starter.simulators.certs import CertPaths
+from mqtt_starter.simulators.qrs.server import QrsSimulator
+from mqtt_starter.simulators.qrs.state import SimState
 from tests.integration.conftest import Broker, Client, Daemon, daemon_config
 from tests.integration.test_monitor import FAIL, OK, fire_and_end, monitor_fixture
 

@@ -14,8 +14,8 @@ from typing import Any
 import aiomqtt
 import pytest
 
-from mqtt_starter.simulator.fixtures import Fixture
-from mqtt_starter.simulator.state import SimState
+from mqtt_starter.simulators.qrs.fixtures import Fixture
+from mqtt_starter.simulators.qrs.state import SimState
 from tests.conftest import wait_until
 from tests.integration.conftest import Broker, Client, Daemon
 from tests.integration.helpers import many_task_ids, many_tasks

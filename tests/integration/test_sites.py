@@ -11,12 +11,12 @@ from typing import Any
 
 import pytest
 
-from mqtt_starter.cloud_sim.fixtures import App, CloudFixture
-from mqtt_starter.cloud_sim.fixtures import Outcome as AppOutcome
-from mqtt_starter.cloud_sim.server import CloudSimulator
-from mqtt_starter.simulator.certs import CertPaths
-from mqtt_starter.simulator.fixtures import Fixture, Outcome, TaskFixture
-from mqtt_starter.simulator.server import QrsSimulator
+from mqtt_starter.simulators.certs import CertPaths
+from mqtt_starter.simulators.cloud.fixtures import App, CloudFixture
+from mqtt_starter.simulators.cloud.fixtures import Outcome as AppOutcome
+from mqtt_starter.simulators.cloud.server import CloudSimulator
+from mqtt_starter.simulators.qrs.fixtures import Fixture, Outcome, TaskFixture
+from mqtt_starter.simulators.qrs.server import QrsSimulator
 from tests.integration.conftest import (
     Broker,
     Client,

@@ -21,9 +21,9 @@ from selenium.common.exceptions import NoAlertPresentException
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 
-from mqtt_starter.simulator.certs import CertPaths
-from mqtt_starter.simulator.fixtures import Fixture, Outcome, TaskFixture
-from mqtt_starter.simulator.server import QrsSimulator
+from mqtt_starter.simulators.certs import CertPaths
+from mqtt_starter.simulators.qrs.fixtures import Fixture, Outcome, TaskFixture
+from mqtt_starter.simulators.qrs.server import QrsSimulator
 from tests.conftest import free_port, wait_until
 from tests.integration.conftest import Broker, Client, LocalDaemon, daemon_config, daemons
 

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from mqtt_starter.simulator.state import SimState
+from mqtt_starter.simulators.qrs.state import SimState
 from tests.integration.conftest import Broker, Client, LocalDaemon
 from tests.integration.helpers import (
     ARCHIVE,

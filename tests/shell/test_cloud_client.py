@@ -9,11 +9,6 @@ from typing import Any
 
 import pytest
 
-from mqtt_starter.backend import resolve_selectors
-from mqtt_starter.cloud_client import CloudClient
-from mqtt_starter.cloud_sim.fixtures import App, CloudFixture, Outcome
-from mqtt_starter.cloud_sim.server import CloudSimulator
-from mqtt_starter.cloud_sim.state import CloudState
 from mqtt_starter.config import CloudSettings, RetrySettings
 from mqtt_starter.core.errors import QrsAuthError
 from mqtt_starter.core.model import (
@@ -25,8 +20,13 @@ from mqtt_starter.core.model import (
     TaskStatus,
     UnmatchedReason,
 )
-from mqtt_starter.simulator.certs import CertPaths
-from mqtt_starter.tracker import Tracker
+from mqtt_starter.service.follow import Tracker
+from mqtt_starter.simulators.certs import CertPaths
+from mqtt_starter.simulators.cloud.fixtures import App, CloudFixture, Outcome
+from mqtt_starter.simulators.cloud.server import CloudSimulator
+from mqtt_starter.simulators.cloud.state import CloudState
+from mqtt_starter.sites.base import resolve_selectors
+from mqtt_starter.sites.cloud import CloudClient
 from tests.conftest import wait_until
 
 A = "0e000000-0000-4000-8000-000000000001"

@@ -10,14 +10,14 @@ from typing import Any
 
 import pytest
 
-from mqtt_starter.backend import resolve_selectors
-from mqtt_starter.cloud_client import CloudClient
-from mqtt_starter.cloud_sim.fixtures import CloudVariants
 from mqtt_starter.config import CloudSettings, RetrySettings
 from mqtt_starter.core.errors import ConfigError
 from mqtt_starter.core.model import Selector, SelectorKind, TaskRef, TaskResult, TaskStatus
-from mqtt_starter.simulator.certs import CertPaths
-from mqtt_starter.tracker import Tracker
+from mqtt_starter.service.follow import Tracker
+from mqtt_starter.simulators.certs import CertPaths
+from mqtt_starter.simulators.cloud.fixtures import CloudVariants
+from mqtt_starter.sites.base import resolve_selectors
+from mqtt_starter.sites.cloud import CloudClient
 from tests.conftest import wait_until
 from tests.shell.test_cloud_client import FAILS, A, B, calls, site, tenant
 

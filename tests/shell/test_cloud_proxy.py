@@ -9,9 +9,9 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from mqtt_starter.cloud_client import CloudClient
 from mqtt_starter.core.errors import QrsAuthError
-from mqtt_starter.simulator.certs import CertPaths
+from mqtt_starter.simulators.certs import CertPaths
+from mqtt_starter.sites.cloud import CloudClient
 from tests.shell.test_cloud_client import site, tenant
 
 

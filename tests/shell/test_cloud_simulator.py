@@ -11,9 +11,9 @@ from typing import Any
 import aiohttp
 import pytest
 
-from mqtt_starter.cloud_sim.fixtures import App, CloudFixture, Outcome
-from mqtt_starter.cloud_sim.server import CloudSimulator
-from mqtt_starter.simulator.certs import CertPaths
+from mqtt_starter.simulators.certs import CertPaths
+from mqtt_starter.simulators.cloud.fixtures import App, CloudFixture, Outcome
+from mqtt_starter.simulators.cloud.server import CloudSimulator
 from tests.conftest import wait_until
 
 SALES = "0d000000-0000-4000-8000-000000000001"

@@ -8,7 +8,6 @@ from pathlib import Path
 import pytest
 import trustme
 
-from mqtt_starter.backend import resolve_selectors
 from mqtt_starter.config import RetrySettings
 from mqtt_starter.core.errors import QrsAuthError, QrsUnavailable
 from mqtt_starter.core.model import (
@@ -20,9 +19,10 @@ from mqtt_starter.core.model import (
     TaskStatus,
     UnmatchedReason,
 )
-from mqtt_starter.qrs_client import QrsClient, qlik_user_header
-from mqtt_starter.simulator.server import QrsSimulator
-from mqtt_starter.simulator.state import SimState
+from mqtt_starter.simulators.qrs.server import QrsSimulator
+from mqtt_starter.simulators.qrs.state import SimState
+from mqtt_starter.sites.base import resolve_selectors
+from mqtt_starter.sites.qrs import QrsClient, qlik_user_header
 from tests.conftest import qrs_settings_for, wait_until
 
 SALES = "11111111-1111-4111-8111-111111111111"

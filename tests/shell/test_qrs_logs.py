@@ -9,11 +9,11 @@ import pytest
 
 from mqtt_starter.core.model import Execution, TaskRef, TaskStatus
 from mqtt_starter.core.monitoring import log_tail
-from mqtt_starter.qrs_client import LOG_TAIL_BYTES, QrsClient
-from mqtt_starter.simulator.certs import CertPaths
-from mqtt_starter.simulator.fixtures import Fixture, Outcome, TaskFixture
-from mqtt_starter.simulator.server import QrsSimulator
-from mqtt_starter.simulator.state import SimState
+from mqtt_starter.simulators.certs import CertPaths
+from mqtt_starter.simulators.qrs.fixtures import Fixture, Outcome, TaskFixture
+from mqtt_starter.simulators.qrs.server import QrsSimulator
+from mqtt_starter.simulators.qrs.state import SimState
+from mqtt_starter.sites.qrs import LOG_TAIL_BYTES, QrsClient
 from tests.conftest import qrs_settings_for, wait_until
 
 BIG = "0b000000-0000-4000-8000-000000000001"

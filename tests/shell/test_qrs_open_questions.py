@@ -15,15 +15,15 @@ from typing import Any
 
 import pytest
 
-from mqtt_starter.backend import contained_log_tail
 from mqtt_starter.core.errors import LogNotReady
 from mqtt_starter.core.model import Execution, TaskRef, TaskResult, TaskStatus
 from mqtt_starter.core.monitoring import RunLedger, log_tail, moment_of
-from mqtt_starter.qrs_client import QrsClient
-from mqtt_starter.simulator.certs import CertPaths
-from mqtt_starter.simulator.fixtures import Fixture, Outcome, TaskFixture, Variants
-from mqtt_starter.simulator.server import QrsSimulator
-from mqtt_starter.simulator.state import SimState
+from mqtt_starter.simulators.certs import CertPaths
+from mqtt_starter.simulators.qrs.fixtures import Fixture, Outcome, TaskFixture, Variants
+from mqtt_starter.simulators.qrs.server import QrsSimulator
+from mqtt_starter.simulators.qrs.state import SimState
+from mqtt_starter.sites.base import contained_log_tail
+from mqtt_starter.sites.qrs import QrsClient
 from tests.conftest import qrs_settings_for, wait_until
 from tests.shell.test_qrs_tls_and_proxy import TOKEN
 

@@ -9,9 +9,9 @@ from typing import Any
 import aiohttp
 import pytest
 
-from mqtt_starter.simulator.certs import CertPaths
-from mqtt_starter.simulator.fixtures import Fixture, Outcome, TaskFixture
-from mqtt_starter.simulator.server import QrsSimulator
+from mqtt_starter.simulators.certs import CertPaths
+from mqtt_starter.simulators.qrs.fixtures import Fixture, Outcome, TaskFixture
+from mqtt_starter.simulators.qrs.server import QrsSimulator
 from tests.conftest import wait_until
 from tests.shell.test_simulator import EMPTY, FORECAST, SALES, Raw, client_context, f, raw
 

@@ -21,9 +21,9 @@ from mqtt_starter.core.model import (
     TaskResult,
     TaskStatus,
 )
-from mqtt_starter.metrics import Metrics
-from mqtt_starter.parts import Parts, allow_list, build_rules
-from mqtt_starter.starter import Inbound, Starter
+from mqtt_starter.ops.metrics import Metrics
+from mqtt_starter.service.parts import Parts, allow_list, build_rules
+from mqtt_starter.service.requests import Inbound, Starter
 from tests.conftest import LoggedExceptions, wait_until
 from tests.fakes import FAILURE, FakeBackend, FakePublisher
 
@@ -323,7 +323,9 @@ async def test_a_bug_is_answered_internal_and_logged(
         "internal error; the daemon's log has the details",
     )
     assert "request on butler/start failed" in logged
-    assert logged_exceptions.records == ["mqtt_starter.starter: request on butler/start failed"]
+    assert logged_exceptions.records == [
+        "mqtt_starter.service.requests: request on butler/start failed"
+    ]
     assert harness.count("payload", "refused") == 1
 
 

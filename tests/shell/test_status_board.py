@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 
 from mqtt_starter.core.model import Reply, ReplyStatus, TaskOutcome, TaskRef, TaskResult
-from mqtt_starter.status_board import EVENTS_KEPT, REQUESTS_KEPT, StatusBoard
+from mqtt_starter.doors.status_board import EVENTS_KEPT, REQUESTS_KEPT, StatusBoard
 
 TASK = TaskRef(id="3a000000-0000-4000-8000-000000000001", name="Reload Sales", tags=("Nightly",))
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from mqtt_starter.systemd import Notifier
+from mqtt_starter.ops.systemd import Notifier
 
 
 @pytest.fixture

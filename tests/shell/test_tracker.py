@@ -5,10 +5,10 @@ from __future__ import annotations
 import asyncio
 
 from mqtt_starter.core.model import Execution, FollowEnd, TaskRef, TaskResult, TaskStatus
-from mqtt_starter.qrs_client import QrsClient
-from mqtt_starter.simulator.server import QrsSimulator
-from mqtt_starter.simulator.state import SimState
-from mqtt_starter.tracker import Tracker
+from mqtt_starter.service.follow import Tracker
+from mqtt_starter.simulators.qrs.server import QrsSimulator
+from mqtt_starter.simulators.qrs.state import SimState
+from mqtt_starter.sites.qrs import QrsClient
 from tests.conftest import qrs_settings_for
 
 SALES = TaskRef(id="11111111-1111-4111-8111-111111111111", name="Reload Sales")

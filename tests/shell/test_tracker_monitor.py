@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 from mqtt_starter.core.errors import QrsRequestError, QrsUnavailable
 from mqtt_starter.core.model import Execution, TaskRef, TaskStatus
-from mqtt_starter.tracker import Tracker
+from mqtt_starter.service.follow import Tracker
 from tests.fakes import FakeBackend
 
 TASK = TaskRef(id="0c000000-0000-4000-8000-000000000001", name="Watched")

@@ -1,0 +1,1 @@
+"""The operator's commands besides `run`: check, tasks, demo."""

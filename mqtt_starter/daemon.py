@@ -1,0 +1,467 @@
+"""The daemon: signals, one task group, and reload. Nothing else.
+
+The parts (backend, trigger rules, allow-list) come from service/parts.py, the use case from
+service/requests.py, the doors from doors/. Every task runs in the daemon's TaskGroup under a
+name.
+SIGTERM/SIGINT: stop taking messages, finish those in flight (bounded), `offline`, exit 0.
+SIGHUP: reload the configuration. New parts are built and swapped in; the old ones close once
+the requests and followers that hold them are done, so a `wait` in progress still gets its
+finished reply. The broker connection is rebuilt only when its settings or the subscriptions
+changed (same client id: the session and its queued triggers survive).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import ssl
+import time
+from collections.abc import Callable, Coroutine
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
+
+from loguru import logger
+
+from mqtt_starter import __version__
+from mqtt_starter.config import Settings
+from mqtt_starter.core.codec import encode_json, health_json
+from mqtt_starter.core.errors import ConfigError, MqttLinkError, QrsError
+from mqtt_starter.core.monitoring import iso
+from mqtt_starter.doors.mqtt import MqttDoor, ReplyPublisher
+from mqtt_starter.doors.mqtt_waits import WaitMemory
+from mqtt_starter.doors.status_board import StatusBoard
+from mqtt_starter.mqtt.link import Incoming, MqttLink, build_tls_context
+from mqtt_starter.ops.logs import configure_logging
+from mqtt_starter.ops.metrics import Metrics
+from mqtt_starter.ops.systemd import Notifier
+from mqtt_starter.service.monitor import Monitor
+from mqtt_starter.service.parts import Parts, allow_list, build_rules
+from mqtt_starter.service.requests import Starter
+
+if TYPE_CHECKING:
+    from mqtt_starter.doors.http import HttpApi
+
+# Readiness asks QRS again when its last answer is older than this.
+QRS_FRESH_S = 30.0
+# With the HTTP endpoint on, the status page's view of the site is refreshed this often.
+SITE_WATCH_S = 10.0
+
+
+def warn_about_settings(settings: Settings) -> None:
+    if settings.policy.allow is None:
+        logger.warning(
+            "policy.allow is not set: every task may be started by anyone who can"
+            " publish to {}/start",
+            settings.mqtt.base_topic,
+        )
+    if settings.qrs is not None and settings.qrs.insecure:
+        logger.warning("qrs.insecure is true: the QRS server certificate is NOT verified")
+    elif settings.qrs is not None and not settings.qrs.verify_hostname:
+        logger.info(
+            "qrs.verify_hostname is false: the QRS certificate chain is verified against"
+            " qrs.ca_file, its host name is not"
+        )
+    if settings.mqtt.tls.enabled and settings.mqtt.tls.insecure:
+        logger.warning("mqtt.tls.insecure is true: the broker host name is NOT checked")
+    if settings.http.enabled and settings.http.token is None:
+        logger.warning(
+            "http.token is not set: anyone who reaches {}:{} can start tasks and read the"
+            " status page",
+            settings.http.host,
+            settings.http.port,
+        )
+
+
+async def broker_tls(settings: Settings) -> ssl.SSLContext | None:
+    """The broker's TLS context (ConfigError naming the key when a file cannot be used)."""
+    return await asyncio.to_thread(build_tls_context, settings.mqtt)
+
+
+class Daemon:
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        reload: Callable[[], Settings] | None = None,
+        notifier: Notifier | None = None,
+    ) -> None:
+        self.settings = settings
+        self._reload_settings = reload
+        self.notifier = notifier or Notifier()
+        self.metrics = Metrics()
+        self._stop = asyncio.Event()
+        self._reload = asyncio.Event()
+        self._group: asyncio.TaskGroup | None = None
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._probe: asyncio.Task[None] | None = None
+        self._parts: Parts | None = None
+        self._tls: ssl.SSLContext | None = None
+        self.link: MqttLink | None = None
+        self._link_task: asyncio.Task[None] | None = None
+        self.http: HttpApi | None = None
+        self.qrs_ready = asyncio.Event()
+        self.ready = asyncio.Event()  # subscribed and QRS answered (READY=1)
+        self._connected_once = False
+        self.monitor: Monitor | None = None
+        self.memory: WaitMemory | None = None
+        self._publisher: ReplyPublisher | None = None
+        self._door: MqttDoor | None = None
+        self._started_at = iso(datetime.now(UTC))
+        self._qrs_build = ""
+        self.board = StatusBoard(
+            settings.mqtt.base_topic,
+            {
+                "instance": settings.mqtt.client_id,
+                "version": __version__,
+                "startedAt": self._started_at,
+                "backend": "cloud" if settings.cloud is not None else "qrs",
+                "siteUrl": settings.site.url,
+                "brokerConnected": False,
+                "siteReachable": False,
+                "monitor": settings.monitor.enabled,
+                "monitoring": False,
+            },
+        )
+
+    @property
+    def parts(self) -> Parts:
+        assert self._parts is not None, "Daemon.run() builds the parts first"
+        return self._parts
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    def request_stop(self) -> None:
+        self._stop.set()
+
+    def request_reload(self) -> None:
+        self._reload.set()
+
+    def _spawn(self, coroutine: Coroutine[Any, Any, Any], name: str) -> asyncio.Task[Any]:
+        assert self._group is not None
+        task = self._group.create_task(coroutine, name=name)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    async def run(self) -> int:
+        """Serve until SIGTERM; ConfigError (exit 78) when the parts cannot be built."""
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.request_stop)
+        loop.add_signal_handler(signal.SIGHUP, self.request_reload)
+        warn_about_settings(self.settings)
+        self._parts = await Parts.build(self.settings, self.metrics.observe_qrs)
+        try:
+            self._tls = await broker_tls(self.settings)
+            board = self.board
+            publisher = ReplyPublisher(
+                lambda: self.link,
+                on_publish=board.published,
+                hold_max=self.settings.mqtt.hold_max_messages,
+            )
+            self._publisher = publisher
+            starter = Starter(
+                lambda: self.parts, publisher, self.metrics, self._spawn, watcher=board
+            )
+            self.monitor = Monitor(
+                lambda: self.parts,
+                publisher,
+                on_role=self._on_role,
+                on_state=board.published,
+                on_task=lambda task: board.task_tags(task.id, task.tags),
+                spawn=self._spawn,
+            )
+            self._attach_monitor(self.parts)
+            self.memory = WaitMemory(lambda: self.parts, publisher, starter, self._spawn)
+            door = MqttDoor(
+                lambda: self.parts, starter, publisher, health=self.health, memory=self.memory
+            )
+            self._door = door
+            async with asyncio.TaskGroup() as group:
+                self._group = group
+                self._start_probe()
+                self._start_link(door)
+                await self._start_http(starter)
+                if self.settings.http.enabled:
+                    self._spawn(self._watch_site(), "site-watch")
+                self._spawn(self.notifier.watchdog(), "watchdog")
+                self._spawn(self._announce_ready(), "ready")
+                try:
+                    await self._serve(door, starter)
+                finally:
+                    await self._shut_down()
+        finally:
+            await self.parts.retire()
+            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+                loop.remove_signal_handler(sig)
+            logger.info("stopped")
+        return 0
+
+    async def _serve(self, door: MqttDoor, starter: Starter) -> None:
+        while not self._stop.is_set():
+            stop = asyncio.create_task(self._stop.wait(), name="wait-stop")
+            reload = asyncio.create_task(self._reload.wait(), name="wait-reload")
+            await asyncio.wait({stop, reload}, return_when=asyncio.FIRST_COMPLETED)
+            stop.cancel()
+            reload.cancel()
+            if self._reload.is_set() and not self._stop.is_set():
+                self._reload.clear()
+                await self._apply_reload(door, starter)
+
+    async def _shut_down(self) -> None:
+        self.notifier.stopping()
+        logger.info("stopping: finishing requests in flight")
+        await self._stop_link(offline=True)
+        await self._stop_http()
+        # Followers end with the daemon: their finished replies are not sent (README).
+        for task in list(self._tasks):
+            task.cancel()
+
+    def _start_probe(self) -> None:
+        if self._probe is not None:
+            self._probe.cancel()
+        self.qrs_ready.clear()
+        self._probe = self._spawn(self._probe_qrs(self.parts), "qrs-probe")
+
+    async def _probe_qrs(self, parts: Parts) -> None:
+        while True:
+            try:
+                about = await parts.backend.about()
+                self._qrs_build = str(about.get("buildVersion", ""))
+                self.board.set_instance(siteReachable=True)
+                logger.info(
+                    "{} {} answered (build {})",
+                    parts.backend.site.upper(),
+                    parts.settings.site.url,
+                    about.get("buildVersion", "?"),
+                )
+                self.qrs_ready.set()
+                return
+            except QrsError as exc:
+                logger.warning("QRS not ready: {}", exc)
+                self.notifier.status(f"waiting for QRS: {exc}")
+                await asyncio.sleep(parts.settings.site.retry.max_backoff_s)
+
+    def _start_link(self, door: MqttDoor) -> None:
+        s = self.settings.mqtt
+        monitor = self.monitor
+        self.link = MqttLink(
+            s,
+            [f.text for f in self.parts.rules.subscriptions],
+            f"{s.base_topic}/availability/{s.client_id}",
+            on_connect=self._on_connect,
+            on_disconnect=self._on_disconnect,
+            tls=self._tls,
+            private_subscriptions=[
+                *(self.memory.topics() if self.memory is not None else ()),
+                *(
+                    monitor.topics(self.parts)
+                    if monitor is not None and self.settings.monitor.enabled
+                    else ()
+                ),
+            ],
+        )
+        self._link_task = self._spawn(self.link.run(self._on_message), "mqtt-link")
+
+    async def _on_message(self, incoming: Incoming) -> None:
+        if self.memory is not None and self.memory.wants(incoming.topic):
+            self.memory.on_message(incoming)
+            return
+        monitor = self.monitor
+        if monitor is not None and self.settings.monitor.enabled and monitor.wants(incoming.topic):
+            await monitor.on_message(incoming)
+            return
+        assert self._door is not None
+        await self._door.on_message(incoming)
+
+    def _on_connect(self) -> None:
+        if self._connected_once:
+            self.metrics.reconnects.inc()
+        self._connected_once = True
+        self.metrics.broker_connected.set(1)
+        self.board.set_instance(brokerConnected=True)
+        if self._publisher is not None:
+            self._publisher.hold_max = self.settings.mqtt.hold_max_messages
+            self._spawn(self._publisher.flush(), "publish-held")
+        self._spawn(self._after_connect(), "announce-info")
+
+    async def _after_connect(self) -> None:
+        await self.qrs_ready.wait()  # the info names QRS's build
+        try:
+            await self._publish_info()
+            if self.memory is not None:
+                await self.memory.on_connect()
+            if self.monitor is not None and self.settings.monitor.enabled:
+                await self.monitor.on_connect()
+        except MqttLinkError as exc:
+            logger.debug("info not published: {}", exc)
+
+    def _on_disconnect(self) -> None:
+        self.metrics.broker_connected.set(0)
+        self.board.set_instance(brokerConnected=False)
+        if self.monitor is not None:
+            self.monitor.on_disconnect()
+
+    def _attach_monitor(self, parts: Parts) -> None:
+        """The monitor serves the followers of these parts when it watches, and says which runs
+        they started when another instance watches."""
+        assert self.monitor is not None
+        parts.tracker.attach(self.monitor)
+        parts.tracker.announcer = self.monitor.announce
+
+    def _on_role(self) -> None:
+        self.board.set_instance(monitoring=self.monitor is not None and self.monitor.leading)
+        if self._group is not None and self.link is not None and self.link.connected.is_set():
+            self._spawn(self._publish_info_quietly(), "announce-role")
+
+    async def _publish_info_quietly(self) -> None:
+        try:
+            await self._publish_info()
+        except MqttLinkError as exc:
+            logger.debug("info not published: {}", exc)
+
+    async def _publish_info(self) -> None:
+        s = self.settings
+        assert self._publisher is not None
+        info = {
+            "instance": s.mqtt.client_id,
+            "version": __version__,
+            "startedAt": self._started_at,
+            "baseTopic": s.mqtt.base_topic,
+            "backend": self.parts.backend.site,
+            self.parts.backend.site: {
+                "url": s.site.url,
+                "build": self._qrs_build or None,
+                "dateFilter": self.parts.backend.date_note,
+            },
+            "monitor": s.monitor.enabled,
+            "monitoring": self.monitor is not None and self.monitor.leading,
+        }
+        await self._publisher.publish(
+            f"{s.mqtt.base_topic}/info/{s.mqtt.client_id}", encode_json(info), retain=True
+        )
+
+    async def health(self, request_id: str | None) -> bytes:
+        """The answer to a health check: whether QRS answers, and how fast."""
+        started = time.monotonic()
+        try:
+            await asyncio.wait_for(self.parts.backend.about(), self.settings.site.timeout_s)
+            reachable, latency = True, (time.monotonic() - started) * 1000
+        except (QrsError, TimeoutError):
+            reachable, latency = False, None
+        return encode_json(
+            health_json(
+                self.settings.mqtt.client_id, request_id, reachable=reachable, latency_ms=latency
+            )
+        )
+
+    async def _stop_link(self, *, offline: bool) -> None:
+        if self.link is None or self._link_task is None:
+            return
+        self.link.stop(offline=offline)
+        await asyncio.gather(self._link_task, return_exceptions=True)
+
+    async def not_ready(self) -> list[str]:
+        """Why the daemon cannot serve now; empty when it can."""
+        reasons = []
+        if self.link is None or not self.link.connected.is_set():
+            reasons.append(
+                f"not connected to the broker {self.settings.mqtt.host}:{self.settings.mqtt.port}"
+            )
+        backend = self.parts.backend
+        last = backend.last_success
+        if last is None or time.monotonic() - last > QRS_FRESH_S:
+            try:
+                await asyncio.wait_for(backend.about(), self.settings.site.timeout_s)
+            except (QrsError, TimeoutError) as exc:
+                reasons.append(f"{backend.site.upper()} does not answer: {exc}")
+        self.board.set_instance(siteReachable=not any("does not answer" in r for r in reasons))
+        return reasons
+
+    async def _watch_site(self) -> None:
+        """Keep the status page's view of the site current (at most one call per interval,
+        and none while other calls succeed)."""
+        while True:
+            await asyncio.sleep(SITE_WATCH_S)
+            await self.not_ready()
+
+    async def _start_http(self, starter: Starter) -> None:
+        if not self.settings.http.enabled:
+            return
+        from mqtt_starter.doors.http import HttpApi  # aiohttp.web only when the endpoint is on
+
+        self.http = HttpApi(
+            self.settings.http,
+            starter,
+            lambda: self.parts,
+            self.metrics,
+            self.not_ready,
+            board=self.board,
+        )
+        await self.http.start_serving()
+        logger.info("HTTP endpoint on http://{}:{}", self.settings.http.host, self.http.port)
+
+    async def _stop_http(self) -> None:
+        if self.http is not None:
+            await self.http.stop()
+            self.http = None
+
+    async def _announce_ready(self) -> None:
+        await self.qrs_ready.wait()
+        # A reload may replace the link while this waits: ready is the current one's connection.
+        while True:
+            link = self.link
+            assert link is not None, "the link is started before readiness is awaited"
+            await link.connected.wait()
+            if link is self.link:
+                break
+        self.notifier.ready(
+            f"serving {self.settings.mqtt.base_topic}/start on"
+            f" {self.settings.mqtt.host}:{self.settings.mqtt.port}"
+        )
+        self.ready.set()
+        logger.info("ready")
+
+    # -- reload ----------------------------------------------------------------------------------
+
+    async def _apply_reload(self, door: MqttDoor, starter: Starter) -> None:
+        if self._reload_settings is None:
+            return
+        self.notifier.reloading()
+        try:
+            new = self._reload_settings()
+            old = self.parts
+            if new.qrs != old.settings.qrs or new.cloud != old.settings.cloud:
+                parts = await Parts.build(new, self.metrics.observe_qrs)
+            else:
+                parts = old.successor(new, build_rules(new), allow_list(new.policy))
+            tls = await broker_tls(new) if new.mqtt.tls != self.settings.mqtt.tls else self._tls
+        except ConfigError as exc:
+            for problem in exc.problems:
+                logger.error("reload refused, keeping the running configuration: {}", problem)
+            self.notifier.status("reload refused: invalid configuration")
+            return
+        old_settings, self.settings, self._parts, self._tls = self.settings, new, parts, tls
+        configure_logging(new.log)
+        warn_about_settings(new)
+        if parts.backend is not old.backend:
+            self._start_probe()
+        if self.monitor is not None and parts.tracker is not old.tracker:
+            old.tracker.attach(None)
+        if self.monitor is not None:
+            self.monitor.elect()
+            self._attach_monitor(parts)
+        # Requests in flight and followers keep the old parts until they are done.
+        await old.retire()
+        if (
+            new.mqtt != old_settings.mqtt
+            or old.rules.subscriptions != parts.rules.subscriptions
+            or new.monitor.enabled != old_settings.monitor.enabled
+        ):
+            await self._stop_link(offline=False)
+            self._start_link(door)
+        if new.http != old_settings.http:
+            await self._stop_http()
+            await self._start_http(starter)
+        logger.info("configuration reloaded")
+        self.notifier.ready("configuration reloaded")

@@ -1,0 +1,2 @@
+"""Running in production: logging (logs.py), Prometheus metrics (metrics.py), systemd's
+notifications (systemd.py)."""

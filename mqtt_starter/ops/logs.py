@@ -1,0 +1,121 @@
+"""Logging: loguru to stderr, text (journald friendly) or one JSON object a line.
+
+Standard `logging` records (aiohttp, paho through aiomqtt) are routed into loguru. Under
+journald (JOURNAL_STREAM is set) text lines carry no timestamp: the journal adds its own.
+
+No secret reaches the log: tracebacks never show variable values (loguru's `diagnose` is off:
+a request's headers would be printed with them), and a malformed HTTP request, which aiohttp
+logs with its traceback and which a client can send as often as it likes, becomes one
+rate-limited line that names only the kind of error. So do the event loop's errors about
+accepting connections (running out of files).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from loguru import logger
+
+from mqtt_starter.config import LogSettings
+
+if TYPE_CHECKING:
+    from loguru import Message
+
+
+class RateLimitedLine:
+    """One log line per `every_s` at most; the lines held back are counted in the next."""
+
+    def __init__(self, every_s: float = 10.0, clock: Callable[[], float] = time.monotonic) -> None:
+        self.every_s = every_s
+        self._clock = clock
+        self._next = 0.0
+        self.held = 0
+
+    def warning(self, text: str, *args: Any) -> None:
+        now = self._clock()
+        if now < self._next:
+            self.held += 1
+            return
+        self._next = now + self.every_s
+        suffix = f" ({self.held} more like it held back)" if self.held else ""
+        self.held = 0
+        logger.warning(text + suffix, *args)
+
+
+class _Intercept(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__()
+        self._malformed = RateLimitedLine()
+        self._accept = RateLimitedLine()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if self._contained(record):
+            return
+        try:
+            level: str | int = logger.level(record.levelname).name
+        except ValueError:
+            level = record.levelno
+        logger.opt(depth=6, exception=record.exc_info).bind(logger_name=record.name).log(
+            level, record.getMessage()
+        )
+
+    def _contained(self, record: logging.LogRecord) -> bool:
+        """A client's malformed request or an accept error: one rate-limited line with the
+        error's kind, never the request's bytes."""
+        error = record.exc_info[1] if record.exc_info else None
+        if record.name.startswith("aiohttp.server") and error is not None:
+            self._malformed.warning(
+                "HTTP: a malformed request was refused ({})", type(error).__name__
+            )
+            return True
+        if record.name == "asyncio" and "accept" in record.getMessage():
+            self._accept.warning(
+                "HTTP: accepting a connection failed ({})",
+                type(error).__name__ if error is not None else record.getMessage()[:80],
+            )
+            return True
+        return False
+
+
+def _json_sink(message: Message) -> None:
+    record = message.record
+    data = {
+        "time": record["time"].isoformat(),
+        "level": record["level"].name,
+        "logger": record["extra"].get("logger_name", record["name"]),
+        "message": record["message"],
+    }
+    if record["exception"] is not None:
+        data["exception"] = "".join(message.splitlines(keepends=True)[1:]).strip()
+    sys.stderr.write(json.dumps(data, ensure_ascii=False) + "\n")
+
+
+def configure_logging(settings: LogSettings) -> None:
+    logger.remove()
+    if settings.format == "json":
+        logger.add(
+            _json_sink,
+            level=settings.level,
+            format="{message}\n{exception}",
+            diagnose=False,
+            backtrace=False,
+        )
+    else:
+        stamp = "" if os.environ.get("JOURNAL_STREAM") else "{time:YYYY-MM-DD HH:mm:ss.SSS} "
+        logger.add(
+            sys.stderr,
+            level=settings.level,
+            colorize=False,
+            format=stamp + "{level: <7} {message}",
+            diagnose=False,
+            backtrace=False,
+        )
+    logging.basicConfig(handlers=[_Intercept()], level=logging.INFO, force=True)
+    # paho's own debug chatter is noise at INFO; aiohttp's access log is off in our servers.
+    logging.getLogger("mqtt").setLevel(logging.WARNING)

@@ -1,0 +1,81 @@
+"""Prometheus metrics, on a registry of their own (no process-wide globals)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+from mqtt_starter.core.model import Reply
+
+CONTENT_TYPE = CONTENT_TYPE_LATEST
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.triggers = Counter(
+            "mqtt_starter_triggers",
+            "Requests received, by topic kind"
+            " (id, tag, cp, name, payload, route, http) and outcome"
+            " (accepted, refused, ignored)",
+            ["kind", "outcome"],
+            registry=self.registry,
+        )
+        self.tasks = Counter(
+            "mqtt_starter_tasks", "Tasks in replies, by result", ["result"], registry=self.registry
+        )
+        self.qrs_seconds = Histogram(
+            "mqtt_starter_qrs_request_seconds",
+            "QRS call latency, by operation and HTTP status",
+            ["operation", "status"],
+            registry=self.registry,
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+        )
+        self.reconnects = Counter(
+            "mqtt_starter_broker_reconnects",
+            "Reconnects to the broker after a lost or failed connection",
+            registry=self.registry,
+        )
+        self.executions = Gauge(
+            "mqtt_starter_executions_in_flight",
+            "Executions being followed to their end",
+            registry=self.registry,
+        )
+        # Label lookups take a lock and build tuples; on the request path the children are
+        # looked up once and kept.
+        self._qrs_children: dict[tuple[str, int], Histogram] = {}
+        self._trigger_children: dict[tuple[str, str], Counter] = {}
+        self._task_children: dict[str, Counter] = {}
+        self.broker_connected = Gauge(
+            "mqtt_starter_broker_connected",
+            "1 while connected to the broker",
+            registry=self.registry,
+        )
+
+    def observe_qrs(self, operation: str, seconds: float, status: int) -> None:
+        key = (operation, status)
+        child = self._qrs_children.get(key)
+        if child is None:
+            child = self._qrs_children[key] = self.qrs_seconds.labels(operation, str(status))
+        child.observe(seconds)
+
+    def count_reply(self, kind: str, reply: Reply) -> None:
+        key = (kind, "refused" if reply.error else "accepted")
+        child = self._trigger_children.get(key)
+        if child is None:
+            child = self._trigger_children[key] = self.triggers.labels(*key)
+        child.inc()
+        for outcome in reply.outcomes:
+            result = outcome.result.value
+            task_child = self._task_children.get(result)
+            if task_child is None:
+                task_child = self._task_children[result] = self.tasks.labels(result)
+            task_child.inc()
+
+    def follow_executions(self, count: Callable[[], float]) -> None:
+        self.executions.set_function(count)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

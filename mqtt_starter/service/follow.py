@@ -1,0 +1,341 @@
+"""Follows executions to their end with one QRS query per interval, however many are followed.
+
+Every follower registers here, and one loop asks QRS each `poll_interval_s` for the results of
+all followed executions at once (`executionID eq a or executionID eq b ...`, chunked by URL
+size), then hands each follower its own. When the monitor watches the site, its query (what
+changed since the last one) serves the followers too, and no second query is made.
+
+A follower the monitor's query has not mentioned for a few intervals is asked about on its
+own (a run whose task was deleted never changes again). For each follower, the newest attempt
+tells the state; when it is terminal, the execution
+session is asked once more, since a retry opens a new result under the same session: only a
+gone session (404) ends the run. Following always ends (qrs-api.md section 4):
+- at the run's final state;
+- at the deadline, with the last state seen (`timed_out`): runs can hang in Triggered or
+  Queued after a scheduler restart;
+- as Unknown (`lost`) when QRS no longer lets it be followed: a refusal (401/403, another 4xx),
+  or no result at all once the session has ended (a user without read rights on
+  ExecutionResult gets `[]`, not an error).
+QRS being briefly unreachable is logged and polling goes on, up to the deadline.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from loguru import logger
+
+from mqtt_starter.core.errors import QrsAuthError, QrsError, QrsRequestError, QrsUnavailable
+from mqtt_starter.core.model import Execution, FollowEnd, TaskRef
+from mqtt_starter.core.qrs_query import latest_execution
+from mqtt_starter.sites.base import Backend
+
+OnChange = Callable[[Execution], Awaitable[None]]
+# Runs this daemon started, remembered for the monitor (startedBy, requestId): enough for the
+# runs of many intervals, bounded so that memory does not grow with the runs.
+CLAIMS_KEPT = 10_000
+# A follower the monitor's query has not mentioned this many times in a row is asked about on
+# its own: a run whose task was deleted never changes again, and would wait to its deadline.
+QUIET_TICKS = 3
+
+
+class ChangeSource(Protocol):
+    """The monitor, seen from here: a query of what changed that can serve followers."""
+
+    @property
+    def interval_s(self) -> float: ...
+
+    @property
+    def active(self) -> bool: ...
+
+    async def poll(self) -> list[Execution]:
+        """One interval's query (and what the monitor publishes of it); its answer."""
+        ...
+
+    def covers(self, task: TaskRef) -> bool:
+        """Whether a monitor (this instance's or another's) publishes the status events of
+        `task`'s runs."""
+        ...
+
+
+@dataclass(eq=False)
+class _Follower:
+    task: TaskRef
+    execution_id: str
+    on_change: OnChange | None
+    deadline: float
+    timeout_s: float
+    done: asyncio.Future[FollowEnd] = field(
+        default_factory=lambda: asyncio.get_running_loop().create_future()
+    )
+    last: Execution | None = None
+    seen: tuple[str, int] | None = None
+    quiet: int = 0  # the monitor's queries in a row that did not mention it
+
+    def end(self, end: FollowEnd) -> None:
+        if not self.done.done():
+            self.done.set_result(end)
+
+
+class Tracker:
+    def __init__(
+        self,
+        qrs: Backend,
+        poll_interval_s: float,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._qrs = qrs
+        self._interval = poll_interval_s
+        self._clock = clock
+        self._followers: list[_Follower] = []
+        self._source: ChangeSource | None = None
+        self._wake = asyncio.Event()
+        self._loop: asyncio.Task[None] | None = None
+        self.polls = 0  # queries made for followers and the monitor
+        self._claims: OrderedDict[str, str | None] = OrderedDict()
+        # Tells the monitoring instance which runs this one started (set by the daemon).
+        self.announcer: Callable[[str, str | None], Awaitable[None]] | None = None
+
+    @property
+    def following(self) -> int:
+        return len(self._followers)
+
+    def attach(self, source: ChangeSource | None) -> None:
+        """Let the monitor's query serve the followers (None: detach it)."""
+        self._source = source
+        self._kick()
+
+    def covered(self, task: TaskRef) -> bool:
+        """Whether a monitor (this instance's or another's) publishes this task's status
+        events: then followers do not."""
+        source = self._source
+        return source is not None and source.covers(task)
+
+    def claim(self, execution_id: str, request_id: str | None) -> None:
+        """This daemon (or, told by it, another instance) started the execution, for the
+        request `request_id`."""
+        self._claims[execution_id.lower()] = request_id
+        if len(self._claims) > CLAIMS_KEPT:
+            self._claims.popitem(last=False)
+
+    async def started(self, execution_id: str, request_id: str | None) -> None:
+        """This daemon started the execution: remember it, and tell the monitoring instance."""
+        self.claim(execution_id, request_id)
+        if self.announcer is not None:
+            await self.announcer(execution_id, request_id)
+
+    def claimed(self, execution_id: str) -> tuple[bool, str | None]:
+        """(whether this daemon started the execution, the requestId it started it for)."""
+        if execution_id in self._claims:
+            return True, self._claims[execution_id]
+        return False, None
+
+    async def follow(
+        self,
+        task: TaskRef,
+        execution_id: str,
+        on_change: OnChange | None = None,
+        *,
+        timeout_s: float,
+    ) -> FollowEnd:
+        """How the execution ended; `on_change` is awaited for each new state seen."""
+        follower = _Follower(
+            task, execution_id.lower(), on_change, self._clock() + timeout_s, timeout_s
+        )
+        self._followers.append(follower)
+        self._kick()
+        try:
+            return await asyncio.shield(follower.done)
+        finally:
+            with contextlib.suppress(ValueError):
+                self._followers.remove(follower)
+
+    async def close(self) -> None:
+        if self._loop is not None:
+            self._loop.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._loop
+            self._loop = None
+
+    # -- the loop ------------------------------------------------------------------------------
+
+    def _monitoring(self) -> bool:
+        return self._source is not None and self._source.active
+
+    def _kick(self) -> None:
+        self._wake.set()
+        if self._loop is None or self._loop.done():
+            self._loop = asyncio.create_task(self._run(), name="follow-executions")
+
+    async def _run(self) -> None:
+        while self._followers or self._monitoring():
+            self._wake.clear()
+            began = self._clock()
+            try:
+                await self._tick()
+            except Exception:
+                # One bad tick must not end following for everyone: log it and go on.
+                logger.exception("polling QRS for execution results failed")
+            if self._followers:
+                interval = self._interval
+                if self._monitoring():
+                    assert self._source is not None
+                    interval = min(interval, self._source.interval_s)
+            elif self._monitoring():
+                assert self._source is not None
+                interval = self._source.interval_s
+            else:
+                return
+            # Ticks keep their rate: the time a tick took counts towards the interval, but a
+            # tick that overran still leaves QRS (and the event loop) a tenth of one.
+            left = max(interval - (self._clock() - began), interval / 10)
+            if not self._wake.is_set():
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), left)
+
+    async def _tick(self) -> None:
+        followers = [f for f in self._followers if not f.done.done()]
+        try:
+            if not (self._monitoring() and await self._tick_monitor(followers)) and followers:
+                await self._tick_followers(followers)
+        finally:
+            # Deadlines pass whatever went wrong above: no follower waits past its own.
+            self._expire(followers)
+
+    async def _tick_monitor(self, followers: list[_Follower]) -> bool:
+        """The monitor's query, which serves the followers too; False when QRS refuses it
+        (then the followers are polled on their own: they must not pay for it)."""
+        assert self._source is not None
+        self.polls += 1
+        try:
+            results = await self._source.poll()
+        except QrsUnavailable as exc:
+            logger.warning("monitor: {}", exc)
+            return True
+        except QrsError as exc:
+            logger.error("monitor: QRS refuses the query of what changed: {}", exc)
+            return False
+        except Exception:
+            # A failure of the monitor's own: the followers are served by their own query.
+            logger.exception("monitor: the query of what changed failed")
+            return False
+        await self._dispatch(followers, results, complete=False)
+        mentioned = {r.execution_id for r in results}
+        quiet = []
+        for follower in followers:
+            follower.quiet = 0 if follower.execution_id in mentioned else follower.quiet + 1
+            if follower.quiet >= QUIET_TICKS and not follower.done.done():
+                follower.quiet = 0
+                quiet.append(follower)
+        if quiet:
+            await self._tick_followers(quiet)
+        return True
+
+    async def _tick_followers(self, followers: list[_Follower]) -> None:
+        self.polls += 1
+        try:
+            results = await self._qrs.executions_of([f.execution_id for f in followers])
+        except QrsUnavailable as exc:
+            logger.warning("polling execution results: {}", exc)
+            return
+        except (QrsAuthError, QrsRequestError) as exc:
+            for follower in followers:
+                follower.end(
+                    FollowEnd(follower.last, lost=f"QRS refuses to show the execution: {exc}")
+                )
+            return
+        await self._dispatch(followers, results, complete=True)
+
+    def _expire(self, followers: list[_Follower]) -> None:
+        now = self._clock()
+        for follower in followers:
+            if not follower.done.done() and now >= follower.deadline:
+                last = follower.last
+                logger.warning(
+                    "stopped following execution {} of task {} after {:.0f} s: last state {}",
+                    follower.execution_id,
+                    follower.task.id,
+                    follower.timeout_s,
+                    last.status.qrs_name if last else "none seen",
+                )
+                follower.end(FollowEnd(last, timed_out=True))
+
+    async def _dispatch(
+        self, followers: list[_Follower], results: list[Execution], *, complete: bool
+    ) -> None:
+        """Hand each follower its results. `complete`: the answer holds every attempt of each
+        followed execution; else (the monitor's query) only those that changed."""
+        mine: dict[str, list[Execution]] = {}
+        for result in results:
+            mine.setdefault(result.execution_id, []).append(result)
+        to_check: list[tuple[_Follower, Execution | None]] = []
+        for follower in followers:
+            latest = latest_execution(mine.get(follower.execution_id, ()))
+            if latest is not None and (latest.result_id, int(latest.status)) != follower.seen:
+                follower.seen = (latest.result_id, int(latest.status))
+                follower.last = latest
+                await self._notify(follower, latest)
+            current = latest if complete or latest is not None else follower.last
+            if current is None or current.status.terminal:
+                to_check.append((follower, current))
+        if to_check:
+            await asyncio.gather(*(self._check_session_contained(f, c) for f, c in to_check))
+
+    async def _check_session_contained(self, follower: _Follower, latest: Execution | None) -> None:
+        try:
+            await self._check_session(follower, latest)
+        except Exception:
+            # One follower's failure is its own: logged, and it ends with what is known.
+            logger.exception("following execution {} failed", follower.execution_id)
+            follower.end(
+                FollowEnd(latest)
+                if latest is not None
+                else FollowEnd(follower.last, lost="following it failed (see the log)")
+            )
+
+    async def _notify(self, follower: _Follower, execution: Execution) -> None:
+        if follower.on_change is None:
+            return
+        try:
+            await follower.on_change(execution)
+        except Exception:
+            logger.exception("reporting a state of execution {} failed", follower.execution_id)
+
+    async def _check_session(self, follower: _Follower, latest: Execution | None) -> None:
+        """Ends following when the session is gone, or cannot be read."""
+        try:
+            alive = await self._qrs.execution_alive(follower.execution_id)
+        except QrsUnavailable as exc:
+            logger.warning("following execution {}: {}", follower.execution_id, exc)
+            return
+        except QrsError as exc:
+            if latest is not None:
+                # The run's final state is known; whether a retry follows cannot be.
+                follower.end(FollowEnd(latest))
+            else:
+                follower.end(
+                    FollowEnd(
+                        follower.last,
+                        lost=f"QRS shows no result and refuses the session: {exc}",
+                    )
+                )
+            return
+        if alive:
+            return
+        if latest is not None:
+            follower.end(FollowEnd(latest))
+            return
+        follower.end(
+            FollowEnd(
+                follower.last,
+                lost="QRS shows no result for the execution and its session has ended"
+                " (no read rights on execution results, or they were deleted)",
+            )
+        )

@@ -18,7 +18,7 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import paho.mqtt.client as mqtt
 import yaml
@@ -32,7 +32,23 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def wait_port(port: int, process: subprocess.Popen[bytes], what: str, timeout: float = 20) -> None:
+# How long a process may take to start listening: a 10,000-task simulator on a loaded 2-core
+# machine has needed more than 20 s.
+STARTUP_S = 180.0
+
+
+def wait_port(
+    port: int, process: subprocess.Popen[bytes], what: str, timeout: float = STARTUP_S
+) -> None:
+    """Wait until `process` listens on `port`; it is stopped when it does not."""
+    try:
+        _wait_port(port, process, what, timeout)
+    except BaseException:
+        stop(process)
+        raise
+
+
+def _wait_port(port: int, process: subprocess.Popen[bytes], what: str, timeout: float) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:
@@ -220,7 +236,7 @@ class Target:
         notify_path = self.folder / f"notify-{uuid.uuid4().hex[:6]}.sock"
         notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         notify.bind(str(notify_path))
-        notify.settimeout(30)
+        notify.settimeout(STARTUP_S)
         began = time.monotonic()
         env = {k: v for k, v in os.environ.items() if not k.startswith("MQTT_STARTER_")}
         self.process = subprocess.Popen(
@@ -232,6 +248,9 @@ class Target:
         try:
             while b"READY=1" not in notify.recv(4096):
                 pass
+        except BaseException:
+            stop(self.process)  # whatever fails, nothing is left running
+            raise
         finally:
             notify.close()
         self.startup_s = time.monotonic() - began
@@ -340,6 +359,22 @@ class LoadGen:
     def close(self) -> None:
         self.client.loop_stop()
         self.client.disconnect()
+
+
+class Part(Protocol):
+    def start(self) -> None: ...
+
+    def stop(self) -> None: ...
+
+
+@contextlib.contextmanager
+def running(*parts: Part) -> Iterator[None]:
+    """Start `parts` in order; stop every one that was started, however the block ends."""
+    with contextlib.ExitStack() as stack:
+        for part in parts:
+            stack.callback(part.stop)
+            part.start()
+        yield
 
 
 @contextlib.contextmanager

@@ -25,7 +25,7 @@ from typing import Any
 
 import paho.mqtt.client as mqtt
 
-from .harness import Broker, Simulator, Target, cpu_s, rss_mib, workspace
+from .harness import Broker, Simulator, Target, cpu_s, rss_mib, running, workspace
 
 TASKS = 10_000
 CHANGING = (0, 10, 100)
@@ -154,12 +154,9 @@ def main() -> int:
     results: list[dict[str, Any]] = []
     with workspace() as folder:
         broker = Broker(folder)
-        broker.start()
         sim = Simulator(folder, site())
-        sim.start()
         daemon = Target("daemon", folder, broker, sim, events=True, sections={"monitor": MONITOR})
-        try:
-            daemon.start()
+        with running(broker, sim, daemon):
             published = Published(broker)
             try:
                 for runs in CHANGING:
@@ -168,10 +165,6 @@ def main() -> int:
                     print(json.dumps(result), flush=True)
             finally:
                 published.close()
-        finally:
-            daemon.stop()
-            sim.stop()
-            broker.stop()
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "monitor.json").write_text(json.dumps(results, indent=2) + "\n")
     (args.out / "monitor.md").write_text(report(results, intervals))

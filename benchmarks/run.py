@@ -21,7 +21,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from .harness import Broker, LoadGen, Simulator, Target, cpu_s, rss_mib, workspace
+from .harness import Broker, LoadGen, Simulator, Target, cpu_s, rss_mib, running, workspace
 
 FAN = (1, 10, 100, 1000)
 # The daemon runs with its own defaults (mqtt.max_in_flight 20, as mosquitto's
@@ -376,12 +376,9 @@ def main() -> int:
     }
     with workspace() as folder:
         broker = Broker(folder, nodelay=not args.no_nodelay)
-        broker.start()
         sim = Simulator(folder, load_tasks())
         fan_sim = Simulator(folder, fan_tasks())
-        sim.start()
-        fan_sim.start()
-        try:
+        with running(broker, sim, fan_sim):
             for run in range(runs):
                 for variant, delay in (("zero", 0.0), ("slow", 0.02)):
                     sim.delay(delay)
@@ -404,10 +401,6 @@ def main() -> int:
                 print(f"{variant}: {raw[variant]}", flush=True)
             raw["memory"] = memory(folder, broker, sim, sizes["memory"])
             print(f"memory: {raw['memory']}", flush=True)
-        finally:
-            sim.stop()
-            fan_sim.stop()
-            broker.stop()
     summary = summarise(raw)
     args.out.mkdir(parents=True, exist_ok=True)
     report = {

@@ -21,7 +21,17 @@ from typing import Any
 
 import aiohttp
 
-from .harness import Broker, LoadGen, Simulator, Target, cpu_s, free_port, rss_mib, workspace
+from .harness import (
+    Broker,
+    LoadGen,
+    Simulator,
+    Target,
+    cpu_s,
+    free_port,
+    rss_mib,
+    running,
+    workspace,
+)
 from .run import id_topics, load_tasks
 
 
@@ -113,18 +123,13 @@ def main() -> int:
     idle_pages = 100 if args.quick else 1_000
     with workspace() as folder:
         broker = Broker(folder)
-        broker.start()
         sim = Simulator(folder, load_tasks())
-        sim.start()
-        try:
+        with running(broker, sim):
             results = [
                 run(folder, broker, sim, 0, requests),
                 run(folder, broker, sim, 100, requests),
                 run(folder, broker, sim, idle_pages, 0),
             ]
-        finally:
-            sim.stop()
-            broker.stop()
     for r in results:
         print(json.dumps(r), flush=True)
     args.out.mkdir(parents=True, exist_ok=True)

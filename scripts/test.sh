@@ -15,12 +15,14 @@ echo "== import-linter (the layers, .importlinter)"
 .venv/bin/lint-imports
 echo "== pytest"
 status=0
-# Coverage includes the daemon, command and simulator subprocesses (pyproject.toml); a run
-# below the floor fails.
-.venv/bin/python -m pytest -p no:cacheprovider --cov --cov-report=term --cov-fail-under=90 \
-    "$@" || status=$?
+# Two workers (pytest-xdist), each with its own brokers. Coverage includes the daemon, command
+# and simulator subprocesses (pyproject.toml); a run below the floor fails.
+.venv/bin/python -m pytest -p no:cacheprovider -n 2 --cov --cov-report=term \
+    --cov-fail-under=90 "$@" || status=$?
 if [ "$status" -eq 5 ]; then
     echo "pytest collected no tests: that is a failure" >&2
     exit 1
 fi
-exit "$status"
+[ "$status" -eq 0 ] || exit "$status"
+echo "== benchmark smoke runs (benchmarks/test_smoke.py: the harness still runs end to end)"
+.venv/bin/python -m pytest -p no:cacheprovider -q benchmarks/test_smoke.py

@@ -1,4 +1,7 @@
-"""The benchmark harness still runs end to end (at smoke-test sizes; figures are not judged)."""
+"""The benchmark harness still runs end to end (at smoke-test sizes; figures are not judged).
+
+Not part of the default pytest run: the README's test command runs it as a step of its own.
+"""
 
 from __future__ import annotations
 
@@ -6,8 +9,6 @@ import json
 import subprocess
 import sys
 from pathlib import Path
-
-import pytest
 
 
 def quick_run(module: str, out: Path) -> None:
@@ -22,7 +23,6 @@ def quick_run(module: str, out: Path) -> None:
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
 
 
-@pytest.mark.slow
 def test_benchmarks_quick_run_writes_every_result(tmp_path: Path) -> None:
     quick_run("benchmarks.run", tmp_path)
     report = json.loads((tmp_path / "results.json").read_text())
@@ -35,7 +35,6 @@ def test_benchmarks_quick_run_writes_every_result(tmp_path: Path) -> None:
     assert (tmp_path / "results.md").read_text().startswith("# Benchmark results")
 
 
-@pytest.mark.slow
 def test_monitor_benchmark_quick_run(tmp_path: Path) -> None:
     quick_run("benchmarks.monitor", tmp_path)
     report = json.loads((tmp_path / "monitor.json").read_text())
@@ -47,7 +46,6 @@ def test_monitor_benchmark_quick_run(tmp_path: Path) -> None:
     assert (tmp_path / "monitor.md").read_text().startswith("# Monitor cost per interval")
 
 
-@pytest.mark.slow
 def test_status_page_benchmark_quick_run(tmp_path: Path) -> None:
     quick_run("benchmarks.status_page", tmp_path)
     none, hundred, idle = json.loads((tmp_path / "status_page.json").read_text())

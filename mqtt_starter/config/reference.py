@@ -102,7 +102,14 @@ def rewrite(text: str) -> str:
 
 
 def main(argv: list[str]) -> int:
-    path = Path(argv[0]) if argv else Path("README.md")
+    """Rewrite the reference in the page named by the one argument."""
+    if len(argv) != 1:
+        print(
+            "usage: python -m mqtt_starter.config.reference docs/configuration.md",
+            file=sys.stderr,
+        )
+        return 2
+    path = Path(argv[0])
     path.write_text(rewrite(path.read_text("utf-8")), "utf-8")
     return 0
 

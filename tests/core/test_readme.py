@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from mqtt_starter.config.reference import END, START, reference, rewrite
+import pytest
+
+from mqtt_starter.config.reference import END, START, main, reference, rewrite
 
 REFERENCE = Path(__file__).parents[2] / "docs" / "configuration.md"
 
@@ -28,3 +30,10 @@ def test_reference_names_every_key_of_the_example() -> None:
         "log.format",
     ):
         assert f"| `{key}` |" in table
+
+
+def test_the_reference_writer_needs_its_page(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main([]) == 2
+    assert "usage: python -m mqtt_starter.config.reference docs/configuration.md" in (
+        capsys.readouterr().err
+    )

@@ -19,19 +19,16 @@ Followers hold the parts they started with, so a reload never cuts them off.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import time
-from collections.abc import Awaitable, Callable, Coroutine, Hashable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
 
 from loguru import logger
 
-from mqtt_starter.core.codec import encode_status_event, reply_status
-from mqtt_starter.core.errors import BadPayload, MqttLinkError, QrsError, TooManyTasks
+from mqtt_starter.core.codec import reply_status
+from mqtt_starter.core.errors import BadPayload, QrsError, TooManyTasks
 from mqtt_starter.core.model import (
     ErrorInfo,
-    Execution,
     FollowEnd,
     ReloadOptions,
     Reply,
@@ -41,17 +38,22 @@ from mqtt_starter.core.model import (
     TaskRef,
     TaskResult,
 )
-from mqtt_starter.core.policy import Debouncer, Decision, ExpiringMemory, decide, request_key
+from mqtt_starter.core.policy import Debouncer, Decision, decide, request_key
 from mqtt_starter.core.qrs_query import MAX_VALUE_LENGTH, too_long
 from mqtt_starter.ops.metrics import Metrics
-from mqtt_starter.service.follow import Tracker
+from mqtt_starter.service.followups import (
+    FinishedSink,
+    FollowUps,
+    Publisher,
+    RequestWatcher,
+    Spawn,
+)
+from mqtt_starter.service.memory import Record, RequestMemory
 from mqtt_starter.service.parts import Parts
 from mqtt_starter.sites.base import resolve_selectors
 
 # A topic or path in the log line is cut here: a client chooses its length.
 TOPIC_IN_LOG = 200
-# Error codes of a passing condition: such a refusal is not remembered for the requestId.
-PASSING = ("qrs_unavailable", "internal")
 
 
 @dataclass(frozen=True)
@@ -66,50 +68,15 @@ class Inbound:
     debounce_s: float = 0.0
 
 
-FinishedSink = Callable[[Reply], Awaitable[None]]
-Spawn = Callable[[Coroutine[Any, Any, None], str], object]
-
-
-class Publisher(Protocol):
-    """Where status events go (the broker link)."""
-
-    async def publish(self, topic: str, payload: bytes) -> None: ...
-
-
-class RequestWatcher(Protocol):
-    """Who sees every request and its replies (the status page)."""
-
-    def request(self, door: str, topic: str, reply: Reply, duration_ms: float) -> None: ...
-
-    def finished(self, reply: Reply) -> None: ...
-
-
 def error_reply(request_id: str | None, code: str, message: str) -> Reply:
     return Reply(ReplyStatus.ERROR, request_id=request_id, error=ErrorInfo(code, message))
 
 
-def finished_reply(accepted: Reply, finals: dict[str, TaskOutcome]) -> Reply:
-    """The `finished` reply: the accepted one with each started task's end."""
-    outcomes = tuple(finals.get(o.task.id, o) for o in accepted.outcomes)
-    return Reply(
-        reply_status(outcomes, len(accepted.unmatched), finished=True),
-        stage="finished",
-        request_id=accepted.request_id,
-        outcomes=outcomes,
-        unmatched=accepted.unmatched,
-        replayed=accepted.replayed,
-    )
-
-
-@dataclass
-class _Record:
-    """What is remembered of a handled requestId."""
-
-    reply: Reply
-    finished: asyncio.Future[Reply] | None = None  # set while or once its runs are followed
-
-
 class Starter:
+    """The request service: serves each request, whichever door it came through, and gives it
+    its log line, metrics and follow-ups (followups.py); repeats come from its memory
+    (memory.py)."""
+
     def __init__(
         self,
         parts: Callable[[], Parts],
@@ -124,19 +91,12 @@ class Starter:
         daemon's task group, under a name; `watcher`: sees each request and its replies."""
         self._watcher = watcher
         self._parts = parts
-        self._publisher = publisher
         self._metrics = metrics
-        self._spawn = spawn
         self._clock = clock
         self._debouncer = Debouncer()
         policy = parts().settings.policy
-        window_s, capacity = policy.dedupe_window_s, policy.dedupe_max_entries
-        self._answered: ExpiringMemory[Hashable, _Record] = ExpiringMemory(window_s, capacity)
-        # The ask each requestId came with last: a different one is logged as a new request.
-        self._asks: ExpiringMemory[str, Hashable] = ExpiringMemory(window_s, capacity)
-        self._pending: dict[Hashable, asyncio.Future[_Record | None]] = {}
-        self.following = 0  # executions being followed now
-        metrics.follow_executions(lambda: self.following)
+        self.memory = RequestMemory(policy.dedupe_window_s, policy.dedupe_max_entries, clock)
+        self.followups = FollowUps(parts, publisher, metrics, spawn, watcher)
 
     # -- the door's side ----------------------------------------------------------------------
 
@@ -145,8 +105,7 @@ class Starter:
         started = self._clock()
         parts = self._parts()
         policy = parts.settings.policy
-        self._answered.window_s = self._asks.window_s = policy.dedupe_window_s
-        self._answered.capacity = self._asks.capacity = policy.dedupe_max_entries
+        self.memory.configure(policy.dedupe_window_s, policy.dedupe_max_entries)
         try:
             reply = await self._serve(parts, inbound, on_finished)
         except Exception:
@@ -206,49 +165,23 @@ class Starter:
         if request_id is None:
             return (await self._carry_out(parts, request, on_finished)).reply
         key = request_key(request, inbound.door, inbound.topic)
-        earlier = self._asks.get(request_id, self._clock())
-        if earlier is not None and earlier != key:
-            logger.info(
-                "requestId={} came before with another request ({} {}): served as a new one",
-                request_id,
-                inbound.door,
-                inbound.topic,
-            )
-        self._asks.put(request_id, key, self._clock())
-        while True:
-            known = self._answered.get(key, self._clock())
-            if known is not None:
-                return self._replay(parts, known, request, on_finished)
-            first = self._pending.get(key)
-            if first is None:
-                break
-            # The same requestId is being handled: wait for its answer, then look again: it
-            # is remembered (a replay), or it failed and this one is served in its own right
-            # (or waits for a third that got in first).
-            await asyncio.shield(first)
-            parts = self._parts()  # a reload may have come while this one waited
-        pending = asyncio.get_running_loop().create_future()
-        self._pending[key] = pending
-        record: _Record | None = None
-        try:
-            record = await self._carry_out(parts, request, on_finished)
-        finally:
-            del self._pending[key]
-            pending.set_result(record)
-        error = record.reply.error
-        if error is None or error.code not in PASSING:
-            self._answered.put(key, record, self._clock())
+        self.memory.note(request_id, key, inbound.door, inbound.topic)
+        record, repeat = await self.memory.recall_or_serve(
+            key, lambda: self._carry_out(self._parts(), request, on_finished)
+        )
+        if repeat:
+            return self.followups.replay(self._parts(), record, request, on_finished)
         return record.reply
 
     async def _carry_out(
         self, parts: Parts, request: Request, on_finished: FinishedSink | None
-    ) -> _Record:
+    ) -> Record:
         async with parts.in_use():
             reply = await self._start(parts, request)
             # Scheduled while the parts are held: a reload that retired them meanwhile must
             # not close the backend between this request and its follower.
-            finished = self._follow_up(parts, request, reply, on_finished)
-        return _Record(reply, finished)
+            finished = self.followups.schedule(parts, request, reply, on_finished)
+        return Record(reply, finished)
 
     async def _start(self, parts: Parts, request: Request) -> Reply:
         limit = parts.settings.policy.max_tasks_per_request
@@ -331,142 +264,8 @@ class Starter:
             waited_ms=started.waited_ms,
         )
 
-    def _replay(
-        self, parts: Parts, known: _Record, request: Request, on_finished: FinishedSink | None
-    ) -> Reply:
-        if request.wait and on_finished is not None and known.reply.error is None:
-            if known.finished is None:
-                # The first request did not follow its runs: follow them now, once.
-                known.finished = self._follow_up(parts, request, known.reply, None)
-            assert known.finished is not None
-            self._spawn(
-                self._deliver_replayed(known.finished, on_finished),
-                f"replay-finished-{request.request_id}",
-            )
-        return dataclasses.replace(known.reply, replayed=True)
-
-    @staticmethod
-    async def _deliver_replayed(finished: asyncio.Future[Reply], sink: FinishedSink) -> None:
-        try:
-            reply = await asyncio.shield(finished)
-        except asyncio.CancelledError:
-            if not finished.cancelled():
-                raise
-            return  # the daemon stopped before the runs ended
-        await _deliver(sink, dataclasses.replace(reply, replayed=True))
-
-    # -- following ------------------------------------------------------------------------------
-
     async def resume(
         self, runs: Sequence[tuple[TaskRef, str]], request_id: str | None, timeout_s: float
     ) -> dict[str, FollowEnd]:
-        """Follow runs a previous life of this daemon started (a `wait` resumed after a
-        restart): status events as for any run, and each run's end by execution id."""
-        parts = self._parts()
-        async with parts.in_use():
-            for _, execution_id in runs:
-                parts.tracker.claim(execution_id, request_id)
-            ends = await asyncio.gather(
-                *(
-                    self._follow_one(
-                        parts,
-                        parts.tracker,
-                        TaskOutcome(task, (), TaskResult.STARTED, execution_id=execution_id),
-                        request_id,
-                        timeout_s,
-                    )
-                    for task, execution_id in runs
-                )
-            )
-        return {o.execution_id: o.final for o in ends if o.execution_id and o.final}
-
-    def _follow_up(
-        self, parts: Parts, request: Request, reply: Reply, on_finished: FinishedSink | None
-    ) -> asyncio.Future[Reply] | None:
-        """Schedule following the started runs; the future gets the `finished` reply."""
-        if reply.error is not None:
-            return None
-        started = [o for o in reply.outcomes if o.result is TaskResult.STARTED and o.execution_id]
-        events = parts.settings.status.publish_task_events and bool(started)
-        if not (request.wait or events):
-            return None
-        finished: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
-        parts.hold()  # before the task runs: a reload in between must not close the backend
-        self._spawn(
-            self._follow(parts, request, reply, started, finished, on_finished),
-            f"follow-{request.request_id or (started[0].execution_id if started else 'nothing')}",
-        )
-        return finished
-
-    async def _follow(
-        self,
-        parts: Parts,
-        request: Request,
-        accepted: Reply,
-        started: list[TaskOutcome],
-        finished: asyncio.Future[Reply],
-        on_finished: FinishedSink | None,
-    ) -> None:
-        try:
-            timeout_s = request.wait_timeout_s or parts.settings.status.wait_timeout_s
-            tracker = parts.tracker
-            ends = await asyncio.gather(
-                *(
-                    self._follow_one(parts, tracker, o, request.request_id, timeout_s)
-                    for o in started
-                )
-            )
-            reply = finished_reply(accepted, {o.task.id: o for o in ends})
-            finished.set_result(reply)
-            if self._watcher is not None:
-                self._watcher.finished(reply)
-            if request.wait and on_finished is not None:
-                await _deliver(on_finished, reply)
-        except asyncio.CancelledError:
-            finished.cancel()
-            raise
-        except Exception:
-            # A follow-up must never take the daemon's task group down with it.
-            logger.exception("following the runs of requestId={} failed", request.request_id)
-            if not finished.done():
-                finished.cancel()
-        finally:
-            await parts.release()
-
-    async def _follow_one(
-        self,
-        parts: Parts,
-        tracker: Tracker,
-        outcome: TaskOutcome,
-        request_id: str | None,
-        timeout_s: float,
-    ) -> TaskOutcome:
-        assert outcome.execution_id is not None
-        topic = f"{parts.base}/status/task/{outcome.task.id}"
-        publish = parts.settings.status.publish_task_events
-
-        async def on_change(execution: Execution) -> None:
-            if not publish or tracker.covered(outcome.task):
-                return  # with the monitor on, it publishes the events of the tasks it watches
-            try:
-                await self._publisher.publish(
-                    topic, encode_status_event(execution, outcome.task.name, request_id)
-                )
-            except MqttLinkError as exc:
-                logger.debug("status event for {} not published: {}", outcome.task.id, exc)
-
-        self.following += 1
-        try:
-            end = await tracker.follow(
-                outcome.task, outcome.execution_id, on_change, timeout_s=timeout_s
-            )
-        finally:
-            self.following -= 1
-        return dataclasses.replace(outcome, final=end)
-
-
-async def _deliver(sink: FinishedSink, reply: Reply) -> None:
-    try:
-        await sink(reply)
-    except MqttLinkError as exc:
-        logger.warning("the finished reply for requestId={} was lost: {}", reply.request_id, exc)
+        """Follow runs a previous life of this daemon started (followups.py)."""
+        return await self.followups.resume(runs, request_id, timeout_s)

@@ -25,4 +25,4 @@ if [ "$status" -eq 5 ]; then
 fi
 [ "$status" -eq 0 ] || exit "$status"
 echo "== benchmark smoke runs (benchmarks/test_smoke.py: the harness still runs end to end)"
-.venv/bin/python -m pytest -p no:cacheprovider -q benchmarks/test_smoke.py
+.venv/bin/python -m pytest -p no:cacheprovider -q -n 3 benchmarks/test_smoke.py

@@ -1,17 +1,9 @@
 """Watches every run of the tasks in scope and publishes it (DESIGN.md section 7).
 
 Each interval, one query asks QRS what changed since the newest change seen (less an overlap);
-the ledger (core/monitoring.py) keeps what is news. For each change: the status event, for a
-failed or aborted run its event with the reason (the script log's tail, else the run's error
-details), then the retained task state. The state goes last: it is what a restarted or
-succeeding instance reads to know what was published, so a crash in between repeats an event
-rather than losing one.
-
-One run never stops the rest: a failure while publishing a run is logged with the run, and
-the monitor goes on with the others and its cursor advances. A failed run's log that is not
-written yet is asked for again in the background (0.5 s, then 3 times 2 s apart, as Butler
-does) while the monitor goes on; that task's failure event and state wait for it (a task's
-publications keep their order), and carry the run's details when the log never comes.
+the ledger (core/monitoring.py) keeps what is news. Publishing each change (status event,
+failure event, retained state, in the order that keeps the broker's memory right, one run
+never stopping the rest) is run_events.py's; the monitor's cursor always advances.
 
 The tasks of the changed runs are read once per interval, in one filtered query. Tasks whose
 state is retained are checked for deletion every `deleted_check_s`, and a deleted task's state
@@ -29,50 +21,37 @@ import asyncio
 import json
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from datetime import UTC, datetime
-from typing import Any, Protocol
+from typing import Any
 
 from loguru import logger
 
-from mqtt_starter.core.codec import encode_json, encode_status_event
-from mqtt_starter.core.errors import LogNotReady, MqttLinkError, QrsError
-from mqtt_starter.core.model import Execution, Selector, SelectorKind, TaskRef
+from mqtt_starter.core.codec import encode_json
+from mqtt_starter.core.errors import MqttLinkError, QrsError
+from mqtt_starter.core.model import Execution, TaskRef
 from mqtt_starter.core.monitoring import (
-    EVENT_KINDS,
-    STARTED_BY_OTHER,
-    STARTED_BY_US,
     KnownRun,
     Peer,
     RunLedger,
-    event_json,
     leader,
-    state_json,
 )
-from mqtt_starter.core.policy import AllowList
 from mqtt_starter.mqtt.link import Incoming
 from mqtt_starter.service.parts import Parts
+from mqtt_starter.service.run_events import (
+    RetainingPublisher,
+    RunPublisher,
+    Spawn,
+    monitor_scope,
+    tasks_by_id,
+)
 from mqtt_starter.sites import base as backend
-from mqtt_starter.sites.base import contained_log_tail
-
-
-class RetainingPublisher(Protocol):
-    async def publish(self, topic: str, payload: bytes, *, retain: bool = False) -> None: ...
-
-
-Spawn = Callable[[Coroutine[Any, Any, None], str], object]
-
-
-def monitor_scope(parts: Parts) -> AllowList | None:
-    scope = parts.settings.monitor.scope
-    if scope is None:
-        return None
-    return AllowList.build(
-        scope.task_ids, scope.tags, [(cp.name, cp.value) for cp in scope.custom_properties]
-    )
 
 
 class Monitor:
+    """Watches every run in scope: one query per interval, what is news published
+    (run_events.py), deleted tasks cleared; and which instance monitors (the election)."""
+
     def __init__(
         self,
         parts: Callable[[], Parts],
@@ -90,12 +69,7 @@ class Monitor:
         the status page); `spawn`: runs background work under a name (the daemon's task
         group); `log_retry_s`: the waits for a log that is not written yet (default
         backend.LOG_RETRY_S)."""
-        self._spawn = spawn or self._own_spawn
         self._own: set[asyncio.Task[None]] = set()
-        self._log_retry_s = tuple(backend.LOG_RETRY_S if log_retry_s is None else log_retry_s)
-        # Per task, the last publication still waiting (for its log): the task's later
-        # publications run after it, so that its events and its state keep their order.
-        self._lanes: dict[str, asyncio.Future[None]] = {}
         self._on_state = on_state
         self._on_task = on_task
         self._parts = parts
@@ -104,6 +78,13 @@ class Monitor:
         self._clock = clock
         settings = parts().settings.monitor
         self.ledger = RunLedger(overlap_s=settings.overlap_s, lookback_s=settings.lookback_s)
+        self.runs = RunPublisher(
+            publisher,
+            self.ledger,
+            spawn or self._own_spawn,
+            backend.LOG_RETRY_S if log_retry_s is None else log_retry_s,
+            on_task,
+        )
         self.peers: dict[str, Peer] = {}
         self.synced = False
         self.leading = False
@@ -153,7 +134,7 @@ class Monitor:
         changes = self.ledger.changes(results)
         complete = True
         if changes:
-            complete = await self._publish_changes(parts, changes)
+            complete = await self.runs.publish_changes(parts, changes)
         if complete:
             self.ledger.taken_in(results)
         if self._clock() >= self._next_deleted_check:
@@ -190,191 +171,12 @@ class Monitor:
             task.cancel()
         await asyncio.gather(*self._own, return_exceptions=True)
 
-    # -- publishing ----------------------------------------------------------------------------
-
-    async def _publish_changes(self, parts: Parts, changes: Sequence[Execution]) -> bool:
-        """Publish each change; False when the broker link broke off (the rest waits)."""
-        scope = monitor_scope(parts)
-        wanted = {c.task_id for c in changes}
-        if scope is not None and scope.task_ids and not (scope.tags or scope.custom_properties):
-            wanted &= scope.task_ids  # no need to read tasks that cannot be in scope
-        tasks = await self._tasks(parts, wanted)
-        for change in changes:
-            task = tasks.get(change.task_id)
-            if task is None or (scope is not None and not scope.allows(task)):
-                self.ledger.mark(change)  # out of scope (or deleted): nothing to publish
-                continue
-            if self._on_task is not None:
-                self._on_task(task)
-            self.ledger.mark(change)
-            if task.id in self._lanes:
-                # An earlier run of the task waits for its log: this one goes after it.
-                self._queue(parts, task, change, self._lanes[task.id])
-                continue
-            try:
-                await self._publish(parts, change, task)
-            except MqttLinkError as exc:
-                logger.warning("monitor: publishing the run of {} failed: {}", task.id, exc)
-                self.ledger.reopen(change)
-                return False
-            except Exception:
-                # One run must not stop the others: logged with the run, and passed over.
-                logger.exception(
-                    "monitor: publishing execution {} of task {} ({}) failed",
-                    change.execution_id,
-                    task.name,
-                    task.id,
-                )
-        return True
-
-    def _queue(
-        self,
-        parts: Parts,
-        task: TaskRef,
-        change: Execution,
-        before: Awaitable[None] | None,
-        *,
-        reason_first: bool = False,
-    ) -> None:
-        """Publish `change` in the background, after `before` (the task's lane)."""
-        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._lanes[task.id] = done
-
-        async def publish() -> None:
-            try:
-                if before is not None:
-                    await before
-                if reason_first:
-                    await self._publish_end(
-                        parts, change, task, await self._late_reason(parts, task, change)
-                    )
-                else:
-                    await self._publish(parts, change, task)
-            except MqttLinkError as exc:
-                logger.warning("monitor: publishing the run of {} failed: {}", task.id, exc)
-                self.ledger.reopen(change)
-            except Exception:
-                logger.exception(
-                    "monitor: publishing execution {} of task {} ({}) failed",
-                    change.execution_id,
-                    task.name,
-                    task.id,
-                )
-            finally:
-                done.set_result(None)
-                if self._lanes.get(task.id) is done:
-                    del self._lanes[task.id]
-
-        self._spawn(publish(), f"monitor-publish-{change.execution_id}")
-
-    @staticmethod
-    async def _tasks(parts: Parts, ids: set[str]) -> dict[str, TaskRef]:
-        if not ids:
-            return {}
-        found = await parts.backend.find_tasks([Selector(SelectorKind.ID, i) for i in sorted(ids)])
-        return {t.id: t for t in found if t.id in ids}
-
-    async def _publish(self, parts: Parts, change: Execution, task: TaskRef) -> None:
-        """The status event, then for a failed or aborted run its event, then the state."""
-        ours, request_id = parts.tracker.claimed(change.execution_id)
-        started_by = STARTED_BY_US if ours else STARTED_BY_OTHER
-        await self._publisher.publish(
-            f"{parts.base}/status/task/{task.id}",
-            encode_status_event(change, task.name, request_id, started_by=started_by),
-        )
-        reason = ""
-        if change.status in EVENT_KINDS:
-            try:
-                reason = await self._reason(parts, task, change)
-            except LogNotReady:
-                # Not written yet: waited for in the background; the monitor goes on.
-                self._queue(parts, task, change, None, reason_first=True)
-                return
-        await self._publish_end(parts, change, task, reason)
-
-    async def _publish_end(
-        self, parts: Parts, change: Execution, task: TaskRef, reason: str
-    ) -> None:
-        """A failed or aborted run's event (with `reason`), then the retained state."""
-        base = parts.base
-        ours, request_id = parts.tracker.claimed(change.execution_id)
-        started_by = STARTED_BY_US if ours else STARTED_BY_OTHER
-        kind = EVENT_KINDS.get(change.status)
-        if kind is not None:
-            await self._publisher.publish(
-                f"{base}/event/task/{kind}",
-                encode_json(
-                    event_json(
-                        change, task, started_by=started_by, request_id=request_id, reason=reason
-                    )
-                ),
-            )
-            logger.info(
-                "monitor: task {} ({}) {}: {}",
-                task.name,
-                task.id,
-                kind,
-                reason.splitlines()[-1] if reason else "no reason given",
-            )
-        if parts.settings.monitor.retain_state:
-            state = state_json(change, task, started_by)
-            await self._publisher.publish(
-                f"{base}/state/task/{task.id}", encode_json(state), retain=True
-            )
-            self.ledger.remember(task.id, KnownRun.from_state(state))
-
-    @staticmethod
-    def _has_log(parts: Parts, change: Execution) -> bool:
-        """Whether the run may have a log to read: it started (a log is written from then)."""
-        return parts.settings.monitor.log_tail_lines > 0 and (
-            change.script_log or change.start_time is not None
-        )
-
-    async def _reason(self, parts: Parts, task: TaskRef, change: Execution) -> str:
-        """The log's tail at once, else the run's details; LogNotReady when the log is not
-        written yet (the caller waits for it in the background)."""
-        if self._has_log(parts, change):
-            lines = parts.settings.monitor.log_tail_lines
-            try:
-                tail = await parts.backend.script_log_tail(task, change, lines)
-            except LogNotReady:
-                raise
-            except QrsError as exc:
-                logger.warning(
-                    "monitor: the script log of execution {} of task {} cannot be read: {}",
-                    change.execution_id,
-                    task.id,
-                    exc,
-                )
-                tail = None
-            except Exception:
-                logger.exception(
-                    "monitor: reading the script log of execution {} of task {} failed",
-                    change.execution_id,
-                    task.id,
-                )
-                tail = None
-            if tail:
-                return tail
-        return change.reason or change.message
-
-    async def _late_reason(self, parts: Parts, task: TaskRef, change: Execution) -> str:
-        """The log's tail once it is written (asked again after each of the waits), else the
-        run's details."""
-        lines = parts.settings.monitor.log_tail_lines
-        tail = await contained_log_tail(
-            lambda: parts.backend.script_log_tail(task, change, lines),
-            self._log_retry_s,
-            f"execution {change.execution_id} of task {task.id}",
-        )
-        return tail or change.reason or change.message
-
     async def _clear_deleted(self, parts: Parts) -> None:
         known = set(self.ledger.known)
         if not known:
             return
         try:
-            existing = await self._tasks(parts, known)
+            existing = await tasks_by_id(parts, known)
         except QrsError as exc:
             logger.warning("monitor: checking for deleted tasks failed: {}", exc)
             return

@@ -395,7 +395,7 @@ async def test_a_log_that_cannot_be_read_stops_nothing(
     assert states_of(mqtt, later)[-1] == "FinishedSuccess"
     if failure == "unseen-exception":
         assert logged_exceptions.records == [
-            f"mqtt_starter.service.monitor: monitor: reading the script log of execution"
+            f"mqtt_starter.service.run_events: monitor: reading the script log of execution"
             f" {failed} of task {FAIL} failed"
         ]
 

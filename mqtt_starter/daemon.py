@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import signal
 import ssl
-import time
 from collections.abc import Callable, Coroutine
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
@@ -24,12 +23,12 @@ from loguru import logger
 
 from mqtt_starter import __version__
 from mqtt_starter.config import Settings
-from mqtt_starter.core.codec import encode_json, health_json
-from mqtt_starter.core.errors import ConfigError, MqttLinkError, QrsError
+from mqtt_starter.core.errors import ConfigError, MqttLinkError
 from mqtt_starter.core.monitoring import iso
 from mqtt_starter.doors.mqtt import MqttDoor, ReplyPublisher
 from mqtt_starter.doors.mqtt_waits import WaitMemory
 from mqtt_starter.doors.status_board import StatusBoard
+from mqtt_starter.instance import Instance
 from mqtt_starter.mqtt.link import Incoming, MqttLink, build_tls_context
 from mqtt_starter.ops.logs import configure_logging
 from mqtt_starter.ops.metrics import Metrics
@@ -40,11 +39,6 @@ from mqtt_starter.service.requests import Starter
 
 if TYPE_CHECKING:
     from mqtt_starter.doors.http import HttpApi
-
-# Readiness asks QRS again when its last answer is older than this.
-QRS_FRESH_S = 30.0
-# With the HTTP endpoint on, the status page's view of the site is refreshed this often.
-SITE_WATCH_S = 10.0
 
 
 def warn_about_settings(settings: Settings) -> None:
@@ -93,27 +87,23 @@ class Daemon:
         self._reload = asyncio.Event()
         self._group: asyncio.TaskGroup | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
-        self._probe: asyncio.Task[None] | None = None
         self._parts: Parts | None = None
         self._tls: ssl.SSLContext | None = None
         self.link: MqttLink | None = None
         self._link_task: asyncio.Task[None] | None = None
         self.http: HttpApi | None = None
-        self.qrs_ready = asyncio.Event()
         self.ready = asyncio.Event()  # subscribed and QRS answered (READY=1)
         self._connected_once = False
         self.monitor: Monitor | None = None
         self.memory: WaitMemory | None = None
         self._publisher: ReplyPublisher | None = None
         self._door: MqttDoor | None = None
-        self._started_at = iso(datetime.now(UTC))
-        self._qrs_build = ""
         self.board = StatusBoard(
             settings.mqtt.base_topic,
             {
                 "instance": settings.mqtt.client_id,
                 "version": __version__,
-                "startedAt": self._started_at,
+                "startedAt": iso(datetime.now(UTC)),
                 "backend": "cloud" if settings.cloud is not None else "qrs",
                 "siteUrl": settings.site.url,
                 "brokerConnected": False,
@@ -121,6 +111,14 @@ class Daemon:
                 "monitor": settings.monitor.enabled,
                 "monitoring": False,
             },
+        )
+        self.instance = Instance(
+            lambda: self.settings,
+            lambda: self.parts,
+            lambda: self.link,
+            self.board,
+            self.notifier,
+            self._spawn,
         )
 
     @property
@@ -171,19 +169,24 @@ class Daemon:
                 on_task=lambda task: board.task_tags(task.id, task.tags),
                 spawn=self._spawn,
             )
+            self.instance.publisher, self.instance.monitor = publisher, self.monitor
             self._attach_monitor(self.parts)
-            self.memory = WaitMemory(lambda: self.parts, publisher, starter, self._spawn)
+            self.memory = WaitMemory(lambda: self.parts, publisher, starter.followups, self._spawn)
             door = MqttDoor(
-                lambda: self.parts, starter, publisher, health=self.health, memory=self.memory
+                lambda: self.parts,
+                starter,
+                publisher,
+                health=self.instance.health,
+                memory=self.memory,
             )
             self._door = door
             async with asyncio.TaskGroup() as group:
                 self._group = group
-                self._start_probe()
+                self.instance.start_probe()
                 self._start_link(door)
                 await self._start_http(starter)
                 if self.settings.http.enabled:
-                    self._spawn(self._watch_site(), "site-watch")
+                    self._spawn(self.instance.watch_site(), "site-watch")
                 self._spawn(self.notifier.watchdog(), "watchdog")
                 self._spawn(self._announce_ready(), "ready")
                 try:
@@ -216,31 +219,6 @@ class Daemon:
         # Followers end with the daemon: their finished replies are not sent (README).
         for task in list(self._tasks):
             task.cancel()
-
-    def _start_probe(self) -> None:
-        if self._probe is not None:
-            self._probe.cancel()
-        self.qrs_ready.clear()
-        self._probe = self._spawn(self._probe_qrs(self.parts), "qrs-probe")
-
-    async def _probe_qrs(self, parts: Parts) -> None:
-        while True:
-            try:
-                about = await parts.backend.about()
-                self._qrs_build = str(about.get("buildVersion", ""))
-                self.board.set_instance(siteReachable=True)
-                logger.info(
-                    "{} {} answered (build {})",
-                    parts.backend.site.upper(),
-                    parts.settings.site.url,
-                    about.get("buildVersion", "?"),
-                )
-                self.qrs_ready.set()
-                return
-            except QrsError as exc:
-                logger.warning("QRS not ready: {}", exc)
-                self.notifier.status(f"waiting for QRS: {exc}")
-                await asyncio.sleep(parts.settings.site.retry.max_backoff_s)
 
     def _start_link(self, door: MqttDoor) -> None:
         s = self.settings.mqtt
@@ -286,9 +264,9 @@ class Daemon:
         self._spawn(self._after_connect(), "announce-info")
 
     async def _after_connect(self) -> None:
-        await self.qrs_ready.wait()  # the info names QRS's build
+        await self.instance.qrs_ready.wait()  # the info names QRS's build
         try:
-            await self._publish_info()
+            await self.instance.publish_info()
             if self.memory is not None:
                 await self.memory.on_connect()
             if self.monitor is not None and self.settings.monitor.enabled:
@@ -312,78 +290,13 @@ class Daemon:
     def _on_role(self) -> None:
         self.board.set_instance(monitoring=self.monitor is not None and self.monitor.leading)
         if self._group is not None and self.link is not None and self.link.connected.is_set():
-            self._spawn(self._publish_info_quietly(), "announce-role")
-
-    async def _publish_info_quietly(self) -> None:
-        try:
-            await self._publish_info()
-        except MqttLinkError as exc:
-            logger.debug("info not published: {}", exc)
-
-    async def _publish_info(self) -> None:
-        s = self.settings
-        assert self._publisher is not None
-        info = {
-            "instance": s.mqtt.client_id,
-            "version": __version__,
-            "startedAt": self._started_at,
-            "baseTopic": s.mqtt.base_topic,
-            "backend": self.parts.backend.site,
-            self.parts.backend.site: {
-                "url": s.site.url,
-                "build": self._qrs_build or None,
-                "dateFilter": self.parts.backend.date_note,
-            },
-            "monitor": s.monitor.enabled,
-            "monitoring": self.monitor is not None and self.monitor.leading,
-        }
-        await self._publisher.publish(
-            f"{s.mqtt.base_topic}/info/{s.mqtt.client_id}", encode_json(info), retain=True
-        )
-
-    async def health(self, request_id: str | None) -> bytes:
-        """The answer to a health check: whether QRS answers, and how fast."""
-        started = time.monotonic()
-        try:
-            await asyncio.wait_for(self.parts.backend.about(), self.settings.site.timeout_s)
-            reachable, latency = True, (time.monotonic() - started) * 1000
-        except (QrsError, TimeoutError):
-            reachable, latency = False, None
-        return encode_json(
-            health_json(
-                self.settings.mqtt.client_id, request_id, reachable=reachable, latency_ms=latency
-            )
-        )
+            self._spawn(self.instance.publish_info_quietly(), "announce-role")
 
     async def _stop_link(self, *, offline: bool) -> None:
         if self.link is None or self._link_task is None:
             return
         self.link.stop(offline=offline)
         await asyncio.gather(self._link_task, return_exceptions=True)
-
-    async def not_ready(self) -> list[str]:
-        """Why the daemon cannot serve now; empty when it can."""
-        reasons = []
-        if self.link is None or not self.link.connected.is_set():
-            reasons.append(
-                f"not connected to the broker {self.settings.mqtt.host}:{self.settings.mqtt.port}"
-            )
-        backend = self.parts.backend
-        last = backend.last_success
-        if last is None or time.monotonic() - last > QRS_FRESH_S:
-            try:
-                await asyncio.wait_for(backend.about(), self.settings.site.timeout_s)
-            except (QrsError, TimeoutError) as exc:
-                reasons.append(f"{backend.site.upper()} does not answer: {exc}")
-        self.board.set_instance(siteReachable=not any("does not answer" in r for r in reasons))
-        return reasons
-
-    async def _watch_site(self) -> None:
-        """Keep the status page's view of the site current (at most one call per interval,
-        and none while other calls succeed)."""
-        while True:
-            await asyncio.sleep(SITE_WATCH_S)
-            await self.not_ready()
 
     async def _start_http(self, starter: Starter) -> None:
         if not self.settings.http.enabled:
@@ -395,7 +308,7 @@ class Daemon:
             starter,
             lambda: self.parts,
             self.metrics,
-            self.not_ready,
+            self.instance.not_ready,
             board=self.board,
         )
         await self.http.start_serving()
@@ -407,7 +320,7 @@ class Daemon:
             self.http = None
 
     async def _announce_ready(self) -> None:
-        await self.qrs_ready.wait()
+        await self.instance.qrs_ready.wait()
         # A reload may replace the link while this waits: ready is the current one's connection.
         while True:
             link = self.link
@@ -445,7 +358,7 @@ class Daemon:
         configure_logging(new.log)
         warn_about_settings(new)
         if parts.backend is not old.backend:
-            self._start_probe()
+            self.instance.start_probe()
         if self.monitor is not None and parts.tracker is not old.tracker:
             old.tracker.attach(None)
         if self.monitor is not None:

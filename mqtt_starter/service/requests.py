@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable, Hashable, Sequence
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 
 from loguru import logger
@@ -29,13 +29,11 @@ from mqtt_starter.core.codec import reply_status
 from mqtt_starter.core.errors import BadPayload, QrsError, TooManyTasks
 from mqtt_starter.core.model import (
     ErrorInfo,
-    FollowEnd,
     ReloadOptions,
     Reply,
     ReplyStatus,
     Request,
     TaskOutcome,
-    TaskRef,
     TaskResult,
 )
 from mqtt_starter.core.policy import Debouncer, Decision, decide, request_key
@@ -263,9 +261,3 @@ class Starter:
             error=started.error,
             waited_ms=started.waited_ms,
         )
-
-    async def resume(
-        self, runs: Sequence[tuple[TaskRef, str]], request_id: str | None, timeout_s: float
-    ) -> dict[str, FollowEnd]:
-        """Follow runs a previous life of this daemon started (followups.py)."""
-        return await self.followups.resume(runs, request_id, timeout_s)

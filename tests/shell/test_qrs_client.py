@@ -22,7 +22,8 @@ from mqtt_starter.core.model import (
 from mqtt_starter.simulators.qrs.server import QrsSimulator
 from mqtt_starter.simulators.qrs.state import SimState
 from mqtt_starter.sites.base import resolve_selectors
-from mqtt_starter.sites.qrs import QrsClient, qlik_user_header
+from mqtt_starter.sites.qrs import QrsClient
+from mqtt_starter.sites.qrs_api import qlik_user_header
 from tests.conftest import qrs_settings_for, wait_until
 
 SALES = "11111111-1111-4111-8111-111111111111"

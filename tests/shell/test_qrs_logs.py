@@ -13,7 +13,8 @@ from mqtt_starter.simulators.certs import CertPaths
 from mqtt_starter.simulators.qrs.fixtures import Fixture, Outcome, TaskFixture
 from mqtt_starter.simulators.qrs.server import QrsSimulator
 from mqtt_starter.simulators.qrs.state import SimState
-from mqtt_starter.sites.qrs import LOG_TAIL_BYTES, QrsClient
+from mqtt_starter.sites.qrs import QrsClient
+from mqtt_starter.sites.qrs_api import LOG_TAIL_BYTES
 from tests.conftest import qrs_settings_for, wait_until
 
 BIG = "0b000000-0000-4000-8000-000000000001"

@@ -20,9 +20,10 @@ from mqtt_starter.core.model import Selector, SelectorKind
 from mqtt_starter.simulators.certs import CertPaths
 from mqtt_starter.simulators.qrs.fixtures import Fixture
 from mqtt_starter.simulators.qrs.server import BadTokenAnswer, QrsSimulator
-from mqtt_starter.sites import qrs as qrs_client
+from mqtt_starter.sites import qrs_api as qrs_client
 from mqtt_starter.sites.base import resolve_selectors
-from mqtt_starter.sites.qrs import QrsClient, build_ssl_context
+from mqtt_starter.sites.qrs import QrsClient
+from mqtt_starter.sites.qrs_api import build_ssl_context
 from tests.conftest import qrs_settings_for
 from tests.sense_certs import write_sense_like_certs
 

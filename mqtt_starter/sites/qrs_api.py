@@ -1,0 +1,361 @@
+"""QRS's access rules over the shared transport (sites/http.py): a fresh xrfkey for every call
+(query and header), the X-Qlik-User header (values URL-encoded), and either the client
+certificate (port 4242) or a bearer JWT (virtual proxy, whose session cookie is kept under any
+name, also for IP hosts). Redirects are never followed: from a proxy, a redirect or an HTML page
+means the token was refused. A dropped connection is told from a refused client certificate by
+a probe. `call` answers a 2xx or raises the QrsError that fits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import secrets
+import ssl
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote as url_quote
+from urllib.parse import urlsplit
+
+from loguru import logger
+from yarl import URL
+
+from mqtt_starter.config import QrsSettings
+from mqtt_starter.core.errors import (
+    ConfigError,
+    QrsAuthError,
+    QrsRequestError,
+)
+from mqtt_starter.core.tokens import expiry_warning, token_expiry
+from mqtt_starter.sites.http import Answer, Observer, Prepared, TlsFiles, Transport
+from mqtt_starter.sites.http import build_ssl_context as build_tls_context
+
+# How often a jwt_file is looked at for a new token, and a near expiry warned about again.
+TOKEN_CHECK_S = 2.0
+EXPIRY_WARN_EVERY_S = 3600.0
+# How long a probe connection waits to see whether QRS closes it (a refused certificate).
+CERT_PROBE_S = 0.5
+# How much of a script log's end is read: enough for any sensible monitor.log_tail_lines.
+LOG_TAIL_BYTES = 256 * 1024
+QUARTER_HOUR_S = 900.0  # time zones' offsets are whole quarter hours
+# OpenSSL verification codes that get a hint of their own.
+_HOSTNAME_MISMATCH = 62
+_IP_MISMATCH = 64
+_UNKNOWN_ISSUER = {2, 18, 19, 20, 21}
+_EXPIRED = {9, 10}
+
+
+def new_xrfkey() -> str:
+    # 16 characters of 0-9a-f (within QRS's 0-9a-zA-Z) from one urandom call: drawing each
+    # character with secrets.choice cost 4% of the daemon's time under load.
+    return secrets.token_hex(8)
+
+
+def qlik_user_header(settings: QrsSettings) -> str:
+    directory = url_quote(settings.user_directory, safe="")
+    return f"UserDirectory={directory}; UserId={url_quote(settings.user_id, safe='')}"
+
+
+def tls_files(settings: QrsSettings) -> TlsFiles:
+    return TlsFiles(
+        ca_file=settings.ca_file,
+        ca_key="qrs.ca_file",
+        cert_file=settings.cert_file if settings.auth == "certificate" else None,
+        key_file=settings.key_file if settings.auth == "certificate" else None,
+        cert_key="qrs.cert_file",
+        relax_strict_for_pinned_root=True,
+        check_hostname=settings.verify_hostname,
+        verify=not settings.insecure,
+    )
+
+
+def build_ssl_context(settings: QrsSettings) -> ssl.SSLContext:
+    """Blocking (reads key files): call once, off the event loop."""
+    return build_tls_context(tls_files(settings))
+
+
+def verification_hint(code: int, settings: QrsSettings) -> str:
+    """What to change when QRS's server certificate fails verification with OpenSSL `code`."""
+    host = settings.server_name or urlsplit(settings.url).hostname or "?"
+    if code in (_HOSTNAME_MISMATCH, _IP_MISMATCH):
+        return (
+            f"the certificate does not name {host!r} (Sense's certificates name the node's host"
+            " name): set qrs.server_name to the name it holds, or qrs.verify_hostname: false"
+            " to verify the chain only"
+        )
+    if code in _UNKNOWN_ISSUER:
+        return (
+            "the certificate is not signed by qrs.ca_file: set it to the root.pem exported"
+            " from the QMC together with the client certificate"
+        )
+    if code in _EXPIRED:
+        return "the certificate has expired or is not valid yet: check both machines' clocks"
+    return (
+        "set qrs.ca_file to Sense's root.pem (strict X.509 checks are off for a pinned root);"
+        " qrs.insecure: true turns verification off altogether, as a last resort"
+    )
+
+
+@dataclass
+class _Token:
+    """The bearer JWT, and where it came from (re-read when the file changes)."""
+
+    value: str
+    path: Path | None = None
+    mtime: float = 0.0
+    checked: float = 0.0
+    warned: float = float("-inf")
+
+
+def _read_token(path: Path) -> tuple[str, float]:
+    return path.read_text("utf-8").strip(), path.stat().st_mtime
+
+
+class QrsApi:
+    """Calls to QRS: `await api.start()` once, then `call`/`json`; `close()` at the end."""
+
+    def __init__(
+        self,
+        settings: QrsSettings,
+        *,
+        observer: Observer | None = None,
+        rng: random.Random | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.settings = settings
+        self._clock = clock
+        # Held by the one call that opens a proxy session, so that calls in parallel do not
+        # each open a session of their own (Sense allows a user about five).
+        self._proxy_session_lock = asyncio.Lock()
+        self._token: _Token | None = None
+        self._base = f"{settings.url}/qrs/"
+        self.transport = Transport(
+            "QRS",
+            settings.url,
+            tls_files(settings),
+            timeout_s=settings.timeout_s,
+            max_concurrency=settings.max_concurrency,
+            retry=settings.retry,
+            headers={"X-Qlik-User": qlik_user_header(settings), "Accept": "application/json"},
+            server_hostname=settings.server_name,
+            observer=observer,
+            rng=rng,
+            inspect=self._refuse_login_answers,
+            explain_disconnect=self._explain_disconnect,
+            certificate_hint=lambda error: verification_hint(
+                int(getattr(error, "verify_code", 0) or 0), settings
+            ),
+        )
+
+    @property
+    def last_success(self) -> float | None:
+        """Monotonic time of the last call QRS answered."""
+        return self.transport.last_success
+
+    async def start(self) -> None:
+        """Load certificates and the token (ConfigError when they cannot be used)."""
+        if self.settings.auth == "jwt":
+            self._token = await self._load_token()
+        await self.transport.start()
+
+    async def close(self) -> None:
+        await self.transport.close()
+
+    # -- the bearer token -----------------------------------------------------------------------
+
+    async def _load_token(self) -> _Token:
+        path = self.settings.jwt_file
+        if path is None:
+            assert self.settings.jwt is not None  # the settings' validator makes sure
+            token = _Token(self.settings.jwt.get_secret_value())
+        else:
+            try:
+                value, mtime = await asyncio.to_thread(_read_token, path)
+            except OSError as exc:
+                raise ConfigError.unusable("qrs.jwt_file", path, exc) from None
+            token = _Token(value, path, mtime)
+        token.checked = time.monotonic()
+        self._warn_expiry(token)
+        return token
+
+    def _warn_expiry(self, token: _Token) -> None:
+        warning = expiry_warning(token_expiry(token.value), self._clock())
+        if warning is not None and time.monotonic() - token.warned >= EXPIRY_WARN_EVERY_S:
+            token.warned = time.monotonic()
+            logger.warning(warning)
+
+    async def _current_token(self) -> str:
+        token = self._token
+        assert token is not None
+        if time.monotonic() - token.checked < TOKEN_CHECK_S:
+            return token.value
+        token.checked = time.monotonic()
+        self._warn_expiry(token)
+        if token.path is not None:
+            try:
+                mtime = (await asyncio.to_thread(token.path.stat)).st_mtime
+                if mtime != token.mtime:
+                    self._token = await self._load_token()
+                    # A new token may be another user: its proxy session starts afresh.
+                    self.transport.cookies.clear()
+                    logger.info("qrs.jwt_file changed: using the new token")
+            except (OSError, ConfigError) as exc:
+                logger.warning("qrs.jwt_file {}: keeping the current token ({})", token.path, exc)
+        return self._token.value if self._token is not None else token.value
+
+    def _needs_proxy_session(self) -> bool:
+        """Whether no proxy session is open yet: the name of the proxy's cookie is the
+        admin's choice (`qrs.session_cookie`); without it, any cookie the proxy set counts."""
+        if self.settings.auth != "jwt":
+            return False
+        wanted = self.settings.session_cookie
+        return not any(wanted is None or c.key == wanted for c in self.transport.cookies)
+
+    # -- transport ---------------------------------------------------------------------------
+
+    def _url(self, path: str, params: Mapping[str, str], xrfkey: str) -> URL:
+        query = "".join(f"{k}={url_quote(v, safe='')}&" for k, v in params.items())
+        return URL(f"{self._base}{path}?{query}xrfkey={xrfkey}", encoded=True)
+
+    async def _explain_disconnect(self, path: str) -> QrsAuthError | None:
+        # A probe tells a refused certificate from a dropped connection; disconnects are
+        # rare, so it costs nothing in the common case (a request trace would, on every call).
+        if self.settings.auth == "certificate" and await self._certificate_refused():
+            return QrsAuthError(
+                f"QRS {self.settings.url} closed a new connection without answering: it"
+                " does not accept the client certificate (qrs.cert_file, qrs.key_file);"
+                " export client.pem, client_key.pem and root.pem again from the QMC",
+                path=path,
+            )
+        return None
+
+    async def _certificate_refused(self) -> bool:
+        """Whether QRS refuses the client certificate.
+
+        With TLS 1.3 the server checks the client certificate after the handshake, and a
+        server that refuses it closes the connection (or sends an alert) before any answer;
+        to the HTTP client that is a plain disconnect. A second connection that sends
+        nothing tells the two apart: a refusing server closes it at once, an accepting one
+        waits for a request.
+        """
+        parts = urlsplit(self.settings.url)
+        context = self.transport.ssl_context
+        if context is None or parts.scheme != "https":
+            return False
+        host = parts.hostname or ""
+        port = parts.port or 443
+        try:
+            reader, writer = await asyncio.wait_for(
+                asyncio.open_connection(
+                    host, port, ssl=context, server_hostname=self.settings.server_name or host
+                ),
+                self.settings.timeout_s,
+            )
+        except (OSError, ssl.SSLError, TimeoutError):
+            return False
+        try:
+            return await asyncio.wait_for(reader.read(1), CERT_PROBE_S) == b""
+        except TimeoutError:
+            return False
+        except (OSError, ssl.SSLError):
+            return True  # an alert: the handshake was refused
+        finally:
+            writer.close()
+
+    def _refuse_login_answers(self, method: str, path: str, response: Answer) -> None:
+        """A redirect, or an HTML page where JSON was asked for, is a proxy's login: the
+        token (or the header) was not accepted."""
+        if 300 <= response.status < 400:
+            where = response.headers.get("Location", "?")
+            why = f"redirected to {where}"
+        elif response.content_type == "text/html":
+            why = f"answered with an HTML page (HTTP {response.status})"
+        else:
+            return
+        hint = (
+            "the virtual proxy did not accept the JWT: check qrs.jwt, its expiry, and the"
+            " proxy's JWT settings"
+            if self.settings.auth == "jwt"
+            else "qrs.url should be the QRS port (https://host:4242) or a virtual proxy"
+        )
+        raise QrsAuthError(
+            f"QRS {method} /qrs/{path} was {why}: {hint}",
+            status=response.status,
+            path=path,
+        )
+
+    async def call(
+        self,
+        method: str,
+        path: str,
+        params: Mapping[str, str] | None = None,
+        body: Any = None,
+        *,
+        repeatable: bool = True,
+        tail_bytes: int = 0,
+    ) -> tuple[int, str]:
+        """(status, text) of a 2xx answer, after retries; raises a QrsError otherwise.
+
+        `repeatable=False` (a start): re-sent only when the request provably never left;
+        any other failure raises QrsAnswerLost at once. `tail_bytes`: keep only the end of
+        the answer (a script log can be megabytes).
+        """
+        query = params or {}
+
+        async def prepare() -> Prepared:
+            xrfkey = new_xrfkey()
+            headers = {"X-Qlik-Xrfkey": xrfkey}
+            if self._token is not None:
+                headers["Authorization"] = f"Bearer {await self._current_token()}"
+            return Prepared(self._url(path, query, xrfkey), headers)
+
+        kwargs: dict[str, Any] = {
+            "path": path,
+            "operation": f"{method} {path.split('/')[0]}",
+            "what": f"QRS {method} /qrs/{path}",
+            "body": body,
+            "repeatable": repeatable,
+            "tail_bytes": tail_bytes,
+        }
+        if self._needs_proxy_session():
+            async with self._proxy_session_lock:
+                answer = await self.transport.call(method, prepare, **kwargs)
+        else:
+            answer = await self.transport.call(method, prepare, **kwargs)
+        status, text = answer.status, answer.text
+        if status in (401, 403):
+            raise QrsAuthError(
+                f"QRS refused {method} /qrs/{path}: HTTP {status} {text[:200]}",
+                status=status,
+                path=path,
+                detail=text[:200],
+            )
+        if status >= 400:
+            raise QrsRequestError(
+                f"QRS answered {method} /qrs/{path} with HTTP {status}: {text[:200]}",
+                status=status,
+                path=path,
+                detail=text[:200],
+            )
+        return status, text
+
+    async def json(
+        self,
+        method: str,
+        path: str,
+        params: Mapping[str, str] | None = None,
+        body: Any = None,
+        *,
+        repeatable: bool = True,
+    ) -> Any:
+        status, text = await self.call(method, path, params, body, repeatable=repeatable)
+        try:
+            return json.loads(text) if text else None
+        except json.JSONDecodeError:
+            raise QrsRequestError(
+                f"QRS answered /qrs/{path} with invalid JSON", status=status, path=path
+            ) from None

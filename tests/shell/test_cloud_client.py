@@ -73,7 +73,7 @@ async def site(
     sim = CloudSimulator(fixture or tenant(), certs)
     await sim.start()
     assert sim.state is not None
-    client_options = {k: options.pop(k) for k in ("rate_window_s", "known_tags") if k in options}
+    client_options = {k: options.pop(k) for k in ("rate_window_s", "log_retry_s") if k in options}
     client = CloudClient(settings(sim, **options), **client_options)
     await client.start()
     try:

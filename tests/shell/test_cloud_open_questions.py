@@ -88,9 +88,9 @@ async def test_a_429_from_a_proxy_is_neither_a_rate_limit_nor_pending(certs: Cer
 async def test_a_log_that_answers_404_just_after_the_end_is_read_again(
     certs: CertPaths, late_reads: int
 ) -> None:
-    async with site(certs) as (client, state):
+    # The waits are Butler's (0.5 s, then 2 s); here none, so that the test does not wait.
+    async with site(certs, log_retry_s=(0.0, 0.0, 0.0)) as (client, state):
         state.variants = CloudVariants(log_ready_after_reads=late_reads)
-        client._log_retry_s = (0.0, 0.0, 0.0)  # the waits, without the test waiting
         task = TaskRef(id=FAILS, name="Forecast")
         started = await client.start_task(task)
         assert started.execution_id is not None

@@ -63,6 +63,8 @@ def test_the_http_client_lives_in_the_transport() -> None:
     assert owners("aiohttp") == {
         "sites/http.py",
         "doors/http.py",
+        "doors/butler_rest.py",
+        "doors/status_page.py",
         "simulators/qrs/server.py",
         "simulators/cloud/server.py",
     }

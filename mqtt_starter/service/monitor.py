@@ -18,9 +18,7 @@ comes back after them).
 from __future__ import annotations
 
 import asyncio
-import json
 import time
-import uuid
 from collections.abc import Callable, Coroutine, Sequence
 from datetime import UTC, datetime
 from typing import Any
@@ -32,11 +30,10 @@ from mqtt_starter.core.errors import MqttLinkError, QrsError
 from mqtt_starter.core.model import Execution, TaskRef
 from mqtt_starter.core.monitoring import (
     KnownRun,
-    Peer,
     RunLedger,
-    leader,
 )
 from mqtt_starter.mqtt.link import Incoming
+from mqtt_starter.service.election import Election, json_object
 from mqtt_starter.service.parts import Parts
 from mqtt_starter.service.run_events import (
     RetainingPublisher,
@@ -85,10 +82,7 @@ class Monitor:
             backend.LOG_RETRY_S if log_retry_s is None else log_retry_s,
             on_task,
         )
-        self.peers: dict[str, Peer] = {}
-        self.synced = False
-        self.leading = False
-        self._marker = ""
+        self.election = Election()
         self._next_deleted_check = 0.0
         # The backend whose date reading was measured (qrs-api.md section 6), and when to try
         # again while there was no run to measure against.
@@ -218,12 +212,11 @@ class Monitor:
     async def on_connect(self) -> None:
         """After (re)subscribing: ask for the marker that says the retained ones arrived."""
         parts = self._parts()
-        self.synced = False
-        self._marker = uuid.uuid4().hex
-        await self._publisher.publish(f"{parts.base}/sync/{parts.instance}", self._marker.encode())
+        marker = self.election.new_marker()
+        await self._publisher.publish(f"{parts.base}/sync/{parts.instance}", marker)
 
     def on_disconnect(self) -> None:
-        self.synced = False
+        self.election.lost()
         self.elect()
 
     async def on_message(self, incoming: Incoming) -> None:
@@ -231,54 +224,42 @@ class Monitor:
         base, topic = parts.base, incoming.topic
         name = topic.rsplit("/", 1)[-1]
         if topic.startswith(f"{base}/availability/"):
-            peer = self.peers.get(name, Peer())
-            self.peers[name] = Peer(online=incoming.payload == b"online", monitor=peer.monitor)
+            self.election.availability(name, incoming.payload)
         elif topic.startswith(f"{base}/info/"):
-            monitor = _json_field(incoming.payload, "monitor") is True
-            peer = self.peers.get(name, Peer())
-            self.peers[name] = Peer(online=peer.online, monitor=monitor)
+            self.election.info(name, incoming.payload)
         elif topic.startswith(f"{base}/state/task/"):
-            run = KnownRun.from_state(_json(incoming.payload)) if incoming.payload else None
-            self.ledger.remember(name.lower(), run)
+            data = json_object(incoming.payload) if incoming.payload else None
+            self.ledger.remember(name.lower(), KnownRun.from_state(data) if data else None)
             if self._on_state is not None:
                 self._on_state(topic, incoming.payload)
         elif topic.startswith(f"{base}/claim/"):
-            claim = _json(incoming.payload)
+            claim = json_object(incoming.payload)
             if isinstance(claim, dict) and claim.get("instance") != parts.instance:
                 request_id = claim.get("requestId")
                 parts.tracker.claim(name, request_id if isinstance(request_id, str) else None)
             return  # a claim changes nobody's role
-        elif topic == f"{base}/sync/{parts.instance}" and incoming.payload == self._marker.encode():
-            self.synced = True
+        elif topic == f"{base}/sync/{parts.instance}":
+            self.election.marker(incoming.payload)
         self.elect()
 
+    @property
+    def synced(self) -> bool:
+        return self.election.synced
+
+    @property
+    def leading(self) -> bool:
+        return self.election.leading
+
     def elect(self) -> None:
+        """Decide who monitors; on a change, say so and let the followers know."""
         parts = self._parts()
         own = parts.instance
-        leading = (
-            parts.settings.monitor.enabled
-            and self.synced
-            and leader(own, {k: v for k, v in self.peers.items() if k != own}) == own
-        )
-        if leading == self.leading:
+        if not self.election.decide(own, parts.settings.monitor.enabled):
             return
-        self.leading = leading
-        if leading:
+        if self.leading:
             logger.info("monitor: this instance ({}) watches every run now", own)
         else:
             logger.info("monitor: this instance ({}) stops watching", own)
         parts.tracker.attach(self)
         if self._on_role is not None:
             self._on_role()
-
-
-def _json(payload: bytes) -> object:
-    try:
-        return json.loads(payload)
-    except (ValueError, UnicodeDecodeError):
-        return None
-
-
-def _json_field(payload: bytes, key: str) -> object:
-    data = _json(payload)
-    return data.get(key) if isinstance(data, dict) else None

@@ -72,6 +72,8 @@ async def broker_tls(settings: Settings) -> ssl.SSLContext | None:
 
 
 class Daemon:
+    """The process: signals, one task group, reload; the parts it runs are built here."""
+
     def __init__(
         self,
         settings: Settings,

@@ -19,6 +19,8 @@ from mqtt_starter.service.parts import open_backend
 
 @dataclass(frozen=True)
 class Check:
+    """One line of `check`'s checklist: passed, failed or skipped, and why."""
+
     ok: bool | None  # None: skipped, because an earlier check failed
     what: str
     detail: str

@@ -39,6 +39,8 @@ WEB_SHOP = "0c5d9f1e-2a3b-4d8c-a47f-6b9c0d1e2f3a"  # its schedule's run fails
 
 
 class DemoError(Exception):
+    """The demo cannot run (no mosquitto, a port taken): said in one line."""
+
     pass
 
 

@@ -25,10 +25,14 @@ from mqtt_starter.core.routing import TopicFilter
 
 
 class Section(BaseModel):
+    """A configuration section: unknown keys are errors, values are frozen."""
+
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
 class TlsSettings(Section):
+    """TLS to the broker."""
+
     enabled: bool = Field(False, description="connect to the broker over TLS")
     ca_file: Path | None = Field(
         None,
@@ -49,11 +53,15 @@ class TlsSettings(Section):
 
 
 class ReconnectSettings(Section):
+    """How the daemon reconnects to the broker: jittered exponential backoff."""
+
     min_s: float = Field(1.0, gt=0, description="first wait before reconnecting to the broker")
     max_s: float = Field(60.0, gt=0, description="longest wait between reconnect attempts")
 
 
 class MqttSettings(Section):
+    """The broker, the session, and the daemon's topics."""
+
     host: str = Field("localhost", description="broker host name or address")
     port: int = Field(1883, ge=1, le=65535, description="broker port (8883 is usual with TLS)")
     client_id: str = Field(
@@ -139,6 +147,8 @@ class MqttSettings(Section):
 
 
 class RetrySettings(Section):
+    """Retries of a site call: attempts and backoff."""
+
     attempts: int = Field(5, ge=1, le=100, description="tries of one call, the first included")
     backoff_s: float = Field(
         0.5,
@@ -149,6 +159,8 @@ class RetrySettings(Section):
 
 
 class QrsSettings(Section):
+    """A client-managed Sense site: the QRS URL, how the daemon proves who it is, limits."""
+
     url: str = Field(
         description="QRS base URL: https://host:4242, or https://host/<prefix> for a virtual proxy"
     )
@@ -230,6 +242,8 @@ class QrsSettings(Section):
 
 
 class CloudSettings(Section):
+    """A Qlik Cloud tenant: its URL, the API key or OAuth client, limits."""
+
     tenant_url: str = Field(description="the tenant: https://<tenant>.<region>.qlikcloud.com")
     auth: Literal["api_key", "oauth"] = Field(
         "api_key",
@@ -286,11 +300,15 @@ class CloudSettings(Section):
 
 
 class CustomPropertySelector(Section):
+    """A custom property value: its name and value."""
+
     name: str = Field(min_length=1, description="custom property name")
     value: str = Field(description="custom property value")
 
 
 class AllowList(Section):
+    """Which tasks may be started: by id, tag, custom property value or space."""
+
     task_ids: list[str] = Field(
         [], description="task ids (Qlik Cloud: app ids) that may be started"
     )
@@ -302,6 +320,8 @@ class AllowList(Section):
 
 
 class PolicySettings(Section):
+    """What may be started, and how requests are limited and remembered."""
+
     allow: AllowList | None = Field(
         None,
         description="which tasks may be started; none: every task (warned at start)",
@@ -332,11 +352,15 @@ class PolicySettings(Section):
 
 
 class WhenCondition(Section):
+    """A route fires only when a field of the JSON payload equals a value."""
+
     field: str = Field(min_length=1, description="dotted path into the JSON payload")
     equals: Any = Field(description="the value the field must have")
 
 
 class RouteSettings(Section):
+    """An MQTT topic filter mapped to selectors."""
+
     topic: str = Field(description="an MQTT filter; {1} in selectors is its first wildcard level")
     task_ids: list[str] = Field([], description="task ids to start")
     tags: list[str] = Field([], description="tags whose tasks to start")
@@ -375,6 +399,8 @@ class RouteSettings(Section):
 
 
 class StatusSettings(Section):
+    """Status events of the runs the daemon started, and how long a `wait` lasts."""
+
     publish_task_events: bool = Field(
         True,
         description="publish each state change of started"
@@ -389,6 +415,8 @@ class StatusSettings(Section):
 
 
 class MonitorScope(Section):
+    """The tasks the monitor watches."""
+
     task_ids: list[str] = Field([], description="tasks watched by id")
     tags: list[str] = Field([], description="tasks with one of these tags are watched")
     custom_properties: list[CustomPropertySelector] = Field(
@@ -397,6 +425,8 @@ class MonitorScope(Section):
 
 
 class MonitorSettings(Section):
+    """Watching every run of the site (DESIGN.md section 7)."""
+
     enabled: bool = Field(
         False,
         description="watch every run of the tasks in scope, whoever started it, and publish its"
@@ -433,6 +463,8 @@ class MonitorSettings(Section):
 
 
 class HttpSettings(Section):
+    """The HTTP endpoint: health, metrics, Butler's REST start, the status page."""
+
     enabled: bool = Field(
         False, description="serve health, metrics and Butler's REST start endpoint"
     )
@@ -485,6 +517,8 @@ def _loopback(host: str) -> bool:
 
 
 class LogSettings(Section):
+    """Where and how the daemon logs."""
+
     level: Literal["TRACE", "DEBUG", "INFO", "SUCCESS", "WARNING", "ERROR", "CRITICAL"] = Field(
         "INFO", description="lowest level written"
     )
@@ -499,6 +533,8 @@ class LogSettings(Section):
 
 
 class Settings(Section):
+    """The whole configuration: exactly one site (`qrs` or `cloud`) and the rest."""
+
     mqtt: MqttSettings = Field(MqttSettings(), description="the broker")
     qrs: QrsSettings | None = Field(
         None, description="a client-managed Sense site: its Repository Service (or `cloud`)"

@@ -29,11 +29,15 @@ EXIT_CONFIG = 78  # EX_CONFIG from sysexits.h; systemd units stop restarting on 
 
 
 class MqttStarterError(Exception):
+    """The root of the one exception tree; its `code` is the reply's error code."""
+
     code = "internal"
 
 
 @dataclass(frozen=True)
 class ConfigProblem:
+    """One problem of a configuration: the key path and what is wrong."""
+
     path: str
     message: str
 
@@ -42,6 +46,8 @@ class ConfigProblem:
 
 
 class ConfigError(MqttStarterError):
+    """A configuration the daemon cannot use, with every problem at once (exit 78)."""
+
     def __init__(self, problems: Sequence[ConfigProblem]) -> None:
         self.problems = tuple(problems)
         super().__init__("; ".join(str(p) for p in self.problems))
@@ -53,30 +59,44 @@ class ConfigError(MqttStarterError):
 
 
 class RequestError(MqttStarterError):
+    """A request refused; `code` is the reply's error code."""
+
     code = "bad_payload"
 
 
 class BadPayload(RequestError):
+    """Invalid JSON, wrong types, unknown fields, bad values."""
+
     code = "bad_payload"
 
 
 class BadTopic(RequestError):
+    """A topic that names no valid selector."""
+
     code = "bad_topic"
 
 
 class PayloadTooLarge(RequestError):
+    """A payload over `policy.max_payload_bytes`."""
+
     code = "payload_too_large"
 
 
 class TooManyTasks(RequestError):
+    """More selectors, or matched tasks, than `policy.max_tasks_per_request`."""
+
     code = "too_many_tasks"
 
 
 class ReplyTopicRefused(RequestError):
+    """A reply topic the rules of the protocol do not allow."""
+
     code = "reply_topic_refused"
 
 
 class QrsError(MqttStarterError):
+    """The site failed or refused a call; carries the status, path and the site's text."""
+
     code = "qrs_unavailable"
 
     def __init__(
@@ -89,19 +109,27 @@ class QrsError(MqttStarterError):
 
 
 class QrsUnavailable(QrsError):
+    """The site cannot be reached, after the retries."""
+
     pass
 
 
 class QrsAnswerLost(QrsUnavailable):
+    """A call that is not safe to repeat may have reached the site; no answer came."""
+
     pass
 
 
 class QrsAuthError(QrsError):
+    """The site refuses who we are (401, 403, TLS): retrying cannot help."""
+
     pass
 
 
 class QrsRequestError(QrsError):
     # QRS is up but refused what it was sent: not "unavailable", a fault on this side.
+    """The site refuses what it was asked (another 4xx)."""
+
     code = "internal"
 
 
@@ -110,4 +138,6 @@ class LogNotReady(QrsError):
 
 
 class MqttLinkError(MqttStarterError):
+    """The broker refused or dropped the connection."""
+
     pass

@@ -12,6 +12,8 @@ from enum import IntEnum, StrEnum
 
 
 class SelectorKind(StrEnum):
+    """How a selector chooses tasks."""
+
     ID = "id"
     TAG = "tag"
     CUSTOM_PROPERTY = "cp"
@@ -104,6 +106,8 @@ _TERMINAL = frozenset(
 
 @dataclass(frozen=True)
 class CustomPropertyValue:
+    """One custom property value of a task."""
+
     name: str
     value: str
 
@@ -218,6 +222,8 @@ class Request:
 
 
 class UnmatchedReason(StrEnum):
+    """Why a selector matched no task."""
+
     INVALID_ID = "invalid_id"
     NOT_FOUND = "not_found"
     NO_TASKS = "no_tasks"
@@ -226,12 +232,16 @@ class UnmatchedReason(StrEnum):
 
 @dataclass(frozen=True)
 class Unmatched:
+    """A selector that matched no task, and why."""
+
     selector: Selector
     reason: UnmatchedReason
 
 
 @dataclass(frozen=True)
 class ResolvedTask:
+    """A task found for a request, with every selector that matched it."""
+
     task: TaskRef
     matched_by: tuple[Selector, ...]
 
@@ -247,6 +257,8 @@ class Resolution:
 
 
 class TaskResult(StrEnum):
+    """What became of one task of a request."""
+
     STARTED = "started"
     ALREADY_RUNNING = "already_running"
     DENIED = "denied"
@@ -281,6 +293,8 @@ class TaskOutcome:
 
 
 class ReplyStatus(StrEnum):
+    """A reply's overall status."""
+
     OK = "ok"
     PARTIAL = "partial"
     ERROR = "error"
@@ -288,12 +302,16 @@ class ReplyStatus(StrEnum):
 
 @dataclass(frozen=True)
 class ErrorInfo:
+    """A refused request's error: code and message."""
+
     code: str
     message: str
 
 
 @dataclass(frozen=True)
 class Reply:
+    """The answer to a request, at stage `accepted` or `finished`."""
+
     status: ReplyStatus
     stage: str = "accepted"
     request_id: str | None = None

@@ -74,6 +74,8 @@ class KnownRun:
 
 
 class RunLedger:
+    """What the monitor has published, and where its next query starts."""
+
     def __init__(self, *, overlap_s: float, lookback_s: float, memory: int = 100_000) -> None:
         self.overlap = timedelta(seconds=overlap_s)
         self.lookback = timedelta(seconds=lookback_s)
@@ -151,6 +153,8 @@ class RunLedger:
 
 @dataclass(frozen=True)
 class Peer:
+    """Another instance as its retained availability and info show it."""
+
     online: bool = False
     monitor: bool = False
 

@@ -21,6 +21,8 @@ def _until(moment: float, now: float) -> float:
 
 
 class StartPacer:
+    """At most `limit` starts in any `window_s`, in order."""
+
     def __init__(self, limit: int, window_s: float = 60.0) -> None:
         self.limit = limit
         self.window_s = window_s

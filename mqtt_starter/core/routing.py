@@ -133,6 +133,8 @@ def parse_trigger_topic(base: str, topic: str) -> tuple[str, tuple[Selector, ...
 
 @dataclass(frozen=True)
 class When:
+    """A route's condition on the JSON payload."""
+
     field: str
     equals: Any
 

@@ -28,6 +28,8 @@ from mqtt_starter.core.routing import (
 
 @dataclass(frozen=True)
 class TriggerRules:
+    """How the daemon reads a received message: base topic, routes, reply rules."""
+
     base: str
     routes: tuple[Route, ...] = ()
     reply_allow: tuple[TopicFilter, ...] = (TopicFilter.parse("#"),)
@@ -49,12 +51,16 @@ class TriggerRules:
 
 @dataclass(frozen=True)
 class Ignore:
+    """A message that is not a request (retained, a route's condition unmet): logged only."""
+
     reason: str
     kind: str = "unknown"
 
 
 @dataclass(frozen=True)
 class Refuse:
+    """A request refused with an error reply."""
+
     error: RequestError
     reply_topic: str | None  # None: the default reply topic would itself trigger; no reply
     request_id: str | None = None
@@ -63,6 +69,8 @@ class Refuse:
 
 @dataclass(frozen=True)
 class Accept:
+    """A request to serve, with where its reply goes."""
+
     request: Request
     reply_topic: str | None
     kind: str  # id | tag | cp | name | payload | route

@@ -84,6 +84,8 @@ def _refuse_cross_site(request: web.Request) -> None:
 
 
 class CrossSite(RequestError):
+    """A start that a page of another site could have sent: refused (403)."""
+
     code = "forbidden"
 
 

@@ -131,6 +131,8 @@ HealthCheck = Callable[[str | None], Awaitable[bytes]]
 
 
 class MqttDoor:
+    """Turns each received message into a request for the request service, and replies."""
+
     def __init__(
         self,
         parts: Callable[[], Parts],

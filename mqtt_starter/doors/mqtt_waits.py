@@ -34,6 +34,8 @@ LOST = "the daemon restarted, and no memory of this run was left to follow it by
 
 
 class Publisher(Protocol):
+    """Where the memory's records and the finished replies go."""
+
     async def publish(
         self,
         topic: str,
@@ -45,6 +47,8 @@ class Publisher(Protocol):
 
 
 class Resumer(Protocol):
+    """Who follows runs again after a restart (the request service's follow-ups)."""
+
     async def resume(
         self, runs: Sequence[tuple[TaskRef, str]], request_id: str | None, timeout_s: float
     ) -> dict[str, FollowEnd]: ...

@@ -37,6 +37,8 @@ def _now_iso() -> str:
 
 
 class StatusBoard:
+    """What the status page shows, bounded, with changes encoded once for every page."""
+
     def __init__(self, base: str, instance: dict[str, Any]) -> None:
         self.base = base
         self.instance = dict(instance)

@@ -13,6 +13,8 @@ CONTENT_TYPE = CONTENT_TYPE_LATEST
 
 
 class Metrics:
+    """The Prometheus series of the daemon, in a registry of its own."""
+
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         self.triggers = Counter(

@@ -14,6 +14,8 @@ from contextlib import suppress
 
 
 class Notifier:
+    """systemd's notifications (sd_notify): READY, WATCHDOG, STATUS, STOPPING."""
+
     def __init__(self, env: Mapping[str, str] | None = None) -> None:
         env = os.environ if env is None else env
         address = env.get("NOTIFY_SOCKET", "")

@@ -84,6 +84,8 @@ class _Follower:
 
 
 class Tracker:
+    """Follows executions to their end, one query per interval for all of them."""
+
     def __init__(
         self,
         qrs: Backend,

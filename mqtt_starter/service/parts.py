@@ -82,6 +82,8 @@ async def open_backend(settings: Settings, observer: Observer | None = None) -> 
 
 @dataclass
 class Parts:
+    """What a configuration builds: the backend, the rules, the allow-list, the tracker."""
+
     settings: Settings
     backend: Backend
     rules: TriggerRules

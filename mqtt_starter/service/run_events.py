@@ -39,6 +39,8 @@ Spawn = Callable[[Coroutine[Any, Any, None], str], object]
 
 
 class RetainingPublisher(Protocol):
+    """Where the monitor's messages go; task states are retained."""
+
     async def publish(self, topic: str, payload: bytes, *, retain: bool = False) -> None: ...
 
 

@@ -11,6 +11,8 @@ import trustme
 
 @dataclass(frozen=True)
 class CertPaths:
+    """The simulator's certificate files, as the QMC exports them, and the server's."""
+
     folder: Path
 
     @property

@@ -29,6 +29,8 @@ from mqtt_starter.core.resolution import dedupe_selectors, queryable, resolve
 
 
 class Backend(Protocol):
+    """The seam between the use case and a Qlik site (QRS or Qlik Cloud)."""
+
     @property
     def last_success(self) -> float | None:
         """Monotonic time of the last call the site answered; None before the first."""

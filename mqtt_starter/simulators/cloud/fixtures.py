@@ -25,6 +25,8 @@ class Outcome(BaseModel):
 
 
 class App(BaseModel):
+    """A simulated app: its space, tags and how its reloads go."""
+
     model_config = ConfigDict(extra="forbid")
     id: str = Field(default_factory=lambda: str(uuid.uuid4()))
     name: str
@@ -35,6 +37,8 @@ class App(BaseModel):
 
 
 class OAuthClient(BaseModel):
+    """An OAuth client the simulated tenant accepts."""
+
     model_config = ConfigDict(extra="forbid")
     client_id: str
     client_secret: str
@@ -56,6 +60,8 @@ class CloudVariants(BaseModel):
 
 
 class CloudFixture(BaseModel):
+    """The simulated tenant: credentials, limits, spaces, apps, variants."""
+
     model_config = ConfigDict(extra="forbid")
     api_keys: list[str] = Field(["sim-api-key"], description="bearer keys accepted")
     oauth_clients: list[OAuthClient] = [
@@ -74,6 +80,8 @@ class CloudFixture(BaseModel):
 
 
 class FixtureError(ValueError):
+    """A fixture file the simulator cannot use."""
+
     pass
 
 

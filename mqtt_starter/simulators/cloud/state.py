@@ -64,6 +64,8 @@ class ApiError(Exception):
 
 
 class CloudState:
+    """Everything the simulated tenant knows: apps, reloads, logs, tokens, journal."""
+
     def __init__(self, fixture: CloudFixture) -> None:
         self.fixture = fixture
         self.spaces: dict[str, str] = {_object_id(): name for name in fixture.spaces}

@@ -31,6 +31,8 @@ class FilterError(ValueError):
 
 @dataclass(frozen=True)
 class Comparison:
+    """`property op value` in a QRS filter."""
+
     path: tuple[str, ...]
     op: str
     value: Any
@@ -38,6 +40,8 @@ class Comparison:
 
 @dataclass(frozen=True)
 class BoolOp:
+    """`left and|or right` in a QRS filter."""
+
     op: str  # "and" | "or"
     left: Node
     right: Node

@@ -27,6 +27,8 @@ class Outcome(BaseModel):
 
 
 class TaskFixture(BaseModel):
+    """A simulated task: its type, tags, custom properties and how its runs go."""
+
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
     id: str = Field(default_factory=lambda: str(uuid.uuid4()))
     name: str
@@ -103,6 +105,8 @@ class Variants(BaseModel):
 
 
 class Fixture(BaseModel):
+    """The simulated site: tasks, limits, read rights, variants."""
+
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
     max_concurrent: int = Field(4, ge=1, description="executions Started at once; others Queue")
     results_per_task: int = Field(
@@ -130,6 +134,8 @@ class Fixture(BaseModel):
 
 
 class FixtureError(ValueError):
+    """A fixture file the simulator cannot use."""
+
     pass
 
 

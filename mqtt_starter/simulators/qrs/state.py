@@ -87,6 +87,8 @@ def _stable_id(*parts: str) -> str:
 
 @dataclass
 class JournalEntry:
+    """One request the simulator served, for tests to read."""
+
     method: str
     path: str
     query: dict[str, str]
@@ -164,6 +166,8 @@ class Faults:
 
 @dataclass
 class SimTask:
+    """A simulated task and its cached QRS shapes."""
+
     spec: TaskFixture
     # The result of the current or latest run, shared with the execution (so it is live).
     last_result: dict[str, Any] | None = None
@@ -255,6 +259,8 @@ class SimTask:
 
 @dataclass
 class Session:
+    """A simulated execution session: one run of a task, with its attempts."""
+
     id: str
     task: SimTask
     abort: asyncio.Event = field(default_factory=asyncio.Event)

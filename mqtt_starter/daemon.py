@@ -287,7 +287,7 @@ class Daemon:
         they started when another instance watches."""
         assert self.monitor is not None
         parts.tracker.attach(self.monitor)
-        parts.tracker.announcer = self.monitor.announce
+        parts.tracker.claims.announcer = self.monitor.announce
 
     def _on_role(self) -> None:
         self.board.set_instance(monitoring=self.monitor is not None and self.monitor.leading)

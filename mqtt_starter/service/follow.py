@@ -24,7 +24,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -34,12 +33,10 @@ from loguru import logger
 from mqtt_starter.core.errors import QrsAuthError, QrsError, QrsRequestError, QrsUnavailable
 from mqtt_starter.core.model import Execution, FollowEnd, TaskRef
 from mqtt_starter.core.qrs_query import latest_execution
+from mqtt_starter.service.claims import Claims
 from mqtt_starter.sites.base import Backend
 
 OnChange = Callable[[Execution], Awaitable[None]]
-# Runs this daemon started, remembered for the monitor (startedBy, requestId): enough for the
-# runs of many intervals, bounded so that memory does not grow with the runs.
-CLAIMS_KEPT = 10_000
 # A follower the monitor's query has not mentioned this many times in a row is asked about on
 # its own: a run whose task was deleted never changes again, and would wait to its deadline.
 QUIET_TICKS = 3
@@ -101,9 +98,7 @@ class Tracker:
         self._wake = asyncio.Event()
         self._loop: asyncio.Task[None] | None = None
         self.polls = 0  # queries made for followers and the monitor
-        self._claims: OrderedDict[str, str | None] = OrderedDict()
-        # Tells the monitoring instance which runs this one started (set by the daemon).
-        self.announcer: Callable[[str, str | None], Awaitable[None]] | None = None
+        self.claims = Claims()
 
     @property
     def following(self) -> int:
@@ -119,25 +114,6 @@ class Tracker:
         events: then followers do not."""
         source = self._source
         return source is not None and source.covers(task)
-
-    def claim(self, execution_id: str, request_id: str | None) -> None:
-        """This daemon (or, told by it, another instance) started the execution, for the
-        request `request_id`."""
-        self._claims[execution_id.lower()] = request_id
-        if len(self._claims) > CLAIMS_KEPT:
-            self._claims.popitem(last=False)
-
-    async def started(self, execution_id: str, request_id: str | None) -> None:
-        """This daemon started the execution: remember it, and tell the monitoring instance."""
-        self.claim(execution_id, request_id)
-        if self.announcer is not None:
-            await self.announcer(execution_id, request_id)
-
-    def claimed(self, execution_id: str) -> tuple[bool, str | None]:
-        """(whether this daemon started the execution, the requestId it started it for)."""
-        if execution_id in self._claims:
-            return True, self._claims[execution_id]
-        return False, None
 
     async def follow(
         self,

@@ -115,7 +115,7 @@ class FollowUps:
         parts = self._parts()
         async with parts.in_use():
             for _, execution_id in runs:
-                parts.tracker.claim(execution_id, request_id)
+                parts.tracker.claims.claim(execution_id, request_id)
             ends = await asyncio.gather(
                 *(
                     self._follow_one(

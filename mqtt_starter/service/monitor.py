@@ -236,7 +236,9 @@ class Monitor:
             claim = json_object(incoming.payload)
             if isinstance(claim, dict) and claim.get("instance") != parts.instance:
                 request_id = claim.get("requestId")
-                parts.tracker.claim(name, request_id if isinstance(request_id, str) else None)
+                parts.tracker.claims.claim(
+                    name, request_id if isinstance(request_id, str) else None
+                )
             return  # a claim changes nobody's role
         elif topic == f"{base}/sync/{parts.instance}":
             self.election.marker(incoming.payload)

@@ -223,7 +223,7 @@ class Starter:
         )
         for outcome in outcomes:
             if outcome.result is TaskResult.STARTED and outcome.execution_id:
-                await parts.tracker.started(outcome.execution_id, request.request_id)
+                await parts.tracker.claims.started(outcome.execution_id, request.request_id)
         outcomes += [
             TaskOutcome(
                 w.task,

@@ -159,7 +159,7 @@ class RunPublisher:
 
     async def _publish(self, parts: Parts, change: Execution, task: TaskRef) -> None:
         """The status event, then for a failed or aborted run its event, then the state."""
-        ours, request_id = parts.tracker.claimed(change.execution_id)
+        ours, request_id = parts.tracker.claims.claimed(change.execution_id)
         started_by = STARTED_BY_US if ours else STARTED_BY_OTHER
         await self._publisher.publish(
             f"{parts.base}/status/task/{task.id}",
@@ -180,7 +180,7 @@ class RunPublisher:
     ) -> None:
         """A failed or aborted run's event (with `reason`), then the retained state."""
         base = parts.base
-        ours, request_id = parts.tracker.claimed(change.execution_id)
+        ours, request_id = parts.tracker.claims.claimed(change.execution_id)
         started_by = STARTED_BY_US if ours else STARTED_BY_OTHER
         kind = EVENT_KINDS.get(change.status)
         if kind is not None:

@@ -15,28 +15,21 @@ import secrets
 import ssl
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 from urllib.parse import quote as url_quote
 from urllib.parse import urlsplit
 
-from loguru import logger
 from yarl import URL
 
 from mqtt_starter.config import QrsSettings
 from mqtt_starter.core.errors import (
-    ConfigError,
     QrsAuthError,
     QrsRequestError,
 )
-from mqtt_starter.core.tokens import expiry_warning, token_expiry
 from mqtt_starter.sites.http import Answer, Observer, Prepared, TlsFiles, Transport
 from mqtt_starter.sites.http import build_ssl_context as build_tls_context
+from mqtt_starter.sites.qrs_token import JwtSource
 
-# How often a jwt_file is looked at for a new token, and a near expiry warned about again.
-TOKEN_CHECK_S = 2.0
-EXPIRY_WARN_EVERY_S = 3600.0
 # How long a probe connection waits to see whether QRS closes it (a refused certificate).
 CERT_PROBE_S = 0.5
 # How much of a script log's end is read: enough for any sensible monitor.log_tail_lines.
@@ -100,21 +93,6 @@ def verification_hint(code: int, settings: QrsSettings) -> str:
     )
 
 
-@dataclass
-class _Token:
-    """The bearer JWT, and where it came from (re-read when the file changes)."""
-
-    value: str
-    path: Path | None = None
-    mtime: float = 0.0
-    checked: float = 0.0
-    warned: float = float("-inf")
-
-
-def _read_token(path: Path) -> tuple[str, float]:
-    return path.read_text("utf-8").strip(), path.stat().st_mtime
-
-
 class QrsApi:
     """Calls to QRS: `await api.start()` once, then `call`/`json`; `close()` at the end."""
 
@@ -131,7 +109,12 @@ class QrsApi:
         # Held by the one call that opens a proxy session, so that calls in parallel do not
         # each open a session of their own (Sense allows a user about five).
         self._proxy_session_lock = asyncio.Lock()
-        self._token: _Token | None = None
+        # The bearer JWT of a virtual proxy (auth: jwt); a new one drops the proxy session.
+        self.jwt = (
+            JwtSource(settings, clock, on_change=lambda: self.transport.cookies.clear())
+            if settings.auth == "jwt"
+            else None
+        )
         self._base = f"{settings.url}/qrs/"
         self.transport = Transport(
             "QRS",
@@ -158,54 +141,12 @@ class QrsApi:
 
     async def start(self) -> None:
         """Load certificates and the token (ConfigError when they cannot be used)."""
-        if self.settings.auth == "jwt":
-            self._token = await self._load_token()
+        if self.jwt is not None:
+            await self.jwt.load()
         await self.transport.start()
 
     async def close(self) -> None:
         await self.transport.close()
-
-    # -- the bearer token -----------------------------------------------------------------------
-
-    async def _load_token(self) -> _Token:
-        path = self.settings.jwt_file
-        if path is None:
-            assert self.settings.jwt is not None  # the settings' validator makes sure
-            token = _Token(self.settings.jwt.get_secret_value())
-        else:
-            try:
-                value, mtime = await asyncio.to_thread(_read_token, path)
-            except OSError as exc:
-                raise ConfigError.unusable("qrs.jwt_file", path, exc) from None
-            token = _Token(value, path, mtime)
-        token.checked = time.monotonic()
-        self._warn_expiry(token)
-        return token
-
-    def _warn_expiry(self, token: _Token) -> None:
-        warning = expiry_warning(token_expiry(token.value), self._clock())
-        if warning is not None and time.monotonic() - token.warned >= EXPIRY_WARN_EVERY_S:
-            token.warned = time.monotonic()
-            logger.warning(warning)
-
-    async def _current_token(self) -> str:
-        token = self._token
-        assert token is not None
-        if time.monotonic() - token.checked < TOKEN_CHECK_S:
-            return token.value
-        token.checked = time.monotonic()
-        self._warn_expiry(token)
-        if token.path is not None:
-            try:
-                mtime = (await asyncio.to_thread(token.path.stat)).st_mtime
-                if mtime != token.mtime:
-                    self._token = await self._load_token()
-                    # A new token may be another user: its proxy session starts afresh.
-                    self.transport.cookies.clear()
-                    logger.info("qrs.jwt_file changed: using the new token")
-            except (OSError, ConfigError) as exc:
-                logger.warning("qrs.jwt_file {}: keeping the current token ({})", token.path, exc)
-        return self._token.value if self._token is not None else token.value
 
     def _needs_proxy_session(self) -> bool:
         """Whether no proxy session is open yet: the name of the proxy's cookie is the
@@ -309,8 +250,8 @@ class QrsApi:
         async def prepare() -> Prepared:
             xrfkey = new_xrfkey()
             headers = {"X-Qlik-Xrfkey": xrfkey}
-            if self._token is not None:
-                headers["Authorization"] = f"Bearer {await self._current_token()}"
+            if self.jwt is not None:
+                headers["Authorization"] = f"Bearer {await self.jwt.current()}"
             return Prepared(self._url(path, query, xrfkey), headers)
 
         kwargs: dict[str, Any] = {

@@ -20,7 +20,7 @@ from mqtt_starter.core.model import Selector, SelectorKind
 from mqtt_starter.simulators.certs import CertPaths
 from mqtt_starter.simulators.qrs.fixtures import Fixture
 from mqtt_starter.simulators.qrs.server import BadTokenAnswer, QrsSimulator
-from mqtt_starter.sites import qrs_api as qrs_client
+from mqtt_starter.sites import qrs_token
 from mqtt_starter.sites.base import resolve_selectors
 from mqtt_starter.sites.qrs import QrsClient
 from mqtt_starter.sites.qrs_api import build_ssl_context
@@ -210,7 +210,7 @@ async def test_jwt_file_is_read_again_when_it_changes(
     monkeypatch: pytest.MonkeyPatch,
     logged: list[str],
 ) -> None:
-    monkeypatch.setattr(qrs_client, "TOKEN_CHECK_S", 0.0)
+    monkeypatch.setattr(qrs_token, "TOKEN_CHECK_S", 0.0)
     sim = await proxy(certs, task_fixture)
     token_file = tmp_path / "jwt"
     token_file.write_text("expired.token.here\n")

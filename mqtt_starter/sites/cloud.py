@@ -1,19 +1,11 @@
 """The Qlik Cloud backend: the same `Backend` as QRS, on a tenant's REST API (qlik-cloud-api.md).
 
-A "task" is an app: its id is the app id, a run is a reload. Selectors: `id`, `tag` (a public
-collection), `name` (exact, compared here: the API matches loosely) and `space`; custom
-properties have no Cloud equivalent (`unsupported`).
-
-Calls are retried with jittered backoff on connection errors, timeouts and 5xx, except a
-reload start, which is re-sent only when the connection was refused; when its answer is lost
-the app's reloads are read and one created since is reported `started`, else `unknown`. A 429
-rate limit (`HTTP-429`) is waited out for its `Retry-After` and the call repeated; the tenant
-did not carry it out. Starts pass one at a time, in order (a FIFO lock), paced to
-`max_starts_per_minute`: a start that must wait is never dropped, and says how long it waited.
-
-Auth: an API key, or an OAuth client (client credentials) whose token is fetched again before
-it expires and, on a 401, once at once. HTTPS_PROXY / NO_PROXY are honoured; `ca_file` adds a
-private CA (a TLS-inspecting proxy).
+A "task" is an app: its id is the app id, a run is a reload. Finding apps is cloud_apps.py's,
+following reloads cloud_reloads.py's, the tenant's calls (bearer, rate limit, errors, paging)
+cloud_api.py's. Here: starting reloads. Starts pass one at a time, in order (a FIFO lock), paced
+to `max_starts_per_minute`: a start that must wait is never dropped, and says how long it
+waited. A start is re-sent only when the connection was refused; when its answer is lost the
+app's reloads are read, and one the API started since is reported `started`, else `unknown`.
 """
 
 from __future__ import annotations
@@ -21,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import random
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from loguru import logger
@@ -46,14 +38,13 @@ from mqtt_starter.core.model import (
 from mqtt_starter.sites.base import LOG_RETRY_S
 from mqtt_starter.sites.cloud_api import (
     CREATION_SKEW_S,
-    PAGE,
     RATE_LIMIT_CODE,
     STATES,
     CloudApi,
     _errors,
-    _item_tags,
     _time,
 )
+from mqtt_starter.sites.cloud_apps import CloudApps
 from mqtt_starter.sites.cloud_reloads import CloudReloads
 from mqtt_starter.sites.http import Observer, SharedToken
 
@@ -85,8 +76,7 @@ class CloudClient:
         )
         self.reloads = CloudReloads(self.api, log_tail_lines, log_retry_s)
         self._lane = asyncio.Lock()  # starts, one at a time and in order
-        self._spaces: dict[str, str] = {}  # space id → name
-        self._collections: dict[str, list[str]] = {}  # tag → collection ids
+        self.apps = CloudApps(self.api)
 
     @property
     def last_success(self) -> float | None:
@@ -113,98 +103,11 @@ class CloudClient:
     async def task_count(self) -> int | None:
         return len(await self.api.list("api/v1/items", {"resourceType": "app"}))
 
-    async def _collection_ids(self, tag: str) -> list[str]:
-        if tag not in self._collections:
-            found = await self.api.list("api/v1/collections", {"type": "public", "name": tag})
-            self._collections[tag] = [
-                str(c["id"]) for c in found if c.get("name") == tag and c.get("id")
-            ]
-        return self._collections[tag]
-
-    async def _space_name(self, space_id: str) -> str:
-        if space_id and space_id not in self._spaces:
-            for space in await self.api.list("api/v1/spaces", {}):
-                self._spaces[str(space.get("id"))] = str(space.get("name", ""))
-            self._spaces.setdefault(space_id, "")
-        return self._spaces.get(space_id, "")
-
     async def find_tasks(self, selectors: Sequence[Selector]) -> list[TaskRef]:
-        items: dict[str, dict[str, Any]] = {}
-        tags: dict[str, set[str]] = {}
-
-        def take(found: list[dict[str, Any]], tag: str | None = None) -> None:
-            for item in found:
-                app_id = str(item.get("resourceId", "")).lower()
-                if app_id:
-                    items.setdefault(app_id, item)
-                    if tag is not None:
-                        tags.setdefault(app_id, set()).add(tag)
-
-        ids = [s.value for s in selectors if s.kind is SelectorKind.ID]
-        for i in range(0, len(ids), PAGE):
-            take(
-                await self.api.list(
-                    "api/v1/items",
-                    {"resourceType": "app", "resourceIds": ",".join(ids[i : i + PAGE])},
-                )
-            )
-        for s in selectors:
-            if s.kind is SelectorKind.TAG:
-                for collection in await self._collection_ids(s.value):
-                    found = await self.api.list(
-                        "api/v1/items", {"resourceType": "app", "collectionId": collection}
-                    )
-                    take(found, s.value)
-            elif s.kind is SelectorKind.NAME:
-                found = await self.api.list(
-                    "api/v1/items", {"resourceType": "app", "name": s.value}
-                )
-                take([i for i in found if str(i.get("name", "")).casefold() == s.value.casefold()])
-            elif s.kind is SelectorKind.SPACE:
-                spaces = await self.api.list("api/v1/spaces", {"name": s.value})
-                for space in spaces:
-                    if str(space.get("name", "")).casefold() == s.value.casefold():
-                        self._spaces[str(space["id"])] = str(space["name"])
-                        found = await self.api.list(
-                            "api/v1/items", {"resourceType": "app", "spaceId": str(space["id"])}
-                        )
-                        take(found)
-        return list(
-            await asyncio.gather(
-                *(self._task(item, tags.get(app_id, set())) for app_id, item in items.items())
-            )
-        )
-
-    async def _task(
-        self, item: Mapping[str, Any], tags: set[str], *, with_state: bool = True
-    ) -> TaskRef:
-        """The app as a task. `with_state`: its newest reload gives `last_status`, so that the
-        policy sees a reloading app as running (`policy.on_running`), as on QRS."""
-        app_id = str(item.get("resourceId", "")).lower()
-        name = str(item.get("name", ""))
-        tags = tags | _item_tags(item)
-        status, reload_id = TaskStatus.NEVER_STARTED, ""
-        if with_state:
-            data = await self.api.json("api/v1/reloads", {"appId": app_id, "limit": "1"})
-            newest = data.get("data") if isinstance(data, dict) else None
-            if newest and isinstance(newest[0], dict):
-                status = STATES.get(str(newest[0].get("status")), TaskStatus.NEVER_STARTED)
-                reload_id = str(newest[0].get("id", ""))
-        return TaskRef(
-            id=app_id,
-            name=name,
-            tags=tuple(sorted(tags)),
-            last_status=status,
-            app_id=app_id,
-            app_name=name,
-            space=await self._space_name(str(item.get("spaceId") or "")),
-            last_result_id=reload_id,
-        )
+        return await self.apps.find_tasks(selectors)
 
     async def all_tasks(self) -> list[TaskRef]:
-        """Every app, without its state (one call per app would be too many here)."""
-        found = await self.api.list("api/v1/items", {"resourceType": "app"})
-        return [await self._task(i, set(), with_state=False) for i in found]
+        return await self.apps.all_tasks()
 
     async def task(self, task_id: str) -> TaskRef | None:
         found = await self.find_tasks([Selector(SelectorKind.ID, task_id)])

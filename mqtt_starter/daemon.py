@@ -23,19 +23,21 @@ from loguru import logger
 
 from mqtt_starter import __version__
 from mqtt_starter.config import Settings
-from mqtt_starter.core.errors import ConfigError, MqttLinkError
+from mqtt_starter.core.errors import ConfigError
 from mqtt_starter.core.monitoring import iso
-from mqtt_starter.doors.mqtt import MqttDoor, ReplyPublisher
+from mqtt_starter.dispatch import Dispatch
+from mqtt_starter.doors.mqtt import MqttDoor
 from mqtt_starter.doors.mqtt_waits import WaitMemory
 from mqtt_starter.doors.status_board import StatusBoard
 from mqtt_starter.instance import Instance
-from mqtt_starter.mqtt.link import Incoming, MqttLink, build_tls_context
+from mqtt_starter.mqtt.link import MqttLink, build_tls_context
 from mqtt_starter.ops.logs import configure_logging
 from mqtt_starter.ops.metrics import Metrics
 from mqtt_starter.ops.systemd import Notifier
 from mqtt_starter.service.monitor import Monitor
 from mqtt_starter.service.parts import Parts, allow_list, build_rules
 from mqtt_starter.service.requests import Starter
+from mqtt_starter.wiring import wire
 
 if TYPE_CHECKING:
     from mqtt_starter.doors.http import HttpApi
@@ -95,11 +97,9 @@ class Daemon:
         self._link_task: asyncio.Task[None] | None = None
         self.http: HttpApi | None = None
         self.ready = asyncio.Event()  # subscribed and QRS answered (READY=1)
-        self._connected_once = False
         self.monitor: Monitor | None = None
         self.memory: WaitMemory | None = None
-        self._publisher: ReplyPublisher | None = None
-        self._door: MqttDoor | None = None
+        self.dispatch: Dispatch | None = None
         self.board = StatusBoard(
             settings.mqtt.base_topic,
             {
@@ -122,6 +122,11 @@ class Daemon:
             self.notifier,
             self._spawn,
         )
+
+    @property
+    def _dispatch(self) -> Dispatch:
+        assert self.dispatch is not None, "Daemon.run() builds the dispatch first"
+        return self.dispatch
 
     @property
     def parts(self) -> Parts:
@@ -153,35 +158,19 @@ class Daemon:
         self._parts = await Parts.build(self.settings, self.metrics.observe_qrs)
         try:
             self._tls = await broker_tls(self.settings)
-            board = self.board
-            publisher = ReplyPublisher(
+            wired = wire(
+                self.settings,
+                lambda: self.settings,
+                lambda: self.parts,
                 lambda: self.link,
-                on_publish=board.published,
-                hold_max=self.settings.mqtt.hold_max_messages,
+                self.instance,
+                self.metrics,
+                self._spawn,
+                self._on_role,
             )
-            self._publisher = publisher
-            starter = Starter(
-                lambda: self.parts, publisher, self.metrics, self._spawn, watcher=board
-            )
-            self.monitor = Monitor(
-                lambda: self.parts,
-                publisher,
-                on_role=self._on_role,
-                on_state=board.published,
-                on_task=lambda task: board.task_tags(task.id, task.tags),
-                spawn=self._spawn,
-            )
-            self.instance.publisher, self.instance.monitor = publisher, self.monitor
+            self.monitor, self.memory, self.dispatch = wired.monitor, wired.memory, wired.dispatch
+            door, starter = wired.door, wired.starter
             self._attach_monitor(self.parts)
-            self.memory = WaitMemory(lambda: self.parts, publisher, starter.followups, self._spawn)
-            door = MqttDoor(
-                lambda: self.parts,
-                starter,
-                publisher,
-                health=self.instance.health,
-                memory=self.memory,
-            )
-            self._door = door
             async with asyncio.TaskGroup() as group:
                 self._group = group
                 self.instance.start_probe()
@@ -218,69 +207,22 @@ class Daemon:
         logger.info("stopping: finishing requests in flight")
         await self._stop_link(offline=True)
         await self._stop_http()
-        # Followers end with the daemon: their finished replies are not sent (README).
+        # Followers end with the daemon; a `wait` is resumed by the next one (mqtt_waits.py).
         for task in list(self._tasks):
             task.cancel()
 
     def _start_link(self, door: MqttDoor) -> None:
         s = self.settings.mqtt
-        monitor = self.monitor
         self.link = MqttLink(
             s,
             [f.text for f in self.parts.rules.subscriptions],
             f"{s.base_topic}/availability/{s.client_id}",
-            on_connect=self._on_connect,
-            on_disconnect=self._on_disconnect,
+            on_connect=self._dispatch.on_connect,
+            on_disconnect=self._dispatch.on_disconnect,
             tls=self._tls,
-            private_subscriptions=[
-                *(self.memory.topics() if self.memory is not None else ()),
-                *(
-                    monitor.topics(self.parts)
-                    if monitor is not None and self.settings.monitor.enabled
-                    else ()
-                ),
-            ],
+            private_subscriptions=self._dispatch.private_topics(),
         )
-        self._link_task = self._spawn(self.link.run(self._on_message), "mqtt-link")
-
-    async def _on_message(self, incoming: Incoming) -> None:
-        if self.memory is not None and self.memory.wants(incoming.topic):
-            self.memory.on_message(incoming)
-            return
-        monitor = self.monitor
-        if monitor is not None and self.settings.monitor.enabled and monitor.wants(incoming.topic):
-            await monitor.on_message(incoming)
-            return
-        assert self._door is not None
-        await self._door.on_message(incoming)
-
-    def _on_connect(self) -> None:
-        if self._connected_once:
-            self.metrics.reconnects.inc()
-        self._connected_once = True
-        self.metrics.broker_connected.set(1)
-        self.board.set_instance(brokerConnected=True)
-        if self._publisher is not None:
-            self._publisher.hold_max = self.settings.mqtt.hold_max_messages
-            self._spawn(self._publisher.flush(), "publish-held")
-        self._spawn(self._after_connect(), "announce-info")
-
-    async def _after_connect(self) -> None:
-        await self.instance.qrs_ready.wait()  # the info names QRS's build
-        try:
-            await self.instance.publish_info()
-            if self.memory is not None:
-                await self.memory.on_connect()
-            if self.monitor is not None and self.settings.monitor.enabled:
-                await self.monitor.on_connect()
-        except MqttLinkError as exc:
-            logger.debug("info not published: {}", exc)
-
-    def _on_disconnect(self) -> None:
-        self.metrics.broker_connected.set(0)
-        self.board.set_instance(brokerConnected=False)
-        if self.monitor is not None:
-            self.monitor.on_disconnect()
+        self._link_task = self._spawn(self.link.run(self._dispatch.on_message), "mqtt-link")
 
     def _attach_monitor(self, parts: Parts) -> None:
         """The monitor serves the followers of these parts when it watches, and says which runs

@@ -1,0 +1,70 @@
+"""The settings → the parts of a running daemon, wired together: the publisher that holds what
+the broker cannot take, the request service, the monitor, the wait memory, the MQTT door and
+the dispatch of the link's messages. The daemon only starts and stops them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass
+from typing import Any
+
+from mqtt_starter.config import Settings
+from mqtt_starter.dispatch import Dispatch
+from mqtt_starter.doors.mqtt import MqttDoor, ReplyPublisher
+from mqtt_starter.doors.mqtt_waits import WaitMemory
+from mqtt_starter.instance import Instance
+from mqtt_starter.mqtt.link import MqttLink
+from mqtt_starter.ops.metrics import Metrics
+from mqtt_starter.service.monitor import Monitor
+from mqtt_starter.service.parts import Parts
+from mqtt_starter.service.requests import Starter
+
+Spawn = Callable[[Coroutine[Any, Any, Any], str], asyncio.Task[Any]]
+
+
+@dataclass(frozen=True)
+class Wired:
+    """The parts of a running daemon that live as long as it does."""
+
+    publisher: ReplyPublisher
+    starter: Starter
+    monitor: Monitor
+    memory: WaitMemory
+    door: MqttDoor
+    dispatch: Dispatch
+
+
+def wire(
+    initial: Settings,
+    settings: Callable[[], Settings],
+    parts: Callable[[], Parts],
+    link: Callable[[], MqttLink | None],
+    instance: Instance,
+    metrics: Metrics,
+    spawn: Spawn,
+    on_role: Callable[[], None],
+) -> Wired:
+    """Build and connect the parts; `settings`, `parts` and `link` are the current ones (a
+    reload replaces them)."""
+    board = instance.board
+    publisher = ReplyPublisher(
+        link, on_publish=board.published, hold_max=initial.mqtt.hold_max_messages
+    )
+    starter = Starter(parts, publisher, metrics, spawn, watcher=board)
+    monitor = Monitor(
+        parts,
+        publisher,
+        on_role=on_role,
+        on_state=board.published,
+        on_task=lambda task: board.task_tags(task.id, task.tags),
+        spawn=spawn,
+    )
+    instance.publisher, instance.monitor = publisher, monitor
+    memory = WaitMemory(parts, publisher, starter.followups, spawn)
+    door = MqttDoor(parts, starter, publisher, health=instance.health, memory=memory)
+    dispatch = Dispatch(
+        settings, parts, door, publisher, instance, metrics, spawn, memory=memory, monitor=monitor
+    )
+    return Wired(publisher, starter, monitor, memory, door, dispatch)

@@ -164,7 +164,20 @@ def test_interpret_only_ever_answers_with_the_error_tree(
         )
 
 
-@pytest.mark.parametrize("depth", [10, 1000, 100_000])
+BIG = TriggerRules(base="butler", max_payload_bytes=1_000_000)
+
+
+@pytest.mark.parametrize("depth", [33, 1000, 100_000])
 def test_deep_nesting_is_refused_without_recursion(depth: int) -> None:
-    decision = interpret(RULES, "butler/start", b"[" * depth + b"]" * depth)
+    # Nested inside a valid request's field, so that only the depth guard can refuse it.
+    payload = b'{"requestId": "deep", "tags": ' + b"[" * depth + b"]" * depth + b"}"
+    decision = interpret(BIG, "butler/start", payload)
     assert isinstance(decision, Refuse)
+    assert str(decision.error) == "JSON is nested deeper than 32 levels"
+
+
+def test_nesting_up_to_the_limit_reaches_the_schema() -> None:
+    payload = b'{"requestId": "deep", "tags": ' + b"[" * 31 + b"]" * 31 + b"}"
+    decision = interpret(BIG, "butler/start", payload)
+    assert isinstance(decision, Refuse)
+    assert str(decision.error) == "tags[0]: expected a string"

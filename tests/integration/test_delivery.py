@@ -47,7 +47,6 @@ async def test_triggers_waiting_while_the_daemon_is_dead_are_all_served(
     await mqtt.subscribe("butler/reply/#")
     for i in range(20):
         await mqtt.publish(f"butler/start/name/Bulk {i:03d}", {"requestId": f"kill-{i}"})
-    assert sim_state.started == []
     await daemon.start()
     replies = await mqtt.wait_for("butler/reply/start/name/#", 20)
     assert sorted(r.json()["requestId"] for r in replies) == sorted(f"kill-{i}" for i in range(20))

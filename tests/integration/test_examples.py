@@ -84,7 +84,12 @@ async def test_acl_example_stops_an_unauthorised_publisher(
         await daemon.start()
         guest = Client(broker, client_id="guest", username="guest", password="guest-pw")
         erp = Client(broker, client_id="erp", username="erp", password="erp-pw")
-        async with guest, erp:
+        # Sees every start the broker lets through (the daemon's user may read them all).
+        auditor = Client(
+            broker, client_id="auditor", username="mqtt-starter", password="mqtt-starter-pw"
+        )
+        async with guest, erp, auditor:
+            await auditor.subscribe("butler/start/#")
             await erp.subscribe("erp/replies/1")
             # The guest may publish nothing; the ERP user only by tag.
             await guest.publish(f"butler/start/id/{SALES}", {"requestId": "guest"})
@@ -93,6 +98,10 @@ async def test_acl_example_stops_an_unauthorised_publisher(
                 "butler/start/tag/Nightly", {"requestId": "erp-by-tag", "replyTo": "erp/replies/1"}
             )
             [answer] = await erp.wait_for("erp/replies/1")
+            # The broker delivers a client's messages in order, and the guest's went before
+            # the ERP's: once the allowed one is seen, any that got through would be too.
+            [allowed] = await auditor.wait_for("butler/start/#")
+        assert allowed.json()["requestId"] == "erp-by-tag"
         assert answer.json()["requestId"] == "erp-by-tag"
         assert "guest" not in daemon.log
         assert "erp-by-id" not in daemon.log

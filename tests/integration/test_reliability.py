@@ -87,7 +87,9 @@ async def test_sigkill_at_random_moments_loses_no_trigger(
         f" started, {duplicates} duplicate starts"
     )
     assert set(sim_state.started) == wanted
-    assert duplicates <= kills
+    # Every redelivered trigger finds its task still running (120 s runs): no task starts
+    # twice, whatever the kills hit.
+    assert duplicates == 0
 
 
 @pytest.mark.slow

@@ -44,7 +44,7 @@ async def simulator(certs: CertPaths) -> AsyncIterator[QrsSimulator]:
     fixture = Fixture(
         tasks=[
             TaskFixture(id=ORDERS, name="Reload Orders", tags=["Nightly"],
-                        outcome=Outcome(duration_s=1.5)),
+                        outcome=Outcome(duration_s=3600)),
             TaskFixture(id=EVIL, name=EVIL_NAME, tags=["<b>bold</b>"],
                         outcome=Outcome(duration_s=0.2, result="fail",
                                         message="<script>alert(2)</script>")),
@@ -131,7 +131,7 @@ async def open_page(browser: Browser, base: str) -> None:
 
 
 async def test_requests_and_runs_appear_live(
-    page_daemon: str, browser: Browser, mqtt: Client, tmp_path: Path
+    page_daemon: str, browser: Browser, mqtt: Client, tmp_path: Path, sim_state: Any
 ) -> None:
     await open_page(browser, page_daemon)
     assert "connected" in await browser.text("#broker")
@@ -141,9 +141,11 @@ async def test_requests_and_runs_appear_live(
     assert "mqtt" in row and f"butler/start/id/{ORDERS}" in row and "Reload Orders started" in row
     await browser.wait_text("#runs", "Started")
     assert "mqtt-starter (page-1)" in await browser.text("#runs")
-    # The run ends: it leaves the runs in progress and the task shows its last state.
+    # The run ends (when the test says so, not after a time): it leaves the runs in progress
+    # and the task shows its last state.
+    sim_state.stop(sim_state.tasks[ORDERS])
     await browser.wait_text("#runs", "nothing running")
-    await browser.wait_text("#tasks", "FinishedSuccess")
+    await browser.wait_text("#tasks", "Aborted")
     # Details on demand: a click shows the reply as it was sent.
     await browser(browser.driver.find_element(By.CSS_SELECTOR, "#requests tr.request").click)
     details = json.loads(await browser.text("pre.details"))

@@ -20,9 +20,8 @@ from mqtt_starter.config import Settings
 from mqtt_starter.core.codec import encode_json, health_json
 from mqtt_starter.core.errors import MqttLinkError, QrsError
 from mqtt_starter.core.monitoring import iso
-from mqtt_starter.doors.mqtt import ReplyPublisher
+from mqtt_starter.doors.mqtt import Link, ReplyPublisher
 from mqtt_starter.doors.status_board import StatusBoard
-from mqtt_starter.mqtt.link import MqttLink
 from mqtt_starter.ops.systemd import Notifier
 from mqtt_starter.service.monitor import Monitor
 from mqtt_starter.service.parts import Parts
@@ -42,7 +41,7 @@ class Instance:
         self,
         settings: Callable[[], Settings],
         parts: Callable[[], Parts],
-        link: Callable[[], MqttLink | None],
+        link: Callable[[], Link | None],
         board: StatusBoard,
         notifier: Notifier,
         spawn: Spawn,
@@ -69,7 +68,7 @@ class Instance:
         return self._parts()
 
     @property
-    def link(self) -> MqttLink | None:
+    def link(self) -> Link | None:
         return self._link()
 
     def start_probe(self) -> None:

@@ -12,10 +12,9 @@ from typing import Any
 
 from mqtt_starter.config import Settings
 from mqtt_starter.dispatch import Dispatch
-from mqtt_starter.doors.mqtt import MqttDoor, ReplyPublisher
+from mqtt_starter.doors.mqtt import Link, MqttDoor, ReplyPublisher
 from mqtt_starter.doors.mqtt_waits import WaitMemory
 from mqtt_starter.instance import Instance
-from mqtt_starter.mqtt.link import MqttLink
 from mqtt_starter.ops.metrics import Metrics
 from mqtt_starter.service.monitor import Monitor
 from mqtt_starter.service.parts import Parts
@@ -40,7 +39,7 @@ def wire(
     initial: Settings,
     settings: Callable[[], Settings],
     parts: Callable[[], Parts],
-    link: Callable[[], MqttLink | None],
+    link: Callable[[], Link | None],
     instance: Instance,
     metrics: Metrics,
     spawn: Spawn,

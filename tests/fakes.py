@@ -1,4 +1,5 @@
-"""Fakes of the project's own interfaces: the backend (a Qlik site) and the publisher.
+"""Fakes of the project's own interfaces: the backend (a Qlik site), the publisher and the
+broker link.
 
 The fake backend keeps a journal of the calls it got, answers starts as scripted, and plays
 each execution through a scripted list of states, one state per poll, so that following is
@@ -9,11 +10,12 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from mqtt_starter.core.errors import QrsUnavailable
+from mqtt_starter.core.errors import MqttLinkError, QrsUnavailable
 from mqtt_starter.core.model import (
     Execution,
     ReloadOptions,
@@ -160,3 +162,52 @@ class FakePublisher:
 
     async def publish(self, topic: str, payload: bytes) -> None:
         self.sent.append((topic, payload))
+
+
+@dataclass
+class Published:
+    """One message as the fake link's broker got it."""
+
+    topic: str
+    payload: bytes
+    retain: bool = False
+    correlation_data: bytes | None = None
+
+    def json(self) -> Any:
+        return json.loads(self.payload)
+
+
+class FakeLink:
+    """The broker link, in-process: what is published is kept in order; `up()` and `down()`
+    stand for the connection, and a publish while down fails as the real link's does."""
+
+    def __init__(self, *, connected: bool = True) -> None:
+        self.connected = asyncio.Event()
+        if connected:
+            self.connected.set()
+        self.published: list[Published] = []
+        self.refuse_next = 0  # the next publishes fail although connected (a broker drop)
+
+    def up(self) -> None:
+        self.connected.set()
+
+    def down(self) -> None:
+        self.connected.clear()
+
+    async def publish(
+        self,
+        topic: str,
+        payload: bytes,
+        *,
+        retain: bool = False,
+        correlation_data: bytes | None = None,
+    ) -> None:
+        if not self.connected.is_set():
+            raise MqttLinkError("not connected to the broker")
+        if self.refuse_next:
+            self.refuse_next -= 1
+            raise MqttLinkError("the broker dropped the connection")
+        self.published.append(Published(topic, payload, retain, correlation_data))
+
+    def on(self, prefix: str) -> list[Published]:
+        return [p for p in self.published if p.topic.startswith(prefix)]

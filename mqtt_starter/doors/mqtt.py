@@ -12,6 +12,7 @@ import time
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 from loguru import logger
 
@@ -20,10 +21,25 @@ from mqtt_starter.core.errors import MqttLinkError
 from mqtt_starter.core.model import Reply
 from mqtt_starter.core.triggers import Health, Ignore, Refuse, interpret
 from mqtt_starter.doors.mqtt_waits import WaitMemory
-from mqtt_starter.mqtt.link import Incoming, MqttLink
+from mqtt_starter.mqtt.link import Incoming
 from mqtt_starter.ops.logs import RateLimitedLine
 from mqtt_starter.service.parts import Parts
 from mqtt_starter.service.requests import Inbound, Starter, error_reply
+
+
+class Link(Protocol):
+    """The broker link as the door uses it (mqtt/link.py; tests use a fake)."""
+
+    connected: asyncio.Event
+
+    async def publish(
+        self,
+        topic: str,
+        payload: bytes,
+        *,
+        retain: bool = False,
+        correlation_data: bytes | None = None,
+    ) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -46,7 +62,7 @@ class ReplyPublisher:
 
     def __init__(
         self,
-        link: Callable[[], MqttLink | None],
+        link: Callable[[], Link | None],
         on_publish: Callable[[str, bytes], None] | None = None,
         *,
         hold_max: int = 10_000,

@@ -99,15 +99,17 @@ class Browser:
         await wait_until(shown, timeout=timeout, what=f"{wanted!r} in {css}")
 
 
-@pytest.fixture
-def chrome(tmp_path: Path) -> Iterator[webdriver.Chrome]:
+@pytest.fixture(scope="module")
+def chrome(tmp_path_factory: pytest.TempPathFactory) -> Iterator[webdriver.Chrome]:
+    """One Chromium for the module (starting one costs seconds); each test gets it clean."""
     os.environ["SE_OFFLINE"] = "true"  # Selenium Manager must not download anything
     options = webdriver.ChromeOptions()
     options.binary_location = CHROMIUM
+    profile = tmp_path_factory.mktemp("chromium")
     for flag in (
         "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
         "--disable-background-networking", "--disable-component-update", "--disable-sync",
-        "--window-size=1400,1000", f"--user-data-dir={tmp_path / 'chromium'}",
+        "--window-size=1400,1000", f"--user-data-dir={profile}",
     ):  # fmt: skip
         options.add_argument(flag)
     driver = webdriver.Chrome(options=options, service=Service(DRIVER))
@@ -118,8 +120,14 @@ def chrome(tmp_path: Path) -> Iterator[webdriver.Chrome]:
 
 
 @pytest.fixture
-def browser(chrome: webdriver.Chrome) -> Browser:
-    return Browser(chrome)
+def browser(chrome: webdriver.Chrome) -> Iterator[Browser]:
+    """The module's browser with no page open and no cookie of an earlier test."""
+    # Cookies are not kept per port: an earlier daemon's session cookie would be sent to this
+    # test's daemon. Cleared for every site (the DevTools call), not only the current page's.
+    chrome.get("about:blank")
+    chrome.execute_cdp_cmd("Network.clearBrowserCookies", {})
+    yield Browser(chrome)
+    chrome.get("about:blank")  # close the page's event stream before its daemon stops
 
 
 async def open_page(browser: Browser, base: str) -> None:

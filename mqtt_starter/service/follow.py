@@ -24,8 +24,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable
 from typing import Protocol
 
 from loguru import logger
@@ -34,9 +33,9 @@ from mqtt_starter.core.errors import QrsAuthError, QrsError, QrsRequestError, Qr
 from mqtt_starter.core.model import Execution, FollowEnd, TaskRef
 from mqtt_starter.core.qrs_query import latest_execution
 from mqtt_starter.service.claims import Claims
+from mqtt_starter.service.follower import Follower, OnChange
 from mqtt_starter.sites.base import Backend
 
-OnChange = Callable[[Execution], Awaitable[None]]
 # A follower the monitor's query has not mentioned this many times in a row is asked about on
 # its own: a run whose task was deleted never changes again, and would wait to its deadline.
 QUIET_TICKS = 3
@@ -61,25 +60,6 @@ class ChangeSource(Protocol):
         ...
 
 
-@dataclass(eq=False)
-class _Follower:
-    task: TaskRef
-    execution_id: str
-    on_change: OnChange | None
-    deadline: float
-    timeout_s: float
-    done: asyncio.Future[FollowEnd] = field(
-        default_factory=lambda: asyncio.get_running_loop().create_future()
-    )
-    last: Execution | None = None
-    seen: tuple[str, int] | None = None
-    quiet: int = 0  # the monitor's queries in a row that did not mention it
-
-    def end(self, end: FollowEnd) -> None:
-        if not self.done.done():
-            self.done.set_result(end)
-
-
 class Tracker:
     """Follows executions to their end, one query per interval for all of them."""
 
@@ -93,7 +73,7 @@ class Tracker:
         self._qrs = qrs
         self._interval = poll_interval_s
         self._clock = clock
-        self._followers: list[_Follower] = []
+        self._followers: list[Follower] = []
         self._source: ChangeSource | None = None
         self._wake = asyncio.Event()
         self._loop: asyncio.Task[None] | None = None
@@ -124,7 +104,7 @@ class Tracker:
         timeout_s: float,
     ) -> FollowEnd:
         """How the execution ended; `on_change` is awaited for each new state seen."""
-        follower = _Follower(
+        follower = Follower(
             task, execution_id.lower(), on_change, self._clock() + timeout_s, timeout_s
         )
         self._followers.append(follower)
@@ -187,7 +167,7 @@ class Tracker:
             # Deadlines pass whatever went wrong above: no follower waits past its own.
             self._expire(followers)
 
-    async def _tick_monitor(self, followers: list[_Follower]) -> bool:
+    async def _tick_monitor(self, followers: list[Follower]) -> bool:
         """The monitor's query, which serves the followers too; False when QRS refuses it
         (then the followers are polled on their own: they must not pay for it)."""
         assert self._source is not None
@@ -216,7 +196,7 @@ class Tracker:
             await self._tick_followers(quiet)
         return True
 
-    async def _tick_followers(self, followers: list[_Follower]) -> None:
+    async def _tick_followers(self, followers: list[Follower]) -> None:
         self.polls += 1
         try:
             results = await self._qrs.executions_of([f.execution_id for f in followers])
@@ -231,7 +211,7 @@ class Tracker:
             return
         await self._dispatch(followers, results, complete=True)
 
-    def _expire(self, followers: list[_Follower]) -> None:
+    def _expire(self, followers: list[Follower]) -> None:
         now = self._clock()
         for follower in followers:
             if not follower.done.done() and now >= follower.deadline:
@@ -246,74 +226,22 @@ class Tracker:
                 follower.end(FollowEnd(last, timed_out=True))
 
     async def _dispatch(
-        self, followers: list[_Follower], results: list[Execution], *, complete: bool
+        self, followers: list[Follower], results: list[Execution], *, complete: bool
     ) -> None:
         """Hand each follower its results. `complete`: the answer holds every attempt of each
         followed execution; else (the monitor's query) only those that changed."""
         mine: dict[str, list[Execution]] = {}
         for result in results:
             mine.setdefault(result.execution_id, []).append(result)
-        to_check: list[tuple[_Follower, Execution | None]] = []
+        to_check: list[tuple[Follower, Execution | None]] = []
         for follower in followers:
             latest = latest_execution(mine.get(follower.execution_id, ()))
             if latest is not None and (latest.result_id, int(latest.status)) != follower.seen:
                 follower.seen = (latest.result_id, int(latest.status))
                 follower.last = latest
-                await self._notify(follower, latest)
+                await follower.notify(latest)
             current = latest if complete or latest is not None else follower.last
             if current is None or current.status.terminal:
                 to_check.append((follower, current))
         if to_check:
-            await asyncio.gather(*(self._check_session_contained(f, c) for f, c in to_check))
-
-    async def _check_session_contained(self, follower: _Follower, latest: Execution | None) -> None:
-        try:
-            await self._check_session(follower, latest)
-        except Exception:
-            # One follower's failure is its own: logged, and it ends with what is known.
-            logger.exception("following execution {} failed", follower.execution_id)
-            follower.end(
-                FollowEnd(latest)
-                if latest is not None
-                else FollowEnd(follower.last, lost="following it failed (see the log)")
-            )
-
-    async def _notify(self, follower: _Follower, execution: Execution) -> None:
-        if follower.on_change is None:
-            return
-        try:
-            await follower.on_change(execution)
-        except Exception:
-            logger.exception("reporting a state of execution {} failed", follower.execution_id)
-
-    async def _check_session(self, follower: _Follower, latest: Execution | None) -> None:
-        """Ends following when the session is gone, or cannot be read."""
-        try:
-            alive = await self._qrs.execution_alive(follower.execution_id)
-        except QrsUnavailable as exc:
-            logger.warning("following execution {}: {}", follower.execution_id, exc)
-            return
-        except QrsError as exc:
-            if latest is not None:
-                # The run's final state is known; whether a retry follows cannot be.
-                follower.end(FollowEnd(latest))
-            else:
-                follower.end(
-                    FollowEnd(
-                        follower.last,
-                        lost=f"QRS shows no result and refuses the session: {exc}",
-                    )
-                )
-            return
-        if alive:
-            return
-        if latest is not None:
-            follower.end(FollowEnd(latest))
-            return
-        follower.end(
-            FollowEnd(
-                follower.last,
-                lost="QRS shows no result for the execution and its session has ended"
-                " (no read rights on execution results, or they were deleted)",
-            )
-        )
+            await asyncio.gather(*(f.check_session(self._qrs, c) for f, c in to_check))

@@ -96,7 +96,6 @@ class Daemon:
         self.link: MqttLink | None = None
         self._link_task: asyncio.Task[None] | None = None
         self.http: HttpApi | None = None
-        self.ready = asyncio.Event()  # subscribed and QRS answered (READY=1)
         self.monitor: Monitor | None = None
         self.memory: WaitMemory | None = None
         self.dispatch: Dispatch | None = None
@@ -122,6 +121,11 @@ class Daemon:
             self.notifier,
             self._spawn,
         )
+
+    @property
+    def ready(self) -> asyncio.Event:
+        """Set once subscribed and the site answered (READY=1)."""
+        return self.instance.ready
 
     @property
     def _dispatch(self) -> Dispatch:
@@ -179,7 +183,7 @@ class Daemon:
                 if self.settings.http.enabled:
                     self._spawn(self.instance.watch_site(), "site-watch")
                 self._spawn(self.notifier.watchdog(), "watchdog")
-                self._spawn(self._announce_ready(), "ready")
+                self._spawn(self.instance.announce_ready(), "ready")
                 try:
                     await self._serve(door, starter)
                 finally:
@@ -262,22 +266,6 @@ class Daemon:
         if self.http is not None:
             await self.http.stop()
             self.http = None
-
-    async def _announce_ready(self) -> None:
-        await self.instance.qrs_ready.wait()
-        # A reload may replace the link while this waits: ready is the current one's connection.
-        while True:
-            link = self.link
-            assert link is not None, "the link is started before readiness is awaited"
-            await link.connected.wait()
-            if link is self.link:
-                break
-        self.notifier.ready(
-            f"serving {self.settings.mqtt.base_topic}/start on"
-            f" {self.settings.mqtt.host}:{self.settings.mqtt.port}"
-        )
-        self.ready.set()
-        logger.info("ready")
 
     # -- reload ----------------------------------------------------------------------------------
 

@@ -55,6 +55,7 @@ class Instance:
         self.publisher: ReplyPublisher | None = None
         self.monitor: Monitor | None = None
         self.qrs_ready = asyncio.Event()
+        self.ready = asyncio.Event()  # subscribed and the site answered (READY=1)
         self.started_at = iso(datetime.now(UTC))
         self._qrs_build = ""
         self._probe: asyncio.Task[None] | None = None
@@ -162,3 +163,20 @@ class Instance:
         while True:
             await asyncio.sleep(SITE_WATCH_S)
             await self.not_ready()
+
+    async def announce_ready(self) -> None:
+        """READY=1 once the site answered and the current link is connected."""
+        await self.qrs_ready.wait()
+        # A reload may replace the link while this waits: ready is the current one's connection.
+        while True:
+            link = self.link
+            assert link is not None, "the link is started before readiness is awaited"
+            await link.connected.wait()
+            if link is self.link:
+                break
+        self.notifier.ready(
+            f"serving {self.settings.mqtt.base_topic}/start on"
+            f" {self.settings.mqtt.host}:{self.settings.mqtt.port}"
+        )
+        self.ready.set()
+        logger.info("ready")

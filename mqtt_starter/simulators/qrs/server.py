@@ -227,9 +227,9 @@ def _log_reference(
     state = _state(request)
     download = None
     if result is not None and result["taskID"] == task.id:
-        if state.variants.log_not_ready_as == "404" and state.log_not_ready(result["id"]):
+        if state.variants.log_not_ready_as == "404" and state.script_logs.not_ready(result["id"]):
             raise web.HTTPNotFound(text="Script log not found")
-        download = state.log_download(result["id"])
+        download = state.script_logs.download(result["id"])
     if download is None:
         raise web.HTTPNotFound(text="Script log not found")
     return web.json_response(download if bare else {"value": download})
@@ -275,7 +275,7 @@ async def download_log(request: web.Request) -> web.Response:
     text = state.logs.get(result_id) if result_id is not None else None
     if text is None or result_id is None:
         raise web.HTTPNotFound(text="Not found")
-    if state.log_not_ready(result_id):
+    if state.script_logs.not_ready(result_id):
         if state.variants.log_not_ready_as == "404":
             raise web.HTTPNotFound(text="Not found")
         text = ""

@@ -13,16 +13,17 @@ only translates HTTP.
 from __future__ import annotations
 
 import asyncio
-import bisect
 import contextlib
 import time
 import uuid
 from collections import deque
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import datetime
 from typing import Any
 
+from mqtt_starter.simulators.qrs.changes import ChangeIndex
 from mqtt_starter.simulators.qrs.fixtures import Fixture, TaskFixture, Variants
+from mqtt_starter.simulators.qrs.logs import ScriptLogs
 
 EMPTY_GUID = "00000000-0000-0000-0000-000000000000"
 NEVER = "1753-01-01T00:00:00.000Z"
@@ -63,22 +64,6 @@ class StartRefused(Exception):
         self.status = status
         self.text = text
         super().__init__(text)
-
-
-def _now_iso(milliseconds: bool = True) -> str:
-    now = datetime.now(UTC)
-    if not milliseconds:
-        return now.strftime("%Y-%m-%dT%H:%M:%SZ")
-    return now.strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
-
-
-def parse_date(text: str) -> datetime | None:
-    """A QRS date (with or without milliseconds, `Z` or an offset) as an aware datetime."""
-    try:
-        moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
-    except ValueError:
-        return None
-    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
 
 
 def _stable_id(*parts: str) -> str:
@@ -288,14 +273,10 @@ class SimState:
         self.scheduled: list[str] = []  # task id of every run a schedule started, in order
         self.script_log_api = fixture.script_log_api
         self.variants: Variants = fixture.variants
-        # Reads of each result's log while it is not there yet (Variants.log_ready_after_reads).
-        self._log_reads: dict[str, int] = {}
-        # Script logs by result id; download ids (single use) → result id.
-        self.logs: dict[str, str] = {}
-        self.downloads: dict[str, str] = {}
-        # (modifiedDate, result id) of every change, in time order: answers "what changed
-        # since" without scanning every result.
-        self._changes: list[tuple[datetime, str]] = []
+        self.script_logs = ScriptLogs(lambda: self.variants)
+        self.logs = self.script_logs.texts  # by result id
+        self.downloads = self.script_logs.downloads
+        self.changes = ChangeIndex(lambda: self.variants, self.result_by_id)
         self._slots = asyncio.Semaphore(fixture.max_concurrent)
         self._closing = asyncio.Event()
         self._choices: dict[str, list[str]] | None = None
@@ -416,37 +397,16 @@ class SimState:
         return list(self.executions.get(execution_id.lower(), ()))
 
     def now(self) -> str:
-        return _now_iso(self.variants.date_milliseconds)
+        return self.changes.now()
 
     def filter_moment(self, literal: str) -> datetime | None:
-        """The moment a date literal of a filter stands for, read as this server reads it
-        (as UTC, or as its local time: Variants.date_filter_offset_s)."""
-        moment = parse_date(literal)
-        if moment is None:
-            return None
-        return moment - timedelta(seconds=self.variants.date_filter_offset_s)
+        return self.changes.filter_moment(literal)
 
     def changed_since(self, literal: str) -> list[dict[str, Any]]:
-        """The kept results modified at or after the moment `literal` names."""
-        moment = self.filter_moment(literal)
-        if moment is None:
-            return []
-        start = bisect.bisect_left(self._changes, (moment, ""))
-        ids = dict.fromkeys(result_id for _, result_id in self._changes[start:])
-        return [r for i in ids if (r := self.result_by_id.get(i)) is not None]
+        return self.changes.since(literal)
 
     def _changed(self, result: dict[str, Any]) -> None:
-        result["modifiedDate"] = self.now()
-        moment = parse_date(result["modifiedDate"])
-        assert moment is not None
-        self._changes.append((moment, result["id"]))
-        if len(self._changes) > 4 * len(self.result_by_id) + 1000:
-            # Keep one entry per kept result, the newest, in time order.
-            self._changes = sorted(
-                (d, i)
-                for i, r in self.result_by_id.items()
-                if (d := parse_date(r["modifiedDate"])) is not None
-            )
+        self.changes.changed(result)
 
     def _new_result(self, session: Session, status: int) -> dict[str, Any]:
         task = session.task
@@ -503,62 +463,8 @@ class SimState:
             t0 = result.pop("_t0", None)
             result["duration"] = round((time.monotonic() - t0) * 1000) if t0 else 0
             if t0:  # an attempt that never started wrote no log
-                self._write_log(result, status)
+                self.script_logs.write(result, status)
         self._changed(result)
-
-    def _write_log(self, result: dict[str, Any], status: int) -> None:
-        """The attempt's script log, as the engine writes it (external programs have none)."""
-        task: SimTask = result["_task"]
-        if task.spec.type != "reload":
-            return
-        spec = task.spec.outcome
-        stamp = result["startTime"][:19].replace("T", " ")
-        lines = [
-            f"{stamp} Execution started.",
-            f"{stamp} Qlik Sense Server Version 14.212.3",
-            f"{stamp} Reloading app {task.spec.app or task.spec.name}",
-        ]
-        lines += [
-            f"{stamp} {i:04d} LOAD * FROM [lib://Data/part{i}.qvd] (qvd);"
-            for i in range(spec.log_lines)
-        ]
-        if status == FINISHED_FAIL:
-            lines += [
-                f"{stamp} Error: {spec.message or 'The reload failed'}",
-                f"{stamp} Execution Failed",
-            ]
-        elif status == ABORTED:
-            lines += [f"{stamp} Execution aborted by user"]
-        lines += [f"{stamp} Execution finished."]
-        text = "\r\n".join(lines) + "\r\n"
-        file_reference = str(uuid.uuid4())
-        self.logs[result["id"]] = text
-        result.update(
-            scriptLogAvailable=True,
-            fileReferenceID=file_reference,
-            scriptLogLocation=f"sim-node\\{task.id}.{result['id']}.log",
-            scriptLogSize=len(text.encode("utf-8")),
-        )
-
-    def log_not_ready(self, result_id: str) -> bool:
-        """Whether this read of the result's log finds it not written yet (and counts it)."""
-        reads = self._log_reads.get(result_id, 0)
-        if reads >= self.variants.log_ready_after_reads:
-            return False
-        self._log_reads[result_id] = reads + 1
-        if len(self._log_reads) > 10_000:
-            del self._log_reads[next(iter(self._log_reads))]
-        return True
-
-    def log_download(self, result_id: str) -> str | None:
-        """A single-use download id for the result's script log; None when it has none."""
-        if result_id not in self.logs:
-            return None
-        download = str(uuid.uuid4())
-        if len(self.downloads) >= 1000:
-            del self.downloads[next(iter(self.downloads))]
-        self.downloads[download] = result_id
-        return download
 
     def result_by_file_reference(self, file_reference: str) -> dict[str, Any] | None:
         return next(

@@ -91,6 +91,44 @@ def build_tls_context(settings: MqttSettings) -> ssl.SSLContext | None:
     return context
 
 
+def session_client(
+    s: MqttSettings, tls: ssl.SSLContext | None, availability_topic: str
+) -> aiomqtt.Client:
+    """The daemon's client: a persistent session under its fixed id (MQTT 5: no clean start
+    and a session expiry; 3.1.1: clean_session off), `offline` as its Last Will, manual
+    acknowledgement."""
+    v5 = s.protocol == "5"
+    properties = None
+    if v5:
+        properties = _properties(PacketTypes.CONNECT)
+        properties.SessionExpiryInterval = s.session_expiry_s
+        properties.ReceiveMaximum = s.max_in_flight
+    client = aiomqtt.Client(
+        **_connection(s, tls),
+        identifier=s.client_id,
+        clean_session=None if v5 else False,
+        # paho refuses any clean_start but its neutral default on 3.1.1, where
+        # clean_session=False alone keeps the session.
+        clean_start=False if v5 else paho.MQTT_CLEAN_START_FIRST_ONLY,
+        properties=properties,
+        keepalive=s.keepalive_s,
+        will=aiomqtt.Will(availability_topic, b"offline", qos=1, retain=True),
+    )
+    # aiomqtt 2.5 does not expose manual acknowledgement; paho has it. It must be on
+    # before CONNECT: queued session messages may arrive before we subscribe again.
+    client._client.manual_ack_set(True)
+    return client
+
+
+def trigger_options(s: MqttSettings) -> SubscribeOptions | None:
+    """MQTT 5: Retain As Published, so that a retained message published while the daemon is
+    subscribed still says it is retained (and is ignored as a trigger); MQTT 3.1.1 has no such
+    option: the broker clears the flag on live delivery."""
+    if s.protocol != "5":
+        return None
+    return SubscribeOptions(qos=1, retainAsPublished=True)
+
+
 class MqttLink:
     """Owns the broker connection. `run(handler)` until `stop()`; `publish` any time."""
 
@@ -128,27 +166,7 @@ class MqttLink:
         return self.settings.protocol == "5"
 
     def _new_client(self) -> aiomqtt.Client:
-        s = self.settings
-        properties = None
-        if self.v5:
-            properties = _properties(PacketTypes.CONNECT)
-            properties.SessionExpiryInterval = s.session_expiry_s
-            properties.ReceiveMaximum = s.max_in_flight
-        client = aiomqtt.Client(
-            **_connection(s, self._tls),
-            identifier=s.client_id,
-            clean_session=None if self.v5 else False,
-            # paho refuses any clean_start but its neutral default on 3.1.1, where
-            # clean_session=False alone keeps the session.
-            clean_start=False if self.v5 else paho.MQTT_CLEAN_START_FIRST_ONLY,
-            properties=properties,
-            keepalive=s.keepalive_s,
-            will=aiomqtt.Will(self.availability_topic, b"offline", qos=1, retain=True),
-        )
-        # aiomqtt 2.5 does not expose manual acknowledgement; paho has it. It must be on
-        # before CONNECT: queued session messages may arrive before we subscribe again.
-        client._client.manual_ack_set(True)
-        return client
+        return session_client(self.settings, self._tls, self.availability_topic)
 
     def _subscription(self, topic_filter: str) -> str:
         group = self.settings.shared_group
@@ -194,19 +212,11 @@ class MqttLink:
                 await asyncio.wait_for(self._stopping.wait(), with_jitter)
             delay = min(delay * 2, self.settings.reconnect.max_s)
 
-    def _trigger_options(self) -> SubscribeOptions | None:
-        """MQTT 5: Retain As Published, so that a retained message published while the daemon
-        is subscribed still says it is retained (and is ignored as a trigger); MQTT 3.1.1 has
-        no such option: the broker clears the flag on live delivery."""
-        if self.settings.protocol != "5":
-            return None
-        return SubscribeOptions(qos=1, retainAsPublished=True)
-
     async def _session(self, handler: Handler) -> None:
         client = self._new_client()
         async with client:
             self._client = client
-            options = self._trigger_options()
+            options = trigger_options(self.settings)
             for topic_filter in self.subscriptions:
                 # paho takes the QoS from the options when there are options.
                 await client.subscribe(

@@ -34,7 +34,8 @@ LOST = "the daemon restarted, and no memory of this run was left to follow it by
 
 
 class Publisher(Protocol):
-    """Where the memory's records and the finished replies go."""
+    """Where the memory's records and the finished replies go: the door's ReplyPublisher,
+    seen from here (doors/mqtt.py imports this module, so this one cannot import it)."""
 
     async def publish(
         self,

@@ -16,28 +16,24 @@ import asyncio
 import signal
 import ssl
 from collections.abc import Callable, Coroutine
-from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from loguru import logger
 
-from mqtt_starter import __version__
 from mqtt_starter.config import Settings
 from mqtt_starter.core.errors import ConfigError
-from mqtt_starter.core.monitoring import iso
 from mqtt_starter.dispatch import Dispatch
 from mqtt_starter.doors.mqtt import MqttDoor
 from mqtt_starter.doors.mqtt_waits import WaitMemory
-from mqtt_starter.doors.status_board import StatusBoard
-from mqtt_starter.instance import Instance
-from mqtt_starter.mqtt.link import MqttLink, build_tls_context
+from mqtt_starter.instance import Instance, new_board
+from mqtt_starter.mqtt.link import MqttLink
 from mqtt_starter.ops.logs import configure_logging
 from mqtt_starter.ops.metrics import Metrics
 from mqtt_starter.ops.systemd import Notifier
 from mqtt_starter.service.monitor import Monitor
-from mqtt_starter.service.parts import Parts, allow_list, build_rules
+from mqtt_starter.service.parts import Parts
 from mqtt_starter.service.requests import Starter
-from mqtt_starter.wiring import wire
+from mqtt_starter.wiring import broker_tls, rebuild, serve_http, wire
 
 if TYPE_CHECKING:
     from mqtt_starter.doors.http import HttpApi
@@ -68,11 +64,6 @@ def warn_about_settings(settings: Settings) -> None:
         )
 
 
-async def broker_tls(settings: Settings) -> ssl.SSLContext | None:
-    """The broker's TLS context (ConfigError naming the key when a file cannot be used)."""
-    return await asyncio.to_thread(build_tls_context, settings.mqtt)
-
-
 class Daemon:
     """The process: signals, one task group, reload; the parts it runs are built here."""
 
@@ -99,20 +90,7 @@ class Daemon:
         self.monitor: Monitor | None = None
         self.memory: WaitMemory | None = None
         self.dispatch: Dispatch | None = None
-        self.board = StatusBoard(
-            settings.mqtt.base_topic,
-            {
-                "instance": settings.mqtt.client_id,
-                "version": __version__,
-                "startedAt": iso(datetime.now(UTC)),
-                "backend": "cloud" if settings.cloud is not None else "qrs",
-                "siteUrl": settings.site.url,
-                "brokerConnected": False,
-                "siteReachable": False,
-                "monitor": settings.monitor.enabled,
-                "monitoring": False,
-            },
-        )
+        self.board = new_board(settings)
         self.instance = Instance(
             lambda: self.settings,
             lambda: self.parts,
@@ -247,20 +225,9 @@ class Daemon:
         await asyncio.gather(self._link_task, return_exceptions=True)
 
     async def _start_http(self, starter: Starter) -> None:
-        if not self.settings.http.enabled:
-            return
-        from mqtt_starter.doors.http import HttpApi  # aiohttp.web only when the endpoint is on
-
-        self.http = HttpApi(
-            self.settings.http,
-            starter,
-            lambda: self.parts,
-            self.metrics,
-            self.instance.not_ready,
-            board=self.board,
+        self.http = await serve_http(
+            self.settings, starter, lambda: self.parts, self.metrics, self.instance
         )
-        await self.http.start_serving()
-        logger.info("HTTP endpoint on http://{}:{}", self.settings.http.host, self.http.port)
 
     async def _stop_http(self) -> None:
         if self.http is not None:
@@ -276,11 +243,7 @@ class Daemon:
         try:
             new = self._reload_settings()
             old = self.parts
-            if new.qrs != old.settings.qrs or new.cloud != old.settings.cloud:
-                parts = await Parts.build(new, self.metrics.observe_qrs)
-            else:
-                parts = old.successor(new, build_rules(new), allow_list(new.policy))
-            tls = await broker_tls(new) if new.mqtt.tls != self.settings.mqtt.tls else self._tls
+            parts, tls = await rebuild(old, self.settings, new, self._tls, self.metrics)
         except ConfigError as exc:
             for problem in exc.problems:
                 logger.error("reload refused, keeping the running configuration: {}", problem)

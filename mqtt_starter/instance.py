@@ -34,6 +34,24 @@ SITE_WATCH_S = 10.0
 Spawn = Callable[[Coroutine[Any, Any, Any], str], asyncio.Task[Any]]
 
 
+def new_board(settings: Settings) -> StatusBoard:
+    """The status page's board, with what the instance is."""
+    return StatusBoard(
+        settings.mqtt.base_topic,
+        {
+            "instance": settings.mqtt.client_id,
+            "version": __version__,
+            "startedAt": iso(datetime.now(UTC)),
+            "backend": "cloud" if settings.cloud is not None else "qrs",
+            "siteUrl": settings.site.url,
+            "brokerConnected": False,
+            "siteReachable": False,
+            "monitor": settings.monitor.enabled,
+            "monitoring": False,
+        },
+    )
+
+
 class Instance:
     """The site probe, readiness, health and the retained info of this instance."""
 

@@ -6,19 +6,26 @@ the dispatch of the link's messages. The daemon only starts and stops them.
 from __future__ import annotations
 
 import asyncio
+import ssl
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+from loguru import logger
 
 from mqtt_starter.config import Settings
 from mqtt_starter.dispatch import Dispatch
 from mqtt_starter.doors.mqtt import Link, MqttDoor, ReplyPublisher
 from mqtt_starter.doors.mqtt_waits import WaitMemory
 from mqtt_starter.instance import Instance
+from mqtt_starter.mqtt.link import build_tls_context
 from mqtt_starter.ops.metrics import Metrics
 from mqtt_starter.service.monitor import Monitor
-from mqtt_starter.service.parts import Parts
+from mqtt_starter.service.parts import Parts, allow_list, build_rules
 from mqtt_starter.service.requests import Starter
+
+if TYPE_CHECKING:
+    from mqtt_starter.doors.http import HttpApi
 
 Spawn = Callable[[Coroutine[Any, Any, Any], str], asyncio.Task[Any]]
 
@@ -67,3 +74,40 @@ def wire(
         settings, parts, door, publisher, instance, metrics, spawn, memory=memory, monitor=monitor
     )
     return Wired(publisher, starter, monitor, memory, door, dispatch)
+
+
+async def serve_http(
+    settings: Settings,
+    starter: Starter,
+    parts: Callable[[], Parts],
+    metrics: Metrics,
+    instance: Instance,
+) -> HttpApi | None:
+    """The HTTP endpoint, serving; None when it is off."""
+    if not settings.http.enabled:
+        return None
+    from mqtt_starter.doors.http import HttpApi  # aiohttp.web only when the endpoint is on
+
+    http = HttpApi(settings.http, starter, parts, metrics, instance.not_ready, board=instance.board)
+    await http.start_serving()
+    logger.info("HTTP endpoint on http://{}:{}", settings.http.host, http.port)
+    return http
+
+
+async def rebuild(
+    old: Parts, old_settings: Settings, new: Settings, tls: ssl.SSLContext | None, metrics: Metrics
+) -> tuple[Parts, ssl.SSLContext | None]:
+    """The parts and the broker's TLS for new settings: new parts when the site changed, else
+    the old backend under new rules (ConfigError when a file cannot be used)."""
+    if new.qrs != old.settings.qrs or new.cloud != old.settings.cloud:
+        parts = await Parts.build(new, metrics.observe_qrs)
+    else:
+        parts = old.successor(new, build_rules(new), allow_list(new.policy))
+    if new.mqtt.tls != old_settings.mqtt.tls:
+        tls = await broker_tls(new)
+    return parts, tls
+
+
+async def broker_tls(settings: Settings) -> ssl.SSLContext | None:
+    """The broker's TLS context (ConfigError naming the key when a file cannot be used)."""
+    return await asyncio.to_thread(build_tls_context, settings.mqtt)

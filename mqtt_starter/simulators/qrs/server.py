@@ -31,8 +31,8 @@ from aiohttp import web
 from mqtt_starter.simulators.certs import CertPaths
 from mqtt_starter.simulators.qrs.filter_engine import DateReader, FilterError, evaluate, parse
 from mqtt_starter.simulators.qrs.fixtures import Fixture, Variants
+from mqtt_starter.simulators.qrs.results import EMPTY_GUID
 from mqtt_starter.simulators.qrs.state import (
-    EMPTY_GUID,
     Faults,
     JournalEntry,
     SimState,

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import time
 import uuid
 from collections import deque
 from dataclasses import dataclass, field
@@ -24,24 +23,10 @@ from typing import Any
 from mqtt_starter.simulators.qrs.changes import ChangeIndex
 from mqtt_starter.simulators.qrs.fixtures import Fixture, TaskFixture, Variants
 from mqtt_starter.simulators.qrs.logs import ScriptLogs
-
-EMPTY_GUID = "00000000-0000-0000-0000-000000000000"
-NEVER = "1753-01-01T00:00:00.000Z"
+from mqtt_starter.simulators.qrs.results import EMPTY_GUID, NEVER, Results, stable_id
 
 TRIGGERED, STARTED, QUEUED, ABORT_INITIATED, ABORTING, ABORTED = 1, 2, 3, 4, 5, 6
 FINISHED_SUCCESS, FINISHED_FAIL, RETRY = 7, 8, 10
-_STATE_NAMES = {
-    1: "Triggered",
-    2: "Started",
-    3: "Queued",
-    4: "AbortInitiated",
-    5: "Aborting",
-    6: "Aborted",
-    7: "FinishedSuccess",
-    8: "FinishedFail",
-    10: "Retry",
-}
-_TERMINAL = {6, 7, 8, 9, 11, 12}
 # Short, fixed steps between states nobody scripts; long enough to be observed by a poller.
 _STEP_S = 0.02
 _RETRY_DELAY_S = 0.05
@@ -64,10 +49,6 @@ class StartRefused(Exception):
         self.status = status
         self.text = text
         super().__init__(text)
-
-
-def _stable_id(*parts: str) -> str:
-    return str(uuid.uuid5(uuid.NAMESPACE_URL, "qrs-sim:" + ":".join(parts)))
 
 
 @dataclass
@@ -193,12 +174,12 @@ class SimTask:
             "maxRetries": self.spec.max_retries,
             "privileges": None,
             "operational": {
-                "id": _stable_id(self.id, "operational"),
+                "id": stable_id(self.id, "operational"),
                 "nextExecution": NEVER,
                 "lastExecutionResult": {k: self.last_result[k] for k in _LAST_RESULT_FIELDS}
                 if self.last_result is not None
                 else {
-                    "id": _stable_id(self.id, "never"),
+                    "id": stable_id(self.id, "never"),
                     "status": 0,
                     "startTime": NEVER,
                     "stopTime": NEVER,
@@ -213,15 +194,15 @@ class SimTask:
         data.update(
             {
                 "tags": [
-                    {"id": _stable_id("tag", t), "name": t, "privileges": None}
+                    {"id": stable_id("tag", t), "name": t, "privileges": None}
                     for t in self.spec.tags
                 ],
                 "customProperties": [
                     {
-                        "id": _stable_id(self.id, "cp", name, value),
+                        "id": stable_id(self.id, "cp", name, value),
                         "value": value,
                         "definition": {
-                            "id": _stable_id("cpdef", name),
+                            "id": stable_id("cpdef", name),
                             "name": name,
                             "valueType": "Text",
                             "choiceValues": choice_values[name],
@@ -236,7 +217,7 @@ class SimTask:
         )
         if self.spec.type == "reload":
             data["app"] = {
-                "id": _stable_id("app", self.spec.app or self.spec.name),
+                "id": stable_id("app", self.spec.app or self.spec.name),
                 "name": self.spec.app or self.spec.name,
             }
         return data
@@ -262,9 +243,10 @@ class SimState:
         self.results_per_task = fixture.results_per_task
         self.without_read_rights = {u.casefold() for u in fixture.without_read_rights}
         self.journal_limit = fixture.journal_limit
-        # Every kept result, by execution (session) id and by result id.
-        self.executions: dict[str, list[dict[str, Any]]] = {}
-        self.result_by_id: dict[str, dict[str, Any]] = {}
+        # Every kept result, by execution (session) id and by result id (results.py).
+        self.results_book = Results()
+        self.executions = self.results_book.executions
+        self.result_by_id = self.results_book.by_id
         self.journal: list[JournalEntry] = []
         self.faults = Faults()
         self.in_flight = 0
@@ -273,10 +255,12 @@ class SimState:
         self.scheduled: list[str] = []  # task id of every run a schedule started, in order
         self.script_log_api = fixture.script_log_api
         self.variants: Variants = fixture.variants
-        self.script_logs = ScriptLogs(lambda: self.variants)
+        self.script_logs = self.results_book.script_logs = ScriptLogs(lambda: self.variants)
         self.logs = self.script_logs.texts  # by result id
         self.downloads = self.script_logs.downloads
-        self.changes = ChangeIndex(lambda: self.variants, self.result_by_id)
+        self.changes = self.results_book.changes = ChangeIndex(
+            lambda: self.variants, self.result_by_id
+        )
         self._slots = asyncio.Semaphore(fixture.max_concurrent)
         self._closing = asyncio.Event()
         self._choices: dict[str, list[str]] | None = None
@@ -377,9 +361,9 @@ class SimState:
         if len(opened) >= self.journal_limit:
             del opened[: self.journal_limit // 2]
         opened.append(task.id)
-        result = self._new_result(session, TRIGGERED)
+        result = self.results_book.new(session, TRIGGERED)
         if by_schedule:
-            self._detail(result, 2, "Trigger fired: scheduled start")
+            self.results_book.detail(result, 2, "Trigger fired: scheduled start")
         session.runner = asyncio.create_task(self._run(session), name=f"sim-exec-{session.id}")
         return session.id
 
@@ -405,72 +389,8 @@ class SimState:
     def changed_since(self, literal: str) -> list[dict[str, Any]]:
         return self.changes.since(literal)
 
-    def _changed(self, result: dict[str, Any]) -> None:
-        self.changes.changed(result)
-
-    def _new_result(self, session: Session, status: int) -> dict[str, Any]:
-        task = session.task
-        result: dict[str, Any] = {
-            "id": str(uuid.uuid4()),
-            "taskID": task.id,
-            "executionID": session.id,
-            "appID": _stable_id("app", task.spec.app or task.spec.name)
-            if task.spec.type == "reload"
-            else EMPTY_GUID,
-            "fileReferenceID": EMPTY_GUID,
-            "status": status,
-            "startTime": NEVER,
-            "stopTime": NEVER,
-            "duration": 0,
-            "executingNodeName": "sim-node",
-            # Set when a reload attempt ends and its script log is written.
-            "scriptLogAvailable": False,
-            "scriptLogLocation": "",
-            "scriptLogSize": 0,
-            "details": [],
-            "createdDate": self.now(),
-            "modifiedDate": "",
-            "schemaPath": "ExecutionResult",
-        }
-        result["_task"] = task
-        self._detail(result, 2, f"Changing task state to {_STATE_NAMES[status]}")
-        self.executions.setdefault(session.id, []).append(result)
-        self.result_by_id[result["id"]] = result
-        task.set_last_result(result)
-        return result
-
-    def _detail(self, result: dict[str, Any], kind: int, message: str) -> None:
-        result["details"].append(
-            {"detailsType": kind, "message": message, "detailCreatedDate": self.now()}
-        )
-        result["_task"].changed()
-        self._changed(result)
-
-    def _set(self, result: dict[str, Any], status: int) -> None:
-        self._detail(
-            result,
-            2,
-            f"Changing task state from {_STATE_NAMES[result['status']]} to {_STATE_NAMES[status]}",
-        )
-        result["status"] = status
-        if status == STARTED:
-            result["startTime"] = self.now()
-            result["_t0"] = time.monotonic()
-        if status in _TERMINAL:
-            result["stopTime"] = self.now()
-            if result["startTime"] == NEVER:
-                result["startTime"] = result["stopTime"]
-            t0 = result.pop("_t0", None)
-            result["duration"] = round((time.monotonic() - t0) * 1000) if t0 else 0
-            if t0:  # an attempt that never started wrote no log
-                self.script_logs.write(result, status)
-        self._changed(result)
-
     def result_by_file_reference(self, file_reference: str) -> dict[str, Any] | None:
-        return next(
-            (r for r in self.result_by_id.values() if r["fileReferenceID"] == file_reference),
-            None,
-        )
+        return self.results_book.by_file_reference(file_reference)
 
     async def _pause(self, session: Session, seconds: float) -> bool:
         """Wait `seconds`; True when a stop request cut the wait short."""
@@ -484,44 +404,46 @@ class SimState:
         attempt = 0
         try:
             while True:
-                self._detail(result, 2, "Trying to start task. Sending task to slave scheduler")
+                self.results_book.detail(
+                    result, 2, "Trying to start task. Sending task to slave scheduler"
+                )
                 queued = spec.outcome.queue_s > 0 or self._slots.locked()
                 if queued:
-                    self._set(result, QUEUED)
+                    self.results_book.set(result, QUEUED)
                     if await self._pause(session, spec.outcome.queue_s):
                         return await self._abort(session, result)
                 await self._slots.acquire()
                 try:
                     if session.abort.is_set():
                         return await self._abort(session, result)
-                    self._set(result, STARTED)
+                    self.results_book.set(result, STARTED)
                     if await self._pause(session, spec.outcome.duration_s):
                         return await self._abort(session, result)
                 finally:
                     self._slots.release()
                 failed = spec.outcome.result == "fail" or attempt < spec.outcome.failures
                 if not failed:
-                    self._set(result, FINISHED_SUCCESS)
+                    self.results_book.set(result, FINISHED_SUCCESS)
                     return self._finish(session, result)
-                self._detail(result, 0, spec.outcome.message or "The reload failed")
-                self._set(result, FINISHED_FAIL)
+                self.results_book.detail(result, 0, spec.outcome.message or "The reload failed")
+                self.results_book.set(result, FINISHED_FAIL)
                 if attempt >= spec.max_retries:
                     return self._finish(session, result)
                 attempt += 1
                 # The failed attempt keeps its terminal result; the retry opens a new one under
                 # the same session, so the session's newest result is never terminal mid-retry.
-                result = self._new_result(session, RETRY)
+                result = self.results_book.new(session, RETRY)
                 await asyncio.sleep(_RETRY_DELAY_S)
-                self._set(result, TRIGGERED)
+                self.results_book.set(result, TRIGGERED)
         except asyncio.CancelledError:
             self.sessions.pop(session.id, None)
             raise
 
     async def _abort(self, session: Session, result: dict[str, Any]) -> None:
         for status in (ABORT_INITIATED, ABORTING):
-            self._set(result, status)
+            self.results_book.set(result, status)
             await asyncio.sleep(_STEP_S)
-        self._set(result, ABORTED)
+        self.results_book.set(result, ABORTED)
         self._finish(session, result)
 
     def _finish(self, session: Session, result: dict[str, Any]) -> None:

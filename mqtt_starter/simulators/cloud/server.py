@@ -18,8 +18,9 @@ from urllib.parse import parse_qsl, urlencode
 from aiohttp import web
 
 from mqtt_starter.simulators.certs import CertPaths
+from mqtt_starter.simulators.cloud.errors import ApiError
 from mqtt_starter.simulators.cloud.fixtures import CloudFixture, CloudVariants
-from mqtt_starter.simulators.cloud.state import ApiError, CloudState
+from mqtt_starter.simulators.cloud.state import CloudState
 from mqtt_starter.simulators.qrs.server import server_ssl_context, set_faults_of, with_faults
 from mqtt_starter.simulators.qrs.state import JournalEntry
 
@@ -69,7 +70,7 @@ async def token(request: web.Request) -> web.Response:
         raise ApiError(400, "OAUTH-3", "unsupported_grant_type", "client_credentials only")
     scope = body.get("scope")
     return web.json_response(
-        _state(request).issue_token(
+        _state(request).access.issue_token(
             str(body.get("client_id")),
             str(body.get("client_secret")),
             scope if isinstance(scope, str) else "",
@@ -252,9 +253,9 @@ async def bearer(request: web.Request, handler: Handler) -> web.StreamResponse:
     if state.take_proxy_429():
         return web.Response(status=429, text=PROXY_PAGE, content_type="text/html")
     header = request.headers.get("Authorization")
-    if not state.authorised(header):
+    if not state.access.authorised(header):
         return _error(ApiError(401, "HTTP-401", "Unauthorized", "a valid bearer is required"))
-    if not state.scoped(header):
+    if not state.access.scoped(header):
         return _error(ApiError(403, "HTTP-403", "Forbidden", "the token has no scope"))
     return await handler(request)
 

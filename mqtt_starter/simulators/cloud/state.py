@@ -20,6 +20,8 @@ from collections import deque
 from datetime import UTC, datetime
 from typing import Any
 
+from mqtt_starter.simulators.cloud.access import Access
+from mqtt_starter.simulators.cloud.errors import ApiError
 from mqtt_starter.simulators.cloud.fixtures import App, CloudFixture
 from mqtt_starter.simulators.qrs.state import Faults, JournalEntry
 
@@ -46,23 +48,6 @@ async def _either(first: asyncio.Event, second: asyncio.Event) -> None:
             waiter.cancel()
 
 
-class ApiError(Exception):
-    """An answer in Qlik's error shape: {"errors": [{"code", "title", "detail"}]}."""
-
-    def __init__(
-        self, status: int, code: str, title: str, detail: str = "", retry_after: int | None = None
-    ) -> None:
-        super().__init__(title)
-        self.status = status
-        self.code = code
-        self.title = title
-        self.detail = detail
-        self.retry_after = retry_after
-
-    def body(self) -> dict[str, Any]:
-        return {"errors": [{"code": self.code, "title": self.title, "detail": self.detail}]}
-
-
 class CloudState:
     """Everything the simulated tenant knows: apps, reloads, logs, tokens, journal."""
 
@@ -79,11 +64,10 @@ class CloudState:
         self.reloads: dict[str, dict[str, Any]] = {}
         self.logs: dict[str, str] = {}
         self.by_app: dict[str, deque[str]] = {app.id: deque() for app in fixture.apps}
-        self.tokens: dict[str, float] = {}  # access token → monotonic expiry
-        self.scopeless: set[str] = set()  # tokens issued without a scope: they reach nothing
+        self.access = Access(fixture)
+        self.tokens, self.scopeless = self.access.tokens, self.access.scopeless
         self.variants = fixture.variants
         self._log_reads: dict[str, int] = {}
-        self.tokens_issued = 0
         self.posts: deque[float] = deque()  # monotonic times of reload POSTs in the window
         self.reloads_started = 0
         self.started: list[str] = []  # app id of every reload created, in order
@@ -93,6 +77,10 @@ class CloudState:
         self._cancels: dict[str, asyncio.Event] = {}
         self._ended: dict[str, asyncio.Event] = {}  # of each active reload
         self._closing = asyncio.Event()
+
+    @property
+    def tokens_issued(self) -> int:
+        return self.access.issued
 
     # -- lookups ------------------------------------------------------------------------------
 
@@ -115,37 +103,7 @@ class CloudState:
             },
         }
 
-    # -- auth ---------------------------------------------------------------------------------
-
-    def issue_token(self, client_id: str, client_secret: str, scope: str = "") -> dict[str, Any]:
-        if not any(
-            c.client_id == client_id and c.client_secret == client_secret
-            for c in self.fixture.oauth_clients
-        ):
-            raise ApiError(401, "OAUTH-1", "invalid_client", "unknown client or wrong secret")
-        token = secrets.token_urlsafe(24)
-        lifetime = self.fixture.token_lifetime_s
-        self.tokens[token] = time.monotonic() + lifetime
-        if not scope.split():
-            self.scopeless.add(token)
-        self.tokens_issued += 1
-        return {"access_token": token, "expires_in": lifetime, "token_type": "Bearer"}
-
-    def authorised(self, header: str | None) -> bool:
-        if header is None or not header.startswith("Bearer "):
-            return False
-        token = header.removeprefix("Bearer ")
-        if token in self.fixture.api_keys:
-            return True
-        expiry = self.tokens.get(token)
-        return expiry is not None and time.monotonic() < expiry
-
     # -- reloads ------------------------------------------------------------------------------
-
-    def scoped(self, header: str | None) -> bool:
-        """Whether the bearer may reach anything (an OAuth token asked for without a scope
-        reaches nothing)."""
-        return (header or "").removeprefix("Bearer ") not in self.scopeless
 
     def log_not_ready(self, reload_id: str) -> bool:
         """Whether this read of a finished reload's log finds it not there yet (counted)."""

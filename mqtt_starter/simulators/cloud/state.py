@@ -23,6 +23,7 @@ from typing import Any
 from mqtt_starter.simulators.cloud.access import Access
 from mqtt_starter.simulators.cloud.errors import ApiError
 from mqtt_starter.simulators.cloud.fixtures import App, CloudFixture
+from mqtt_starter.simulators.cloud.logs import ReloadLogs
 from mqtt_starter.simulators.qrs.state import Faults, JournalEntry
 
 ACTIVE = ("QUEUED", "RELOADING", "CANCELING")
@@ -62,12 +63,12 @@ class CloudState:
         self.apps: dict[str, App] = {app.id: app for app in fixture.apps}
         self.item_ids: dict[str, str] = {app.id: _object_id() for app in fixture.apps}
         self.reloads: dict[str, dict[str, Any]] = {}
-        self.logs: dict[str, str] = {}
+        self.reload_logs = ReloadLogs()
+        self.logs = self.reload_logs.texts  # by reload id
         self.by_app: dict[str, deque[str]] = {app.id: deque() for app in fixture.apps}
         self.access = Access(fixture)
         self.tokens, self.scopeless = self.access.tokens, self.access.scopeless
         self.variants = fixture.variants
-        self._log_reads: dict[str, int] = {}
         self.posts: deque[float] = deque()  # monotonic times of reload POSTs in the window
         self.reloads_started = 0
         self.started: list[str] = []  # app id of every reload created, in order
@@ -106,12 +107,7 @@ class CloudState:
     # -- reloads ------------------------------------------------------------------------------
 
     def log_not_ready(self, reload_id: str) -> bool:
-        """Whether this read of a finished reload's log finds it not there yet (counted)."""
-        reads = self._log_reads.get(reload_id, 0)
-        if reads >= self.variants.log_ready_after_reads:
-            return False
-        self._log_reads[reload_id] = reads + 1
-        return True
+        return self.reload_logs.not_ready(reload_id, self.variants.log_ready_after_reads)
 
     def take_proxy_429(self) -> bool:
         if self.variants.proxy_429_next <= 0:
@@ -250,20 +246,7 @@ class CloudState:
     def _end(self, reload: dict[str, Any], app: App) -> None:
         reload["endTime"] = _now_iso()
         reload["startTime"] = reload["startTime"] or reload["endTime"]
-        stamp = reload["creationTime"][:19].replace("T", " ")
-        lines = [f"{stamp} Reload started for app {app.name}"]
-        lines += [
-            f"{stamp} {i:04d} LOAD * FROM [lib://DataFiles/part{i}.qvd] (qvd);"
-            for i in range(app.outcome.log_lines)
-        ]
-        if reload["status"] == "FAILED":
-            lines += [f"{stamp} Error: {reload['errorMessage']}", f"{stamp} Execution Failed"]
-        elif reload["status"] == "CANCELED":
-            lines += [f"{stamp} Reload canceled"]
-        lines += [f"{stamp} Execution finished."]
-        self.logs[reload["id"]] = "\n".join(lines) + "\n"
-        # Since 2026-02 `log` is a short summary; the full log is served on its own.
-        reload["log"] = lines[-2] if reload["status"] == "FAILED" else lines[-1]
+        self.reload_logs.write(reload, app)
 
     # -- journal and lifecycle ----------------------------------------------------------------
 

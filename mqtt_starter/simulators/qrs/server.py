@@ -265,7 +265,9 @@ async def script_log(request: web.Request) -> web.Response:
     reference = request.query.get("fileReferenceId")
     if reference is None:
         raise web.HTTPBadRequest(text="Missing parameter value(s)")
-    result = None if reference == EMPTY_GUID else state.result_by_file_reference(reference.lower())
+    result = (
+        None if reference == EMPTY_GUID else state.results_book.by_file_reference(reference.lower())
+    )
     return _log_reference(request, result)
 
 
@@ -298,7 +300,7 @@ def _indexed_results(state: SimState, text: str | None) -> list[dict[str, Any]]:
     (what followers ask, thousands of times), else every kept result."""
     since = _BY_MODIFIED.match(text or "")
     if since is not None:
-        return state.changed_since(since.group(1))
+        return state.changes.since(since.group(1))
     match = _BY_GUID.match(text or "")
     if match is None:
         return state.results
@@ -323,7 +325,7 @@ async def execution_results(request: web.Request) -> web.Response:
     state = _state(request)
     # The filter still runs over the indexed candidates, so the answer is the engine's.
     objects = _filtered(
-        request, _indexed_results(state, request.query.get("filter")), state.filter_moment
+        request, _indexed_results(state, request.query.get("filter")), state.changes.filter_moment
     )
     if not _may_read_executions(request):
         objects = []  # QRS filters out what a user may not read: an empty list, no error

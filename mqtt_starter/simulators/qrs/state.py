@@ -17,7 +17,6 @@ import contextlib
 import uuid
 from collections import deque
 from dataclasses import dataclass, field
-from datetime import datetime
 from typing import Any
 
 from mqtt_starter.simulators.qrs.changes import ChangeIndex
@@ -319,20 +318,12 @@ class SimState:
     # -- schedules --------------------------------------------------------------------------
 
     def start_schedules(self) -> None:
+        """Run each scheduled task's schedule (a trigger that fires every `schedule_s`)."""
         for task in self.tasks.values():
             if task.spec.schedule_s is not None:
                 self._schedules.append(
-                    asyncio.create_task(self._schedule(task), name=f"sim-schedule-{task.id}")
+                    asyncio.create_task(run_schedule(self, task), name=f"sim-schedule-{task.id}")
                 )
-
-    async def _schedule(self, task: SimTask) -> None:
-        assert task.spec.schedule_s is not None
-        while self.tasks.get(task.id) is task:
-            await self.pause(task.spec.schedule_s)
-            if self._closing.is_set():
-                return
-            if self.tasks.get(task.id) is task:
-                self.fire(task)
 
     def fire(self, task: SimTask) -> str:
         """Start `task` as its schedule would: nobody asked through the API."""
@@ -379,18 +370,6 @@ class SimState:
 
     def results_of(self, execution_id: str) -> list[dict[str, Any]]:
         return list(self.executions.get(execution_id.lower(), ()))
-
-    def now(self) -> str:
-        return self.changes.now()
-
-    def filter_moment(self, literal: str) -> datetime | None:
-        return self.changes.filter_moment(literal)
-
-    def changed_since(self, literal: str) -> list[dict[str, Any]]:
-        return self.changes.since(literal)
-
-    def result_by_file_reference(self, file_reference: str) -> dict[str, Any] | None:
-        return self.results_book.by_file_reference(file_reference)
 
     async def _pause(self, session: Session, seconds: float) -> bool:
         """Wait `seconds`; True when a stop request cut the wait short."""
@@ -453,6 +432,10 @@ class SimState:
         while len(history) > self.results_per_task:
             self._drop_execution(history.popleft())
 
+    @property
+    def closing(self) -> bool:
+        return self._closing.is_set()
+
     async def pause(self, seconds: float) -> None:
         """Sleep for a fault (delay, hang), cut short when the simulator stops."""
         with contextlib.suppress(TimeoutError):
@@ -478,3 +461,14 @@ class SimState:
         self.started.clear()
         self.scheduled.clear()
         self.peak_in_flight = self.in_flight
+
+
+async def run_schedule(state: SimState, task: SimTask) -> None:
+    """Fire `task` every `schedule_s` while it exists and the simulator runs."""
+    assert task.spec.schedule_s is not None
+    while state.tasks.get(task.id) is task:
+        await state.pause(task.spec.schedule_s)
+        if state.closing:
+            return
+        if state.tasks.get(task.id) is task:
+            state.fire(task)

@@ -11,7 +11,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from mqtt_starter import __version__
-from mqtt_starter.config import LogSettings, Settings, file_problems, load_settings
+from mqtt_starter.config import (
+    LogSettings,
+    MqttSettings,
+    Settings,
+    file_problems,
+    load_settings,
+    settings_from_mapping,
+)
 from mqtt_starter.core.errors import EXIT_CONFIG, ConfigError, MqttStarterError
 from mqtt_starter.ops.logs import configure_logging
 
@@ -145,6 +152,39 @@ def _parser() -> argparse.ArgumentParser:
         " connects; 0: any free port)",
     )
 
+    trig = commands.add_parser(
+        "trigger",
+        help="start tasks through a running daemon and say in the exit code how it went",
+        description="Exit codes: 0 everything started (--wait: every run succeeded); 1 a run"
+        " did not succeed; 2 not everything started; 3 the wait timed out; 4 no answer;"
+        " 78 bad configuration or arguments.",
+    )
+    for flag, meta, text in (
+        ("--id", "ID", "task id (Qlik Cloud: app id)"),
+        ("--tag", "TAG", "tag"),
+        ("--cp", "NAME=VALUE", "custom property value"),
+        ("--name", "NAME", "task name"),
+        ("--space", "NAME", "Qlik Cloud space"),
+    ):
+        trig.add_argument(flag, action="append", default=[], metavar=meta, help=text)
+    trig.add_argument("--wait", action="store_true", help="follow the runs to their end")
+    trig.add_argument("--timeout", type=float, help="with --wait: longest wait in seconds")
+    trig.add_argument("--dry-run", action="store_true", help="check everything, start nothing")
+    trig.add_argument("--json", action="store_true", help="print the replies as received")
+    trig.add_argument("-c", "--config", type=Path, help="take the broker from this configuration")
+    trig.add_argument("--broker", metavar="HOST[:PORT]", help="the broker (default: localhost)")
+    trig.add_argument("--protocol", choices=["5", "3.1.1"], default="5", help="MQTT version")
+    trig.add_argument("--username", help="broker user name")
+    trig.add_argument("--password-file", type=Path, help="file holding the broker password")
+    trig.add_argument("--tls", action="store_true", help="connect over TLS")
+    trig.add_argument("--ca-file", type=Path, help="with --tls: the broker's CA")
+    trig.add_argument("--cert-file", type=Path, help="with --tls: a client certificate")
+    trig.add_argument("--key-file", type=Path, help="with --tls: its key")
+    trig.add_argument("--base-topic", help="the daemon's mqtt.base_topic (default: butler)")
+    trig.add_argument(
+        "--reply-timeout", type=float, default=30.0, help="seconds to wait for the first reply"
+    )
+
     sim = commands.add_parser("simulate-qrs", help="run the QRS simulator (HTTPS, mutual TLS)")
     sim.add_argument("--tasks", type=Path, help="task fixture (YAML or JSON); default: samples")
     sim.add_argument("--host", default="127.0.0.1", help="address to listen on")
@@ -275,8 +315,87 @@ def _simulate_cloud(args: argparse.Namespace) -> int:
     return 0
 
 
+def _trigger(args: argparse.Namespace) -> int:
+    from mqtt_starter.commands.trigger import Ask, trigger
+
+    try:
+        settings = _trigger_broker(args)
+    except ConfigError as error:
+        return _config_failed(error)
+    custom = []
+    for text in args.cp:
+        name, sep, value = text.partition("=")
+        if not sep or not name:
+            print(f"mqtt-starter trigger: --cp {text!r}: expected NAME=VALUE", file=sys.stderr)
+            return EXIT_CONFIG
+        custom.append((name, value))
+    ask = Ask(
+        task_ids=args.id,
+        tags=args.tag,
+        custom_properties=custom,
+        names=args.name,
+        spaces=args.space,
+        wait=args.wait,
+        timeout_s=args.timeout,
+        dry_run=args.dry_run,
+    )
+    if ask.empty():
+        print(
+            "usage: mqtt-starter trigger [--id ID]... [--tag TAG]... [--cp NAME=VALUE]..."
+            " [--name NAME]... [--space NAME]... [--wait] ...",
+            file=sys.stderr,
+        )
+        print("mqtt-starter trigger: say what to start: --id, --tag, --cp, --name or --space",
+              file=sys.stderr)  # fmt: skip
+        return EXIT_CONFIG
+    return asyncio.run(
+        trigger(settings, ask, reply_timeout_s=args.reply_timeout, as_json=args.json)
+    )
+
+
+def _trigger_broker(args: argparse.Namespace) -> MqttSettings:
+    """The broker settings: the configuration's (`-c`), or the flags' (default localhost)."""
+    if args.config is not None:
+        settings = load_settings(args.config).mqtt
+        return settings.model_copy(
+            update={"base_topic": args.base_topic} if args.base_topic else {}
+        )
+    broker = args.broker or "localhost"
+    host, colon, port = broker.rpartition(":")
+    if not colon:
+        host, port = broker, ""
+    values: dict[str, object] = {"host": host, "protocol": args.protocol}
+    if port:
+        values["port"] = port
+    if args.username:
+        values["username"] = args.username
+    if args.password_file:
+        try:
+            values["password"] = args.password_file.read_text("utf-8").strip()
+        except OSError as exc:
+            raise ConfigError.unusable("--password-file", args.password_file, exc) from None
+    if args.tls:
+        values["tls"] = {
+            "enabled": True,
+            "ca_file": args.ca_file,
+            "cert_file": args.cert_file,
+            "key_file": args.key_file,
+        }
+    if args.base_topic:
+        values["base_topic"] = args.base_topic
+    # The site is not this command's business: any will do for the broker's settings.
+    return settings_from_mapping({"mqtt": values, "qrs": {"url": "https://unused"}}, {}).mqtt
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    arguments = list(sys.argv[1:] if argv is None else argv)
+    try:
+        args = _parser().parse_args(arguments)
+    except SystemExit as exc:
+        # For schedulers, a bad trigger call is a configuration error (78), as documented.
+        if exc.code == 2 and arguments[:1] == ["trigger"]:
+            return EXIT_CONFIG
+        raise
     commands = {
         "run": _run,
         "check": _check,
@@ -284,5 +403,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         "demo": _demo,
         "simulate-qrs": _simulate_qrs,
         "simulate-cloud": _simulate_cloud,
+        "trigger": _trigger,
     }
     return commands[args.command](args)

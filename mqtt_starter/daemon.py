@@ -39,6 +39,9 @@ if TYPE_CHECKING:
     from mqtt_starter.doors.http import HttpApi
 
 
+LOOPBACK = ("127.0.0.1", "::1", "localhost")
+
+
 def warn_about_settings(settings: Settings) -> None:
     if settings.policy.allow is None:
         logger.warning(
@@ -55,6 +58,13 @@ def warn_about_settings(settings: Settings) -> None:
         )
     if settings.mqtt.tls.enabled and settings.mqtt.tls.insecure:
         logger.warning("mqtt.tls.insecure is true: the broker host name is NOT checked")
+    http = settings.http
+    if http.enabled and not (http.tls.enabled or http.token) and http.host not in LOOPBACK:
+        logger.warning(
+            "the HTTP endpoint listens on {} without TLS or a token: what it is sent can be read"
+            " and forged on the way",
+            http.host,
+        )
     if settings.http.enabled and settings.http.token is None:
         logger.warning(
             "http.token is not set: anyone who reaches {}:{} can start tasks and read the"

@@ -105,6 +105,10 @@ async def rebuild(
         parts = old.successor(new, build_rules(new), allow_list(new.policy))
     if new.mqtt.tls != old_settings.mqtt.tls:
         tls = await broker_tls(new)
+    if new.http.enabled and new.http != old_settings.http:
+        from mqtt_starter.doors.http import server_tls  # aiohttp only with the endpoint
+
+        await asyncio.to_thread(server_tls, new.http)  # refused here, before anything changes
     return parts, tls
 
 

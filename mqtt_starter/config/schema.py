@@ -368,6 +368,11 @@ class RouteSettings(Section):
         [], description="custom property values whose tasks to start"
     )
     names: list[str] = Field([], description="task names to start")
+    payload_as: Literal["task_id", "name", "tag"] | None = Field(
+        None,
+        description="the payload's text (trimmed) is the selector, as Butler's own MQTT start"
+        " (`qliksense/start_task` with a bare task id); no other selector on the route",
+    )
     when: WhenCondition | None = Field(None, description="start only when the payload matches")
     debounce_s: float = Field(
         0.0,
@@ -378,9 +383,16 @@ class RouteSettings(Section):
     @model_validator(mode="after")
     def _check(self) -> RouteSettings:
         topic_filter = TopicFilter.parse(self.topic)
-        if not (self.task_ids or self.tags or self.custom_properties or self.names):
+        selectors = self.task_ids or self.tags or self.custom_properties or self.names
+        if self.payload_as is not None and (selectors or self.when is not None):
             raise ValueError(
-                "a route needs at least one of task_ids, tags, custom_properties, names"
+                "payload_as takes the selector from the payload: no task_ids, tags,"
+                " custom_properties, names or when on the same route"
+            )
+        if self.payload_as is None and not selectors:
+            raise ValueError(
+                "a route needs at least one of task_ids, tags, custom_properties, names,"
+                " or payload_as"
             )
         templates = [
             *self.task_ids,
@@ -462,6 +474,23 @@ class MonitorSettings(Section):
     )
 
 
+class HttpTls(Section):
+    """HTTPS for the endpoint: a certificate and its key, both or neither."""
+
+    cert_file: Path | None = Field(None, description="the endpoint's certificate (PEM)")
+    key_file: Path | None = Field(None, description="its private key (PEM)")
+
+    @model_validator(mode="after")
+    def _pair(self) -> HttpTls:
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError("give both cert_file and key_file (HTTPS), or neither (HTTP)")
+        return self
+
+    @property
+    def enabled(self) -> bool:
+        return self.cert_file is not None
+
+
 class HttpSettings(Section):
     """The HTTP endpoint: health, metrics, Butler's REST start, the status page."""
 
@@ -494,6 +523,7 @@ class HttpSettings(Section):
         gt=0,
         description="how long the status page's cookie (opened with /?token=) is good for",
     )
+    tls: HttpTls = Field(HttpTls(), description="HTTPS: set cert_file and key_file")
 
     @model_validator(mode="after")
     def _token_beyond_loopback(self) -> HttpSettings:

@@ -201,7 +201,8 @@ def parse_request(
     if data is None:
         data = {}
     if isinstance(data, list) and butler_array:
-        return Request(selectors=(*topic_selectors, *parse_butler_items(data)))
+        selectors, ignored = parse_butler_items(data)
+        return Request(selectors=(*topic_selectors, *selectors), ignored=ignored)
     data = _object(data, "", REQUEST_FIELDS) if isinstance(data, Mapping) else None
     if data is None:
         raise BadPayload(
@@ -252,14 +253,18 @@ _BUTLER_ITEMS: dict[str, tuple[tuple[str, ...], Callable[[Mapping[str, Any], str
 }
 
 
-def parse_butler_items(items: list[Any]) -> list[Selector]:
-    """Selectors from Butler's REST body; `keyvaluestore` items are acknowledged and ignored."""
+def parse_butler_items(items: list[Any]) -> tuple[list[Selector], tuple[str, ...]]:
+    """Selectors from Butler's REST body, and the kinds of item it had that are not served:
+    `keyvaluestore` items are said to be ignored (the reply's `ignored`), never silently."""
     selectors = []
+    ignored: list[str] = []
     for i, item in enumerate(items):
         where = f"[{i}]"
         item = _object(item, where, ("type", "payload"))
         kind = _string(_required(item, "type", where), f"{where}.type")
         if kind.lower() == "keyvaluestore":
+            if "keyvaluestore" not in ignored:
+                ignored.append("keyvaluestore")
             continue
         spec = _BUTLER_ITEMS.get(kind.lower())
         if spec is None:
@@ -270,7 +275,7 @@ def parse_butler_items(items: list[Any]) -> list[Selector]:
         fields, build = spec
         payload = _object(_required(item, "payload", where), f"{where}.payload", fields)
         selectors.append(build(payload, f"{where}.payload"))
-    return selectors
+    return selectors, tuple(ignored)
 
 
 # -- replies and status events -----------------------------------------------------------------
@@ -394,6 +399,8 @@ def reply_json(reply: Reply, instance: str) -> dict[str, Any]:
         ]
     if reply.notes:
         data["notes"] = list(reply.notes)
+    if reply.ignored:
+        data["ignored"] = list(reply.ignored)
     if reply.replayed:
         data["replayed"] = True
     data["instance"] = instance

@@ -219,6 +219,7 @@ class Request:
     wait_timeout_s: float | None = None  # None: status.wait_timeout_s
     dry_run: bool = False
     reload: ReloadOptions | None = None  # Qlik Cloud only
+    ignored: tuple[str, ...] = ()  # kinds of Butler items this daemon does not serve
 
 
 class UnmatchedReason(StrEnum):
@@ -320,3 +321,4 @@ class Reply:
     error: ErrorInfo | None = None
     notes: tuple[str, ...] = ()
     replayed: bool = False  # answered again from memory: nothing was started for it
+    ignored: tuple[str, ...] = ()  # kinds of Butler items the request had and got no service

@@ -161,6 +161,7 @@ class Route:
     selectors: tuple[Selector, ...]
     when: When | None = None
     debounce_s: float = 0.0
+    payload_as: SelectorKind | None = None  # the payload's text is the one selector
 
     def selectors_for(self, topic: str) -> tuple[Selector, ...] | None:
         """The route's selectors with `{n}` filled from `topic`, or None when it does not match."""

@@ -14,7 +14,7 @@ from typing import Any
 
 from mqtt_starter.core.codec import decode_json, parse_request, request_id_of
 from mqtt_starter.core.errors import BadPayload, ReplyTopicRefused, RequestError
-from mqtt_starter.core.model import Request
+from mqtt_starter.core.model import Request, Selector
 from mqtt_starter.core.routing import (
     Route,
     TopicFilter,
@@ -179,6 +179,8 @@ def _route_request(
     refused: ReplyTopicRefused | None,
 ) -> Decision:
     route, selectors = found
+    if route.payload_as is not None:
+        return _payload_as_request(route, payload, reply_topic, refused)
     data: Any = None
     if route.when is not None or payload.strip():
         try:
@@ -202,5 +204,32 @@ def _route_request(
         reply_topic,
         "route",
         debounce_key=(route.filter.text, request.selectors),
+        debounce_s=route.debounce_s,
+    )
+
+
+def _payload_as_request(
+    route: Route, payload: bytes, reply_topic: str | None, refused: ReplyTopicRefused | None
+) -> Decision:
+    """A route whose payload is the selector's value (Butler's own MQTT start)."""
+    assert route.payload_as is not None
+    if refused is not None:
+        return Refuse(refused, reply_topic, None, "route")
+    try:
+        text = payload.decode("utf-8").strip()
+    except UnicodeDecodeError:
+        text = ""
+    if not text:
+        error = BadPayload(
+            f"route {route.filter.text}: the payload is the {route.payload_as.value}: it is"
+            " empty or not UTF-8 text"
+        )
+        return Refuse(error, reply_topic, None, "route")
+    selector = Selector(route.payload_as, text)
+    return Accept(
+        Request(selectors=(selector,)),
+        reply_topic,
+        "route",
+        debounce_key=(route.filter.text, (selector,)),
         debounce_s=route.debounce_s,
     )

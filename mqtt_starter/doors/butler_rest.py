@@ -57,13 +57,16 @@ def butler_answer(reply: Reply) -> dict[str, Any]:
     invalid = [
         {"taskId": u.selector.value} for u in reply.unmatched if u.selector.kind is SelectorKind.ID
     ]
-    return {
+    answer: dict[str, Any] = {
         "tasksId": {"started": started_by_id, "invalid": invalid, "denied": denied_ids},
         "tasksTag": tags,
         "tasksTagDenied": denied_tags,
         "tasksCP": cps,
         "tasksCPDenied": denied_cps,
     }
+    if reply.ignored:
+        answer["ignored"] = list(reply.ignored)  # not in Butler's shape: never silently
+    return answer
 
 
 BROWSER_TYPES = frozenset({"application/x-www-form-urlencoded", "multipart/form-data"})
@@ -131,26 +134,20 @@ class ButlerStart:
         try:
             _refuse_cross_site(request)
             body = await _read_at_most(request, limit)
-            selectors, must_exist = self._selectors(request, body, limit)
+            asked = self._request(request, body, limit)
         except RequestError as exc:
             refusal = error_reply(None, exc.code, str(exc))
             self._starter.account("http", where, "http", refusal, started)
             return json_error(_STATUS.get(exc.code, 400), exc.code, str(exc))
-        reply = await self._starter.handle(
-            Inbound(
-                Request(tuple(selectors), all_task_ids_must_exist=must_exist),
-                door="http",
-                topic=where,
-                kind="http",
-            )
-        )
+        reply = await self._starter.handle(Inbound(asked, door="http", topic=where, kind="http"))
         if reply.error is not None:
             code = reply.error.code
             return json_error(_STATUS.get(code, 400), code, reply.error.message)
         return web.json_response(butler_answer(reply))
 
     @staticmethod
-    def _selectors(request: web.Request, body: bytes, limit: int) -> tuple[list[Selector], bool]:
+    def _request(request: web.Request, body: bytes, limit: int) -> Request:
+        """The request the path, the query and Butler's body make."""
         flag = request.query.get("allTaskIdsMustExist", "false").lower()
         if flag not in ("true", "false"):
             raise BadPayload("allTaskIdsMustExist: expected true or false")
@@ -161,10 +158,10 @@ class ButlerStart:
             items = []
         if not isinstance(items, list):
             raise BadPayload("body must be a JSON array of {type, payload} items")
-        selectors = parse_butler_items(items)
+        selectors, ignored = parse_butler_items(items)
         task_id = request.match_info["taskId"]
         if task_id != "-":
             selectors.insert(0, Selector(SelectorKind.ID, task_id))
         if not selectors:
             raise BadPayload("no task id in the path and no items in the body")
-        return selectors, flag == "true"
+        return Request(tuple(selectors), all_task_ids_must_exist=flag == "true", ignored=ignored)

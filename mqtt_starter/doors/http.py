@@ -13,12 +13,14 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import hmac
+import ssl
 import time
 from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
 from mqtt_starter.config import HttpSettings
+from mqtt_starter.core.errors import ConfigError
 from mqtt_starter.doors.butler_rest import ButlerStart, json_error
 from mqtt_starter.doors.http_guard import ConnectionGuard, connection_cap
 from mqtt_starter.doors.status_board import StatusBoard
@@ -33,6 +35,21 @@ COOKIE = "mqtt_starter_token"
 
 
 PAGE_ROUTES = frozenset({"/", "/events", "/status.json"})
+
+
+def server_tls(settings: HttpSettings) -> ssl.SSLContext | None:
+    """The endpoint's TLS context (blocking: reads the files), None for plain HTTP; a file
+    that cannot be used is a ConfigError naming its key."""
+    tls = settings.tls
+    if tls.cert_file is None:
+        return None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    try:
+        context.load_cert_chain(tls.cert_file, tls.key_file)
+    except OSError as exc:  # ssl.SSLError is one
+        where = f"{tls.cert_file} (with {tls.key_file})"
+        raise ConfigError.unusable("http.tls.cert_file", where, exc) from None
+    return context
 
 
 class HttpApi:
@@ -157,8 +174,9 @@ class HttpApi:
         self.guard = ConnectionGuard(
             self._runner.server, cap=cap, timeout_s=self.settings.request_timeout_s
         )
+        context = await asyncio.to_thread(server_tls, self.settings)
         self._server = await asyncio.get_running_loop().create_server(
-            self.guard, self.settings.host, self.settings.port, reuse_address=True
+            self.guard, self.settings.host, self.settings.port, reuse_address=True, ssl=context
         )
         self.port = int(self._server.sockets[0].getsockname()[1])
 

@@ -60,6 +60,7 @@ def finished_reply(accepted: Reply, finals: dict[str, TaskOutcome]) -> Reply:
         outcomes=outcomes,
         unmatched=accepted.unmatched,
         replayed=accepted.replayed,
+        ignored=accepted.ignored,
     )
 
 

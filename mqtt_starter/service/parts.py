@@ -35,6 +35,13 @@ def allow_list(policy: PolicySettings) -> AllowList | None:
     )
 
 
+PAYLOAD_AS = {
+    "task_id": SelectorKind.ID,
+    "name": SelectorKind.NAME,
+    "tag": SelectorKind.TAG,
+}
+
+
 def build_routes(settings: Settings) -> tuple[Route, ...]:
     routes = []
     for r in settings.routes:
@@ -48,7 +55,8 @@ def build_routes(settings: Settings) -> tuple[Route, ...]:
             *(Selector(SelectorKind.NAME, v) for v in r.names),
         )
         when = When(r.when.field, r.when.equals) if r.when else None
-        routes.append(Route(TopicFilter.parse(r.topic), selectors, when, r.debounce_s))
+        payload_as = PAYLOAD_AS[r.payload_as] if r.payload_as else None
+        routes.append(Route(TopicFilter.parse(r.topic), selectors, when, r.debounce_s, payload_as))
     return tuple(routes)
 
 

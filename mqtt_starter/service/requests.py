@@ -238,6 +238,7 @@ class Starter:
             request_id=request.request_id,
             outcomes=tuple(outcomes),
             unmatched=resolution.unmatched,
+            ignored=request.ignored,
         )
 
     @staticmethod

@@ -66,7 +66,8 @@ def test_all_errors_at_once_with_their_key_paths() -> None:
         "mqtt.colour: extra inputs are not permitted",
         "qrs: field required: `qrs` (client-managed Sense) or `cloud` (Qlik Cloud)",
         "policy.on_running: input should be 'skip' or 'start'",
-        "routes[0]: a route needs at least one of task_ids, tags, custom_properties, names",
+        "routes[0]: a route needs at least one of task_ids, tags, custom_properties, names,"
+        " or payload_as",
     ]
 
 
@@ -195,3 +196,30 @@ def test_server_name_and_chain_only_verification() -> None:
         "sense-node1.corp.example",
         True,
     )
+
+
+def test_butler_migration_settings_are_checked() -> None:
+    assert problems(
+        MINIMAL
+        | {
+            "http": {"enabled": True, "tls": {"cert_file": "/c.pem"}},
+            "routes": [
+                {"topic": "qliksense/start_task", "payload_as": "task_id", "tags": ["x"]},
+                {"topic": "qliksense/start", "payload_as": "guid"},
+            ],
+        }
+    ) == [
+        "routes[0]: payload_as takes the selector from the payload: no task_ids, tags,"
+        " custom_properties, names or when on the same route",
+        "routes[1].payload_as: input should be 'task_id', 'name' or 'tag'",
+        "http.tls: give both cert_file and key_file (HTTPS), or neither (HTTP)",
+    ]
+
+
+def test_an_endpoint_beyond_loopback_needs_a_token_or_allow_no_token() -> None:
+    assert problems(MINIMAL | {"http": {"enabled": True, "host": "0.0.0.0"}}) == [
+        "http: host '0.0.0.0' is beyond loopback and there is no token: set http.token, or"
+        " http.allow_no_token: true to accept that anyone who reaches the port can start tasks"
+    ]
+    open_ = {"http": {"enabled": True, "host": "0.0.0.0", "allow_no_token": True}}
+    assert settings_from_mapping(MINIMAL | open_, {}).http.allow_no_token

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import ssl
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
+import trustme
 
 from mqtt_starter.simulators.qrs.server import QrsSimulator
 from mqtt_starter.simulators.qrs.state import SimState
@@ -146,6 +149,7 @@ async def test_butler_body_with_every_item_kind(http: Http, sim_state: SimState)
             "tasksTagDenied": [],
             "tasksCP": [{"taskId": SALES, "taskName": "Reload Sales"}],
             "tasksCPDenied": [{"name": "taskGroup", "value": "tasks1"}],
+            "ignored": ["keyvaluestore"],  # said, never silently
         },
     )
     assert sorted(sim_state.started) == sorted([STOCK, SALES, EXPORT])
@@ -307,3 +311,29 @@ async def test_open_pages_do_not_hold_up_a_stop(make_daemon: Any) -> None:
         await daemon.stop()  # within its deadline, with the page still open
         assert daemon.daemon is not None and daemon.daemon.board.pages == 0
         assert await events.content.read() == b""  # the stream ended
+
+
+async def test_butlers_rest_call_over_https(
+    make_daemon: Any, sim_state: SimState, tmp_path: Path
+) -> None:
+    ca = trustme.CA()
+    cert = ca.issue_cert("127.0.0.1")
+    cert.cert_chain_pems[0].write_to_path(str(tmp_path / "http.pem"))
+    cert.private_key_pem.write_to_path(str(tmp_path / "http_key.pem"))
+    port = free_port()
+    tls = {"cert_file": str(tmp_path / "http.pem"), "key_file": str(tmp_path / "http_key.pem")}
+    await make_daemon(http={"enabled": True, "port": port, "token": "t-9", "tls": tls})
+    client_context = ssl.create_default_context()
+    ca.configure_trust(client_context)
+    async with (
+        aiohttp.ClientSession() as session,
+        session.put(
+            f"https://127.0.0.1:{port}/v4/reloadtask/{SALES}/start",
+            headers={"Authorization": "Bearer t-9"},
+            ssl=client_context,
+        ) as response,
+    ):
+        assert response.status == 200
+        answer = await response.json()
+    assert answer["tasksId"]["started"] == [{"taskId": SALES, "taskName": "Reload Sales"}]
+    assert sim_state.started == [SALES]

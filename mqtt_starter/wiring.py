@@ -66,6 +66,7 @@ def wire(
         on_state=board.published,
         on_task=lambda task: board.task_tags(task.id, task.tags),
         spawn=spawn,
+        metrics=metrics,
     )
     instance.publisher, instance.monitor = publisher, monitor
     memory = WaitMemory(parts, publisher, starter.followups, spawn)

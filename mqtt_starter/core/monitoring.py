@@ -217,3 +217,19 @@ def event_json(
         ],
         "reason": reason,
     }
+
+
+# How a finished run counts in the per-task series (DESIGN.md section 10).
+OUTCOMES = {
+    TaskStatus.FINISHED_SUCCESS: "success",
+    TaskStatus.FINISHED_FAIL: "failure",
+    TaskStatus.ERROR: "failure",
+    TaskStatus.ABORTED: "aborted",
+}
+
+
+def run_outcome(status: TaskStatus) -> str | None:
+    """`success`, `failure`, `aborted` or `other` for a run that ended; None while it runs."""
+    if not status.terminal:
+        return None
+    return OUTCOMES.get(status, "other")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -55,6 +56,33 @@ class Metrics:
             "1 while connected to the broker",
             registry=self.registry,
         )
+        # Per task, for every task the monitor has seen (DESIGN.md section 10).
+        labels = ["task_id", "task_name"]
+        self.task_last_state = Gauge(
+            "mqtt_starter_task_last_state",
+            "The state code of the task's last run as the monitor saw it",
+            labels,
+            registry=self.registry,
+        )
+        self.task_last_duration = Gauge(
+            "mqtt_starter_task_last_run_duration_seconds",
+            "How long the task's last finished run took",
+            labels,
+            registry=self.registry,
+        )
+        self.task_last_success = Gauge(
+            "mqtt_starter_task_last_success_timestamp_seconds",
+            "When the task's last successful run ended (Unix time)",
+            labels,
+            registry=self.registry,
+        )
+        self.task_runs = Counter(
+            "mqtt_starter_task_runs",
+            "Finished runs of the task, by outcome (success, failure, aborted, other)",
+            [*labels, "outcome"],
+            registry=self.registry,
+        )
+        self._task_names: dict[str, str] = {}  # task id → the name its series carry
 
     def observe_qrs(self, operation: str, seconds: float, status: int) -> None:
         key = (operation, status)
@@ -75,6 +103,42 @@ class Metrics:
             if task_child is None:
                 task_child = self._task_children[result] = self.tasks.labels(result)
             task_child.inc()
+
+    def task_run(
+        self,
+        task_id: str,
+        task_name: str,
+        state_code: int,
+        *,
+        ended: str | None = None,
+        duration_s: float | None = None,
+        ended_at: float | None = None,
+    ) -> None:
+        """A change of the task's run: its state; at its end (`ended`: the outcome), its
+        duration, and when it succeeded. A renamed task's series move to the new name."""
+        if self._task_names.get(task_id, task_name) != task_name:
+            self.forget_task(task_id)
+        self._task_names[task_id] = task_name
+        self.task_last_state.labels(task_id, task_name).set(state_code)
+        if ended is None:
+            return
+        self.task_runs.labels(task_id, task_name, ended).inc()
+        if duration_s is not None:
+            self.task_last_duration.labels(task_id, task_name).set(duration_s)
+        if ended == "success" and ended_at is not None:
+            self.task_last_success.labels(task_id, task_name).set(ended_at)
+
+    def forget_task(self, task_id: str) -> None:
+        """A deleted task's series go away."""
+        name = self._task_names.pop(task_id, None)
+        if name is None:
+            return
+        for family in (self.task_last_state, self.task_last_duration, self.task_last_success):
+            with contextlib.suppress(KeyError):
+                family.remove(task_id, name)
+        for outcome in ("success", "failure", "aborted", "other"):
+            with contextlib.suppress(KeyError):
+                self.task_runs.remove(task_id, name, outcome)
 
     def follow_executions(self, count: Callable[[], float]) -> None:
         self.executions.set_function(count)

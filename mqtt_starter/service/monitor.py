@@ -33,6 +33,7 @@ from mqtt_starter.core.monitoring import (
     RunLedger,
 )
 from mqtt_starter.mqtt.link import Incoming
+from mqtt_starter.ops.metrics import Metrics
 from mqtt_starter.service.election import Election, json_object
 from mqtt_starter.service.parts import Parts
 from mqtt_starter.service.run_events import (
@@ -60,6 +61,7 @@ class Monitor:
         on_task: Callable[[TaskRef], None] | None = None,
         spawn: Spawn | None = None,
         log_retry_s: Sequence[float] | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         """`on_role`: called when this instance starts or stops monitoring; `on_state`: told
         each retained task state the broker hands over; `on_task`: each task read (both for
@@ -81,7 +83,9 @@ class Monitor:
             spawn or self._own_spawn,
             backend.LOG_RETRY_S if log_retry_s is None else log_retry_s,
             on_task,
+            metrics,
         )
+        self._metrics = metrics
         self.election = Election()
         self._next_deleted_check = 0.0
         # The backend whose date reading was measured (qrs-api.md section 6), and when to try
@@ -182,6 +186,8 @@ class Monitor:
             except MqttLinkError:
                 return
             self.ledger.remember(task_id, None)
+            if self._metrics is not None:
+                self._metrics.forget_task(task_id)
             logger.info("monitor: task {} no longer exists; its retained state is cleared", task_id)
 
     # -- the broker's side: peers, retained states, the marker -----------------------------------

@@ -29,9 +29,12 @@ from mqtt_starter.core.monitoring import (
     KnownRun,
     RunLedger,
     event_json,
+    parse_iso,
+    run_outcome,
     state_json,
 )
 from mqtt_starter.core.policy import AllowList
+from mqtt_starter.ops.metrics import Metrics
 from mqtt_starter.service.parts import Parts
 from mqtt_starter.sites.base import contained_log_tail
 
@@ -72,7 +75,10 @@ class RunPublisher:
         spawn: Spawn,
         log_retry_s: Sequence[float],
         on_task: Callable[[TaskRef], None] | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
+        """`metrics`: gets each run's state and end, for the per-task series."""
+        self._metrics = metrics
         self._publisher = publisher
         self.ledger = ledger
         self._spawn = spawn
@@ -199,12 +205,26 @@ class RunPublisher:
                 kind,
                 reason.splitlines()[-1] if reason else "no reason given",
             )
+        self._count(change, task)
         if parts.settings.monitor.retain_state:
             state = state_json(change, task, started_by)
             await self._publisher.publish(
                 f"{base}/state/task/{task.id}", encode_json(state), retain=True
             )
             self.ledger.remember(task.id, KnownRun.from_state(state))
+
+    def _count(self, change: Execution, task: TaskRef) -> None:
+        if self._metrics is None:
+            return
+        stopped = parse_iso(change.stop_time) if change.stop_time else None
+        self._metrics.task_run(
+            task.id,
+            task.name,
+            int(change.status),
+            ended=run_outcome(change.status),
+            duration_s=change.duration_ms / 1000,
+            ended_at=stopped.timestamp() if stopped is not None else None,
+        )
 
     @staticmethod
     def _has_log(parts: Parts, change: Execution) -> bool:

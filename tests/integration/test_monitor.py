@@ -5,9 +5,12 @@ the cost of a quiet interval, info and health."""
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from datetime import datetime
 from typing import Any
 
+import aiohttp
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from mqtt_starter.core.monitoring import log_tail
 from mqtt_starter.simulators.certs import CertPaths
@@ -16,7 +19,7 @@ from mqtt_starter.simulators.qrs.server import QrsSimulator
 from mqtt_starter.simulators.qrs.state import SimState
 from mqtt_starter.sites import base as backend
 from mqtt_starter.sites.qrs import QrsClient
-from tests.conftest import LoggedExceptions, wait_until
+from tests.conftest import LoggedExceptions, free_port, wait_until
 from tests.integration.conftest import Broker, Client, LocalDaemon, daemon_config, daemons
 
 OK = "0a000000-0000-4000-8000-000000000001"
@@ -466,3 +469,60 @@ async def test_a_wait_for_a_task_deleted_while_it_runs_ends_unknown(
     [task] = finished.json()["tasks"]
     assert (finished.json()["stage"], finished.json()["status"]) == ("finished", "error")
     assert task["state"] == "Unknown" and not task.get("timedOut")
+
+
+async def test_per_task_series_on_metrics_and_a_deleted_tasks_go_away(
+    make_daemon: Any, mqtt: Client, sim_state: SimState
+) -> None:
+    port = free_port()
+    await watch(mqtt)
+    await mqtt.subscribe("butler/info/+")
+    await make_daemon(
+        monitor={**MONITOR, "deleted_check_s": 0.2}, http={"enabled": True, "port": port}
+    )
+    await mqtt.wait_for("butler/info/starter-test", until=lambda r: r.json()["monitoring"])
+    runs = {task_id: await fire_and_end(sim_state, task_id) for task_id in (OK, FAIL, GONE)}
+    for task_id, execution_id in runs.items():
+        await mqtt.wait_for(
+            f"butler/state/task/{task_id}",
+            until=lambda r, e=execution_id: (
+                r.json()["executionId"] == e  # type: ignore[misc]
+                and r.json()["stateCode"] in (7, 8)
+            ),
+        )
+    samples = await metric_samples(port)
+    ok, fail = final(sim_state, runs[OK]), final(sim_state, runs[FAIL])
+    assert samples[("mqtt_starter_task_last_state", OK)] == 7.0
+    assert samples[("mqtt_starter_task_last_state", FAIL)] == 8.0
+    assert samples[("mqtt_starter_task_runs_total", OK, "success")] == 1.0
+    assert samples[("mqtt_starter_task_runs_total", FAIL, "failure")] == 1.0
+    assert samples[("mqtt_starter_task_last_run_duration_seconds", OK)] == ok["duration"] / 1000
+    assert samples[("mqtt_starter_task_last_run_duration_seconds", FAIL)] == fail["duration"] / 1000
+    stopped = datetime.fromisoformat(ok["stopTime"].replace("Z", "+00:00")).timestamp()
+    assert samples[("mqtt_starter_task_last_success_timestamp_seconds", OK)] == stopped
+    assert ("mqtt_starter_task_last_success_timestamp_seconds", FAIL) not in samples
+    # A task that is deleted: its state is cleared, and its series go away.
+    sim_state.delete(sim_state.tasks[GONE])
+    await mqtt.wait_for(f"butler/state/task/{GONE}", until=lambda r: r.payload == b"")
+
+    async def gone() -> bool:
+        return not any(GONE in key for key in await metric_samples(port))
+
+    await wait_until(gone, what="the deleted task's series to go")
+    assert ("mqtt_starter_task_last_state", OK) in await metric_samples(port)
+
+
+async def metric_samples(port: int) -> dict[tuple[str, ...], float]:
+    """The per-task samples of /metrics, parsed with prometheus_client's own parser."""
+    async with (
+        aiohttp.ClientSession() as session,
+        session.get(f"http://127.0.0.1:{port}/metrics") as response,
+    ):
+        text = await response.text()
+    found: dict[tuple[str, ...], float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if "task_id" in sample.labels and not sample.name.endswith("_created"):
+                outcome = (sample.labels["outcome"],) if "outcome" in sample.labels else ()
+                found[(sample.name, sample.labels["task_id"], *outcome)] = sample.value
+    return found

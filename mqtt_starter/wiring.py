@@ -20,6 +20,7 @@ from mqtt_starter.doors.mqtt_waits import WaitMemory
 from mqtt_starter.instance import Instance
 from mqtt_starter.mqtt.link import build_tls_context
 from mqtt_starter.ops.metrics import Metrics
+from mqtt_starter.service.chains import Chains
 from mqtt_starter.service.monitor import Monitor
 from mqtt_starter.service.parts import Parts, allow_list, build_rules
 from mqtt_starter.service.requests import Starter
@@ -69,6 +70,7 @@ def wire(
         metrics=metrics,
     )
     instance.publisher, instance.monitor = publisher, monitor
+    monitor.runs.on_end = Chains(parts, starter, publisher, spawn).run_ended
     memory = WaitMemory(parts, publisher, starter.followups, spawn)
     door = MqttDoor(parts, starter, publisher, health=instance.health, memory=memory)
     dispatch = Dispatch(

@@ -546,6 +546,66 @@ def _loopback(host: str) -> bool:
         return False
 
 
+class ChainAfter(Section):
+    """The upstream tasks of a chain: a run of any of them that ends as `on` says fires it."""
+
+    task_ids: list[str] = Field([], description="upstream task ids")
+    tags: list[str] = Field([], description="upstream tasks with one of these tags")
+    names: list[str] = Field([], description="upstream task names")
+
+
+class ChainStart(Section):
+    """What a chain starts: selectors, as in a request."""
+
+    task_ids: list[str] = Field([], description="task ids to start")
+    tags: list[str] = Field([], description="tags whose tasks to start")
+    custom_properties: list[CustomPropertySelector] = Field(
+        [], description="custom property values whose tasks to start"
+    )
+    names: list[str] = Field([], description="task names to start")
+
+
+class ChainSettings(Section):
+    """When one run ends, start the next (DESIGN.md section 11)."""
+
+    name: str = Field(description="the chain's name: its requests' requestId and reply topic")
+    after: ChainAfter = Field(description="the upstream tasks")
+    on: Literal["success", "failure", "finished"] = Field(
+        "success",
+        description="success (FinishedSuccess), failure (FinishedFail or Error), finished (any"
+        " end, aborted and skipped included)",
+    )
+    start: ChainStart = Field(description="the tasks to start")
+    wait: bool = Field(
+        False, description="follow the started runs (status events, a finished reply)"
+    )
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str) -> str:
+        if not re.match(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$", value):
+            raise ValueError("letters, digits, `_`, `.` and `-` (it is a topic level)")
+        return value
+
+    @model_validator(mode="after")
+    def _no_self_loop(self) -> ChainSettings:
+        after, start = self.after, self.start
+        if not (after.task_ids or after.tags or after.names):
+            raise ValueError("after: name at least one upstream task id, tag or name")
+        if not (start.task_ids or start.tags or start.custom_properties or start.names):
+            raise ValueError("start: name at least one task id, tag, custom property or name")
+        ids = {i.strip().lower() for i in after.task_ids} & {
+            i.strip().lower() for i in start.task_ids
+        }
+        names = {n.casefold() for n in after.names} & {n.casefold() for n in start.names}
+        if ids or names:
+            looped = sorted(ids | names)[0]
+            raise ValueError(
+                f"start names {looped!r}, one of its own `after` tasks: the chain would loop"
+            )
+        return self
+
+
 class LogSettings(Section):
     """Where and how the daemon logs."""
 
@@ -577,6 +637,9 @@ class Settings(Section):
         MonitorSettings(), description="watching every task run, whoever started it"
     )
     http: HttpSettings = Field(HttpSettings(), description="the HTTP endpoint")
+    chains: list[ChainSettings] = Field(
+        [], description="when one run ends, start the next (needs monitor.enabled)"
+    )
     log: LogSettings = Field(LogSettings(), description="logging")
 
     @model_validator(mode="after")
@@ -588,6 +651,11 @@ class Settings(Section):
                 "monitor.enabled: watching every run is available for QRS sites, not yet for"
                 " Qlik Cloud"
             )
+        if self.chains and not self.monitor.enabled:
+            raise ValueError("chains: a chain is fired by the monitor: set monitor.enabled")
+        names = [c.name for c in self.chains]
+        if len(set(names)) != len(names):
+            raise ValueError("chains: each chain needs a name of its own")
         return self
 
     @property

@@ -220,6 +220,7 @@ class Request:
     dry_run: bool = False
     reload: ReloadOptions | None = None  # Qlik Cloud only
     ignored: tuple[str, ...] = ()  # kinds of Butler items this daemon does not serve
+    lineage: frozenset[str] = frozenset()  # a chain's: tasks that ran before in its lineage
 
 
 class UnmatchedReason(StrEnum):
@@ -229,6 +230,7 @@ class UnmatchedReason(StrEnum):
     NOT_FOUND = "not_found"
     NO_TASKS = "no_tasks"
     UNSUPPORTED = "unsupported"  # a selector the site has no equivalent for
+    CHAIN_LOOP = "chain_loop"  # a chain's task that already ran in the same lineage
 
 
 @dataclass(frozen=True)

@@ -8,6 +8,7 @@ with allTaskIdsMustExist, one bad id withholds every task that only an id chose.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Collection, Iterable, Sequence
 
 from mqtt_starter.core.model import (
@@ -100,3 +101,24 @@ def resolve(
             ways = list(others)
         tasks.append(ResolvedTask(by_id[task_id], tuple(ways)))
     return Resolution(tuple(tasks), tuple(unmatched), tuple(withheld))
+
+
+def without_lineage(resolution: Resolution, lineage: frozenset[str]) -> Resolution:
+    """A chain never starts a task that already ran in its lineage (the runs that led to this
+    one through chains): such a task is unmatched as `chain_loop`, by id."""
+    if not lineage:
+        return resolution
+    looped = [r for r in resolution.tasks if r.task.id in lineage]
+    if not looped:
+        return resolution
+    return dataclasses.replace(
+        resolution,
+        tasks=tuple(r for r in resolution.tasks if r.task.id not in lineage),
+        unmatched=(
+            *resolution.unmatched,
+            *(
+                Unmatched(Selector(SelectorKind.ID, r.task.id), UnmatchedReason.CHAIN_LOOP)
+                for r in looped
+            ),
+        ),
+    )

@@ -38,6 +38,7 @@ from mqtt_starter.core.model import (
 )
 from mqtt_starter.core.policy import Debouncer, Decision, decide, request_key
 from mqtt_starter.core.qrs_query import MAX_VALUE_LENGTH, too_long
+from mqtt_starter.core.resolution import without_lineage
 from mqtt_starter.ops.metrics import Metrics
 from mqtt_starter.service.followups import (
     FinishedSink,
@@ -197,10 +198,13 @@ class Starter:
                     "partial, weight and variables are options of a Qlik Cloud reload;"
                     " this daemon serves a client-managed Sense site (QRS)"
                 )
-            resolution = await resolve_selectors(
-                parts.backend,
-                request.selectors,
-                all_task_ids_must_exist=request.all_task_ids_must_exist,
+            resolution = without_lineage(
+                await resolve_selectors(
+                    parts.backend,
+                    request.selectors,
+                    all_task_ids_must_exist=request.all_task_ids_must_exist,
+                ),
+                request.lineage,
             )
             if len(resolution.tasks) > limit:
                 raise TooManyTasks(

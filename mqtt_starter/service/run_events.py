@@ -77,8 +77,10 @@ class RunPublisher:
         on_task: Callable[[TaskRef], None] | None = None,
         metrics: Metrics | None = None,
     ) -> None:
-        """`metrics`: gets each run's state and end, for the per-task series."""
+        """`metrics`: gets each run's state and end, for the per-task series. `on_end`, when
+        set: told of each run that ended once it is published (the chains)."""
         self._metrics = metrics
+        self.on_end: Callable[[Execution, TaskRef], None] | None = None
         self._publisher = publisher
         self.ledger = ledger
         self._spawn = spawn
@@ -212,6 +214,8 @@ class RunPublisher:
                 f"{base}/state/task/{task.id}", encode_json(state), retain=True
             )
             self.ledger.remember(task.id, KnownRun.from_state(state))
+        if self.on_end is not None and change.status.terminal:
+            self.on_end(change, task)
 
     def _count(self, change: Execution, task: TaskRef) -> None:
         if self._metrics is None:

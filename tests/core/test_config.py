@@ -223,3 +223,28 @@ def test_an_endpoint_beyond_loopback_needs_a_token_or_allow_no_token() -> None:
     ]
     open_ = {"http": {"enabled": True, "host": "0.0.0.0", "allow_no_token": True}}
     assert settings_from_mapping(MINIMAL | open_, {}).http.allow_no_token
+
+
+def test_chains_that_would_loop_or_have_no_monitor_are_refused() -> None:
+    def chain(**fields: object) -> dict[str, object]:
+        return {"name": "c", "after": {"names": ["Reload HR"]},
+                "start": {"names": ["Reload Stock"]}, **fields}  # fmt: skip
+
+    assert problems(
+        MINIMAL
+        | {
+            "monitor": {"enabled": True},
+            "chains": [
+                chain(start={"names": ["reload hr"]}),
+                chain(name="d", after={"task_ids": ["ABC"]}, start={"task_ids": [" abc "]}),
+                chain(name="bad/name"),
+            ],
+        }
+    ) == [
+        "chains[0]: start names 'reload hr', one of its own `after` tasks: the chain would loop",
+        "chains[1]: start names 'abc', one of its own `after` tasks: the chain would loop",
+        "chains[2].name: letters, digits, `_`, `.` and `-` (it is a topic level)",
+    ]
+    assert problems(MINIMAL | {"chains": [chain()]}) == [
+        "chains: a chain is fired by the monitor: set monitor.enabled"
+    ]

@@ -69,10 +69,12 @@ async def make_daemon(broker: Broker, simulator: QrsSimulator) -> AsyncIterator[
         yield make
 
 
-async def monitoring(make_daemon: Any, mqtt: Client, **monitor: Any) -> LocalDaemon:
+async def monitoring(
+    make_daemon: Any, mqtt: Client, chains: list[Any] | None = None, **monitor: Any
+) -> LocalDaemon:
     """A daemon that watches every run, once it says so on its info topic."""
     await mqtt.subscribe("butler/info/+")
-    daemon: LocalDaemon = await make_daemon(monitor={**MONITOR, **monitor})
+    daemon: LocalDaemon = await make_daemon(monitor={**MONITOR, **monitor}, chains=chains or [])
     await mqtt.wait_for("butler/info/starter-test", until=lambda r: r.json()["monitoring"])
     return daemon
 
@@ -526,3 +528,54 @@ async def metric_samples(port: int) -> dict[tuple[str, ...], float]:
                 outcome = (sample.labels["outcome"],) if "outcome" in sample.labels else ()
                 found[(sample.name, sample.labels["task_id"], *outcome)] = sample.value
     return found
+
+
+# -- chains (DESIGN.md section 11) ---------------------------------------------------------------
+
+
+async def test_a_chain_fires_once_for_each_upstream_end_whoever_started_it(
+    make_daemon: Any, mqtt: Client, sim_state: SimState
+) -> None:
+    chain = {
+        "name": "adhoc-after-sales",
+        "after": {"names": ["nightly sales"]},
+        "on": "success",
+        "start": {"names": ["Ad hoc"]},
+    }
+    await mqtt.subscribe("butler/reply/chain/#")
+    await monitoring(make_daemon, mqtt, chains=[chain])
+    scheduled = await fire_and_end(sim_state, OK)  # a schedule's run: nobody asked through MQTT
+    [first] = await mqtt.wait_for("butler/reply/chain/adhoc-after-sales")
+    assert first.json()["requestId"] == f"chain:adhoc-after-sales:{scheduled}"
+    assert [(t["taskId"], t["result"]) for t in first.json()["tasks"]] == [(OUTSIDE, "started")]
+    # A run a request started fires it too, once.
+    answer = await mqtt.request(f"butler/start/id/{OK}", {"requestId": "r-1"})
+    requested = answer["tasks"][0]["executionId"]
+    replies = await mqtt.wait_for("butler/reply/chain/adhoc-after-sales", 2)
+    assert [r.json()["requestId"] for r in replies] == [
+        f"chain:adhoc-after-sales:{scheduled}",
+        f"chain:adhoc-after-sales:{requested}",
+    ]
+    assert sim_state.started == [OUTSIDE, OK, OUTSIDE]
+
+
+async def test_a_loop_of_two_chains_stops_at_run_time(
+    make_daemon: Any, mqtt: Client, sim_state: SimState
+) -> None:
+    def chain(name: str, after: str, start: str) -> dict[str, Any]:
+        return {"name": name, "after": {"task_ids": [after]}, "on": "finished",
+                "start": {"task_ids": [start]}}  # fmt: skip
+
+    chains = [chain("x", OK, OUTSIDE), chain("y", OUTSIDE, OK)]
+    await mqtt.subscribe("butler/reply/chain/#")
+    await monitoring(make_daemon, mqtt, chains=chains)
+    await fire_and_end(sim_state, OK)
+    [x] = await mqtt.wait_for("butler/reply/chain/x")
+    assert [t["result"] for t in x.json()["tasks"]] == ["started"]
+    [y] = await mqtt.wait_for("butler/reply/chain/y")
+    assert (y.json()["status"], y.json()["tasks"], y.json()["unmatched"]) == (
+        "error",
+        [],
+        [{"selector": f"id:{OK}", "reason": "chain_loop"}],
+    )
+    assert sim_state.started == [OUTSIDE]

@@ -30,6 +30,7 @@ from mqtt_starter.mqtt.link import MqttLink
 from mqtt_starter.ops.logs import configure_logging
 from mqtt_starter.ops.metrics import Metrics
 from mqtt_starter.ops.systemd import Notifier
+from mqtt_starter.ops.webhooks import Webhooks
 from mqtt_starter.service.monitor import Monitor
 from mqtt_starter.service.parts import Parts
 from mqtt_starter.service.requests import Starter
@@ -100,6 +101,7 @@ class Daemon:
         self.monitor: Monitor | None = None
         self.memory: WaitMemory | None = None
         self.dispatch: Dispatch | None = None
+        self._webhooks: Webhooks | None = None
         self.board = new_board(settings)
         self.instance = Instance(
             lambda: self.settings,
@@ -162,6 +164,7 @@ class Daemon:
             )
             self.monitor, self.memory, self.dispatch = wired.monitor, wired.memory, wired.dispatch
             door, starter = wired.door, wired.starter
+            self._webhooks = wired.webhooks
             self._attach_monitor(self.parts)
             async with asyncio.TaskGroup() as group:
                 self._group = group
@@ -199,6 +202,8 @@ class Daemon:
         logger.info("stopping: finishing requests in flight")
         await self._stop_link(offline=True)
         await self._stop_http()
+        if self._webhooks is not None:
+            await self._webhooks.close()
         # Followers end with the daemon; a `wait` is resumed by the next one (mqtt_waits.py).
         for task in list(self._tasks):
             task.cancel()

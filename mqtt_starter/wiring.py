@@ -20,6 +20,7 @@ from mqtt_starter.doors.mqtt_waits import WaitMemory
 from mqtt_starter.instance import Instance
 from mqtt_starter.mqtt.link import build_tls_context
 from mqtt_starter.ops.metrics import Metrics
+from mqtt_starter.ops.webhooks import Webhooks
 from mqtt_starter.service.chains import Chains
 from mqtt_starter.service.monitor import Monitor
 from mqtt_starter.service.parts import Parts, allow_list, build_rules
@@ -41,6 +42,7 @@ class Wired:
     memory: WaitMemory
     door: MqttDoor
     dispatch: Dispatch
+    webhooks: Webhooks
 
 
 def wire(
@@ -71,12 +73,14 @@ def wire(
     )
     instance.publisher, instance.monitor = publisher, monitor
     monitor.runs.on_end = Chains(parts, starter, publisher, spawn).run_ended
+    webhooks = Webhooks(settings, metrics)
+    monitor.runs.on_alert = webhooks.run_ended
     memory = WaitMemory(parts, publisher, starter.followups, spawn)
     door = MqttDoor(parts, starter, publisher, health=instance.health, memory=memory)
     dispatch = Dispatch(
         settings, parts, door, publisher, instance, metrics, spawn, memory=memory, monitor=monitor
     )
-    return Wired(publisher, starter, monitor, memory, door, dispatch)
+    return Wired(publisher, starter, monitor, memory, door, dispatch, webhooks)
 
 
 async def serve_http(

@@ -4,6 +4,7 @@ page written from the models (reference.py). The package re-exports the names ca
 from mqtt_starter.config.load import (
     ENV_PREFIX,
     SECRET_KEYS,
+    WEBHOOK_SECRET_KEYS,
     file_problems,
     load_settings,
     settings_from_mapping,
@@ -25,11 +26,13 @@ from mqtt_starter.config.schema import (
     Settings,
     StatusSettings,
     TlsSettings,
+    WebhookSettings,
 )
 
 __all__ = [
     "ENV_PREFIX",
     "SECRET_KEYS",
+    "WEBHOOK_SECRET_KEYS",
     "AllowList",
     "CloudSettings",
     "CustomPropertySelector",
@@ -46,6 +49,7 @@ __all__ = [
     "Settings",
     "StatusSettings",
     "TlsSettings",
+    "WebhookSettings",
     "file_problems",
     "load_settings",
     "settings_from_mapping",

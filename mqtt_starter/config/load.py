@@ -27,6 +27,8 @@ SECRET_KEYS = (
     ("cloud", "api_key"),
     ("cloud", "client_secret"),
 )
+# A webhook's URL often holds its token (Slack, Mattermost, Teams): a secret like the HMAC key.
+WEBHOOK_SECRET_KEYS = ("url", "secret")
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
 
@@ -88,9 +90,19 @@ def _apply_env(data: dict[str, Any], env: Mapping[str, str], problems: list[Conf
             node[keys[-1]] = yaml.safe_load(value) if value.strip()[:1] in "[{" else value
 
 
+def _secret_nodes(data: dict[str, Any]) -> list[tuple[str, str, Any]]:
+    """(where, key, node) of each section that may hold a secret as `<key>_file`."""
+    nodes = [(section, key, data.get(section)) for section, key in SECRET_KEYS]
+    alerts = data.get("alerts")
+    hooks = alerts.get("webhooks") if isinstance(alerts, dict) else None
+    if isinstance(hooks, list):
+        for i, hook in enumerate(hooks):
+            nodes += [(f"alerts.webhooks[{i}]", key, hook) for key in WEBHOOK_SECRET_KEYS]
+    return nodes
+
+
 def _read_secret_files(data: dict[str, Any], problems: list[ConfigProblem]) -> None:
-    for section, key in SECRET_KEYS:
-        node = data.get(section)
+    for section, key, node in _secret_nodes(data):
         if not isinstance(node, dict) or f"{key}_file" not in node:
             continue
         file_key = f"{section}.{key}_file"

@@ -16,7 +16,7 @@ from typing import Any
 from pydantic import BaseModel, SecretStr
 from pydantic_core import PydanticUndefined
 
-from mqtt_starter.config import SECRET_KEYS, Settings
+from mqtt_starter.config import SECRET_KEYS, WEBHOOK_SECRET_KEYS, Settings
 
 START = "<!-- config-reference:start -->"
 END = "<!-- config-reference:end -->"
@@ -81,7 +81,9 @@ def _rows(model: type[BaseModel], prefix: str) -> list[str]:
             rows += _rows(nested, f"{key}.")
         else:
             description = (field.description or "").replace("<", "&lt;")
-            if tuple(key.split(".")) in SECRET_KEYS:
+            if tuple(key.split(".")) in SECRET_KEYS or (
+                key.startswith("alerts.webhooks[].") and name in WEBHOOK_SECRET_KEYS
+            ):
                 description += f"; or `{name}_file`: a file that holds it"
             rows.append(
                 f"| `{key}` | {_type_name(field.annotation)} |"

@@ -606,6 +606,83 @@ class ChainSettings(Section):
         return self
 
 
+class WebhookRetry(Section):
+    """Retries of one webhook delivery."""
+
+    attempts: int = Field(6, ge=1, le=100, description="tries of one delivery, the first included")
+    backoff_s: float = Field(
+        1.0, ge=0, description="wait before the first retry; doubles each time"
+    )
+    max_backoff_s: float = Field(
+        300.0, ge=0, description="longest wait between two tries (a Retry-After included)"
+    )
+
+
+class WebhookSettings(Section):
+    """One receiver of the monitor's alerts (DESIGN.md section 10)."""
+
+    name: str = Field(description="the webhook's name in logs and metrics")
+    url: SecretStr = Field(
+        description="http(s) URL the events are POSTed to (a secret: it often holds a token)"
+    )
+    events: list[Literal["failed", "aborted", "succeeded"]] = Field(
+        ["failed", "aborted"], description="the kinds of run end sent"
+    )
+    scope: MonitorScope | None = Field(
+        None, description="the tasks whose runs are sent; none: every task the monitor watches"
+    )
+    format: Literal["json", "text"] = Field(
+        "json",
+        description='json: the event as published on MQTT, with "event"; text: {"text": one'
+        " line and the reason} (Slack, Mattermost, Google Chat)",
+    )
+    headers: dict[str, str] = Field(
+        {}, description="headers sent with each POST (name: value; `${VAR}` for a token)"
+    )
+    secret: SecretStr | None = Field(
+        None,
+        description="HMAC key: X-Mqtt-Starter-Signature: sha256=<HMAC-SHA256 of the body, hex>",
+    )
+    per_task_interval_s: float = Field(
+        0.0,
+        ge=0,
+        description="at most one alert per task in this time; the ones held back are counted"
+        " in the next (heldBack)",
+    )
+    timeout_s: float = Field(10.0, gt=0, description="longest wait for one answer")
+    retry: WebhookRetry = Field(WebhookRetry(), description="retries of one delivery")
+    queue_max: int = Field(
+        1000,
+        ge=1,
+        le=1_000_000,
+        description="deliveries waiting for this receiver; beyond it the oldest is dropped"
+        " (counted and logged)",
+    )
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str) -> str:
+        if not re.match(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$", value):
+            raise ValueError("letters, digits, `_`, `.` and `-`")
+        return value
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, value: SecretStr) -> SecretStr:
+        # The URL is not repeated in the message: it is a secret.
+        if not re.match(r"^https?://[^\s/]+", value.get_secret_value(), re.IGNORECASE):
+            raise ValueError("an http:// or https:// URL with a host")
+        return value
+
+
+class AlertSettings(Section):
+    """Alerts to people: the monitor's run ends POSTed to webhooks (DESIGN.md section 10)."""
+
+    webhooks: list[WebhookSettings] = Field(
+        [], description="receivers of the run ends (needs monitor.enabled)"
+    )
+
+
 class LogSettings(Section):
     """Where and how the daemon logs."""
 
@@ -637,6 +714,7 @@ class Settings(Section):
         MonitorSettings(), description="watching every task run, whoever started it"
     )
     http: HttpSettings = Field(HttpSettings(), description="the HTTP endpoint")
+    alerts: AlertSettings = Field(AlertSettings(), description="alerts to people: webhooks")
     chains: list[ChainSettings] = Field(
         [], description="when one run ends, start the next (needs monitor.enabled)"
     )
@@ -653,6 +731,11 @@ class Settings(Section):
             )
         if self.chains and not self.monitor.enabled:
             raise ValueError("chains: a chain is fired by the monitor: set monitor.enabled")
+        if self.alerts.webhooks and not self.monitor.enabled:
+            raise ValueError("alerts.webhooks: alerts are sent by the monitor: set monitor.enabled")
+        hooks = [w.name for w in self.alerts.webhooks]
+        if len(set(hooks)) != len(hooks):
+            raise ValueError("alerts.webhooks: each webhook needs a name of its own")
         names = [c.name for c in self.chains]
         if len(set(names)) != len(names):
             raise ValueError("chains: each chain needs a name of its own")

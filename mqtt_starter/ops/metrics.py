@@ -82,6 +82,12 @@ class Metrics:
             [*labels, "outcome"],
             registry=self.registry,
         )
+        self.webhook_deliveries = Counter(
+            "mqtt_starter_webhook_deliveries",
+            "Webhook deliveries by outcome (delivered, retried, failed, dropped)",
+            ["webhook", "outcome"],
+            registry=self.registry,
+        )
         self._task_names: dict[str, str] = {}  # task id → the name its series carry
 
     def observe_qrs(self, operation: str, seconds: float, status: int) -> None:
@@ -139,6 +145,10 @@ class Metrics:
         for outcome in ("success", "failure", "aborted", "other"):
             with contextlib.suppress(KeyError):
                 self.task_runs.remove(task_id, name, outcome)
+
+    def webhook_delivery(self, webhook: str, outcome: str) -> None:
+        """A delivery's step: `delivered`, `retried` (once per retry), `failed`, `dropped`."""
+        self.webhook_deliveries.labels(webhook, outcome).inc()
 
     def follow_executions(self, count: Callable[[], float]) -> None:
         self.executions.set_function(count)

@@ -19,6 +19,7 @@ from typing import Any, Protocol
 
 from loguru import logger
 
+from mqtt_starter.core.alerts import alert_kind
 from mqtt_starter.core.codec import encode_json, encode_status_event
 from mqtt_starter.core.errors import LogNotReady, MqttLinkError, QrsError
 from mqtt_starter.core.model import Execution, Selector, SelectorKind, TaskRef
@@ -81,6 +82,8 @@ class RunPublisher:
         set: told of each run that ended once it is published (the chains)."""
         self._metrics = metrics
         self.on_end: Callable[[Execution, TaskRef], None] | None = None
+        # Told of each run that ended failed, aborted or succeeded, with its event (the alerts).
+        self.on_alert: Callable[[str, TaskRef, dict[str, Any]], None] | None = None
         self._publisher = publisher
         self.ledger = ledger
         self._spawn = spawn
@@ -191,15 +194,14 @@ class RunPublisher:
         ours, request_id = parts.tracker.claims.claimed(change.execution_id)
         started_by = STARTED_BY_US if ours else STARTED_BY_OTHER
         kind = EVENT_KINDS.get(change.status)
+        alert = alert_kind(change.status)
+        event = (
+            event_json(change, task, started_by=started_by, request_id=request_id, reason=reason)
+            if kind is not None or (alert is not None and self.on_alert is not None)
+            else {}
+        )
         if kind is not None:
-            await self._publisher.publish(
-                f"{base}/event/task/{kind}",
-                encode_json(
-                    event_json(
-                        change, task, started_by=started_by, request_id=request_id, reason=reason
-                    )
-                ),
-            )
+            await self._publisher.publish(f"{base}/event/task/{kind}", encode_json(event))
             logger.info(
                 "monitor: task {} ({}) {}: {}",
                 task.name,
@@ -214,6 +216,8 @@ class RunPublisher:
                 f"{base}/state/task/{task.id}", encode_json(state), retain=True
             )
             self.ledger.remember(task.id, KnownRun.from_state(state))
+        if self.on_alert is not None and alert is not None:
+            self.on_alert(alert, task, event)
         if self.on_end is not None and change.status.terminal:
             self.on_end(change, task)
 

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from pydantic import SecretStr
 
 from mqtt_starter.config import (
     QrsSettings,
@@ -248,3 +249,33 @@ def test_chains_that_would_loop_or_have_no_monitor_are_refused() -> None:
     assert problems(MINIMAL | {"chains": [chain()]}) == [
         "chains: a chain is fired by the monitor: set monitor.enabled"
     ]
+
+
+def test_webhooks_are_checked_and_their_secrets_read_from_files(tmp_path: Path) -> None:
+    monitor = {"monitor": {"enabled": True}}
+    hook = {"name": "ops", "url": "https://hooks.example.com/T0KEN"}
+    assert problems(
+        MINIMAL
+        | monitor
+        | {"alerts": {"webhooks": [hook | {"url": "ftp://T0KEN@x"}, hook | {"name": "a b"}]}}
+    ) == [
+        "alerts.webhooks[0].url: an http:// or https:// URL with a host",
+        "alerts.webhooks[1].name: letters, digits, `_`, `.` and `-`",
+    ]
+    assert problems(MINIMAL | {"alerts": {"webhooks": [hook]}}) == [
+        "alerts.webhooks: alerts are sent by the monitor: set monitor.enabled"
+    ]
+    assert problems(MINIMAL | monitor | {"alerts": {"webhooks": [hook, hook]}}) == [
+        "alerts.webhooks: each webhook needs a name of its own"
+    ]
+    url, secret = tmp_path / "url", tmp_path / "secret"
+    url.write_text("https://hooks.example.com/FROM-FILE\n")
+    secret.write_text("hmac-key\n")
+    from_files = {"name": "ops", "url_file": str(url), "secret_file": str(secret)}
+    settings = settings_from_mapping(MINIMAL | monitor | {"alerts": {"webhooks": [from_files]}}, {})
+    [read] = settings.alerts.webhooks
+    assert (read.url.get_secret_value(), read.secret) == (
+        "https://hooks.example.com/FROM-FILE",
+        SecretStr("hmac-key"),
+    )
+    assert "FROM-FILE" not in repr(settings) and "hmac-key" not in repr(settings)

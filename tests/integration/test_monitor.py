@@ -70,11 +70,18 @@ async def make_daemon(broker: Broker, simulator: QrsSimulator) -> AsyncIterator[
 
 
 async def monitoring(
-    make_daemon: Any, mqtt: Client, chains: list[Any] | None = None, **monitor: Any
+    make_daemon: Any,
+    mqtt: Client,
+    chains: list[Any] | None = None,
+    sections: dict[str, Any] | None = None,
+    **monitor: Any,
 ) -> LocalDaemon:
-    """A daemon that watches every run, once it says so on its info topic."""
+    """A daemon that watches every run, once it says so on its info topic; `sections`: more
+    of its configuration."""
     await mqtt.subscribe("butler/info/+")
-    daemon: LocalDaemon = await make_daemon(monitor={**MONITOR, **monitor}, chains=chains or [])
+    daemon: LocalDaemon = await make_daemon(
+        monitor={**MONITOR, **monitor}, chains=chains or [], **(sections or {})
+    )
     await mqtt.wait_for("butler/info/starter-test", until=lambda r: r.json()["monitoring"])
     return daemon
 
@@ -514,8 +521,9 @@ async def test_per_task_series_on_metrics_and_a_deleted_tasks_go_away(
     assert ("mqtt_starter_task_last_state", OK) in await metric_samples(port)
 
 
-async def metric_samples(port: int) -> dict[tuple[str, ...], float]:
-    """The per-task samples of /metrics, parsed with prometheus_client's own parser."""
+async def metric_samples(port: int, label: str = "task_id") -> dict[tuple[str, ...], float]:
+    """The per-task (or per-`label`) samples of /metrics, parsed with prometheus_client's
+    own parser."""
     async with (
         aiohttp.ClientSession() as session,
         session.get(f"http://127.0.0.1:{port}/metrics") as response,
@@ -524,9 +532,9 @@ async def metric_samples(port: int) -> dict[tuple[str, ...], float]:
     found: dict[tuple[str, ...], float] = {}
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
-            if "task_id" in sample.labels and not sample.name.endswith("_created"):
+            if label in sample.labels and not sample.name.endswith("_created"):
                 outcome = (sample.labels["outcome"],) if "outcome" in sample.labels else ()
-                found[(sample.name, sample.labels["task_id"], *outcome)] = sample.value
+                found[(sample.name, sample.labels[label], *outcome)] = sample.value
     return found
 
 

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 import yaml
+from aiohttp import web
 
 from mqtt_starter.config import MqttSettings
 from mqtt_starter.mqtt.link import MqttPeer
@@ -36,6 +37,14 @@ from mqtt_starter.simulators.qrs.server import QrsSimulator
 SALES = "6ca1c5f2-2742-44d5-8adf-d6cba3701a4e"
 CLOUD_SALES = "3a1f6c2e-8b4d-4e7a-9c0f-1d2e3f4a5b6c"  # Sales Dashboard, in the sample tenant
 WEB_SHOP = "0c5d9f1e-2a3b-4d8c-a47f-6b9c0d1e2f3a"  # its schedule's run fails
+# When the Web Shop's run fails, clean up and tell people (a text webhook, as Slack takes it).
+DEMO_CHAIN = {
+    "name": "cleanup-after-shop",
+    "after": {"task_ids": [WEB_SHOP]},
+    "on": "failure",
+    "start": {"tags": ["Maintenance"]},
+    "wait": True,
+}
 
 
 class DemoError(Exception):
@@ -154,6 +163,32 @@ async def _daemon(folder: Path, config: dict[str, Any]) -> AsyncIterator[Path]:
         notify.close()
 
 
+class Receiver:
+    """A webhook receiver on loopback: what a chat tool's incoming webhook would get."""
+
+    def __init__(self) -> None:
+        self.got: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+        self.url = ""
+        self._runner: web.AppRunner | None = None
+
+    async def start(self) -> None:
+        app = web.Application()
+        app.router.add_post("/hook", self._handle)
+        self._runner = web.AppRunner(app)
+        await self._runner.setup()
+        port = _free_port()
+        await web.TCPSite(self._runner, "127.0.0.1", port).start()
+        self.url = f"http://127.0.0.1:{port}/hook"
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+
+    async def _handle(self, request: web.Request) -> web.Response:
+        await self.got.put(await request.json())
+        return web.Response(status=204)
+
+
 class Tour:
     """Publishes triggers and prints what comes back, as it comes back."""
 
@@ -164,6 +199,7 @@ class Tour:
         self.started = time.monotonic()
         self.names: dict[str, str] = {}
         self.events: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+        self.chained: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
 
     def say(self, text: str = "") -> None:
         print(text, file=self.out, flush=True)
@@ -184,6 +220,8 @@ class Tour:
                 )
             elif message.topic.startswith("butler/event/task/"):
                 await self.events.put(data)
+            elif message.topic.startswith("butler/reply/chain/"):
+                await self.chained.put(data)
             elif message.topic in self.replies:
                 await self.replies[message.topic].put(data)
 
@@ -202,6 +240,15 @@ class Tour:
         )
         for reason_line in event["reason"].splitlines():
             self.say(f"        | {reason_line}")
+
+    async def alerted_and_chained(self, receiver: Receiver) -> None:
+        self.say("\n>>> The failure reached people, and its chain started the next task")
+        alert = await asyncio.wait_for(receiver.got.get(), 60)
+        self.say(f'    webhook ops (a receiver on {receiver.url}) got {{"text": ...}}:')
+        self.say(f"        {alert['text'].splitlines()[0]}")
+        self.say(f"    chain {DEMO_CHAIN['name']} (after a failure of Reload Web Shop):")
+        for _ in range(2):
+            self.show(await asyncio.wait_for(self.chained.get(), 60))
 
     async def request(
         self, title: str, topic: str, payload: dict[str, Any] | None = None, replies: int = 1
@@ -249,6 +296,7 @@ async def run_demo(
             wanted, port = port, got
             certs = ensure_certificates(folder / "certs")
             sim: QrsSimulator | CloudSimulator
+            receiver = Receiver()
             mqtt = {"host": "127.0.0.1", "port": port, "client_id": "mqtt-starter-demo"}
             page_port = _free_port(DEFAULT_PAGE_PORT)
             http = {"enabled": True, "host": "127.0.0.1", "port": page_port}
@@ -271,6 +319,7 @@ async def run_demo(
             else:
                 sim = QrsSimulator(load_fixture(), certs, port=0)
                 await sim.start()
+                await receiver.start()
                 config = {
                     "mqtt": mqtt,
                     "http": http,
@@ -282,7 +331,14 @@ async def run_demo(
                         "poll_interval_s": 0.25,
                     },
                     "monitor": {"enabled": True, "interval_s": 0.5, "log_tail_lines": 6},
-                }
+                    "alerts": {
+                        "webhooks": [
+                            {"name": "ops", "url": receiver.url, "format": "text",
+                             "scope": {"task_ids": [WEB_SHOP]}}
+                        ]
+                    },
+                    "chains": [DEMO_CHAIN],
+                }  # fmt: skip
                 what = f"QRS simulator {sim.url} with {len(sim.fixture.tasks)} sample tasks"
             try:
                 async with _daemon(folder, config) as config_path:
@@ -303,12 +359,13 @@ async def run_demo(
                     if isinstance(sim, CloudSimulator):
                         await _cloud_tour(port, out)
                     else:
-                        await _tour(port, out, sim)
+                        await _tour(port, out, sim, receiver)
                     if not once:
                         _print_try(out, port, config_path)
                         await stop.wait()
             finally:
                 await sim.stop()
+                await receiver.stop()
     except DemoError as exc:
         print(f"mqtt-starter demo: {exc}", file=sys.stderr)
         return 1
@@ -335,8 +392,9 @@ async def _touring(port: int, out: TextIO) -> AsyncIterator[Tour]:
                 await listener
 
 
-async def _tour(port: int, out: TextIO, sim: QrsSimulator) -> None:
+async def _tour(port: int, out: TextIO, sim: QrsSimulator, receiver: Receiver) -> None:
     async with _touring(port, out) as tour:
+        await tour.peer.subscribe(f"butler/reply/chain/{DEMO_CHAIN['name']}")
         await tour.request("Start one task by id", f"butler/start/id/{SALES}")
         await tour.request(
             "Start every task tagged Nightly (Reload Sales is still running)",
@@ -354,6 +412,7 @@ async def _tour(port: int, out: TextIO, sim: QrsSimulator) -> None:
             replies=2,
         )
         await tour.scheduled_failure(sim)
+        await tour.alerted_and_chained(receiver)
         await _dashboard(MqttSettings(host="127.0.0.1", port=port), tour)
 
 

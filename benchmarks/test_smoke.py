@@ -54,3 +54,12 @@ def test_status_page_benchmark_quick_run(tmp_path: Path) -> None:
     # Every page got its snapshot, and the changes came in batches, not one write each.
     assert 100 < hundred["chunks_received_by_pages"] < 100 * hundred["requests"]
     assert (tmp_path / "status_page.md").read_text().startswith("# Status page cost")
+
+
+def test_webhooks_benchmark_quick_run(tmp_path: Path) -> None:
+    quick_run("benchmarks.webhooks", tmp_path)
+    report = json.loads((tmp_path / "webhooks.json").read_text())
+    assert set(report) == {"without", "with"}
+    assert report["with"]["failing_runs"] == report["without"]["failing_runs"] == 200
+    md = (tmp_path / "webhooks.md").read_text()
+    assert md.startswith("# The monitor with a slow webhook receiver")

@@ -100,7 +100,7 @@ def main() -> int:
             with workspace() as folder:
                 broker = Broker(folder)
                 sim = Simulator(folder, site())
-                sections = {"monitor": MONITOR, "alerts": alerts}
+                sections: dict[str, Any] = {"monitor": MONITOR, "alerts": alerts}
                 daemon = Target("daemon", folder, broker, sim, events=True, sections=sections)
                 with running(broker, sim, daemon):
                     results[name] = measure(sim, daemon, intervals, settle)

@@ -61,8 +61,10 @@ class Lane:
         settings: WebhookSettings,
         session: Callable[[], aiohttp.ClientSession],
         metrics: Metrics | None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.settings = settings
+        self._clock = clock
         self._session = session
         self._metrics = metrics
         self._queue: deque[Delivery] = deque()
@@ -86,7 +88,7 @@ class Lane:
             [(cp.name, cp.value) for cp in hook.scope.custom_properties],
         ).allows(task):
             return
-        now = time.monotonic()
+        now = self._clock()
         last = self._last_sent.get(task.id)
         if hook.per_task_interval_s and last is not None and now - last < hook.per_task_interval_s:
             self._held[task.id] = self._held.get(task.id, 0) + 1
@@ -232,8 +234,15 @@ class Lane:
 class Webhooks:
     """The webhooks of the current settings; told of each run end by the monitor."""
 
-    def __init__(self, settings: Callable[[], Settings], metrics: Metrics | None = None) -> None:
+    def __init__(
+        self,
+        settings: Callable[[], Settings],
+        metrics: Metrics | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        """`clock`: for the per-task interval (monotonic seconds)."""
         self._settings = settings
+        self._clock = clock
         self._metrics = metrics
         self._lanes: dict[str, Lane] = {}
         self._client: aiohttp.ClientSession | None = None
@@ -244,7 +253,9 @@ class Webhooks:
             try:
                 lane = self._lanes.get(hook.name)
                 if lane is None:
-                    lane = self._lanes[hook.name] = Lane(hook, self._session, self._metrics)
+                    lane = self._lanes[hook.name] = Lane(
+                        hook, self._session, self._metrics, self._clock
+                    )
                 lane.settings = hook  # a reload's settings apply to the next deliveries
                 lane.offer(kind, task, event)
             except Exception:

@@ -1,0 +1,116 @@
+"""A webhook lane against a real receiver on loopback, in-process: the per-task interval and
+the bounded queue, with a clock of the test's own (no wall-clock windows)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+from aiohttp import web
+from prometheus_client.parser import text_string_to_metric_families
+
+from mqtt_starter.config import Settings, settings_from_mapping
+from mqtt_starter.core.model import TaskRef
+from mqtt_starter.ops.metrics import Metrics
+from mqtt_starter.ops.webhooks import Webhooks
+from tests.conftest import free_port, wait_until
+
+HR = TaskRef(id="t-hr", name="Reload HR")
+STOCK = TaskRef(id="t-stock", name="Reload Stock")
+
+
+class Receiver:
+    def __init__(self) -> None:
+        self.got: list[dict[str, Any]] = []
+        self.hold = asyncio.Event()
+        self.hold.set()
+
+    async def handle(self, request: web.Request) -> web.Response:
+        self.got.append(json.loads(await request.read()))
+        await self.hold.wait()
+        return web.Response(status=204)
+
+
+@pytest.fixture
+async def receiver() -> AsyncIterator[tuple[Receiver, str]]:
+    got = Receiver()
+    app = web.Application()
+    app.router.add_post("/hook", got.handle)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    yield got, f"http://127.0.0.1:{port}/hook"
+    got.hold.set()
+    await runner.cleanup()
+
+
+def settings(url: str, **hook: Any) -> Settings:
+    return settings_from_mapping(
+        {"qrs": {"url": "https://sense:4242"}, "monitor": {"enabled": True},
+         "alerts": {"webhooks": [{"name": "ops", "url": url, **hook}]}}, {})  # fmt: skip
+
+
+def event(task: TaskRef, n: int) -> dict[str, Any]:
+    return {"taskId": task.id, "taskName": task.name, "executionId": f"e-{n}", "reason": ""}
+
+
+def counted(metrics: Metrics) -> dict[str, float]:
+    return {
+        s.labels["outcome"]: s.value
+        for f in text_string_to_metric_families(metrics.render().decode())
+        for s in f.samples
+        if s.name == "mqtt_starter_webhook_deliveries_total"
+    }
+
+
+async def test_the_per_task_interval_holds_alerts_back_and_counts_them_in_the_next(
+    receiver: tuple[Receiver, str],
+) -> None:
+    got, url = receiver
+    now = [1000.0]
+    current = settings(url, per_task_interval_s=600)
+    hooks = Webhooks(lambda: current, clock=lambda: now[0])
+    try:
+        hooks.run_ended("failed", HR, event(HR, 1))
+        now[0] += 10
+        hooks.run_ended("failed", HR, event(HR, 2))  # held back
+        hooks.run_ended("aborted", HR, event(HR, 3))  # held back
+        hooks.run_ended("failed", STOCK, event(STOCK, 4))  # another task: its own interval
+        hooks.run_ended("succeeded", STOCK, event(STOCK, 5))  # not among the events
+        now[0] += 600
+        hooks.run_ended("failed", HR, event(HR, 6))
+        await wait_until(lambda: len(got.got) == 3, what="three deliveries")
+        assert [(b["executionId"], b.get("heldBack")) for b in got.got] == [
+            ("e-1", None),
+            ("e-4", None),
+            ("e-6", 2),
+        ]
+    finally:
+        await hooks.close()
+
+
+async def test_a_full_queue_drops_its_oldest_and_counts_it(
+    receiver: tuple[Receiver, str],
+) -> None:
+    got, url = receiver
+    got.hold.clear()  # the receiver hangs until released
+    metrics = Metrics()
+    current = settings(url, queue_max=2)
+    hooks = Webhooks(lambda: current, metrics)
+    try:
+        hooks.run_ended("failed", HR, event(HR, 1))
+        await wait_until(lambda: len(got.got) == 1, what="the first POST to hang")
+        for n in (2, 3, 4, 5):
+            hooks.run_ended("failed", HR, event(HR, n))
+        assert hooks.lanes()["ops"].waiting == 2
+        assert counted(metrics) == {"dropped": 2.0}
+        got.hold.set()
+        await wait_until(lambda: len(got.got) == 3, what="the queued deliveries")
+        assert [b["executionId"] for b in got.got] == ["e-1", "e-4", "e-5"]
+        await wait_until(lambda: counted(metrics).get("delivered") == 3.0, what="counters")
+    finally:
+        await hooks.close()

@@ -58,12 +58,14 @@ def test_one_module_owns_each_foreign_library(library: str, owner: set[str]) -> 
 
 
 def test_the_http_client_lives_in_the_transport() -> None:
-    # aiohttp's server side serves the HTTP door and the simulators; its client only the one
+    # aiohttp's server side serves the HTTP door, the simulators and the demo's webhook
+    # receiver; its client only the one
     # transport both sites share, and the webhooks (receivers are not sites: no token, no
     # site errors, their own retry rules).
     assert owners("aiohttp") == {
         "sites/http.py",
         "ops/webhooks.py",
+        "commands/demo.py",
         "doors/http.py",
         "doors/butler_rest.py",
         "doors/status_page.py",

@@ -24,6 +24,13 @@ from pydantic import (
 from mqtt_starter.core.routing import TopicFilter
 
 
+def plain_name(value: str, why: str = "") -> str:
+    """A name that can stand in a topic level, a metric label and a log line."""
+    if not re.match(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$", value):
+        raise ValueError(f"letters, digits, `_`, `.` and `-`{why}")
+    return value
+
+
 class Section(BaseModel):
     """A configuration section: unknown keys are errors, values are frozen."""
 
@@ -583,9 +590,7 @@ class ChainSettings(Section):
     @field_validator("name")
     @classmethod
     def _name(cls, value: str) -> str:
-        if not re.match(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$", value):
-            raise ValueError("letters, digits, `_`, `.` and `-` (it is a topic level)")
-        return value
+        return plain_name(value, " (it is a topic level)")
 
     @model_validator(mode="after")
     def _no_self_loop(self) -> ChainSettings:
@@ -662,9 +667,7 @@ class WebhookSettings(Section):
     @field_validator("name")
     @classmethod
     def _name(cls, value: str) -> str:
-        if not re.match(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$", value):
-            raise ValueError("letters, digits, `_`, `.` and `-`")
-        return value
+        return plain_name(value)
 
     @field_validator("url")
     @classmethod

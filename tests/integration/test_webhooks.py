@@ -4,16 +4,13 @@ run end and webhook, its retries, its signature, and a receiver that hangs stopp
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import hmac
 import json
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
-from aiohttp import web
 
 from mqtt_starter.simulators.qrs.state import SimState
 from tests.conftest import free_port, wait_until
@@ -30,59 +27,15 @@ from tests.integration.test_monitor import (  # noqa: F401 (fixtures)
     simulator,
     watch,
 )
+from tests.receiver import Receiver, receiving
 
 SECRET = "s3cret-hmac-key"
 
 
-@dataclass
-class Receiver:
-    """A webhook receiver: answers each POST with the next of `answers` (then 200), or hangs
-    until `release` is set when the answer is `hang`."""
-
-    answers: list[int | str] = field(default_factory=list)
-    got: list[tuple[dict[str, str], bytes]] = field(default_factory=list)
-    release: asyncio.Event = field(default_factory=asyncio.Event)
-    url: str = ""
-
-    async def handle(self, request: web.Request) -> web.Response:
-        self.got.append((dict(request.headers), await request.read()))
-        answer = self.answers.pop(0) if self.answers else 200
-        if answer == "hang":
-            await self.release.wait()
-            answer = 200
-        assert isinstance(answer, int)
-        if answer == 400:
-            return web.Response(status=400, text="no such channel")
-        return web.Response(status=answer, headers={"Retry-After": "0"} if answer == 503 else {})
-
-    def bodies(self) -> list[dict[str, Any]]:
-        return [json.loads(b) for _, b in self.got]
-
-
 @pytest.fixture
 async def receivers() -> AsyncIterator[dict[str, Receiver]]:
-    made: dict[str, Receiver] = {}
-    runners: list[web.AppRunner] = []
-
-    async def start(name: str) -> Receiver:
-        receiver = made[name] = Receiver()
-        app = web.Application()
-        app.router.add_post("/hook/{token}", receiver.handle)
-        runner = web.AppRunner(app)
-        await runner.setup()
-        port = free_port()
-        await web.TCPSite(runner, "127.0.0.1", port).start()
-        runners.append(runner)
-        receiver.url = f"http://127.0.0.1:{port}/hook/t0ken"
-        return receiver
-
-    for name in ("ops", "chat"):
-        await start(name)
-    yield made
-    for receiver in made.values():
-        receiver.release.set()
-    for runner in runners:
-        await runner.cleanup()
+    async with receiving() as ops, receiving() as chat:
+        yield {"ops": ops, "chat": chat}
 
 
 def hook(name: str, receiver: Receiver, **options: Any) -> dict[str, Any]:

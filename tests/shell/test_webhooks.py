@@ -3,49 +3,27 @@ the bounded queue, with a clock of the test's own (no wall-clock windows)."""
 
 from __future__ import annotations
 
-import asyncio
-import json
 from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
-from aiohttp import web
 from prometheus_client.parser import text_string_to_metric_families
 
 from mqtt_starter.config import Settings, settings_from_mapping
 from mqtt_starter.core.model import TaskRef
 from mqtt_starter.ops.metrics import Metrics
 from mqtt_starter.ops.webhooks import Webhooks
-from tests.conftest import free_port, wait_until
+from tests.conftest import wait_until
+from tests.receiver import Receiver, receiving
 
 HR = TaskRef(id="t-hr", name="Reload HR")
 STOCK = TaskRef(id="t-stock", name="Reload Stock")
 
 
-class Receiver:
-    def __init__(self) -> None:
-        self.got: list[dict[str, Any]] = []
-        self.hold = asyncio.Event()
-        self.hold.set()
-
-    async def handle(self, request: web.Request) -> web.Response:
-        self.got.append(json.loads(await request.read()))
-        await self.hold.wait()
-        return web.Response(status=204)
-
-
 @pytest.fixture
-async def receiver() -> AsyncIterator[tuple[Receiver, str]]:
-    got = Receiver()
-    app = web.Application()
-    app.router.add_post("/hook", got.handle)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    port = free_port()
-    await web.TCPSite(runner, "127.0.0.1", port).start()
-    yield got, f"http://127.0.0.1:{port}/hook"
-    got.hold.set()
-    await runner.cleanup()
+async def receiver() -> AsyncIterator[Receiver]:
+    async with receiving() as got:
+        yield got
 
 
 def settings(url: str, **hook: Any) -> Settings:
@@ -68,9 +46,9 @@ def counted(metrics: Metrics) -> dict[str, float]:
 
 
 async def test_the_per_task_interval_holds_alerts_back_and_counts_them_in_the_next(
-    receiver: tuple[Receiver, str],
+    receiver: Receiver,
 ) -> None:
-    got, url = receiver
+    got, url = receiver, receiver.url
     now = [1000.0]
     current = settings(url, per_task_interval_s=600)
     hooks = Webhooks(lambda: current, clock=lambda: now[0])
@@ -83,8 +61,8 @@ async def test_the_per_task_interval_holds_alerts_back_and_counts_them_in_the_ne
         hooks.run_ended("succeeded", STOCK, event(STOCK, 5))  # not among the events
         now[0] += 600
         hooks.run_ended("failed", HR, event(HR, 6))
-        await wait_until(lambda: len(got.got) == 3, what="three deliveries")
-        assert [(b["executionId"], b.get("heldBack")) for b in got.got] == [
+        await wait_until(lambda: len(got.bodies()) == 3, what="three deliveries")
+        assert [(b["executionId"], b.get("heldBack")) for b in got.bodies()] == [
             ("e-1", None),
             ("e-4", None),
             ("e-6", 2),
@@ -94,23 +72,23 @@ async def test_the_per_task_interval_holds_alerts_back_and_counts_them_in_the_ne
 
 
 async def test_a_full_queue_drops_its_oldest_and_counts_it(
-    receiver: tuple[Receiver, str],
+    receiver: Receiver,
 ) -> None:
-    got, url = receiver
-    got.hold.clear()  # the receiver hangs until released
+    got, url = receiver, receiver.url
+    got.answers = ["hang"] * 5  # the receiver hangs until released
     metrics = Metrics()
     current = settings(url, queue_max=2)
     hooks = Webhooks(lambda: current, metrics)
     try:
         hooks.run_ended("failed", HR, event(HR, 1))
-        await wait_until(lambda: len(got.got) == 1, what="the first POST to hang")
+        await wait_until(lambda: len(got.bodies()) == 1, what="the first POST to hang")
         for n in (2, 3, 4, 5):
             hooks.run_ended("failed", HR, event(HR, n))
         assert hooks.lanes()["ops"].waiting == 2
         assert counted(metrics) == {"dropped": 2.0}
-        got.hold.set()
-        await wait_until(lambda: len(got.got) == 3, what="the queued deliveries")
-        assert [b["executionId"] for b in got.got] == ["e-1", "e-4", "e-5"]
+        got.release.set()
+        await wait_until(lambda: len(got.bodies()) == 3, what="the queued deliveries")
+        assert [b["executionId"] for b in got.bodies()] == ["e-1", "e-4", "e-5"]
         await wait_until(lambda: counted(metrics).get("delivered") == 3.0, what="counters")
     finally:
         await hooks.close()

@@ -73,7 +73,7 @@ def wire(
     )
     instance.publisher, instance.monitor = publisher, monitor
     monitor.runs.on_end = Chains(parts, starter, publisher, spawn).run_ended
-    webhooks = Webhooks(settings, metrics)
+    webhooks = Webhooks(settings, metrics, on_change=lambda w: board.set_instance(webhooks=w))
     monitor.runs.on_alert = webhooks.run_ended
     memory = WaitMemory(parts, publisher, starter.followups, spawn)
     door = MqttDoor(parts, starter, publisher, health=instance.health, memory=memory)

@@ -626,7 +626,7 @@ class WebhookRetry(Section):
 class WebhookSettings(Section):
     """One receiver of the monitor's alerts (DESIGN.md section 10)."""
 
-    name: str = Field(description="the webhook's name in logs and metrics")
+    name: str = Field(description="the webhook's name in logs, metrics and the status page")
     url: SecretStr = Field(
         description="http(s) URL the events are POSTed to (a secret: it often holds a token)"
     )

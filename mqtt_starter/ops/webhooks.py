@@ -62,9 +62,14 @@ class Lane:
         session: Callable[[], aiohttp.ClientSession],
         metrics: Metrics | None,
         clock: Callable[[], float] = time.monotonic,
+        on_change: Callable[[], None] | None = None,
     ) -> None:
         self.settings = settings
         self._clock = clock
+        self._on_change = on_change
+        # What the status page shows of this webhook (no URL: it is a secret).
+        self.counts = {"delivered": 0, "failed": 0, "dropped": 0}
+        self.last_failure = ""
         self._session = session
         self._metrics = metrics
         self._queue: deque[Delivery] = deque()
@@ -168,6 +173,7 @@ class Lane:
                 logger.debug("webhook {}: delivered {} ({})", self.name, delivery.id, status)
                 return
             if answer is Answer.GIVE_UP:
+                self.last_failure = f"HTTP {status}: {said}"[:200]
                 self._count("failed")
                 logger.error(
                     "webhook {}: delivery {} (task {} {}) refused with HTTP {}: {}; given up",
@@ -199,6 +205,7 @@ class Lane:
                 wait,
             )
             await asyncio.sleep(wait)
+        self.last_failure = f"not delivered after {hook.retry.attempts} tries"
         self._count("failed")
         logger.error(
             "webhook {}: delivery {} (task {} {}) not delivered after {} tries",
@@ -229,6 +236,15 @@ class Lane:
     def _count(self, outcome: str) -> None:
         if self._metrics is not None:
             self._metrics.webhook_delivery(self.name, outcome)
+        if outcome in self.counts:
+            self.counts[outcome] += 1
+            if self._on_change is not None:
+                self._on_change()
+
+    def summary(self) -> dict[str, Any]:
+        """This webhook on the status page."""
+        return {"name": self.name, **self.counts, "waiting": self.waiting,
+                "lastFailure": self.last_failure}  # fmt: skip
 
 
 class Webhooks:
@@ -239,10 +255,13 @@ class Webhooks:
         settings: Callable[[], Settings],
         metrics: Metrics | None = None,
         clock: Callable[[], float] = time.monotonic,
+        on_change: Callable[[list[dict[str, Any]]], None] | None = None,
     ) -> None:
-        """`clock`: for the per-task interval (monotonic seconds)."""
+        """`clock`: for the per-task interval (monotonic seconds). `on_change`: told each
+        webhook's counts when a delivery ends (the status page)."""
         self._settings = settings
         self._clock = clock
+        self._on_change = on_change
         self._metrics = metrics
         self._lanes: dict[str, Lane] = {}
         self._client: aiohttp.ClientSession | None = None
@@ -254,7 +273,7 @@ class Webhooks:
                 lane = self._lanes.get(hook.name)
                 if lane is None:
                     lane = self._lanes[hook.name] = Lane(
-                        hook, self._session, self._metrics, self._clock
+                        hook, self._session, self._metrics, self._clock, self._changed
                     )
                 lane.settings = hook  # a reload's settings apply to the next deliveries
                 lane.offer(kind, task, event)
@@ -262,6 +281,10 @@ class Webhooks:
                 logger.exception(
                     "webhook {}: the alert of task {} was not queued", hook.name, task.id
                 )
+
+    def _changed(self) -> None:
+        if self._on_change is not None:
+            self._on_change([lane.summary() for lane in self._lanes.values()])
 
     def lanes(self) -> dict[str, Lane]:
         return dict(self._lanes)

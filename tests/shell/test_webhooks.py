@@ -78,7 +78,8 @@ async def test_a_full_queue_drops_its_oldest_and_counts_it(
     got.answers = ["hang"] * 5  # the receiver hangs until released
     metrics = Metrics()
     current = settings(url, queue_max=2)
-    hooks = Webhooks(lambda: current, metrics)
+    shown: list[list[dict[str, Any]]] = []
+    hooks = Webhooks(lambda: current, metrics, on_change=shown.append)
     try:
         hooks.run_ended("failed", HR, event(HR, 1))
         await wait_until(lambda: len(got.bodies()) == 1, what="the first POST to hang")
@@ -90,5 +91,24 @@ async def test_a_full_queue_drops_its_oldest_and_counts_it(
         await wait_until(lambda: len(got.bodies()) == 3, what="the queued deliveries")
         assert [b["executionId"] for b in got.bodies()] == ["e-1", "e-4", "e-5"]
         await wait_until(lambda: counted(metrics).get("delivered") == 3.0, what="counters")
+        # The status page's view of the webhook: counts, what waits, no URL.
+        assert shown[-1] == [{"name": "ops", "delivered": 3, "failed": 0, "dropped": 2,
+                              "waiting": 0, "lastFailure": ""}]  # fmt: skip
+    finally:
+        await hooks.close()
+
+
+async def test_a_refusal_is_shown_with_the_receivers_answer(receiver: Receiver) -> None:
+    receiver.answers = [400]
+    shown: list[list[dict[str, Any]]] = []
+    current = settings(receiver.url)
+    hooks = Webhooks(lambda: current, on_change=shown.append)
+    try:
+        hooks.run_ended("failed", HR, event(HR, 1))
+        await wait_until(lambda: bool(shown), what="the refusal")
+        refused = "HTTP 400: no such channel"
+        assert shown[-1] == [{"name": "ops", "delivered": 0, "failed": 1, "dropped": 0,
+                              "waiting": 0, "lastFailure": refused}]  # fmt: skip
+        assert len(receiver.got) == 1
     finally:
         await hooks.close()

@@ -26,6 +26,7 @@ from mqtt_starter.simulators.qrs.fixtures import Fixture, Outcome, TaskFixture
 from mqtt_starter.simulators.qrs.server import QrsSimulator
 from tests.conftest import free_port, wait_until
 from tests.integration.conftest import Broker, Client, LocalDaemon, daemon_config, daemons
+from tests.receiver import Receiver, receiving
 
 ORDERS = "2a000000-0000-4000-8000-000000000001"
 EVIL = "2a000000-0000-4000-8000-000000000002"
@@ -57,8 +58,17 @@ async def simulator(certs: CertPaths) -> AsyncIterator[QrsSimulator]:
 
 
 @pytest.fixture
-async def page_daemon(broker: Broker, simulator: QrsSimulator) -> AsyncIterator[str]:
-    """A daemon with the endpoint (and its token) and the monitor on; its base URL."""
+async def receiver() -> AsyncIterator[Receiver]:
+    async with receiving() as got:
+        yield got
+
+
+@pytest.fixture
+async def page_daemon(
+    broker: Broker, simulator: QrsSimulator, receiver: Receiver
+) -> AsyncIterator[str]:
+    """A daemon with the endpoint (and its token), the monitor on, and a webhook; its base
+    URL."""
     port = free_port()
     async with daemons(
         LocalDaemon, lambda **sections: daemon_config(broker, simulator, **sections)
@@ -66,6 +76,7 @@ async def page_daemon(broker: Broker, simulator: QrsSimulator) -> AsyncIterator[
         await make(
             http={"enabled": True, "port": port, "token": TOKEN},
             monitor={"enabled": True, "interval_s": 0.2, "overlap_s": 2},
+            alerts={"webhooks": [{"name": "ops", "url": receiver.url}]},
         )
         yield f"http://127.0.0.1:{port}"
 
@@ -160,6 +171,20 @@ async def test_requests_and_runs_appear_live(
     assert (details["requestId"], details["tasks"][0]["result"]) == ("page-1", "started")
     assert await browser.script("return window.loadedOnce") == 42  # never reloaded
     await browser(browser.driver.save_screenshot, str(tmp_path / "status-page.png"))
+
+
+async def test_each_webhooks_deliveries_are_shown_without_its_url(
+    page_daemon: str, browser: Browser, receiver: Receiver, sim_state: Any
+) -> None:
+    await open_page(browser, page_daemon)
+    receiver.answers = [400]
+    sim_state.fire(sim_state.tasks[EVIL])
+    await browser.wait_text(
+        "#webhooks", "ops: 0 delivered, 1 failed (last: HTTP 400: no such channel)"
+    )
+    sim_state.fire(sim_state.tasks[EVIL])
+    await browser.wait_text("#webhooks", "ops: 1 delivered, 1 failed")
+    assert "t0ken" not in await browser.text("header")  # the URL's secret part
 
 
 async def test_what_publishers_send_is_shown_as_text(

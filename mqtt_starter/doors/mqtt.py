@@ -20,26 +20,18 @@ from mqtt_starter.core.codec import encode_reply
 from mqtt_starter.core.errors import MqttLinkError
 from mqtt_starter.core.model import Reply
 from mqtt_starter.core.triggers import Health, Ignore, Refuse, interpret
-from mqtt_starter.doors.mqtt_waits import WaitMemory
+from mqtt_starter.doors.mqtt_waits import Publisher, WaitMemory
 from mqtt_starter.mqtt.link import Incoming
 from mqtt_starter.ops.logs import RateLimitedLine
 from mqtt_starter.service.parts import Parts
 from mqtt_starter.service.requests import Inbound, Starter, error_reply
 
 
-class Link(Protocol):
-    """The broker link as the door uses it (mqtt/link.py; tests use a fake)."""
+class Link(Publisher, Protocol):
+    """The broker link as the door uses it (mqtt/link.py; tests use a fake): a publisher that
+    says whether it is connected."""
 
     connected: asyncio.Event
-
-    async def publish(
-        self,
-        topic: str,
-        payload: bytes,
-        *,
-        retain: bool = False,
-        correlation_data: bytes | None = None,
-    ) -> None: ...
 
 
 @dataclass(frozen=True)

@@ -77,6 +77,7 @@ class Lane:
         self._last_sent: dict[str, float] = {}  # task id → when its last alert was queued
         self._held: dict[str, int] = {}  # task id → alerts held back by the interval since
         self._worker: asyncio.Task[None] | None = None
+        self._sending: Delivery | None = None  # the delivery being tried now
 
     @property
     def name(self) -> str:
@@ -126,20 +127,20 @@ class Lane:
         return len(self._queue)
 
     async def close(self) -> None:
+        # The delivery being tried at the stop (its receiver slow or down) counts as not sent.
+        left = len(self._queue) + (self._sending is not None)
         if self._worker is not None:
             self._worker.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._worker
-        if self._queue:
-            logger.warning(
-                "webhook {}: {} deliveries not sent at the stop", self.name, len(self._queue)
-            )
+        if left:
+            logger.warning("webhook {}: {} deliveries not sent at the stop", self.name, left)
 
     async def _run(self) -> None:
         while True:
             await self._wake.wait()
             while self._queue:
-                delivery = self._queue.popleft()
+                delivery = self._sending = self._queue.popleft()
                 try:
                     await self._deliver(delivery)
                 except Exception:
@@ -151,6 +152,8 @@ class Lane:
                         delivery.task_id,
                     )
                     self._count("failed")
+                finally:
+                    self._sending = None
             self._wake.clear()
 
     async def _deliver(self, delivery: Delivery) -> None:

@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
+from loguru import logger
 from prometheus_client.parser import text_string_to_metric_families
 
 from mqtt_starter.config import Settings, settings_from_mapping
@@ -112,3 +113,19 @@ async def test_a_refusal_is_shown_with_the_receivers_answer(receiver: Receiver) 
         assert len(receiver.got) == 1
     finally:
         await hooks.close()
+
+
+async def test_a_stop_says_what_was_not_sent(receiver: Receiver) -> None:
+    receiver.answers = ["hang"]
+    current = settings(receiver.url)
+    hooks = Webhooks(lambda: current)
+    said: list[str] = []
+    sink = logger.add(lambda m: said.append(m.record["message"]), level="WARNING")
+    try:
+        hooks.run_ended("failed", HR, event(HR, 1))
+        await wait_until(lambda: len(receiver.got) == 1, what="the POST to hang")
+        hooks.run_ended("failed", HR, event(HR, 2))
+        await hooks.close()
+    finally:
+        logger.remove(sink)
+    assert said == ["webhook ops: 2 deliveries not sent at the stop"]

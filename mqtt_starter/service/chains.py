@@ -84,7 +84,7 @@ class Chains:
     def run_ended(self, change: Execution, task: TaskRef) -> None:
         """The monitor published that a run ended: fire the chains it fires."""
         parts = self._parts()
-        lineage = self._lineages.get(change.execution_id, frozenset()) | {task.id}
+        lineage = self._lineages.get(change.execution_id.lower(), frozenset()) | {task.id}
         for chain in build_chains(parts.settings):
             if chain.fires(task, change.status):
                 self._spawn(

@@ -1,10 +1,10 @@
-"""Command line: arguments → settings → logging → asyncio.run(...) → exit code."""
+"""Command line: arguments → settings → logging → platform.run(...) → exit code."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import signal
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -20,7 +20,9 @@ from mqtt_starter.config import (
     settings_from_mapping,
 )
 from mqtt_starter.core.errors import EXIT_CONFIG, ConfigError, MqttStarterError
+from mqtt_starter.ops import platform
 from mqtt_starter.ops.logs import configure_logging
+from mqtt_starter.ops.platform import StopSignals
 
 if TYPE_CHECKING:
     from mqtt_starter.simulators.cloud.server import CloudSimulator
@@ -29,7 +31,11 @@ if TYPE_CHECKING:
 # Each command imports what it needs when it runs: the daemon then does not carry the
 # simulator, the demo or certificate generation in memory (about 10 MiB).
 
-DEFAULT_CONFIG = Path("/etc/mqtt-starter/mqtt-starter.yaml")
+
+def default_config() -> Path:
+    """`-c`'s default: $MQTT_STARTER_CONFIG (the container image sets /config/...), else this
+    platform's place (/etc/mqtt-starter/ or %ProgramData%\\mqtt-starter\\)."""
+    return Path(os.environ.get("MQTT_STARTER_CONFIG") or platform.default_config_path())
 
 
 def _config_failed(error: ConfigError) -> int:
@@ -57,7 +63,7 @@ def _run(args: argparse.Namespace) -> int:
     from mqtt_starter.daemon import Daemon
 
     try:
-        return asyncio.run(Daemon(settings, reload=load).run())
+        return platform.run(Daemon(settings, reload=load, config_path=path).run())
     except ConfigError as error:
         # A certificate or key that exists but cannot be used shows only when it is loaded.
         return _config_failed(error)
@@ -66,7 +72,7 @@ def _run(args: argparse.Namespace) -> int:
 def _check(args: argparse.Namespace) -> int:
     from mqtt_starter.commands.check import run_checks
 
-    checks, code = asyncio.run(run_checks(args.config))
+    checks, code = platform.run(run_checks(args.config))
     print(f"mqtt-starter check: {args.config}")
     for check in checks:
         print(check.line())
@@ -87,7 +93,7 @@ def _tasks(args: argparse.Namespace) -> int:
         return 2
     configure_logging(settings.log.model_copy(update={"level": "WARNING"}))
     try:
-        resolution = asyncio.run(list_tasks(settings, selectors))
+        resolution = platform.run(list_tasks(settings, selectors))
     except MqttStarterError as exc:
         print(f"mqtt-starter: {exc}", file=sys.stderr)
         return 1
@@ -95,11 +101,25 @@ def _tasks(args: argparse.Namespace) -> int:
     return 0
 
 
+def _health(args: argparse.Namespace) -> int:
+    from mqtt_starter.commands.health import check_health
+
+    try:
+        settings = load_settings(args.config)
+    except ConfigError as error:
+        return _config_failed(error)
+    health = check_health(settings)
+    print(
+        f"mqtt-starter health: {health.line}", file=sys.stdout if health.code == 0 else sys.stderr
+    )
+    return health.code
+
+
 def _demo(args: argparse.Namespace) -> int:
     from mqtt_starter.commands.demo import run_demo
 
     configure_logging(LogSettings(level="WARNING"))
-    return asyncio.run(run_demo(sys.stdout, once=args.once, port=args.port, cloud=args.cloud))
+    return platform.run(run_demo(sys.stdout, once=args.once, port=args.port, cloud=args.cloud))
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -115,14 +135,15 @@ def _parser() -> argparse.ArgumentParser:
         ("run", "run the daemon"),
         ("check", "validate the configuration, reach the broker and the site, say what fails"),
         ("tasks", "resolve selectors against the site and list the tasks; starts nothing"),
+        ("health", "exit 0 when the local daemon's /readyz says ready (a container health check)"),
     ):
         configured[name] = commands.add_parser(name, help=text)
         configured[name].add_argument(
             "-c",
             "--config",
             type=Path,
-            default=DEFAULT_CONFIG,
-            help=f"configuration file (default: {DEFAULT_CONFIG})",
+            default=default_config(),
+            help=f"configuration file (default: {default_config()})",
         )
     tasks = configured["tasks"]
     tasks.add_argument("--id", action="append", default=[], metavar="ID", help="task id")
@@ -227,9 +248,7 @@ def _parser() -> argparse.ArgumentParser:
 
 async def _serve_until_signal(sim: QrsSimulator) -> None:
     stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
+    StopSignals(asyncio.get_running_loop(), stop.set).install()
     await sim.start()
     certs = sim.certs
     print(f"QRS simulator on {sim.url} with {len(sim.fixture.tasks)} tasks", flush=True)
@@ -272,15 +291,13 @@ def _simulate_qrs(args: argparse.Namespace) -> int:
         session_limit=args.session_limit,
         bad_token=args.bad_token,
     )
-    asyncio.run(_serve_until_signal(sim))
+    platform.run(_serve_until_signal(sim))
     return 0
 
 
 async def _serve_cloud_until_signal(sim: CloudSimulator) -> None:
     stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
+    StopSignals(asyncio.get_running_loop(), stop.set).install()
     await sim.start()
     fixture = sim.fixture
     print(f"Qlik Cloud simulator on {sim.url} with {len(fixture.apps)} apps", flush=True)
@@ -309,7 +326,7 @@ def _simulate_cloud(args: argparse.Namespace) -> int:
         return EXIT_CONFIG
     folder = args.cert_dir or default_cert_dir().with_name("cloud-sim")
     certs = ensure_certificates(folder, (args.host,))
-    asyncio.run(
+    platform.run(
         _serve_cloud_until_signal(CloudSimulator(fixture, certs, host=args.host, port=args.port))
     )
     return 0
@@ -348,7 +365,7 @@ def _trigger(args: argparse.Namespace) -> int:
         print("mqtt-starter trigger: say what to start: --id, --tag, --cp, --name or --space",
               file=sys.stderr)  # fmt: skip
         return EXIT_CONFIG
-    return asyncio.run(
+    return platform.run(
         trigger(settings, ask, reply_timeout_s=args.reply_timeout, as_json=args.json)
     )
 
@@ -399,6 +416,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     commands = {
         "run": _run,
         "check": _check,
+        "health": _health,
         "tasks": _tasks,
         "demo": _demo,
         "simulate-qrs": _simulate_qrs,

@@ -3,19 +3,21 @@
 The parts (backend, trigger rules, allow-list) come from service/parts.py, the use case from
 service/requests.py, the doors from doors/. Every task runs in the daemon's TaskGroup under a
 name.
-SIGTERM/SIGINT: stop taking messages, finish those in flight (bounded), `offline`, exit 0.
-SIGHUP: reload the configuration. New parts are built and swapped in; the old ones close once
-the requests and followers that hold them are done, so a `wait` in progress still gets its
-finished reply. The broker connection is rebuilt only when its settings or the subscriptions
-changed (same client id: the session and its queued triggers survive).
+SIGTERM/SIGINT (on Windows also Ctrl+Break and a service stop; ops/platform.py): stop taking
+messages, finish those in flight (bounded), `offline`, exit 0.
+SIGHUP, or a change of the file with `watch_config`: reload the configuration. New parts are
+built and swapped in; the old ones close once the requests and followers that hold them are
+done, so a `wait` in progress still gets its finished reply. The broker connection is rebuilt
+only when its settings or the subscriptions changed (same client id: the session and its
+queued triggers survive).
 """
 
 from __future__ import annotations
 
 import asyncio
-import signal
 import ssl
 from collections.abc import Callable, Coroutine
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from loguru import logger
@@ -27,8 +29,10 @@ from mqtt_starter.doors.mqtt import MqttDoor
 from mqtt_starter.doors.mqtt_waits import WaitMemory
 from mqtt_starter.instance import Instance, new_board
 from mqtt_starter.mqtt.link import MqttLink
+from mqtt_starter.ops.config_watch import ConfigWatch
 from mqtt_starter.ops.logs import configure_logging
 from mqtt_starter.ops.metrics import Metrics
+from mqtt_starter.ops.platform import StopSignals
 from mqtt_starter.ops.systemd import Notifier
 from mqtt_starter.ops.webhooks import Webhooks
 from mqtt_starter.service.monitor import Monitor
@@ -84,9 +88,21 @@ class Daemon:
         *,
         reload: Callable[[], Settings] | None = None,
         notifier: Notifier | None = None,
+        config_path: Path | None = None,
+        watch_interval_s: float = 1.0,
     ) -> None:
         self.settings = settings
         self._reload_settings = reload
+        self._watch = (
+            None
+            if config_path is None or reload is None
+            else ConfigWatch(
+                config_path,
+                self.request_reload,
+                enabled=lambda: self.settings.watch_config,
+                interval_s=watch_interval_s,
+            )
+        )
         self.notifier = notifier or Notifier()
         self.metrics = Metrics()
         self._stop = asyncio.Event()
@@ -144,10 +160,8 @@ class Daemon:
 
     async def run(self) -> int:
         """Serve until SIGTERM; ConfigError (exit 78) when the parts cannot be built."""
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, self.request_stop)
-        loop.add_signal_handler(signal.SIGHUP, self.request_reload)
+        signals = StopSignals(asyncio.get_running_loop(), self.request_stop, self.request_reload)
+        signals.install()
         warn_about_settings(self.settings)
         self._parts = await Parts.build(self.settings, self.metrics.observe_qrs)
         try:
@@ -174,6 +188,8 @@ class Daemon:
                 if self.settings.http.enabled:
                     self._spawn(self.instance.watch_site(), "site-watch")
                 self._spawn(self.notifier.watchdog(), "watchdog")
+                if self._watch is not None:
+                    self._spawn(self._watch.run(), "config-watch")
                 self._spawn(self.instance.announce_ready(), "ready")
                 try:
                     await self._serve(door, starter)
@@ -181,8 +197,7 @@ class Daemon:
                     await self._shut_down()
         finally:
             await self.parts.retire()
-            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-                loop.remove_signal_handler(sig)
+            signals.remove()
             logger.info("stopped")
         return 0
 

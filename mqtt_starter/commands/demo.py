@@ -28,6 +28,7 @@ from aiohttp import web
 
 from mqtt_starter.config import MqttSettings
 from mqtt_starter.mqtt.link import MqttPeer
+from mqtt_starter.ops.platform import StopSignals
 from mqtt_starter.simulators.certs import ensure_certificates
 from mqtt_starter.simulators.cloud.fixtures import load_cloud_fixture
 from mqtt_starter.simulators.cloud.server import CloudSimulator
@@ -289,8 +290,7 @@ async def run_demo(
     folder = Path(tempfile.mkdtemp(prefix="mqtt-starter-demo-"))
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
+    StopSignals(loop, stop.set).install()
     try:
         async with _broker(folder, port) as got:
             wanted, port = port, got

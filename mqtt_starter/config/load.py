@@ -174,6 +174,16 @@ def load_settings(path: Path | None, env: Mapping[str, str] | None = None) -> Se
     if path is not None:
         try:
             data = yaml.safe_load(path.read_text("utf-8"))
+        except FileNotFoundError:
+            raise ConfigError(
+                [
+                    ConfigProblem(
+                        "",
+                        f"no configuration file at {path} (-c or MQTT_STARTER_CONFIG"
+                        " names another)",
+                    )
+                ]
+            ) from None
         except OSError as exc:
             raise ConfigError([ConfigProblem("", f"cannot read {path}: {exc.strerror}")]) from None
         except yaml.YAMLError as exc:

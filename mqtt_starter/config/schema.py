@@ -695,6 +695,15 @@ class LogSettings(Section):
     format: Literal["text", "json"] = Field(
         "text", description="text (journald friendly) or json, one object a line"
     )
+    file: Path | None = Field(
+        None,
+        description="write the log to this file, rotated by size, instead of stderr; without a"
+        " console"
+        " (a Windows service) the log goes to %ProgramData%\\mqtt-starter\\logs\\"
+        "mqtt-starter.log when this is not set",
+    )
+    rotate_mb: float = Field(10, gt=0, description="log.file: start a new file past this size")
+    keep_files: int = Field(5, ge=1, description="log.file: rotated files kept")
 
     @field_validator("level", mode="before")
     @classmethod
@@ -722,6 +731,11 @@ class Settings(Section):
         [], description="when one run ends, start the next (needs monitor.enabled)"
     )
     log: LogSettings = Field(LogSettings(), description="logging")
+    watch_config: bool = Field(
+        False,
+        description="a change of the configuration file reloads it, as SIGHUP does (for"
+        " Windows and containers, which have no SIGHUP)",
+    )
 
     @model_validator(mode="after")
     def _one_site(self) -> Settings:

@@ -17,15 +17,18 @@ import logging
 import os
 import sys
 import time
+import traceback
 from collections.abc import Callable
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from loguru import logger
 
 from mqtt_starter.config import LogSettings
+from mqtt_starter.ops.platform import console_attached, default_log_file
 
 if TYPE_CHECKING:
-    from loguru import Message
+    from loguru import Message, Record
 
 
 class RateLimitedLine:
@@ -83,22 +86,67 @@ class _Intercept(logging.Handler):
         return False
 
 
-def _json_sink(message: Message) -> None:
-    record = message.record
+def _json_fields(record: Record, exception: str | None) -> str:
     data = {
         "time": record["time"].isoformat(),
         "level": record["level"].name,
         "logger": record["extra"].get("logger_name", record["name"]),
         "message": record["message"],
     }
+    if exception:
+        data["exception"] = exception
+    return json.dumps(data, ensure_ascii=False)
+
+
+def _json_sink(message: Message) -> None:
+    record = message.record
+    exception = None
     if record["exception"] is not None:
-        data["exception"] = "".join(message.splitlines(keepends=True)[1:]).strip()
-    sys.stderr.write(json.dumps(data, ensure_ascii=False) + "\n")
+        exception = "".join(message.splitlines(keepends=True)[1:]).strip()
+    sys.stderr.write(_json_fields(record, exception) + "\n")
 
 
-def configure_logging(settings: LogSettings) -> None:
+def _json_file_format(record: Record) -> str:
+    """A log file's JSON line: the line is kept in `extra` so that loguru's own formatting of
+    the template leaves its braces alone."""
+    exception = None
+    if record["exception"] is not None:
+        kind, value, trace = record["exception"]
+        exception = "".join(traceback.format_exception(kind, value, trace)).strip()
+    record["extra"]["json_line"] = _json_fields(record, exception)
+    return "{extra[json_line]}\n"
+
+
+def log_file(settings: LogSettings, *, console: bool | None = None) -> Path | None:
+    """The file the log goes to: `log.file`; without a console (a Windows service), the
+    platform's default file; else None (stderr)."""
+    if settings.file is not None:
+        return settings.file
+    if console is None:
+        console = console_attached()
+    return None if console else Path(default_log_file())
+
+
+def configure_logging(settings: LogSettings, *, console: bool | None = None) -> None:
     logger.remove()
-    if settings.format == "json":
+    path = log_file(settings, console=console)
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        json_format = settings.format == "json"
+        logger.add(
+            path,
+            level=settings.level,
+            format=_json_file_format
+            if json_format
+            else "{time:YYYY-MM-DD HH:mm:ss.SSS} {level: <7} {message}",
+            rotation=int(settings.rotate_mb * 1024 * 1024),
+            retention=settings.keep_files,
+            encoding="utf-8",
+            colorize=False,
+            diagnose=False,
+            backtrace=False,
+        )
+    elif settings.format == "json":
         logger.add(
             _json_sink,
             level=settings.level,

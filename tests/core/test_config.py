@@ -175,8 +175,14 @@ def test_yaml_and_file_errors(tmp_path: Path) -> None:
     bad.write_text("mqtt: [unclosed")
     with pytest.raises(ConfigError, match="is not valid YAML"):
         load_settings(bad, {})
-    with pytest.raises(ConfigError, match="cannot read"):
+    with pytest.raises(ConfigError) as missing:
         load_settings(tmp_path / "missing.yaml", {})
+    assert [str(p) for p in missing.value.problems] == [
+        f"no configuration file at {tmp_path / 'missing.yaml'} (-c or MQTT_STARTER_CONFIG"
+        " names another)"
+    ]
+    with pytest.raises(ConfigError, match="cannot read"):
+        load_settings(tmp_path, {})
     bad.write_text(yaml.safe_dump(["a list"]))
     with pytest.raises(ConfigError, match="must be a YAML mapping"):
         load_settings(bad, {})

@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 from collections import OrderedDict
 from collections.abc import Callable
+from typing import cast
 
 from mqtt_starter.ops.logs import RateLimitedLine
 
@@ -46,8 +47,8 @@ class _Guarded(asyncio.Protocol):
         self.deadline: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        # A stream transport (uvloop's does not derive from asyncio.Transport).
+        self.transport = cast(asyncio.Transport, transport)
         self.guard.admit(self)
         self.inner.connection_made(transport)
 

@@ -2,8 +2,7 @@
 
 - Where the configuration lives by default: `/etc/mqtt-starter/` on POSIX,
   `%ProgramData%\\mqtt-starter\\` on Windows.
-- Which event loop runs: uvloop where it is installed (not on Windows, which it does not
-  support), else asyncio's own. On Windows that is the selector loop: paho needs
+- Which event loop runs: asyncio's own. On Windows that is the selector loop: paho needs
   `add_reader`/`add_writer`, which the default proactor loop lacks.
 - How a stop and a reload arrive. asyncio offers `add_signal_handler` on POSIX only; elsewhere
   (Windows: Ctrl+C, Ctrl+Break, a service stop through WinSW, which sends Ctrl+C) the plain
@@ -70,18 +69,16 @@ def console_attached(platform: str | None = None) -> bool:
 
 
 def loop_factory(platform: str | None = None) -> Callable[[], asyncio.AbstractEventLoop]:
-    """The event loop the commands run on: uvloop where available and not on Windows; the
-    selector loop on Windows (paho needs add_reader); asyncio's default elsewhere.
-
-    MQTT_STARTER_LOOP=asyncio picks asyncio's own loop where uvloop is installed (the tests run
-    both)."""
+    """The event loop the commands run on: the selector loop on Windows (paho needs
+    add_reader); elsewhere asyncio's default, or uvloop where MQTT_STARTER_LOOP=uvloop asks for
+    it and it is installed."""
     if is_windows(platform):
         return asyncio.SelectorEventLoop
-    if os.environ.get("MQTT_STARTER_LOOP") != "asyncio":
+    if os.environ.get("MQTT_STARTER_LOOP") == "uvloop":
         try:
             import uvloop
         except ImportError:
-            pass
+            logger.warning("MQTT_STARTER_LOOP=uvloop: uvloop is not installed; asyncio's loop runs")
         else:
             factory: Callable[[], asyncio.AbstractEventLoop] = uvloop.new_event_loop
             return factory

@@ -231,6 +231,9 @@ class Daemon:
         self.log_path = folder / "daemon.log"
         self.notify: Notify | None = None
         self.expects_traceback = False  # a test that provokes one says so
+        # The module run with `python -m`: tests/windows_like.py runs the same command on an
+        # event loop without signal handlers, as Windows' is.
+        self.module = "mqtt_starter"
         folder.mkdir(parents=True, exist_ok=True)
 
     @property
@@ -259,7 +262,7 @@ class Daemon:
             self.process = await asyncio.create_subprocess_exec(
                 sys.executable,
                 "-m",
-                "mqtt_starter",
+                self.module,
                 "run",
                 "-c",
                 str(self.config_path),

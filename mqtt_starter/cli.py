@@ -216,6 +216,13 @@ def _parser() -> argparse.ArgumentParser:
         default=None,
         help="where root.pem, client.pem and client_key.pem are written or reused",
     )
+    sim.add_argument(
+        "--cert-name",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="another name on the server certificate (a container's service name, say)",
+    )
     sim.add_argument("--prefix", default="", help="virtual proxy prefix (proxy mode)")
     sim.add_argument(
         "--token",
@@ -280,7 +287,7 @@ def _simulate_qrs(args: argparse.Namespace) -> int:
     except (FixtureError, OSError) as exc:
         print(f"mqtt-starter: {exc}", file=sys.stderr)
         return EXIT_CONFIG
-    certs = ensure_certificates(args.cert_dir or default_cert_dir(), (args.host,))
+    certs = ensure_certificates(args.cert_dir or default_cert_dir(), (args.host, *args.cert_name))
     sim = QrsSimulator(
         fixture,
         certs,

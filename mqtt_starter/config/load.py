@@ -64,12 +64,19 @@ def _interpolate(
     return node
 
 
+# Variables of the process, not settings: the configuration file's path (the container image
+# sets it) and the event loop (ops/platform.py).
+PROCESS_ENV = frozenset({"MQTT_STARTER_CONFIG", "MQTT_STARTER_LOOP"})
+
+
 def _apply_env(data: dict[str, Any], env: Mapping[str, str], problems: list[ConfigProblem]) -> None:
     for name, value in sorted(env.items()):
         if not name.startswith(ENV_PREFIX):
             continue
+        if name in PROCESS_ENV:
+            continue
         keys = [k.lower() for k in name[len(ENV_PREFIX) :].split("__")]
-        if len(keys) < 2 or not all(keys):
+        if (len(keys) < 2 and keys != ["watch_config"]) or not all(keys):
             problems.append(ConfigProblem(name, "expected MQTT_STARTER_<SECTION>__<KEY>"))
             continue
         node = data

@@ -185,6 +185,7 @@ class Target:
     events: bool = False
     mqtt: dict[str, Any] = field(default_factory=dict)  # more mqtt settings for the daemon
     sections: dict[str, Any] = field(default_factory=dict)  # more sections for the daemon
+    env: dict[str, str] = field(default_factory=dict)  # more environment (MQTT_STARTER_LOOP)
     process: subprocess.Popen[bytes] | None = None
     startup_s: float = 0.0
 
@@ -243,7 +244,7 @@ class Target:
             [sys.executable, "-m", "mqtt_starter", "run", "-c", str(config)],
             stdout=log,
             stderr=log,
-            env={**env, "NOTIFY_SOCKET": str(notify_path)},
+            env={**env, **self.env, "NOTIFY_SOCKET": str(notify_path)},
         )
         try:
             while b"READY=1" not in notify.recv(4096):

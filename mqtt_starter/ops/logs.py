@@ -1,6 +1,6 @@
 """Logging: loguru to stderr, text (journald friendly) or one JSON object a line.
 
-Standard `logging` records (aiohttp, paho through aiomqtt) are routed into loguru. Under
+Standard `logging` records (aiohttp, paho) are routed into loguru. Under
 journald (JOURNAL_STREAM is set) text lines carry no timestamp: the journal adds its own.
 
 No secret reaches the log: tracebacks never show variable values (loguru's `diagnose` is off:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import time
 from collections import OrderedDict, deque
 from collections.abc import Sequence
 from datetime import UTC, datetime
@@ -32,8 +33,12 @@ TASKS_KEPT = 20_000
 TERMINAL_CODES = {6, 7, 8, 9, 11, 12}
 
 
+def _iso(moment: float) -> str:
+    return datetime.fromtimestamp(moment, UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
+
+
 def _now_iso() -> str:
-    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
+    return _iso(time.time())
 
 
 class StatusBoard:
@@ -66,11 +71,12 @@ class StatusBoard:
             self._emit("instance", self.instance)
 
     def request(self, door: str, topic: str, reply: Reply, duration_ms: float) -> None:
+        """A request's reply. Kept as it is: the page's JSON of it is built only when a page
+        reads it (most of the time no page is open, and the door encodes the reply anyway)."""
         self._request_seq += 1
-        data = reply_json(reply, str(self.instance.get("instance", "")))
         entry = {
             "id": self._request_seq,
-            "time": _now_iso(),
+            "time": time.time(),
             "door": door,
             "topic": topic,
             "requestId": reply.request_id,
@@ -78,10 +84,20 @@ class StatusBoard:
             "stage": reply.stage,
             "durationMs": round(duration_ms, 1),
             "replayed": reply.replayed,
-            "reply": data,
+            "reply": reply,
         }
         self.requests.append(entry)
-        self._emit("request", entry)
+        if self.pages:
+            self._emit("request", self._shown(entry))
+        else:
+            self._emit_nothing()
+
+    def _shown(self, entry: dict[str, Any]) -> dict[str, Any]:
+        """The entry as pages see it: its reply as JSON, its time as text (built once)."""
+        if isinstance(entry["reply"], Reply):
+            entry["reply"] = reply_json(entry["reply"], str(self.instance.get("instance", "")))
+            entry["time"] = _iso(entry["time"])
+        return entry
 
     def finished(self, reply: Reply) -> None:
         """A `finished` reply: it completes the entry of its accepted reply."""
@@ -89,7 +105,7 @@ class StatusBoard:
         for entry in reversed(self.requests):
             if entry["requestId"] != reply.request_id or entry["stage"] != "accepted":
                 continue
-            tasks = entry["reply"].get("tasks", [])
+            tasks = self._shown(entry)["reply"].get("tasks", [])
             if executions <= {t.get("executionId") for t in tasks}:
                 entry["stage"] = "finished"
                 entry["status"] = reply.status.value
@@ -187,17 +203,21 @@ class StatusBoard:
             "seq": self.seq,
             "serverTime": _now_iso(),
             "instance": self.instance,
-            "requests": list(self.requests),
+            "requests": [self._shown(entry) for entry in self.requests],
             "runs": list(self.runs.values()),
             "tasks": list(self.tasks.values()),
         }
 
-    def _emit(self, kind: str, data: Any) -> None:
+    def _emit_nothing(self) -> None:
+        """A change nobody is told of: a page that opens starts from a snapshot anyway."""
         self.seq += 1
+        self._events.clear()
+
+    def _emit(self, kind: str, data: Any) -> None:
         if not self.pages:
-            # Nobody to tell: a page that opens starts from a snapshot anyway.
-            self._events.clear()
+            self._emit_nothing()
             return
+        self.seq += 1
         change = json.dumps({"kind": kind, "data": data}, ensure_ascii=False)
         self._events.append((self.seq, sse_frame("change", change)))
         self._changed.set()

@@ -83,6 +83,8 @@ class ConfigWatch:
         previous = self._stamp
         while True:
             await asyncio.sleep(self.interval_s)
+            if not self._enabled():
+                continue  # watch_config is off: not even a stat
             stamp = await asyncio.to_thread(_stamp, self.path)
             self.poll(stamp, previous)
             previous = stamp

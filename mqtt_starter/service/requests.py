@@ -222,9 +222,16 @@ class Starter:
             )
             for r in resolution.tasks
         ]
-        outcomes = await asyncio.gather(
-            *(self._start_one(parts, d, request.reload) for d in decisions)
-        )
+        outcomes: list[TaskOutcome]
+        if len(decisions) == 1:
+            # The common case: one task, started in this task (a gather would make another).
+            outcomes = [await self._start_one(parts, decisions[0], request.reload)]
+        else:
+            outcomes = list(
+                await asyncio.gather(
+                    *(self._start_one(parts, d, request.reload) for d in decisions)
+                )
+            )
         for outcome in outcomes:
             if outcome.result is TaskResult.STARTED and outcome.execution_id:
                 await parts.tracker.claims.started(outcome.execution_id, request.request_id)

@@ -184,6 +184,8 @@ class _Connection:
         client.on_message = lambda _client, _userdata, message: on_message(message)
         self.client = client
         self._fd = -1
+        self._flush_due = False
+        self._writer_added = False
         self._misc: asyncio.TimerHandle | None = None
         self._connack: asyncio.Future[None] = self._loop.create_future()
         self.lost: asyncio.Future[str] = self._loop.create_future()
@@ -221,6 +223,7 @@ class _Connection:
         for remove in (self._loop.remove_reader, self._loop.remove_writer):
             with contextlib.suppress(OSError, ValueError):
                 remove(fd)
+        self._writer_added = False
         if self._misc is not None:
             self._misc.cancel()
             self._misc = None
@@ -229,11 +232,26 @@ class _Connection:
         self._on_loop(self._want_write)
 
     def _want_write(self) -> None:
-        if self._fd >= 0:
+        """Something waits to be written: write it on the loop's next turn, with whatever
+        else is queued by then. A socket is nearly always writable, so waiting for the loop to
+        say so (add_writer, a wake-up, remove_writer) would cost more than the write."""
+        if self._fd >= 0 and not self._flush_due:
+            self._flush_due = True
+            self._loop.call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._flush_due = False
+        if self._fd < 0:
+            return
+        self._write()
+        if self._fd >= 0 and self.client.want_write() and not self._writer_added:
+            # The socket's buffer is full: now let the loop say when it drains.
             self._loop.add_writer(self._fd, self._write)
+            self._writer_added = True
 
     def _unregister_write(self, _client: Any, _userdata: Any, _sock: Any) -> None:
-        if self._fd >= 0:
+        if self._writer_added and self._fd >= 0:
+            self._writer_added = False
             fd = self._fd
             self._on_loop(lambda: self._loop.remove_writer(fd))
 

@@ -1,8 +1,9 @@
 """The hot path side by side: the daemon on each event loop against the floor, in one run.
 
-    python -m benchmarks.hotpath [--runs 3] [--requests 20000] [--profile DIR]
+    python -m benchmarks.hotpath [--runs 3] [--requests 20000] [--before COMMIT] [--profile DIR]
 
-For each run and each target (the floor; the daemon on asyncio's loop; the daemon on uvloop),
+For each run and each target (the floor; the daemon on asyncio's loop; the daemon on uvloop;
+with --before, the daemon as it was at COMMIT, from a git worktree, on its own default loop),
 with the same broker and simulator at zero service time: p50 and p99 of one request at a time,
 throughput at 50 requests in flight, and the target's CPU per request during that run. Prints
 medians and ratios to the floor and writes hotpath.json and hotpath.md into --out. With
@@ -38,9 +39,10 @@ def one(
     sim: Simulator,
     requests: int,
     profile: Path | None,
+    env: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     kind = "floor" if name == "floor" else "daemon"
-    target = Target(kind, folder, broker, sim, env=TARGETS[name])
+    target = Target(kind, folder, broker, sim, env=TARGETS[name] if env is None else env)
     target.start()
     loadgen = LoadGen(broker)
     spy: subprocess.Popen[bytes] | None = None
@@ -81,19 +83,39 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=20000)
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     parser.add_argument("--profile", type=Path, default=None)
+    parser.add_argument("--before", default=None, help="also run the daemon as of this commit")
     args = parser.parse_args()
     if args.profile is not None:
         args.profile.mkdir(parents=True, exist_ok=True)
-    runs: dict[str, list[dict[str, Any]]] = {name: [] for name in TARGETS}
+    targets = dict(TARGETS)
     with workspace() as folder:
+        if args.before:
+            # The daemon as it was: its package first on the path of its process.
+            old = folder / "before"
+            root = Path(__file__).resolve().parents[1]
+            subprocess.run(
+                ["git", "-C", str(root), "worktree", "add", "--detach", str(old), args.before],
+                check=True,
+                capture_output=True,
+            )
+            targets[f"before ({args.before[:10]})"] = {"PYTHONPATH": str(old)}
+        runs: dict[str, list[dict[str, Any]]] = {name: [] for name in targets}
         broker, sim = Broker(folder), Simulator(folder, load_tasks())
-        with running(broker, sim):
-            for n in range(args.runs):
-                # Interleaved, so that a slower spell of the machine falls on every target.
-                for name in TARGETS:
-                    result = one(name, folder, broker, sim, args.requests, args.profile)
-                    runs[name].append(result)
-                    print(f"run {n + 1} {name}: {json.dumps(result)}", flush=True)
+        try:
+            with running(broker, sim):
+                for n in range(args.runs):
+                    # Interleaved, so that a slower spell of the machine falls on every target.
+                    for name, env in targets.items():
+                        result = one(name, folder, broker, sim, args.requests, args.profile, env)
+                        runs[name].append(result)
+                        print(f"run {n + 1} {name}: {json.dumps(result)}", flush=True)
+        finally:
+            if args.before:
+                subprocess.run(
+                    ["git", "-C", str(root), "worktree", "remove", "--force", str(old)],
+                    check=False,
+                    capture_output=True,
+                )
     medians = {
         name: {key: statistics.median(r[key] for r in results) for key in results[0]}
         for name, results in runs.items()
@@ -105,12 +127,12 @@ def main() -> None:
         f"Medians of {args.runs} runs; {args.requests} requests at 50 in flight for throughput"
         " and CPU, 1000 one at a time for latency; the simulator at zero service time.",
         "",
-        "| figure | " + " | ".join(TARGETS) + " |",
-        "|---|" + "---|" * len(TARGETS),
+        "| figure | " + " | ".join(targets) + " |",
+        "|---|" + "---|" * len(targets),
     ]
     for key in floor:
         cells = []
-        for name in TARGETS:
+        for name in targets:
             value = medians[name][key]
             ratio = f" ({value / floor[key]:.2f}x)" if name != "floor" and floor[key] else ""
             cells.append(f"{value:.2f}{ratio}")

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 from loguru import logger
 
+from mqtt_starter import __version__
 from mqtt_starter.config import Settings
 from mqtt_starter.core.errors import ConfigError
 from mqtt_starter.dispatch import Dispatch
@@ -32,7 +33,7 @@ from mqtt_starter.mqtt.link import MqttLink
 from mqtt_starter.ops.config_watch import ConfigWatch
 from mqtt_starter.ops.logs import configure_logging
 from mqtt_starter.ops.metrics import Metrics
-from mqtt_starter.ops.platform import StopSignals
+from mqtt_starter.ops.platform import StopSignals, loop_name
 from mqtt_starter.ops.systemd import Notifier
 from mqtt_starter.ops.webhooks import Webhooks
 from mqtt_starter.service.monitor import Monitor
@@ -160,8 +161,10 @@ class Daemon:
 
     async def run(self) -> int:
         """Serve until SIGTERM; ConfigError (exit 78) when the parts cannot be built."""
-        signals = StopSignals(asyncio.get_running_loop(), self.request_stop, self.request_reload)
+        loop = asyncio.get_running_loop()
+        signals = StopSignals(loop, self.request_stop, self.request_reload)
         signals.install()
+        logger.info("mqtt-starter {} starting on {}", __version__, loop_name(loop))
         warn_about_settings(self.settings)
         self._parts = await Parts.build(self.settings, self.metrics.observe_qrs)
         try:

@@ -86,6 +86,12 @@ def loop_factory(platform: str | None = None) -> Callable[[], asyncio.AbstractEv
     return asyncio.new_event_loop
 
 
+def loop_name(loop: asyncio.AbstractEventLoop) -> str:
+    """ "uvloop" or "asyncio's selector loop": which loop the log says the daemon runs on."""
+    kind = type(loop)
+    return "uvloop" if kind.__module__.startswith("uvloop") else f"asyncio ({kind.__name__})"
+
+
 def run(coroutine: Coroutine[Any, Any, T], platform: str | None = None) -> T:
     """asyncio.run on this platform's loop."""
     with asyncio.Runner(loop_factory=loop_factory(platform)) as runner:

@@ -1,9 +1,11 @@
 """The hot path side by side: the daemon on each event loop against the floor, in one run.
 
-    python -m benchmarks.hotpath [--runs 3] [--requests 20000] [--before COMMIT] [--profile DIR]
+    python -m benchmarks.hotpath [--runs 3] [--requests 20000] [--before COMMIT[:asyncio]]...
+                                 [--profile DIR]
 
 For each run and each target (the floor; the daemon on asyncio's loop; the daemon on uvloop;
-with --before, the daemon as it was at COMMIT, from a git worktree, on its own default loop),
+for each --before, the daemon as it was at COMMIT, from a git worktree, on its own default
+loop or, with `:asyncio`, on asyncio's),
 with the same broker and simulator at zero service time: p50 and p99 of one request at a time,
 throughput at 50 requests in flight, and the target's CPU per request during that run. Prints
 medians and ratios to the floor and writes hotpath.json and hotpath.md into --out. With
@@ -83,22 +85,35 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=20000)
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     parser.add_argument("--profile", type=Path, default=None)
-    parser.add_argument("--before", default=None, help="also run the daemon as of this commit")
+    parser.add_argument(
+        "--before",
+        action="append",
+        default=[],
+        metavar="COMMIT[:asyncio]",
+        help="also run the daemon as of this commit (repeatable)",
+    )
     args = parser.parse_args()
     if args.profile is not None:
         args.profile.mkdir(parents=True, exist_ok=True)
     targets = dict(TARGETS)
+    root = Path(__file__).resolve().parents[1]
+    trees: list[Path] = []
     with workspace() as folder:
-        if args.before:
+        for n, before in enumerate(args.before):
             # The daemon as it was: its package first on the path of its process.
-            old = folder / "before"
-            root = Path(__file__).resolve().parents[1]
-            subprocess.run(
-                ["git", "-C", str(root), "worktree", "add", "--detach", str(old), args.before],
-                check=True,
-                capture_output=True,
-            )
-            targets[f"before ({args.before[:10]})"] = {"PYTHONPATH": str(old)}
+            commit, _, loop = before.partition(":")
+            tree = folder / f"before-{n}"
+            if not tree.exists():
+                subprocess.run(
+                    ["git", "-C", str(root), "worktree", "add", "--detach", str(tree), commit],
+                    check=True,
+                    capture_output=True,
+                )
+                trees.append(tree)
+            env = {"PYTHONPATH": str(tree)}
+            if loop:
+                env["MQTT_STARTER_LOOP"] = loop
+            targets[f"{commit[:8]}{' ' + loop if loop else ''}"] = env
         runs: dict[str, list[dict[str, Any]]] = {name: [] for name in targets}
         broker, sim = Broker(folder), Simulator(folder, load_tasks())
         try:
@@ -110,9 +125,9 @@ def main() -> None:
                         runs[name].append(result)
                         print(f"run {n + 1} {name}: {json.dumps(result)}", flush=True)
         finally:
-            if args.before:
+            for tree in trees:
                 subprocess.run(
-                    ["git", "-C", str(root), "worktree", "remove", "--force", str(old)],
+                    ["git", "-C", str(root), "worktree", "remove", "--force", str(tree)],
                     check=False,
                     capture_output=True,
                 )

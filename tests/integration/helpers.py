@@ -74,6 +74,17 @@ def reply(
     }
 
 
+def only_nightly_started(sim: SimState) -> dict[str, Any]:
+    """The answer to `tag/startTask1` under `policy.allow: {tags: [Nightly]}`."""
+    return reply(
+        "partial",
+        [
+            line(sim, SALES, ["tag:startTask1"], "started"),
+            line(None, EXPORT, ["tag:startTask1"], "denied", error="not in policy.allow"),
+        ],
+    )
+
+
 def refusal(code: str, message: str, request_id: str | None = None) -> dict[str, Any]:
     return {
         "requestId": request_id,

@@ -88,54 +88,37 @@ def restored_signals() -> Iterator[None]:
         signal.signal(sig, handler)
 
 
+async def signalled(*sigs: signal.Signals) -> list[str]:
+    """What StopSignals hands on when this process is sent `sigs` (the last one a stop)."""
+    got: list[str] = []
+    stopped = asyncio.Event()
+
+    def on_stop() -> None:
+        got.append("stop")
+        stopped.set()
+
+    signals = StopSignals(asyncio.get_running_loop(), on_stop, lambda: got.append("reload"))
+    signals.install()
+    for sig in sigs:
+        os.kill(os.getpid(), sig)
+    await stopped.wait()
+    signals.remove()
+    return got
+
+
 @pytest.mark.usefixtures("restored_signals")
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_stop_signals_without_add_signal_handler(sig: signal.Signals) -> None:
     """On a loop that refuses signal handlers the `signal` module catches the stop and hands
     it to the loop; the handlers before are restored after."""
-    stopped: list[str] = []
     before = signal.getsignal(sig)
-
-    async def serve() -> None:
-        loop = asyncio.get_running_loop()
-        stop = asyncio.Event()
-
-        def on_stop() -> None:
-            stopped.append("stop")
-            stop.set()
-
-        signals = StopSignals(loop, on_stop, lambda: stopped.append("reload"))
-        signals.install()
-        assert signal.getsignal(sig) is not before
-        os.kill(os.getpid(), sig)
-        await stop.wait()
-        signals.remove()
-
     with asyncio.Runner(loop_factory=WindowsLikeLoop) as runner:
-        runner.run(serve())
-    assert stopped == ["stop"]
+        assert runner.run(signalled(sig)) == ["stop"]
     assert signal.getsignal(sig) is before
 
 
 def test_stop_signals_through_the_loop_where_it_can() -> None:
-    async def serve() -> list[str]:
-        loop = asyncio.get_running_loop()
-        got: list[str] = []
-        done = asyncio.Event()
-
-        def on_stop() -> None:
-            got.append("stop")
-            done.set()
-
-        signals = StopSignals(loop, on_stop, lambda: got.append("reload"))
-        signals.install()
-        os.kill(os.getpid(), signal.SIGHUP)
-        os.kill(os.getpid(), signal.SIGTERM)
-        await done.wait()
-        signals.remove()
-        return got
-
-    assert asyncio.run(serve()) == ["reload", "stop"]
+    assert asyncio.run(signalled(signal.SIGHUP, signal.SIGTERM)) == ["reload", "stop"]
     assert signal.getsignal(signal.SIGHUP) is signal.SIG_DFL
 
 

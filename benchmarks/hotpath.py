@@ -1,11 +1,11 @@
-"""The hot path side by side: the daemon, and the daemon as it was, against the floor.
+"""The hot path side by side: the daemon on each event loop against the floor, in one run.
 
     python -m benchmarks.hotpath [--runs 3] [--requests 20000] [--before COMMIT[:asyncio]]...
                                  [--profile DIR]
 
-For each run and each target (the floor; the daemon; for each --before, the daemon as it was
-at COMMIT, from a git worktree, on its own default event loop or, with `:asyncio`, on
-asyncio's: some commits tried uvloop),
+For each run and each target (the floor; the daemon on asyncio's loop; the daemon on uvloop;
+for each --before, the daemon as it was at COMMIT, from a git worktree, on its own default
+loop or, with `:asyncio`, on asyncio's),
 with the same broker and simulator at zero service time: p50 and p99 of one request at a time,
 throughput at 50 requests in flight, and the target's CPU per request during that run. Prints
 medians and ratios to the floor and writes hotpath.json and hotpath.md into --out. With
@@ -27,7 +27,11 @@ from typing import Any
 from .harness import Broker, LoadGen, Simulator, Target, cpu_s, rss_mib, running, workspace
 from .run import id_topics, load_tasks, percentiles
 
-TARGETS: dict[str, dict[str, str]] = {"floor": {}, "daemon": {}}
+TARGETS: dict[str, dict[str, str]] = {
+    "floor": {},
+    "daemon (asyncio)": {"MQTT_STARTER_LOOP": "asyncio"},
+    "daemon (uvloop)": {"MQTT_STARTER_LOOP": "uvloop"},
+}
 
 
 def one(

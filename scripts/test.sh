@@ -24,5 +24,10 @@ if [ "$status" -eq 5 ]; then
     exit 1
 fi
 [ "$status" -eq 0 ] || exit "$status"
+echo "== the delivery and reliability tests again, with the daemon on asyncio's own event loop"
+# The daemon runs on uvloop where it exists (ops/platform.py); these promises must hold on the
+# standard loop too, which Windows and MQTT_STARTER_LOOP=asyncio use.
+MQTT_STARTER_LOOP=asyncio .venv/bin/python -m pytest -p no:cacheprovider -q -n 2 \
+    tests/integration/test_delivery.py tests/integration/test_reliability.py
 echo "== benchmark smoke runs (benchmarks/test_smoke.py: the harness still runs end to end)"
 .venv/bin/python -m pytest -p no:cacheprovider -q -n 3 benchmarks/test_smoke.py

@@ -64,9 +64,9 @@ def _interpolate(
     return node
 
 
-# A variable of the process, not a setting: the configuration file's path (the container image
-# sets it).
-PROCESS_ENV = frozenset({"MQTT_STARTER_CONFIG"})
+# Variables of the process, not settings: the configuration file's path (the container image
+# sets it) and the event loop (ops/platform.py).
+PROCESS_ENV = frozenset({"MQTT_STARTER_CONFIG", "MQTT_STARTER_LOOP"})
 
 
 def _apply_env(data: dict[str, Any], env: Mapping[str, str], problems: list[ConfigProblem]) -> None:

@@ -47,7 +47,7 @@ class _Guarded(asyncio.Protocol):
         self.deadline: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        # A stream transport; another event loop's need not derive from asyncio.Transport.
+        # A stream transport (uvloop's does not derive from asyncio.Transport).
         self.transport = cast(asyncio.Transport, transport)
         self.guard.admit(self)
         self.inner.connection_made(transport)

@@ -1,12 +1,19 @@
-"""The broker connection: the only module that imports the MQTT library (aiomqtt over paho).
+"""The broker connection: the only module that imports the MQTT library (paho).
+
+paho is driven from the event loop itself: its socket is read and written through the loop's
+reader and writer callbacks, its keepalive runs on a timer, a publish waits on one future per
+message id. No thread, no queue and no timeout per message: a received message becomes the one
+task that handles it. Only the blocking connect (name lookup, TCP, TLS handshake) runs in a
+thread.
 
 What it promises (mqtt-notes.md):
 - a fixed client id and a persistent session (v5: clean_start=False and a Session Expiry
   Interval; 3.1.1: clean_session=False), so triggers published while the daemon is away wait;
 - manual acknowledgement: a QoS 1 message is acked only when its handler returned, and only
   on the connection it arrived on (a mid means nothing on the next one: the broker redelivers);
-- at most `max_in_flight` handlers at once (also sent as MQTT 5 Receive Maximum): the broker
-  holds the rest, so nothing piles up here;
+- at most `max_in_flight` handlers at once (also sent as MQTT 5 Receive Maximum): what arrives
+  beyond it waits here unacknowledged, and the broker holds the rest;
+- a reply is acknowledged by the broker (PUBACK) before the trigger it answers is acknowledged;
 - TCP_NODELAY, `online` retained after every connect, `offline` as the Last Will and before a
   clean stop; reconnect with jittered exponential backoff, subscribing again each time.
 """
@@ -14,26 +21,35 @@ What it promises (mqtt-notes.md):
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
+import functools
 import random
 import socket
 import ssl
+import threading
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, cast
 
-import aiomqtt
 import paho.mqtt.client as paho
 from loguru import logger
+from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
+from paho.mqtt.reasoncodes import ReasonCode
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from mqtt_starter.config import MqttSettings
 from mqtt_starter.core.errors import ConfigError, MqttLinkError
 
+CONNECT_TIMEOUT_S = 10.0
+# How often paho's keepalive bookkeeping runs (it sends PINGREQ when due and notices a silent
+# broker); a second is what paho's own loop uses.
+MISC_INTERVAL_S = 1.0
 
-@dataclass(frozen=True)
+
+@dataclass(frozen=True, slots=True)
 class Incoming:
     """A received message, as the rest of the daemon sees it."""
 
@@ -45,6 +61,10 @@ class Incoming:
 
 
 Handler = Callable[[Incoming], Awaitable[None]]
+
+
+def _properties(packet_type: int) -> Properties:
+    return Properties(packet_type)  # type: ignore[no-untyped-call]  # paho has no annotations
 
 
 class _CorrelationData:
@@ -75,26 +95,19 @@ def _variable_int(value: int) -> bytes:
             return bytes(out)
 
 
-def _properties(packet_type: int) -> Properties:
-    return Properties(packet_type)  # type: ignore[no-untyped-call]  # paho has no annotations
-
-
-def _connection(settings: MqttSettings, tls: ssl.SSLContext | None) -> dict[str, Any]:
-    """What the daemon's link and the operator commands' peer connect with alike."""
-    return {
-        "hostname": settings.host,
-        "port": settings.port,
-        "username": settings.username,
-        "password": settings.password.get_secret_value() if settings.password else None,
-        "protocol": aiomqtt.ProtocolVersion.V5
-        if settings.protocol == "5"
-        else aiomqtt.ProtocolVersion.V311,
-        "tls_context": tls,
-        "tls_insecure": settings.tls.insecure if settings.tls.enabled else None,
-        # Without it a reply written right after an acknowledgement waits ~40 ms (Nagle).
-        "socket_options": [(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)],
-        "timeout": 10,
-    }
+def _incoming(message: paho.MQTTMessage) -> Incoming:
+    props = message.properties
+    response_topic = correlation = None
+    if props is not None:
+        response_topic = getattr(props, "ResponseTopic", None)
+        correlation = getattr(props, "CorrelationData", None)
+    return Incoming(
+        message.topic,
+        bytes(message.payload),
+        bool(message.retain),
+        response_topic,
+        bytes(correlation) if correlation is not None else None,
+    )
 
 
 def build_tls_context(settings: MqttSettings) -> ssl.SSLContext | None:
@@ -119,33 +132,291 @@ def build_tls_context(settings: MqttSettings) -> ssl.SSLContext | None:
     return context
 
 
-def session_client(
-    s: MqttSettings, tls: ssl.SSLContext | None, availability_topic: str
-) -> aiomqtt.Client:
-    """The daemon's client: a persistent session under its fixed id (MQTT 5: no clean start
-    and a session expiry; 3.1.1: clean_session off), `offline` as its Last Will, manual
-    acknowledgement."""
-    v5 = s.protocol == "5"
-    properties = None
-    if v5:
-        properties = _properties(PacketTypes.CONNECT)
-        properties.SessionExpiryInterval = s.session_expiry_s
-        properties.ReceiveMaximum = s.max_in_flight
-    client = aiomqtt.Client(
-        **_connection(s, tls),
-        identifier=s.client_id,
-        clean_session=None if v5 else False,
-        # paho refuses any clean_start but its neutral default on 3.1.1, where
-        # clean_session=False alone keeps the session.
-        clean_start=False if v5 else paho.MQTT_CLEAN_START_FIRST_ONLY,
-        properties=properties,
-        keepalive=s.keepalive_s,
-        will=aiomqtt.Will(availability_topic, b"offline", qos=1, retain=True),
-    )
-    # aiomqtt 2.5 does not expose manual acknowledgement; paho has it. It must be on
-    # before CONNECT: queued session messages may arrive before we subscribe again.
-    client._client.manual_ack_set(True)
-    return client
+class _Connection:
+    """One connection to the broker: a paho client driven by the running event loop.
+
+    `open()` connects (the blocking part in a thread) and waits for CONNACK; `lost` is done
+    when the connection ends, with the reason. Every other method runs on the loop.
+    """
+
+    def __init__(
+        self,
+        settings: MqttSettings,
+        tls: ssl.SSLContext | None,
+        client_id: str,
+        on_message: Callable[[paho.MQTTMessage], None],
+        *,
+        session: bool,
+        will_topic: str | None = None,
+    ) -> None:
+        """`session`: the daemon's persistent session with manual acknowledgement; otherwise
+        a clean session that paho acknowledges itself (the operator commands)."""
+        self.settings = settings
+        self.v5 = settings.protocol == "5"
+        self._loop = asyncio.get_running_loop()
+        self._loop_thread = threading.get_ident()
+        self._session = session
+        client = paho.Client(
+            CallbackAPIVersion.VERSION2,
+            client_id=client_id,
+            protocol=paho.MQTTv5 if self.v5 else paho.MQTTv311,
+            clean_session=None if self.v5 else not session,
+        )
+        if settings.username is not None:
+            password = settings.password.get_secret_value() if settings.password else None
+            client.username_pw_set(settings.username, password)
+        if tls is not None:
+            client.tls_set_context(tls)
+            if settings.tls.insecure:
+                client.tls_insecure_set(True)
+        if will_topic is not None:
+            client.will_set(will_topic, b"offline", qos=1, retain=True)
+        # Before CONNECT: queued session messages may arrive before we subscribe again.
+        client.manual_ack_set(session)
+        client.on_socket_open = self._socket_open
+        client.on_socket_close = self._socket_close
+        client.on_socket_register_write = self._register_write
+        client.on_socket_unregister_write = self._unregister_write
+        client.on_connect = self._connected
+        client.on_disconnect = self._disconnected
+        client.on_publish = self._published
+        client.on_subscribe = self._subscribed
+        client.on_message = lambda _client, _userdata, message: on_message(message)
+        self.client = client
+        self._fd = -1
+        self._flush_due = False
+        self._writer_added = False
+        self._misc: asyncio.TimerHandle | None = None
+        self._connack: asyncio.Future[None] = self._loop.create_future()
+        self.lost: asyncio.Future[str] = self._loop.create_future()
+        self._publishes: dict[int, asyncio.Future[None]] = {}
+        self._subscribes: dict[int, asyncio.Future[list[ReasonCode]]] = {}
+
+    # -- the socket, through the event loop ---------------------------------------------------
+
+    def _on_loop(self, callback: Callable[..., object], *args: Any) -> None:
+        """paho calls back from the connect thread too: what touches the loop runs on it."""
+        if threading.get_ident() == self._loop_thread:
+            callback(*args)
+        else:
+            self._loop.call_soon_threadsafe(callback, *args)
+
+    def _socket_open(self, _client: Any, _userdata: Any, sock: Any) -> None:
+        # Without it a reply written right after an acknowledgement waits ~40 ms (Nagle).
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self._fd = sock.fileno()
+        self._on_loop(self._watch, self._fd)
+
+    def _watch(self, fd: int) -> None:
+        if fd != self._fd:
+            return  # closed again before the loop got to it
+        self._loop.add_reader(fd, self._read)
+        self._misc = self._loop.call_later(MISC_INTERVAL_S, self._tick)
+
+    def _socket_close(self, _client: Any, _userdata: Any, _sock: Any) -> None:
+        fd, self._fd = self._fd, -1
+        self._on_loop(self._unwatch, fd)
+
+    def _unwatch(self, fd: int) -> None:
+        # By descriptor number: paho closes the socket right after this callback.
+        for remove in (self._loop.remove_reader, self._loop.remove_writer):
+            with contextlib.suppress(OSError, ValueError):
+                remove(fd)
+        self._writer_added = False
+        if self._misc is not None:
+            self._misc.cancel()
+            self._misc = None
+
+    def _register_write(self, _client: Any, _userdata: Any, _sock: Any) -> None:
+        self._on_loop(self._want_write)
+
+    def _want_write(self) -> None:
+        """Something waits to be written: write it on the loop's next turn, with whatever
+        else is queued by then. A socket is nearly always writable, so waiting for the loop to
+        say so (add_writer, a wake-up, remove_writer) would cost more than the write."""
+        if self._fd >= 0 and not self._flush_due:
+            self._flush_due = True
+            self._loop.call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._flush_due = False
+        if self._fd < 0:
+            return
+        self._write()
+        if self._fd >= 0 and self.client.want_write() and not self._writer_added:
+            # The socket's buffer is full: now let the loop say when it drains.
+            self._loop.add_writer(self._fd, self._write)
+            self._writer_added = True
+
+    def _unregister_write(self, _client: Any, _userdata: Any, _sock: Any) -> None:
+        if self._writer_added and self._fd >= 0:
+            self._writer_added = False
+            fd = self._fd
+            self._on_loop(lambda: self._loop.remove_writer(fd))
+
+    def _read(self) -> None:
+        try:
+            self.client.loop_read()
+        except Exception as exc:  # paho lets some socket errors through: the connection is over
+            self._end(f"reading from the broker failed: {exc}")
+
+    def _write(self) -> None:
+        try:
+            self.client.loop_write()
+        except Exception as exc:
+            self._end(f"writing to the broker failed: {exc}")
+
+    def _tick(self) -> None:
+        self._misc = None
+        try:
+            self.client.loop_misc()
+        except Exception as exc:
+            self._end(f"the broker connection failed: {exc}")
+            return
+        if self._fd >= 0:
+            self._misc = self._loop.call_later(MISC_INTERVAL_S, self._tick)
+
+    def _end(self, reason: str) -> None:
+        """The connection is over whatever paho says: close it and fail what waits on it."""
+        if self._fd >= 0:
+            self._unwatch(self._fd)
+            self._fd = -1
+        with contextlib.suppress(Exception):
+            self.client._sock_close()
+        self._lost(reason)
+
+    def _lost(self, reason: str) -> None:
+        if not self.lost.done():
+            self.lost.set_result(reason)
+        error = MqttLinkError(f"the broker connection was lost: {reason}")
+        if not self._connack.done():
+            self._connack.set_exception(error)
+        waits: list[asyncio.Future[Any]] = [*self._publishes.values(), *self._subscribes.values()]
+        for waiting in waits:
+            if not waiting.done():
+                waiting.set_exception(error)
+        self._publishes.clear()
+        self._subscribes.clear()
+
+    # -- paho's callbacks (on the loop: they run inside loop_read/loop_write/loop_misc) --------
+
+    def _connected(
+        self, _client: Any, _userdata: Any, _flags: Any, reason: ReasonCode, _props: Any
+    ) -> None:
+        if self._connack.done():
+            return
+        if reason.is_failure:
+            self._connack.set_exception(
+                MqttLinkError(f"the broker refused the connection: {reason} (code {reason.value})")
+            )
+        else:
+            self._connack.set_result(None)
+
+    def _disconnected(
+        self, _client: Any, _userdata: Any, _flags: Any, reason: ReasonCode, _props: Any
+    ) -> None:
+        self._lost(str(reason))
+
+    def _published(
+        self, _client: Any, _userdata: Any, mid: int, reason: ReasonCode, _props: Any
+    ) -> None:
+        waiting = self._publishes.pop(mid, None)
+        if waiting is None or waiting.done():
+            return
+        if reason.is_failure:
+            waiting.set_exception(MqttLinkError(f"the broker refused the publication: {reason}"))
+        else:
+            waiting.set_result(None)
+
+    def _subscribed(
+        self, _client: Any, _userdata: Any, mid: int, reasons: list[ReasonCode], _props: Any
+    ) -> None:
+        waiting = self._subscribes.pop(mid, None)
+        if waiting is not None and not waiting.done():
+            waiting.set_result(reasons)
+
+    # -- what the link and the peer use -------------------------------------------------------
+
+    async def open(self, properties: Properties | None = None) -> None:
+        s = self.settings
+        connect = functools.partial(
+            self.client.connect,
+            s.host,
+            s.port,
+            s.keepalive_s,
+            # paho refuses any clean_start but its neutral default on 3.1.1, where
+            # clean_session (above) alone says whether the session is kept.
+            clean_start=(not self._session) if self.v5 else paho.MQTT_CLEAN_START_FIRST_ONLY,
+            properties=properties,
+        )
+        self.client.connect_timeout = CONNECT_TIMEOUT_S
+        try:
+            await self._loop.run_in_executor(None, connect)
+            await asyncio.wait_for(asyncio.shield(self._connack), CONNECT_TIMEOUT_S)
+        except MqttLinkError:
+            self.close()
+            raise
+        except (OSError, TimeoutError, ValueError) as exc:
+            self.close()
+            raise MqttLinkError(str(exc) or type(exc).__name__) from None
+
+    def close(self) -> None:
+        """Drop the connection without a DISCONNECT (the broker sends the Last Will)."""
+        self._end("closed")
+
+    async def publish(
+        self,
+        topic: str,
+        payload: bytes,
+        *,
+        retain: bool = False,
+        properties: Properties | None = None,
+    ) -> None:
+        """Publish at QoS 1 and wait for the broker's PUBACK."""
+        if self.lost.done():
+            raise MqttLinkError(f"not connected to the broker ({self.lost.result()})")
+        try:
+            info = self.client.publish(topic, payload, qos=1, retain=retain, properties=properties)
+        except ValueError as exc:
+            raise MqttLinkError(f"publishing to {topic!r} failed: {exc}") from None
+        if info.rc != paho.MQTT_ERR_SUCCESS:
+            raise MqttLinkError(f"publishing to {topic!r} failed: {paho.error_string(info.rc)}")
+        waiting: asyncio.Future[None] = self._loop.create_future()
+        self._publishes[info.mid] = waiting
+        await waiting
+
+    async def subscribe(self, topic_filter: str, options: SubscribeOptions | None = None) -> None:
+        """Subscribe (QoS 1, or as `options` say) and wait for the SUBACK; MqttLinkError when
+        the broker refuses."""
+        if options is not None:
+            rc, mid = self.client.subscribe(topic_filter, options=options)
+        else:
+            rc, mid = self.client.subscribe(topic_filter, qos=1)
+        if rc != paho.MQTT_ERR_SUCCESS or mid is None:
+            raise MqttLinkError(f"subscribing to {topic_filter!r} failed: {paho.error_string(rc)}")
+        waiting: asyncio.Future[list[ReasonCode]] = self._loop.create_future()
+        self._subscribes[mid] = waiting
+        reasons = await waiting
+        refused = [str(r) for r in reasons if r.is_failure]
+        if refused:
+            raise MqttLinkError(
+                f"the broker refused the subscription {topic_filter!r}: {refused[0]}"
+            )
+
+    def ack(self, mid: int, qos: int) -> None:
+        if not self.lost.done():
+            self.client.ack(mid, qos)
+
+    async def disconnect(self, timeout: float = 5.0) -> None:
+        """A clean DISCONNECT (no Last Will), then wait for the socket to close."""
+        if self.lost.done():
+            return
+        self.client.disconnect()
+        try:
+            await asyncio.wait_for(asyncio.shield(self.lost), timeout)
+        except TimeoutError:
+            self.close()
 
 
 def trigger_options(s: MqttSettings) -> SubscribeOptions | None:
@@ -181,9 +452,11 @@ class MqttLink:
         self.connected = asyncio.Event()
         self._on_connect = on_connect
         self._on_disconnect = on_disconnect
-        self._client: aiomqtt.Client | None = None
-        self._slots = asyncio.Semaphore(settings.max_in_flight)
+        self._connection: _Connection | None = None
+        self._handler: Handler | None = None
         self._handlers: set[asyncio.Task[None]] = set()
+        # Arrived while max_in_flight handlers run, or while stopping: not acknowledged.
+        self._waiting: collections.deque[tuple[_Connection, paho.MQTTMessage]] = collections.deque()
         self._stopping = asyncio.Event()
         self._say_offline = True
         self._tls: ssl.SSLContext | None = tls
@@ -193,28 +466,26 @@ class MqttLink:
     def v5(self) -> bool:
         return self.settings.protocol == "5"
 
-    def _new_client(self) -> aiomqtt.Client:
-        return session_client(self.settings, self._tls, self.availability_topic)
-
     def _subscription(self, topic_filter: str) -> str:
         group = self.settings.shared_group
         return f"$share/{group}/{topic_filter}" if group else topic_filter
 
     async def run(self, handler: Handler) -> None:
         """Connect, subscribe and hand each message to `handler` until `stop()`."""
+        self._handler = handler
         delay = self.settings.reconnect.min_s
         while not self._stopping.is_set():
             try:
                 if self._tls is None and self.settings.tls.enabled:
                     self._tls = await asyncio.to_thread(build_tls_context, self.settings)
-                await self._session(handler)
+                await self._session()
                 delay = self.settings.reconnect.min_s
             except ConfigError as exc:
                 # The daemon builds the context before the link starts; this covers a link
                 # made without one. Retrying cannot help, and the daemon must not loop.
                 logger.error("broker TLS: {}", exc)
                 raise
-            except aiomqtt.MqttError as exc:
+            except MqttLinkError as exc:
                 logger.warning(
                     "broker {}:{}: {}; reconnecting in at most {:.1f}s",
                     self.settings.host,
@@ -226,7 +497,10 @@ class MqttLink:
                 # Whatever went wrong, the link must not die silently: log it and reconnect.
                 logger.exception("broker link failed; reconnecting in at most {:.1f}s", delay)
             finally:
-                self._client = None
+                if self._connection is not None:
+                    self._connection.close()
+                self._connection = None
+                self._waiting.clear()  # unacknowledged: the broker delivers them again
                 if self.connected.is_set():
                     self.connected.clear()
                     if self._on_disconnect:
@@ -240,111 +514,104 @@ class MqttLink:
                 await asyncio.wait_for(self._stopping.wait(), with_jitter)
             delay = min(delay * 2, self.settings.reconnect.max_s)
 
-    async def _session(self, handler: Handler) -> None:
-        client = self._new_client()
-        async with client:
-            self._client = client
-            options = trigger_options(self.settings)
-            for topic_filter in self.subscriptions:
-                # paho takes the QoS from the options when there are options.
-                await client.subscribe(
-                    self._subscription(topic_filter), qos=0 if options else 1, options=options
-                )
-            for topic_filter in self.private_subscriptions:
-                await client.subscribe(topic_filter, qos=1)
-            await client.publish(self.availability_topic, b"online", qos=1, retain=True)
-            self.connected.set()
-            if self._on_connect:
-                self._on_connect()
-            logger.info(
-                "connected to broker {}:{} as {} (MQTT {}), subscribed to {}",
-                self.settings.host,
-                self.settings.port,
-                self.settings.client_id,
-                self.settings.protocol,
-                ", ".join(self._subscription(f) for f in self.subscriptions),
-            )
-            await self._receive(client, handler)
-            if not await self.drain(self.settings.stop_timeout_s):
-                # Left unacknowledged: the broker delivers them again to the next session.
-                for task in list(self._handlers):
-                    task.cancel()
-                logger.warning(
-                    "stopped {} request(s) still in flight after {}s; the broker"
-                    " will deliver them again",
-                    len(self._handlers),
-                    self.settings.stop_timeout_s,
-                )
-            if self._stopping.is_set() and self._say_offline:
-                await client.publish(self.availability_topic, b"offline", qos=1, retain=True)
+    def _connect_properties(self) -> Properties | None:
+        if not self.v5:
+            return None
+        properties = _properties(PacketTypes.CONNECT)
+        properties.SessionExpiryInterval = self.settings.session_expiry_s
+        properties.ReceiveMaximum = self.settings.max_in_flight
+        return properties
 
-    async def _receive(self, client: aiomqtt.Client, handler: Handler) -> None:
-        """Hand messages to handlers until `stop()`, at most `max_in_flight` at a time.
-
-        The taking runs as a task of its own that `stop()` cancels: waiting on "a message or
-        the stop" for every message cost a wait set up and torn down per trigger.
-        """
-        taking = asyncio.create_task(self._take(client, handler), name="mqtt-take-messages")
-        stopping = asyncio.create_task(self._stopping.wait(), name="mqtt-wait-stop")
+    async def _session(self) -> None:
+        s = self.settings
+        connection = _Connection(
+            s,
+            self._tls,
+            s.client_id,
+            self._arrived,
+            session=True,
+            will_topic=self.availability_topic,
+        )
+        self._connection = connection
+        await connection.open(self._connect_properties())
+        options = trigger_options(s)
+        for topic_filter in self.subscriptions:
+            await connection.subscribe(self._subscription(topic_filter), options)
+        for topic_filter in self.private_subscriptions:
+            await connection.subscribe(topic_filter)
+        await connection.publish(self.availability_topic, b"online", retain=True)
+        self.connected.set()
+        if self._on_connect:
+            self._on_connect()
+        logger.info(
+            "connected to broker {}:{} as {} (MQTT {}), subscribed to {}",
+            s.host,
+            s.port,
+            s.client_id,
+            s.protocol,
+            ", ".join(self._subscription(f) for f in self.subscriptions),
+        )
+        stopping = asyncio.ensure_future(self._stopping.wait())
         try:
-            await asyncio.wait({taking, stopping}, return_when=asyncio.FIRST_COMPLETED)
+            either: set[asyncio.Future[Any]] = {stopping, connection.lost}
+            await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
         finally:
-            taking.cancel()
             stopping.cancel()
-            await asyncio.gather(stopping, return_exceptions=True)
-            try:
-                await taking
-            except asyncio.CancelledError:
-                if not taking.cancelled():
-                    raise  # this task itself is being cancelled
-
-    async def _take(self, client: aiomqtt.Client, handler: Handler) -> None:
-        messages = aiter(client.messages)
-        while True:
-            # Take a slot before taking a message: unacknowledged messages beyond
-            # max_in_flight stay with the broker instead of piling up here.
-            await self._slots.acquire()
-            try:
-                message = await anext(messages)
-            except BaseException:
-                self._slots.release()
-                raise
-            task = asyncio.create_task(
-                self._handle(client, message, handler), name=f"mqtt-message-{message.mid}"
+        if connection.lost.done():
+            raise MqttLinkError(connection.lost.result())
+        if not await self.drain(s.stop_timeout_s):
+            # Left unacknowledged: the broker delivers them again to the next session.
+            for task in list(self._handlers):
+                task.cancel()
+            logger.warning(
+                "stopped {} request(s) still in flight after {}s; the broker will deliver them"
+                " again",
+                len(self._handlers),
+                s.stop_timeout_s,
             )
-            self._handlers.add(task)
-            task.add_done_callback(self._handlers.discard)
+        if self._say_offline:
+            await connection.publish(self.availability_topic, b"offline", retain=True)
+        await connection.disconnect()
 
-    async def _handle(
-        self, client: aiomqtt.Client, message: aiomqtt.Message, handler: Handler
-    ) -> None:
+    def _arrived(self, message: paho.MQTTMessage) -> None:
+        """paho's on_message, on the loop: start its handler, or keep it unacknowledged until a
+        handler slot is free."""
+        connection = self._connection
+        if connection is None:
+            return
+        if len(self._handlers) < self.settings.max_in_flight and not self._stopping.is_set():
+            self._start(connection, message)
+        else:
+            self._waiting.append((connection, message))
+
+    def _start(self, connection: _Connection, message: paho.MQTTMessage) -> None:
+        task = asyncio.create_task(self._handle(connection, message))
+        self._handlers.add(task)
+        task.add_done_callback(self._finished)
+
+    def _finished(self, task: asyncio.Task[None]) -> None:
+        self._handlers.discard(task)
+        while (
+            self._waiting
+            and len(self._handlers) < self.settings.max_in_flight
+            and not self._stopping.is_set()
+        ):
+            connection, message = self._waiting.popleft()
+            if connection is self._connection:
+                self._start(connection, message)
+
+    async def _handle(self, connection: _Connection, message: paho.MQTTMessage) -> None:
+        assert self._handler is not None
         try:
-            props = message.properties
-            correlation = getattr(props, "CorrelationData", None) if props else None
-            incoming = Incoming(
-                topic=message.topic.value,
-                payload=bytes(message.payload)
-                if isinstance(message.payload, bytes | bytearray)
-                else b"",
-                retain=bool(message.retain),
-                response_topic=getattr(props, "ResponseTopic", None) if props else None,
-                correlation_data=bytes(correlation) if correlation is not None else None,
-            )
-            acknowledge = True
-            try:
-                await handler(incoming)
-            except asyncio.CancelledError:
-                acknowledge = False
-                raise
-            except Exception:
-                # The handler answers every error it knows; anything else is a bug. The message
-                # is not acknowledged, so the broker delivers it again after a reconnect.
-                acknowledge = False
-                logger.exception("handling a message on {} failed", incoming.topic)
-            if acknowledge and message.qos > 0 and client is self._client:
-                client._client.ack(message.mid, message.qos)
-        finally:
-            self._slots.release()
+            incoming = _incoming(message)
+            await self._handler(incoming)
+        except Exception:
+            # The handler answers every error it knows; anything else is a bug. The message is
+            # not acknowledged, so the broker delivers it again after a reconnect.
+            logger.exception("handling a message on {} failed", message.topic)
+            return
+        if message.qos > 0 and connection is self._connection:
+            connection.ack(message.mid, message.qos)
 
     async def drain(self, timeout: float | None = None) -> bool:
         """Wait for the handlers in flight; True when all of them finished in time."""
@@ -363,16 +630,13 @@ class MqttLink:
         correlation_data: bytes | None = None,
     ) -> None:
         """Publish at QoS 1; MqttLinkError when there is no connection or the broker refuses."""
-        client = self._client
-        if client is None:
+        connection = self._connection
+        if connection is None or not self.connected.is_set():
             raise MqttLinkError("not connected to the broker")
         properties = None
         if correlation_data is not None and self.v5:
             properties = cast(Properties, _CorrelationData(correlation_data))
-        try:
-            await client.publish(topic, payload, qos=1, retain=retain, properties=properties)
-        except (aiomqtt.MqttError, ValueError) as exc:
-            raise MqttLinkError(f"publishing to {topic!r} failed: {exc}") from None
+        await connection.publish(topic, payload, retain=retain, properties=properties)
 
     def stop(self, *, offline: bool = True) -> None:
         """Stop taking messages; `run` finishes the handlers in flight, says `offline` (unless
@@ -386,15 +650,17 @@ def _why(exc: BaseException) -> str:
     text = str(exc)
     if "CERTIFICATE_VERIFY_FAILED" in text or "certificate verify failed" in text:
         return f"TLS verification of the broker failed: {text}"
-    if "code:135" in text or "code:134" in text or "Not authorized" in text:
-        return f"the broker refused the login (wrong user name or password?): {text}"
+    if "Not authorized" in text or "Bad user name or password" in text:
+        refusal = text.removeprefix("the broker refused the connection: ")
+        return f"the broker refused the login (wrong user name or password?): {refusal}"
     if "Connection refused" in text:
         return f"connection refused: is the broker listening there? ({text})"
     return text
 
 
 class MqttPeer:
-    """A plain client for the operator commands (check, demo): clean session, no Last Will.
+    """A plain client for the operator commands (check, demo, trigger): clean session, no Last
+    Will.
 
     `async with MqttPeer(settings, client_id) as peer`, then `subscribe`, `publish`, and
     `messages()`; a failed connect raises MqttLinkError saying why.
@@ -403,7 +669,8 @@ class MqttPeer:
     def __init__(self, settings: MqttSettings, client_id: str) -> None:
         self.settings = settings
         self.client_id = client_id
-        self._client: aiomqtt.Client | None = None
+        self._connection: _Connection | None = None
+        self._received: asyncio.Queue[Incoming] = asyncio.Queue()
 
     async def __aenter__(self) -> MqttPeer:
         s = self.settings
@@ -411,34 +678,47 @@ class MqttPeer:
             tls = await asyncio.to_thread(build_tls_context, s)
         except ConfigError as exc:
             raise MqttLinkError(f"a TLS file cannot be used: {exc}") from None
-        self._client = aiomqtt.Client(**_connection(s, tls), identifier=self.client_id)
+        self._connection = _Connection(
+            s,
+            tls,
+            self.client_id,
+            lambda message: self._received.put_nowait(_incoming(message)),
+            session=False,
+        )
         try:
-            await self._client.__aenter__()
-        except aiomqtt.MqttError as exc:
+            await self._connection.open()
+        except MqttLinkError as exc:
             raise MqttLinkError(_why(exc)) from None
         return self
 
     async def __aexit__(self, *exc: object) -> None:
-        if self._client is not None:
-            with contextlib.suppress(aiomqtt.MqttError):
-                await self._client.__aexit__(None, None, None)
+        if self._connection is not None:
+            await self._connection.disconnect()
+
+    @property
+    def _open(self) -> _Connection:
+        assert self._connection is not None, "use MqttPeer in `async with`"
+        return self._connection
 
     async def subscribe(self, topic_filter: str) -> None:
-        assert self._client is not None
-        await self._client.subscribe(topic_filter, qos=1)
+        await self._open.subscribe(topic_filter)
 
     async def publish(
         self, topic: str, payload: bytes, *, response_topic: str | None = None, retain: bool = False
     ) -> None:
-        assert self._client is not None
         properties = None
         if response_topic is not None:
             properties = _properties(PacketTypes.PUBLISH)
             properties.ResponseTopic = response_topic
-        await self._client.publish(topic, payload, qos=1, retain=retain, properties=properties)
+        await self._open.publish(topic, payload, retain=retain, properties=properties)
 
     async def messages(self) -> AsyncIterator[Incoming]:
-        assert self._client is not None
-        async for message in self._client.messages:
-            payload = message.payload if isinstance(message.payload, bytes) else b""
-            yield Incoming(message.topic.value, payload, bool(message.retain))
+        connection = self._open
+        while True:
+            getting = asyncio.ensure_future(self._received.get())
+            either: set[asyncio.Future[Any]] = {getting, connection.lost}
+            await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
+            if not getting.done():
+                getting.cancel()
+                raise MqttLinkError(f"the broker connection was lost: {connection.lost.result()}")
+            yield getting.result()

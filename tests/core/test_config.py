@@ -94,8 +94,9 @@ def test_environment_overrides() -> None:
             "MQTT_STARTER_QRS__URL": "https://other:4242",
             "MQTT_STARTER_MQTT__REPLY_TOPIC_ALLOW": '["replies/#"]',
             "MQTT_STARTER_WATCH_CONFIG": "true",
-            # The process's own variable, not a setting:
+            # The process's own variables, not settings:
             "MQTT_STARTER_CONFIG": "/config/mqtt-starter.yaml",
+            "MQTT_STARTER_LOOP": "asyncio",
             "UNRELATED": "x",
         },
     )

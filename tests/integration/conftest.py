@@ -234,6 +234,7 @@ class Daemon:
         # The module run with `python -m`: tests/windows_like.py runs the same command on an
         # event loop without signal handlers, as Windows' is.
         self.module = "mqtt_starter"
+        self.unset_env: list[str] = []  # variables of the test run the daemon must not see
         folder.mkdir(parents=True, exist_ok=True)
 
     @property
@@ -269,7 +270,11 @@ class Daemon:
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=log,
-                env={**os.environ, "NOTIFY_SOCKET": str(socket_path), **(env or {})},
+                env={
+                    **{k: v for k, v in os.environ.items() if k not in self.unset_env},
+                    "NOTIFY_SOCKET": str(socket_path),
+                    **(env or {}),
+                },
                 preexec_fn=(lambda: _limit_files(nofile)) if nofile is not None else None,
             )
         if wait_ready:

@@ -116,7 +116,7 @@ async def test_check_wrong_broker_password(
     assert code == 1
     assert (
         f"  FAIL  broker localhost:{tls_port} (MQTT 5, TLS on): the broker refused the login"
-        " (wrong user name or password?): [code:135] Not authorized"
+        " (wrong user name or password?): Not authorized (code 135)"
     ) in out.splitlines()
     assert "bad-pw" not in out
 

@@ -38,7 +38,6 @@ async def test_a_stop_without_signal_handlers_says_offline_and_exits_0(
     daemon = await windows_like(make_daemon)
     daemon.signal(sig)
     assert await daemon.wait() == 0
-    assert "(WindowsLikeLoop)" in daemon.log  # the loop it says it runs on
     assert "stop signals caught without the event loop" in daemon.log
     assert daemon.log.rstrip().endswith("stopped")
     async with Client(broker) as client:
@@ -143,3 +142,20 @@ def test_health_says_not_running_and_needs_the_endpoint(
         f"  no configuration file at {tmp_path / 'none.yaml'} (-c or MQTT_STARTER_CONFIG names"
         " another)\n"
     )
+
+
+@pytest.mark.parametrize(
+    ("asked", "runs_on"),
+    [(None, "uvloop"), ("asyncio", "asyncio (_UnixSelectorEventLoop)")],
+)
+async def test_the_daemon_runs_on_uvloop_unless_told_otherwise(
+    make_daemon: Any, mqtt: Client, asked: str | None, runs_on: str
+) -> None:
+    daemon: Daemon = await make_daemon(start=False)
+    env = {"MQTT_STARTER_LOOP": asked} if asked else {}
+    if not asked:
+        daemon.unset_env = ["MQTT_STARTER_LOOP"]
+    await daemon.start(env=env)
+    assert f"starting on {runs_on}" in daemon.log
+    answer = await mqtt.request("butler/start/tag/startTask1", {"dryRun": True})
+    assert [t["result"] for t in answer["tasks"]] == ["dry_run", "dry_run"]

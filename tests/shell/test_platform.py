@@ -13,6 +13,7 @@ from pathlib import Path, PureWindowsPath
 from typing import Any
 
 import pytest
+import uvloop
 from loguru import logger
 
 from mqtt_starter.config import LogSettings
@@ -24,7 +25,6 @@ from mqtt_starter.ops.platform import (
     default_config_path,
     default_log_file,
     loop_factory,
-    loop_name,
     run,
 )
 from tests.conftest import LoggedExceptions
@@ -56,15 +56,21 @@ def test_the_cli_takes_the_config_path_from_the_environment(
     assert default_config() == Path("/etc/mqtt-starter/mqtt-starter.yaml")
 
 
-def test_the_event_loop_per_platform() -> None:
+def test_the_event_loop_per_platform(monkeypatch: pytest.MonkeyPatch) -> None:
     # paho needs add_reader/add_writer: on Windows the selector loop, never the proactor.
     assert loop_factory("win32") is asyncio.SelectorEventLoop
+    monkeypatch.delenv("MQTT_STARTER_LOOP", raising=False)
+    assert loop_factory("linux") is uvloop.new_event_loop
+    monkeypatch.setenv("MQTT_STARTER_LOOP", "asyncio")
     assert loop_factory("linux") is asyncio.new_event_loop
 
     async def which() -> str:
-        return loop_name(asyncio.get_running_loop())
+        return type(asyncio.get_running_loop()).__name__
 
-    assert run(which(), "win32") == "asyncio (_UnixSelectorEventLoop)"  # Windows': its own
+    assert run(which(), "win32") == "_UnixSelectorEventLoop"  # Windows' would be its own
+    assert run(which(), "linux") == "_UnixSelectorEventLoop"
+    monkeypatch.delenv("MQTT_STARTER_LOOP")
+    assert run(which(), "linux") == "Loop"  # uvloop's
 
 
 def test_a_console_is_attached_unless_stderr_is_gone(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -245,6 +245,9 @@ class Target:
             stdout=log,
             stderr=log,
             env={**env, **self.env, "NOTIFY_SOCKET": str(notify_path)},
+            # Not the checkout: `python -m` puts the working folder first on the path, ahead
+            # of a PYTHONPATH that names an earlier commit's tree (hotpath.py --before).
+            cwd=self.folder,
         )
         try:
             while b"READY=1" not in notify.recv(4096):

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 from loguru import logger
 
 from mqtt_starter.config import LogSettings
-from mqtt_starter.ops.platform import console_attached, default_log_file
+from mqtt_starter.ops.platform import console_attached, default_log_file, is_windows
 
 if TYPE_CHECKING:
     from loguru import Message, Record
@@ -124,7 +124,9 @@ def log_file(settings: LogSettings, *, console: bool | None = None) -> Path | No
         return settings.file
     if console is None:
         console = console_attached()
-    return None if console else Path(default_log_file())
+    # A POSIX process always has somewhere to write (a terminal, journald, a container's log);
+    # one whose stderr was closed logs nothing rather than guess a folder it may not own.
+    return None if console or not is_windows() else Path(default_log_file())
 
 
 def configure_logging(settings: LogSettings, *, console: bool | None = None) -> None:
@@ -146,6 +148,8 @@ def configure_logging(settings: LogSettings, *, console: bool | None = None) -> 
             diagnose=False,
             backtrace=False,
         )
+    elif sys.stderr is None:
+        pass  # nowhere to write (a closed stderr on POSIX)
     elif settings.format == "json":
         logger.add(
             _json_sink,

@@ -224,10 +224,14 @@ def restore_logging() -> Iterator[None]:
     configure_logging(LogSettings(level="DEBUG"))
 
 
-def test_without_a_console_the_log_goes_to_the_platform_file(tmp_path: Path) -> None:
+def test_without_a_console_the_log_goes_to_the_platform_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     assert log_file(LogSettings(), console=True) is None
-    assert log_file(LogSettings(), console=False) == Path(default_log_file())
     assert log_file(LogSettings(file=tmp_path / "x.log"), console=True) == tmp_path / "x.log"
+    assert log_file(LogSettings(), console=False) is None  # POSIX: no folder guessed
+    monkeypatch.setattr("sys.platform", "win32")
+    assert log_file(LogSettings(), console=False) == Path(default_log_file())
 
 
 @pytest.mark.usefixtures("restore_logging")

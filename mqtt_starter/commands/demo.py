@@ -289,8 +289,8 @@ async def run_demo(
     against the Qlik Cloud simulator instead of the QRS one."""
     folder = Path(tempfile.mkdtemp(prefix="mqtt-starter-demo-"))
     stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    StopSignals(loop, stop.set).install()
+    signals = StopSignals(asyncio.get_running_loop(), stop.set)
+    signals.install()
     try:
         async with _broker(folder, port) as got:
             wanted, port = port, got
@@ -369,6 +369,8 @@ async def run_demo(
     except DemoError as exc:
         print(f"mqtt-starter demo: {exc}", file=sys.stderr)
         return 1
+    finally:
+        signals.remove()
     shutil.rmtree(folder, ignore_errors=True)
     print("\ndemo finished: broker, simulator and daemon stopped", file=out)
     return 0

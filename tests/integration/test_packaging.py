@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -82,6 +83,25 @@ async def test_the_wheel_installs_alone_and_checks_a_site(
     out = await asyncio.to_thread(sh, venv / "bin/mqtt-starter", "check", "-c", config)
     assert out.splitlines()[-1] == "everything works"
     assert f"broker 127.0.0.1:{broker.port}" in out
+
+
+def test_pipx_installs_the_wheel_as_a_command(wheels: Path, tmp_path: Path) -> None:
+    """`pipx install` of the wheel (pipx's own pip comes from the index; the wheel's
+    dependencies from the same folder, or the index)."""
+    env = {
+        "PATH": os.environ["PATH"],
+        "HOME": str(tmp_path),
+        "PIPX_HOME": str(tmp_path / "pipx"),
+        "PIPX_BIN_DIR": str(tmp_path / "bin"),
+    }
+    [wheel] = wheels.glob("mqtt_starter-*.whl")
+    pip_args = f"--find-links {wheels}"
+    result = subprocess.run(
+        [sys.executable, "-m", "pipx", "install", "--pip-args", pip_args, str(wheel)],
+        capture_output=True, text=True, timeout=300, env=env, stdin=subprocess.DEVNULL,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert sh(tmp_path / "bin/mqtt-starter", "--version") == f"mqtt-starter {__version__}\n"
 
 
 # -- the container image -----------------------------------------------------------------------

@@ -237,7 +237,9 @@ class Target:
         notify_path = self.folder / f"notify-{uuid.uuid4().hex[:6]}.sock"
         notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         notify.bind(str(notify_path))
-        notify.settimeout(STARTUP_S)
+        # Short waits, so that a daemon that exits at start (a configuration it refuses) is
+        # reported at once with its log, not after STARTUP_S.
+        notify.settimeout(0.5)
         began = time.monotonic()
         env = {k: v for k, v in os.environ.items() if not k.startswith("MQTT_STARTER_")}
         self.process = subprocess.Popen(
@@ -250,7 +252,7 @@ class Target:
             cwd=self.folder,
         )
         try:
-            while b"READY=1" not in notify.recv(4096):
+            while not self._ready(notify, began):
                 pass
         except BaseException:
             stop(self.process)  # whatever fails, nothing is left running
@@ -258,6 +260,20 @@ class Target:
         finally:
             notify.close()
         self.startup_s = time.monotonic() - began
+
+    def _ready(self, notify: socket.socket, began: float) -> bool:
+        assert self.process is not None
+        try:
+            return b"READY=1" in notify.recv(4096)
+        except TimeoutError:
+            if self.process.poll() is not None:
+                log = (self.folder / f"{self.kind}.log").read_text(errors="replace")
+                raise RuntimeError(
+                    f"the daemon exited ({self.process.returncode}) before READY:\n{log[-2000:]}"
+                ) from None
+            if time.monotonic() - began > STARTUP_S:
+                raise
+            return False
 
     @property
     def pid(self) -> int:

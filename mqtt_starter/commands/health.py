@@ -23,6 +23,8 @@ WILDCARDS = {"": "127.0.0.1", "0.0.0.0": "127.0.0.1", "::": "::1"}
 
 @dataclass(frozen=True)
 class Health:
+    """The exit code and the one line that says why."""
+
     code: int
     line: str
 

@@ -282,6 +282,8 @@ class _Connection:
         if self._fd >= 0:
             self._unwatch(self._fd)
             self._fd = -1
+        # paho has no public way to drop a socket without a DISCONNECT (which would cancel the
+        # Last Will); this client is never used again after it.
         with contextlib.suppress(Exception):
             self.client._sock_close()
         self._lost(reason)

@@ -89,20 +89,24 @@ def restored_signals() -> Iterator[None]:
 
 
 async def signalled(*sigs: signal.Signals) -> list[str]:
-    """What StopSignals hands on when this process is sent `sigs` (the last one a stop)."""
+    """What StopSignals hands on when this process is sent `sigs`, one after the other (each
+    handed on before the next is sent: a signal may reach another thread of the process)."""
     got: list[str] = []
-    stopped = asyncio.Event()
+    arrived = asyncio.Event()
 
-    def on_stop() -> None:
-        got.append("stop")
-        stopped.set()
+    def note(what: str) -> None:
+        got.append(what)
+        arrived.set()
 
-    signals = StopSignals(asyncio.get_running_loop(), on_stop, lambda: got.append("reload"))
+    signals = StopSignals(asyncio.get_running_loop(), lambda: note("stop"), lambda: note("reload"))
     signals.install()
-    for sig in sigs:
-        os.kill(os.getpid(), sig)
-    await stopped.wait()
-    signals.remove()
+    try:
+        for sig in sigs:
+            arrived.clear()
+            os.kill(os.getpid(), sig)
+            await asyncio.wait_for(arrived.wait(), 30)
+    finally:
+        signals.remove()
     return got
 
 

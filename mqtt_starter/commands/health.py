@@ -57,9 +57,14 @@ def check_health(settings: Settings, timeout_s: float = 5.0) -> Health:
     request = urllib.request.Request(url)
     if settings.http.token is not None:
         request.add_header("Authorization", f"Bearer {settings.http.token.get_secret_value()}")
-    context = _tls() if url.startswith("https") else None
+    # Straight to our own listener: an HTTP(S)_PROXY of the environment (common on servers
+    # behind a corporate proxy) must not carry the question, or the token, elsewhere.
+    handlers: list[urllib.request.BaseHandler] = [urllib.request.ProxyHandler({})]
+    if url.startswith("https"):
+        handlers.append(urllib.request.HTTPSHandler(context=_tls()))
+    opener = urllib.request.build_opener(*handlers)
     try:
-        with urllib.request.urlopen(request, timeout=timeout_s, context=context):
+        with opener.open(request, timeout=timeout_s):
             return Health(0, f"ready ({url})")
     except urllib.error.HTTPError as exc:
         if exc.code == 503:

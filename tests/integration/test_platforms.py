@@ -85,7 +85,12 @@ def health_of(config: dict[str, Any]) -> Health:
     return check_health(settings_from_mapping(config, {}), timeout_s=10)
 
 
-async def test_health_says_ready_with_the_token(make_local_daemon: Any) -> None:
+async def test_health_says_ready_with_the_token(
+    make_local_daemon: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A proxy in the environment is not asked: nothing listens there.
+    monkeypatch.setenv("HTTP_PROXY", f"http://127.0.0.1:{free_port()}")
+    monkeypatch.setenv("http_proxy", f"http://127.0.0.1:{free_port()}")
     port = free_port()
     http = {"enabled": True, "port": port, "token": "t0ken-for-health"}
     daemon: LocalDaemon = await make_local_daemon(http=http)

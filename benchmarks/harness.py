@@ -261,15 +261,19 @@ class Target:
             notify.close()
         self.startup_s = time.monotonic() - began
 
+    def log_tail(self, size: int = 3000) -> str:
+        path = self.folder / f"{self.kind}.log"
+        return path.read_text(errors="replace")[-size:] if path.exists() else ""
+
     def _ready(self, notify: socket.socket, began: float) -> bool:
         assert self.process is not None
         try:
             return b"READY=1" in notify.recv(4096)
         except TimeoutError:
             if self.process.poll() is not None:
-                log = (self.folder / f"{self.kind}.log").read_text(errors="replace")
                 raise RuntimeError(
-                    f"the daemon exited ({self.process.returncode}) before READY:\n{log[-2000:]}"
+                    f"the daemon exited ({self.process.returncode}) before READY:\n"
+                    f"{self.log_tail()}"
                 ) from None
             if time.monotonic() - began > STARTUP_S:
                 raise

@@ -114,6 +114,9 @@ def measure(
             "throughput_rps": n_thr / elapsed,
             "cpu_ms_per_request": (cpu_s(target.pid) - cpu) * 1000 / n_thr,
         }
+    except RuntimeError as exc:
+        # Unanswered requests: what the daemon (or the floor) said is the first thing to read.
+        raise RuntimeError(f"{exc}; the {kind}'s log ends:\n{target.log_tail()}") from exc
     finally:
         loadgen.close()
         target.stop()

@@ -260,6 +260,12 @@ class _Connection:
             self.client.loop_read()
         except Exception as exc:  # paho lets some socket errors through: the connection is over
             self._end(f"reading from the broker failed: {exc}")
+            return
+        # Over TLS, records already decrypted wait in the SSL object, not in the socket: the
+        # loop would not call again until more bytes arrive (paho's own loop checks the same).
+        pending = getattr(self.client.socket(), "pending", None)
+        if pending is not None and pending():
+            self._loop.call_soon(self._read)
 
     def _write(self) -> None:
         try:

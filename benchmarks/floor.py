@@ -74,10 +74,19 @@ async def main(host: str, port: int, qrs_url: str, cert_dir: str, concurrency: i
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         c.subscribe("butler/start/#", qos=1)
 
+    subscribed = asyncio.Event()
+
+    def on_subscribe(*_: Any) -> None:
+        loop.call_soon_threadsafe(subscribed.set)
+
     client.on_message = on_message
     client.on_connect = on_connect
+    client.on_subscribe = on_subscribe
     client.connect(host, port)
     client.loop_start()
+    # Ready once subscribed: a trigger published before would be lost (clean session), and the
+    # load generator would wait for its reply in vain.
+    await subscribed.wait()
     print("READY", flush=True)
     try:
         await asyncio.Event().wait()

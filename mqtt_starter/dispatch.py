@@ -73,6 +73,10 @@ class Dispatch:
         ]
 
     async def on_message(self, incoming: Incoming) -> None:
+        if incoming.topic.startswith(f"{self._parts().base}/start"):
+            # Most messages are triggers, and no private topic starts so: straight to the door.
+            await self._door.on_message(incoming)
+            return
         if self.memory is not None and self.memory.wants(incoming.topic):
             self.memory.on_message(incoming)
             return

@@ -14,6 +14,7 @@ import pytest
 from loguru import logger
 
 from mqtt_starter.config import QrsSettings, RetrySettings
+from mqtt_starter.ops.logs import request_log
 from mqtt_starter.simulators.certs import CertPaths, ensure_certificates
 from mqtt_starter.simulators.qrs.fixtures import Fixture, load_fixture
 from mqtt_starter.simulators.qrs.server import QrsSimulator
@@ -48,7 +49,9 @@ def logged_exceptions() -> Iterator[LoggedExceptions]:
             seen.records.append(f"{record['name']}: {record['message']}")
 
     handle = logger.add(sink, level="DEBUG")
-    yield seen
+    # Request lines too go through loguru, whatever a test of configure_logging set up.
+    with request_log.through_loguru():
+        yield seen
     # A test of configure_logging has removed every sink already.
     with contextlib.suppress(ValueError):
         logger.remove(handle)

@@ -50,6 +50,11 @@ def _deepest(text: str) -> int:
     return deepest
 
 
+# One compact encoder for everything published: json.dumps with options builds a new encoder
+# for each call.
+_COMPACT = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
+
+
 def decode_json(payload: bytes, max_bytes: int) -> Any:
     """The JSON value of `payload` (None when empty), refusing oversize and malformed input."""
     if len(payload) > max_bytes:
@@ -198,8 +203,10 @@ def parse_request(
 
     `butler_array` allows Butler's REST body (a JSON array), as `<base>/start` does.
     """
-    if data is None:
-        data = {}
+    if data is None or (type(data) is dict and not data):
+        # The usual trigger (an empty payload, or `{}`): nothing to validate, every option
+        # at its default. Taken first because every message of such a device comes here.
+        return Request(selectors=tuple(topic_selectors))
     if isinstance(data, list) and butler_array:
         selectors, ignored = parse_butler_items(data)
         return Request(selectors=(*topic_selectors, *selectors), ignored=ignored)
@@ -408,9 +415,7 @@ def reply_json(reply: Reply, instance: str) -> dict[str, Any]:
 
 
 def encode_reply(reply: Reply, instance: str) -> bytes:
-    return json.dumps(
-        reply_json(reply, instance), ensure_ascii=False, separators=(",", ":")
-    ).encode("utf-8")
+    return _COMPACT.encode(reply_json(reply, instance)).encode("utf-8")
 
 
 def encode_status_event(
@@ -420,7 +425,7 @@ def encode_status_event(
     *,
     started_by: str = STARTED_BY_US,
 ) -> bytes:
-    return json.dumps(
+    return _COMPACT.encode(
         {
             "taskId": execution.task_id,
             "taskName": task_name,
@@ -433,14 +438,12 @@ def encode_status_event(
             "stopTime": execution.stop_time,
             "durationMs": execution.duration_ms,
             "message": execution.message,
-        },
-        ensure_ascii=False,
-        separators=(",", ":"),
+        }
     ).encode("utf-8")
 
 
 def encode_json(data: Any) -> bytes:
-    return json.dumps(data, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+    return _COMPACT.encode(data).encode("utf-8")
 
 
 def health_json(

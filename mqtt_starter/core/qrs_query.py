@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Mapping, Sequence
+from functools import lru_cache
 from typing import Any
 from urllib.parse import quote as url_quote
 
@@ -37,8 +38,12 @@ MAX_FILTER_BYTES = 6000
 MAX_VALUE_LENGTH = 300
 
 
+@lru_cache(maxsize=1024)
 def normalize_guid(text: str) -> str | None:
-    """The lower-case GUID, or None when `text` is not one (surrounding white space ignored)."""
+    """The lower-case GUID, or None when `text` is not one (surrounding white space ignored).
+
+    Remembered for the last 1024 texts: a request asks this of the same id about seven times
+    (deduplication, the query, matching, the start), and a busy site's ids repeat."""
     candidate = text.strip()
     return candidate.lower() if _GUID.match(candidate) else None
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
 from mqtt_starter.core.errors import BadTopic, ReplyTopicRefused
@@ -63,27 +64,35 @@ class TopicFilter:
     def wildcards(self) -> int:
         return sum(level in ("+", "#") for level in self.levels)
 
+    @cached_property
+    def _pattern(self) -> re.Pattern[str]:
+        """The filter as one expression, compiled once: every message is matched against
+        several filters, and walking their levels in Python cost more than the rest of reading
+        the topic. `+` is one level (possibly empty); a final `#` is the rest, or nothing when
+        the topic is the parent level itself."""
+        last = self.levels[-1] == "#"
+        body = "/".join(
+            "([^/]*)" if level == "+" else re.escape(level)
+            for level in (self.levels[:-1] if last else self.levels)
+        )
+        if last:
+            body = f"{body}(?:/(.*))?" if body else "(.*)"
+        return re.compile(body, re.DOTALL)
+
     def match(self, topic: str) -> tuple[str, ...] | None:
         """The levels the wildcards stand for (a `#` gives the rest joined by `/`), or None."""
-        parts = topic.split("/")
         # MQTT: a filter starting with a wildcard does not match a topic starting with `$`.
         if topic.startswith("$") and self.levels[0] in ("+", "#"):
             return None
-        found: list[str] = []
-        for i, level in enumerate(self.levels):
-            if level == "#":
-                found.append("/".join(parts[i:]))
-                return tuple(found)
-            if i >= len(parts):
-                return None
-            if level == "+":
-                found.append(parts[i])
-            elif level != parts[i]:
-                return None
-        return tuple(found) if len(parts) == len(self.levels) else None
+        found = self._pattern.fullmatch(topic)
+        if found is None:
+            return None
+        return tuple(value or "" for value in found.groups())
 
     def matches(self, topic: str) -> bool:
-        return self.match(topic) is not None
+        if topic.startswith("$") and self.levels[0] in ("+", "#"):
+            return False
+        return self._pattern.fullmatch(topic) is not None
 
 
 # -- built-in trigger topics -----------------------------------------------------------------
@@ -204,7 +213,8 @@ def check_reply_topic(
         raise ReplyTopicRefused(f"reply topic {topic!r} contains a wildcard or NUL")
     if topic.startswith("$"):
         raise ReplyTopicRefused(f"reply topic {topic!r} starts with $")
-    if len(topic.encode("utf-8")) > 65535:
+    # A character is at most 4 bytes in UTF-8: only a long topic can be too long.
+    if len(topic) > 65535 // 4 and len(topic.encode("utf-8")) > 65535:
         raise ReplyTopicRefused("reply topic is longer than MQTT allows")
     if any(f.matches(topic) for f in triggers):
         raise ReplyTopicRefused(f"reply topic {topic!r} is a trigger topic of this daemon")

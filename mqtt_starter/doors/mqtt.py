@@ -186,7 +186,25 @@ class MqttDoor:
                     correlation_data=incoming.correlation_data,
                 )
             return
-        reply_topic = decision.reply_topic
+        inbound = Inbound(
+            decision.request,
+            door="mqtt",
+            topic=incoming.topic,
+            kind=decision.kind,
+            debounce_key=decision.debounce_key,
+            debounce_s=decision.debounce_s,
+        )
+        if not decision.request.wait:
+            reply = await self._starter.handle(inbound)
+            await self._reply(parts, decision.reply_topic, reply, incoming)
+            return
+        await self._handle_wait(parts, inbound, decision.reply_topic, incoming)
+
+    async def _handle_wait(
+        self, parts: Parts, inbound: Inbound, reply_topic: str | None, incoming: Incoming
+    ) -> None:
+        """A request with `wait`: the accepted reply, then the finished one, kept in the
+        memory in between so that a restart resumes it."""
         accepted_sent = asyncio.Event()
         kept: str | None = None  # the wait's record in the memory (wait_memory.py)
 
@@ -198,23 +216,12 @@ class MqttDoor:
                     kept, [o.execution_id for o in finished.outcomes if o.execution_id]
                 )
 
-        reply = await self._starter.handle(
-            Inbound(
-                decision.request,
-                door="mqtt",
-                topic=incoming.topic,
-                kind=decision.kind,
-                debounce_key=decision.debounce_key,
-                debounce_s=decision.debounce_s,
-            ),
-            on_finished=on_finished,
-        )
+        reply = await self._starter.handle(inbound, on_finished=on_finished)
         try:
             await self._reply(parts, reply_topic, reply, incoming)
-            request = decision.request
+            request = inbound.request
             if (
                 self._memory is not None
-                and request.wait
                 and reply_topic is not None
                 and reply.error is None
                 and not reply.replayed

@@ -39,6 +39,7 @@ from mqtt_starter.core.model import (
 from mqtt_starter.core.policy import Debouncer, Decision, decide, request_key
 from mqtt_starter.core.qrs_query import MAX_VALUE_LENGTH, too_long
 from mqtt_starter.core.resolution import without_lineage
+from mqtt_starter.ops.logs import request_log
 from mqtt_starter.ops.metrics import Metrics
 from mqtt_starter.service.followups import (
     FinishedSink,
@@ -85,10 +86,13 @@ class Starter:
         *,
         clock: Callable[[], float] = time.monotonic,
         watcher: RequestWatcher | None = None,
+        log: Callable[[str], None] = request_log,
     ) -> None:
         """`parts`: the current parts (a reload swaps them); `spawn`: runs a follow-up in the
-        daemon's task group, under a name; `watcher`: sees each request and its replies."""
+        daemon's task group, under a name; `watcher`: sees each request and its replies;
+        `log`: where each request's line goes."""
         self._watcher = watcher
+        self._log = log
         self._parts = parts
         self._metrics = metrics
         self._clock = clock
@@ -134,16 +138,11 @@ class Starter:
         elapsed_ms = (self._clock() - started) * 1000
         if self._watcher is not None:
             self._watcher.request(door, topic, reply, elapsed_ms)
-        logger.info(
-            "request {} {} requestId={} -> {}{} {} unmatched={} in {:.0f} ms",
-            door,
-            topic if len(topic) <= TOPIC_IN_LOG else topic[:TOPIC_IN_LOG] + "...",
-            reply.request_id,
-            reply.status.value,
-            " (replayed)" if reply.replayed else "",
-            detail,
-            len(reply.unmatched),
-            elapsed_ms,
+        shown = topic if len(topic) <= TOPIC_IN_LOG else topic[:TOPIC_IN_LOG] + "..."
+        self._log(
+            f"request {door} {shown} requestId={reply.request_id} -> {reply.status.value}"
+            f"{' (replayed)' if reply.replayed else ''} {detail}"
+            f" unmatched={len(reply.unmatched)} in {elapsed_ms:.0f} ms"
         )
 
     # -- serving --------------------------------------------------------------------------------

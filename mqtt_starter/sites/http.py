@@ -406,13 +406,13 @@ class Transport:
                 prepared = prepare()
                 if not isinstance(prepared, Prepared):
                     prepared = await prepared
-                headers = dict(prepared.headers)
                 if self.token is not None:
                     refused_token = await self.token.get()
-                    headers["Authorization"] = f"Bearer {refused_token}"
+                    headers = {**prepared.headers, "Authorization": f"Bearer {refused_token}"}
+                    prepared = Prepared(prepared.url, headers, prepared.params)
                 answer = await self.send(
                     method,
-                    Prepared(prepared.url, headers, prepared.params),
+                    prepared,
                     path=path,
                     body=body,
                     tail_bytes=tail_bytes,

@@ -14,7 +14,7 @@ import random
 import secrets
 import ssl
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 from urllib.parse import quote as url_quote
 from urllib.parse import urlsplit
@@ -251,12 +251,13 @@ class QrsApi:
         """
         query = params or {}
 
-        async def prepare() -> Prepared:
+        def prepare() -> Prepared | Awaitable[Prepared]:
             xrfkey = new_xrfkey(self._keys)
             headers = {"X-Qlik-Xrfkey": xrfkey}
-            if self.jwt is not None:
-                headers["Authorization"] = f"Bearer {await self.jwt.current()}"
-            return Prepared(self._url(path, query, xrfkey), headers)
+            url = self._url(path, query, xrfkey)
+            if self.jwt is None:
+                return Prepared(url, headers)  # no await: the common case costs no coroutine
+            return self._with_jwt(url, headers)
 
         kwargs: dict[str, Any] = {
             "path": path,
@@ -287,6 +288,11 @@ class QrsApi:
                 detail=text[:200],
             )
         return status, text
+
+    async def _with_jwt(self, url: URL, headers: dict[str, str]) -> Prepared:
+        assert self.jwt is not None
+        headers["Authorization"] = f"Bearer {await self.jwt.current()}"
+        return Prepared(url, headers)
 
     async def json(
         self,

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from mqtt_starter.core.errors import BadTopic, ReplyTopicRefused
 from mqtt_starter.core.model import Selector, SelectorKind
@@ -58,6 +60,41 @@ def test_percent_decode_refuses_malformed(level: str) -> None:
 )
 def test_topic_filter_match(filter_text: str, topic: str, found: tuple[str, ...] | None) -> None:
     assert TopicFilter.parse(filter_text).match(topic) == found
+
+
+def walk_levels(filter_text: str, topic: str) -> tuple[str, ...] | None:
+    """MQTT's matching rules read level by level: what a compiled filter must agree with."""
+    levels, parts = filter_text.split("/"), topic.split("/")
+    if topic.startswith("$") and levels[0] in ("+", "#"):
+        return None
+    found: list[str] = []
+    for i, level in enumerate(levels):
+        if level == "#":
+            return (*found, "/".join(parts[i:]))
+        if i >= len(parts) or (level != "+" and level != parts[i]):
+            return None
+        if level == "+":
+            found.append(parts[i])
+    return tuple(found) if len(parts) == len(levels) else None
+
+
+LEVEL = st.sampled_from(["a", "b", "", "$x", ".*", "a\nb", "x\n"])
+
+
+@given(
+    st.lists(st.sampled_from(["a", "b", "+", ".*", "$x"]), min_size=1, max_size=4),
+    st.booleans(),
+    st.lists(LEVEL, min_size=1, max_size=5),
+)
+def test_a_compiled_filter_matches_as_mqtt_reads_the_levels(
+    levels: list[str], hash_last: bool, topic_levels: list[str]
+) -> None:
+    filter_text = "/".join([*levels, "#"] if hash_last else levels)
+    topic = "/".join(topic_levels)
+    compiled = TopicFilter.parse(filter_text)
+    assert compiled.match(topic) == walk_levels(filter_text, topic)
+    assert compiled.matches(topic) == (walk_levels(filter_text, topic) is not None)
+    assert TopicFilter.parse("#").match(topic) == walk_levels("#", topic)
 
 
 @pytest.mark.parametrize(

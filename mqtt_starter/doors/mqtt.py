@@ -80,15 +80,16 @@ class ReplyPublisher:
         retain: bool = False,
         correlation_data: bytes | None = None,
     ) -> None:
-        message = _Held(topic, payload, retain, correlation_data)
         link = self._link()
         if self._held or link is None or not link.connected.is_set():
-            self._hold(message, "not connected to the broker")
+            self._hold(
+                _Held(topic, payload, retain, correlation_data), "not connected to the broker"
+            )
             return
         try:
             await link.publish(topic, payload, retain=retain, correlation_data=correlation_data)
         except MqttLinkError as exc:
-            self._hold(message, str(exc))
+            self._hold(_Held(topic, payload, retain, correlation_data), str(exc))
             return
         if self._on_publish is not None:
             self._on_publish(topic, payload)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
 import getpass
 import itertools
 import json
@@ -35,13 +36,21 @@ from mqtt_starter.config import settings_from_mapping
 from mqtt_starter.daemon import Daemon as AppDaemon
 from mqtt_starter.simulators.qrs.server import QrsSimulator
 from tests.conftest import free_port
+from tests.integration import helpers
 
 if shutil.which("mosquitto") is None:
     pytest.exit("mosquitto is not installed: run scripts/test.sh, which installs it", 1)
 
 
 class Broker:
-    """mosquitto with its own configuration, persistence folder and log, in `folder`."""
+    """mosquitto with its own configuration, persistence folder and log, in `folder`.
+
+    `namespace()` hands each test sharing the broker a namespace of its own: a base topic
+    and a client id for the daemon, so that tests share no topic, retained message or session
+    and nothing needs cleaning up after them. (mosquitto's per-listener `mount_point` would
+    do it without changing any topic, but 2.0.11, Debian 12's, does not take the mount point
+    off the messages it delivers.)
+    """
 
     def __init__(self, folder: Path, *, head: str = "", extra: str = "") -> None:
         self.folder = folder
@@ -49,7 +58,21 @@ class Broker:
         self.head = head
         self.extra = extra
         self.process: subprocess.Popen[bytes] | None = None
+        # The daemon's client id and base topic on this broker (see `namespace`).
+        self.client_id = "starter-test"
+        self.base = "butler"
+        self._namespaces = itertools.count()
         folder.mkdir(parents=True, exist_ok=True)
+
+    def namespace(self) -> Broker:
+        """This broker as one test sees it: the daemon's base topic `t<n>/butler` and client
+        id `starter-test-<n>` are the test's own (client ids, and so sessions, are one
+        namespace for the whole broker)."""
+        n = next(self._namespaces)
+        view = copy.copy(self)
+        view.client_id = f"starter-test-{n}"
+        view.base = f"t{n}/butler"
+        return view
 
     @property
     def log(self) -> str:
@@ -93,38 +116,6 @@ class Broker:
         self.process = None
 
 
-async def reset_broker(broker: Broker, client_ids: tuple[str, ...] = ("starter-test",)) -> None:
-    """Leave nothing of a test on a shared broker: the daemon's persistent session (with any
-    message queued for it) and every retained message."""
-    for client_id in client_ids:
-        # Connecting with a clean start ends the session the broker kept for that client id.
-        async with aiomqtt.Client(
-            "127.0.0.1",
-            broker.port,
-            identifier=client_id,
-            clean_start=True,
-            protocol=aiomqtt.ProtocolVersion.V5,
-        ):
-            pass
-    async with aiomqtt.Client(
-        "127.0.0.1", broker.port, identifier=f"reset-{uuid.uuid4().hex[:8]}"
-    ) as client:
-        await client.subscribe("#", qos=1)
-        # Retained messages come right after the subscription, before anything published
-        # later: once this marker is back, every retained message has been seen.
-        marker = f"reset/{uuid.uuid4().hex}"
-        await client.publish(marker, b"x", qos=1)
-        retained: list[str] = []
-        async with asyncio.timeout(10):
-            async for message in client.messages:
-                if message.topic.value == marker:
-                    break
-                if message.retain:
-                    retained.append(message.topic.value)
-        for topic in retained:
-            await client.publish(topic, b"", qos=1, retain=True)
-
-
 @pytest.fixture(scope="module")
 def shared_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Broker]:
     b = Broker(tmp_path_factory.mktemp("broker"))
@@ -134,11 +125,15 @@ def shared_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Broker]:
 
 
 @pytest.fixture
-async def broker(shared_broker: Broker) -> AsyncIterator[Broker]:
-    """The module's broker, reset after the test (tests run one at a time). A test that stops
-    or kills its broker asks for `private_broker`."""
-    yield shared_broker
-    await reset_broker(shared_broker)
+def broker(shared_broker: Broker, monkeypatch: pytest.MonkeyPatch) -> Broker:
+    """The module's broker in a namespace of the test's own: nothing to clean up after it,
+    nothing another test left behind. A test that stops or kills its broker asks for
+    `private_broker`."""
+    view = shared_broker.namespace()
+    # What the test publishes and expects follows (helpers.py).
+    monkeypatch.setattr(helpers, "INSTANCE", view.client_id)
+    monkeypatch.setattr(helpers, "BASE", view.base)
+    return view
 
 
 @pytest.fixture
@@ -199,7 +194,8 @@ def site_config(
         "mqtt": {
             "host": "127.0.0.1",
             "port": broker.port,
-            "client_id": "starter-test",
+            "client_id": broker.client_id,
+            "base_topic": broker.base,
             "reconnect": {"min_s": 0.2, "max_s": 1.0},
             "stop_timeout_s": 10,
         },

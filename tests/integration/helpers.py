@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import uuid
 from typing import Any
 
@@ -28,7 +29,17 @@ NAMES = {
     EXPORT: "Export to Data Lake",
     LONG: "Long Reload",
 }
+# The daemon's client id, which its replies name, and its base topic: on the shared broker the
+# `broker` fixture sets the test's own (conftest.py); read them as `helpers.INSTANCE` and
+# `helpers.BASE`.
 INSTANCE = "starter-test"
+BASE = "butler"
+
+
+def on_base(text: str) -> str:
+    """`text` (a topic, or a message naming topics) with the default base topic `butler`
+    put on the test's own: for data written before a test runs (parametrize, tables)."""
+    return re.sub(r"(?<![\w/])butler/", f"{BASE}/", text)
 
 
 def executions(state: SimState, task_id: str) -> list[str]:

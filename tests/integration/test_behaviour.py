@@ -9,6 +9,7 @@ import pytest
 from mqtt_starter.simulators.qrs.filter_engine import evaluate as evaluate_filter
 from mqtt_starter.simulators.qrs.filter_engine import parse as parse_filter
 from mqtt_starter.simulators.qrs.state import SimState
+from tests.integration import helpers
 from tests.integration.conftest import Client, LocalDaemon
 from tests.integration.helpers import (
     ARCHIVE,
@@ -55,11 +56,11 @@ def finished_line(
 async def test_wait_success_and_the_status_events(
     daemon: LocalDaemon, mqtt: Client, sim_state: SimState
 ) -> None:
-    await mqtt.subscribe("butler/status/#")
+    await mqtt.subscribe(f"{helpers.BASE}/status/#")
     topic = "test/wait-ok"
     await mqtt.subscribe(topic)
     await mqtt.publish(
-        f"butler/start/id/{SALES}", {"requestId": "w1", "wait": True}, response_topic=topic
+        f"{helpers.BASE}/start/id/{SALES}", {"requestId": "w1", "wait": True}, response_topic=topic
     )
     accepted, finished = await mqtt.wait_for(topic, 2)
     assert accepted.json() == reply(
@@ -71,7 +72,7 @@ async def test_wait_success_and_the_status_events(
         request_id="w1",
         stage="finished",
     )
-    events = [e.json() for e in mqtt.on(f"butler/status/task/{SALES}")]
+    events = [e.json() for e in mqtt.on(f"{helpers.BASE}/status/task/{SALES}")]
     states = [e["state"] for e in events]
     # Each observed state once, in the order of the state machine, ending in success.
     assert states == sorted(set(states), key=STATE_ORDER.index)
@@ -95,11 +96,11 @@ async def test_wait_success_and_the_status_events(
 async def test_wait_with_failure_and_retry(
     daemon: LocalDaemon, mqtt: Client, sim_state: SimState
 ) -> None:
-    await mqtt.subscribe("butler/status/#")
+    await mqtt.subscribe(f"{helpers.BASE}/status/#")
     answer_topic = "test/wait-fail"
     await mqtt.subscribe(answer_topic)
     await mqtt.publish(
-        "butler/start",
+        f"{helpers.BASE}/start",
         {"requestId": "w2", "wait": True, "taskIds": [FORECAST, BUDGET]},
         response_topic=answer_topic,
     )
@@ -117,16 +118,16 @@ async def test_wait_with_failure_and_retry(
         stage="finished",
     )
     # The retry shows up as a second attempt under the same execution.
-    budget = [e.json() for e in mqtt.on(f"butler/status/task/{BUDGET}")]
+    budget = [e.json() for e in mqtt.on(f"{helpers.BASE}/status/task/{BUDGET}")]
     assert len({e["executionId"] for e in budget}) == 1
     assert budget[-1]["state"] == "FinishedSuccess"
     assert sorted(sim_state.started) == sorted([FORECAST, BUDGET])
 
 
 async def test_already_running(daemon: LocalDaemon, mqtt: Client, sim_state: SimState) -> None:
-    first = await mqtt.request(f"butler/start/id/{LONG}")
+    first = await mqtt.request(f"{helpers.BASE}/start/id/{LONG}")
     assert first["tasks"][0]["result"] == "started"
-    second = await mqtt.request(f"butler/start/id/{LONG}")
+    second = await mqtt.request(f"{helpers.BASE}/start/id/{LONG}")
     assert second == reply("error", [line(None, LONG, ["id"], "already_running")])
     assert sim_state.started == [LONG]
     # The task's live lastExecutionResult showed the run: no second start was sent.
@@ -138,7 +139,7 @@ async def test_a_run_that_ends_in_failure_alone_is_an_error(
 ) -> None:
     topic = "test/wait-error"
     await mqtt.subscribe(topic)
-    await mqtt.publish(f"butler/start/id/{FORECAST}", {"wait": True}, response_topic=topic)
+    await mqtt.publish(f"{helpers.BASE}/start/id/{FORECAST}", {"wait": True}, response_topic=topic)
     _, finished = await mqtt.wait_for(topic, 2)
     assert finished.json() == reply(
         "error",
@@ -159,7 +160,7 @@ async def test_wait_as_a_user_without_read_rights_ends_unknown(
     topic = "test/wait-reader"
     await mqtt.subscribe(topic)
     await mqtt.publish(
-        f"butler/start/id/{SALES}",
+        f"{helpers.BASE}/start/id/{SALES}",
         {"requestId": "r1", "wait": True, "waitTimeoutS": 600},
         response_topic=topic,
     )
@@ -191,13 +192,13 @@ async def test_wait_ends_at_the_request_timeout(
     daemon: LocalDaemon, mqtt: Client, sim_state: SimState
 ) -> None:
     topic = "test/wait-timeout"
-    await mqtt.subscribe(topic, "butler/status/#")
+    await mqtt.subscribe(topic, f"{helpers.BASE}/status/#")
     await mqtt.publish(
-        f"butler/start/id/{LONG}", {"wait": True, "waitTimeoutS": 0.5}, response_topic=topic
+        f"{helpers.BASE}/start/id/{LONG}", {"wait": True, "waitTimeoutS": 0.5}, response_topic=topic
     )
     _, finished = await mqtt.wait_for(topic, 2)
     [task] = finished.json()["tasks"]
-    last_event = mqtt.on(f"butler/status/task/{LONG}")[-1].json()
+    last_event = mqtt.on(f"{helpers.BASE}/status/task/{LONG}")[-1].json()
     assert finished.json()["status"] == "error"
     assert task == line(
         sim_state,
@@ -217,7 +218,7 @@ async def test_a_lost_answer_to_a_start_is_not_sent_again(
 ) -> None:
     sim_state.faults.lose_next, sim_state.faults.lose_as = 1, "drop"
     sim_state.faults.path_contains = "/start"
-    answer = await mqtt.request(f"butler/start/id/{SALES}", {"requestId": "lost"})
+    answer = await mqtt.request(f"{helpers.BASE}/start/id/{SALES}", {"requestId": "lost"})
     assert answer == reply("ok", [line(sim_state, SALES, ["id"], "started")], request_id="lost")
     assert sim_state.started == [SALES]
     assert [c[0] for c in task_calls(sim_state)] == ["GET", "POST", "GET"]
@@ -227,7 +228,7 @@ async def test_a_lost_answer_to_a_start_is_not_sent_again(
 async def test_disabled_makes_no_start_call(
     daemon: LocalDaemon, mqtt: Client, sim_state: SimState
 ) -> None:
-    answer = await mqtt.request(f"butler/start/id/{ARCHIVE}")
+    answer = await mqtt.request(f"{helpers.BASE}/start/id/{ARCHIVE}")
     assert answer == reply("error", [line(None, ARCHIVE, ["id"], "disabled")])
     assert [c[0] for c in task_calls(sim_state)] == ["GET"]
 
@@ -236,7 +237,7 @@ async def test_allow_list_denies_per_task(
     make_daemon: Any, mqtt: Client, sim_state: SimState
 ) -> None:
     await make_daemon(policy={"allow": {"tags": ["nightly"]}})
-    answer = await mqtt.request("butler/start/tag/startTask1")
+    answer = await mqtt.request(f"{helpers.BASE}/start/tag/startTask1")
     assert answer == reply(
         "partial",
         [
@@ -250,7 +251,7 @@ async def test_allow_list_denies_per_task(
 async def test_dry_run_starts_nothing(
     daemon: LocalDaemon, mqtt: Client, sim_state: SimState
 ) -> None:
-    answer = await mqtt.request("butler/start/tag/Nightly", {"dryRun": True})
+    answer = await mqtt.request(f"{helpers.BASE}/start/tag/Nightly", {"dryRun": True})
     assert answer == reply(
         "partial",
         [
@@ -266,7 +267,7 @@ async def test_all_task_ids_must_exist(
     daemon: LocalDaemon, mqtt: Client, sim_state: SimState
 ) -> None:
     answer = await mqtt.request(
-        "butler/start",
+        f"{helpers.BASE}/start",
         {"taskIds": [SALES, "not-a-guid"], "names": ["Reload Stock"], "allTaskIdsMustExist": True},
     )
     assert answer == reply(
@@ -289,8 +290,8 @@ async def test_all_task_ids_must_exist(
 async def test_repeated_request_id_is_answered_from_memory(
     daemon: LocalDaemon, mqtt: Client, sim_state: SimState
 ) -> None:
-    first = await mqtt.request(f"butler/start/id/{SALES}", {"requestId": "once"})
-    again = await mqtt.request(f"butler/start/id/{SALES}", {"requestId": "once"})
+    first = await mqtt.request(f"{helpers.BASE}/start/id/{SALES}", {"requestId": "once"})
+    again = await mqtt.request(f"{helpers.BASE}/start/id/{SALES}", {"requestId": "once"})
     assert first == reply("ok", [line(sim_state, SALES, ["id"], "started")], request_id="once")
     assert again == {**first, "replayed": True}
     assert sim_state.started == [SALES]
@@ -301,13 +302,13 @@ async def test_retained_trigger_is_ignored(
     make_daemon: Any, mqtt: Client, sim_state: SimState
 ) -> None:
     # (An empty retained payload would delete the retained message instead.)
-    await mqtt.publish(f"butler/start/id/{SALES}", {"requestId": "stale"}, retain=True)
+    await mqtt.publish(f"{helpers.BASE}/start/id/{SALES}", {"requestId": "stale"}, retain=True)
     daemon = await make_daemon()
-    answer = await mqtt.request(f"butler/start/id/{STOCK}")
+    answer = await mqtt.request(f"{helpers.BASE}/start/id/{STOCK}")
     assert answer["tasks"][0]["taskId"] == STOCK
     assert sim_state.started == [STOCK]
-    assert f"ignored butler/start/id/{SALES}: retained message" in daemon.log
-    await mqtt.publish(f"butler/start/id/{SALES}", retain=True, payload=b"")
+    assert f"ignored {helpers.BASE}/start/id/{SALES}: retained message" in daemon.log
+    await mqtt.publish(f"{helpers.BASE}/start/id/{SALES}", retain=True, payload=b"")
 
 
 @pytest.mark.parametrize("accept_retained", [False, True])
@@ -318,25 +319,25 @@ async def test_a_retained_trigger_published_live_and_its_clearing_start_nothing(
     subscribed still says it is retained; clearing it (an empty retained message) never
     starts anything, even with mqtt.accept_retained."""
     daemon = await make_daemon(mqtt={"accept_retained": accept_retained})
-    await mqtt.publish(f"butler/start/id/{SALES}", retain=True, payload=b"")  # a clearing
+    await mqtt.publish(f"{helpers.BASE}/start/id/{SALES}", retain=True, payload=b"")  # a clearing
     if not accept_retained:
-        await mqtt.publish(f"butler/start/id/{SALES}", {"requestId": "live"}, retain=True)
+        await mqtt.publish(f"{helpers.BASE}/start/id/{SALES}", {"requestId": "live"}, retain=True)
     # A live request after them: once it is answered, the ones before were handled.
-    answer = await mqtt.request(f"butler/start/id/{STOCK}")
+    answer = await mqtt.request(f"{helpers.BASE}/start/id/{STOCK}")
     assert [t["taskId"] for t in answer["tasks"]] == [STOCK]
     assert sim_state.started == [STOCK]
     ignored = [line for line in daemon.log.splitlines() if line.startswith("ignored ")]
     expected = [
-        f"ignored butler/start/id/{SALES}: an empty retained message (a retained trigger"
+        f"ignored {helpers.BASE}/start/id/{SALES}: an empty retained message (a retained trigger"
         " being cleared)"
     ]
     if not accept_retained:
         expected.append(
-            f"ignored butler/start/id/{SALES}: retained message on a trigger topic"
+            f"ignored {helpers.BASE}/start/id/{SALES}: retained message on a trigger topic"
             " (mqtt.accept_retained is false)"
         )
     assert ignored == expected
-    await mqtt.publish(f"butler/start/id/{SALES}", retain=True, payload=b"")
+    await mqtt.publish(f"{helpers.BASE}/start/id/{SALES}", retain=True, payload=b"")
 
 
 BAD_INPUT = [
@@ -346,15 +347,30 @@ BAD_INPUT = [
         "bad_payload",
         "invalid JSON: Expecting property name enclosed in double quotes: line 1 column 2 (char 1)",
     ),
-    ("butler/start", {"tags": "Nightly"}, "bad_payload", "tags: expected a list of strings"),
+    (
+        "butler/start",
+        {"tags": "Nightly"},
+        "bad_payload",
+        "tags: expected a list of strings",
+    ),
     (
         "butler/start",
         {"customProperties": [{"name": "taskGroup"}]},
         "bad_payload",
         "customProperties[0].value: field required",
     ),
-    ("butler/start", {"tags": ["a"], "wait": "yes"}, "bad_payload", "wait: expected true or false"),
-    ("butler/start", {"tags": ["a"], "colour": "red"}, "bad_payload", "colour: unknown field"),
+    (
+        "butler/start",
+        {"tags": ["a"], "wait": "yes"},
+        "bad_payload",
+        "wait: expected true or false",
+    ),
+    (
+        "butler/start",
+        {"tags": ["a"], "colour": "red"},
+        "bad_payload",
+        "colour: unknown field",
+    ),
     (
         "butler/start",
         {},
@@ -368,7 +384,12 @@ BAD_INPUT = [
         "[0].type: unknown type 'startall'; expected one of starttaskid, starttasktag,"
         " starttaskcustomproperty, keyvaluestore",
     ),
-    ("butler/start", b"[" * 40 + b"]" * 40, "bad_payload", "JSON is nested deeper than 32 levels"),
+    (
+        "butler/start",
+        b"[" * 40 + b"]" * 40,
+        "bad_payload",
+        "JSON is nested deeper than 32 levels",
+    ),
     (
         "butler/start",
         b'"just a string"',
@@ -387,7 +408,12 @@ BAD_INPUT = [
         "bad_topic",
         "malformed percent-encoding in topic level 'bad%zzescape'",
     ),
-    ("butler/start/tag/%FF", b"", "bad_topic", "topic level '%FF' does not decode to UTF-8"),
+    (
+        "butler/start/tag/%FF",
+        b"",
+        "bad_topic",
+        "topic level '%FF' does not decode to UTF-8",
+    ),
     (
         "butler/start/everything/now",
         b"",
@@ -413,33 +439,35 @@ async def test_bad_input_gets_an_error_and_the_daemon_goes_on(
     daemon: LocalDaemon, mqtt: Client, sim_state: SimState
 ) -> None:
     for topic, payload, code, message in BAD_INPUT:
-        answer = await mqtt.request(topic, payload)
-        assert answer == refusal(code, message), (topic, payload)
-    bad_guid = await mqtt.request("butler/start", {"requestId": "g", "taskIds": ["6ca1-nope"]})
+        answer = await mqtt.request(helpers.on_base(topic), payload)
+        assert answer == refusal(code, helpers.on_base(message)), (topic, payload)
+    bad_guid = await mqtt.request(
+        f"{helpers.BASE}/start", {"requestId": "g", "taskIds": ["6ca1-nope"]}
+    )
     assert bad_guid == reply(
         "error", [], [{"selector": "id:6ca1-nope", "reason": "invalid_id"}], request_id="g"
     )
     assert sim_state.started == []
-    assert await mqtt.request(f"butler/start/id/{SALES}") == reply(
+    assert await mqtt.request(f"{helpers.BASE}/start/id/{SALES}") == reply(
         "ok", [line(sim_state, SALES, ["id"], "started")]
     )
     assert daemon.alive
 
 
 async def test_request_id_is_echoed_in_refusals(daemon: LocalDaemon, mqtt: Client) -> None:
-    answer = await mqtt.request("butler/start", {"requestId": "keep-me", "tags": 5})
+    answer = await mqtt.request(f"{helpers.BASE}/start", {"requestId": "keep-me", "tags": 5})
     assert answer == refusal("bad_payload", "tags: expected a list of strings", "keep-me")
 
 
 async def test_qrs_unavailable(make_daemon: Any, mqtt: Client, sim_state: SimState) -> None:
     await make_daemon()
     sim_state.faults.fail_next = 3  # the retry budget of the test configuration
-    answer = await mqtt.request(f"butler/start/id/{SALES}", {"requestId": "down"})
+    answer = await mqtt.request(f"{helpers.BASE}/start/id/{SALES}", {"requestId": "down"})
     assert answer["status"] == "error"
     assert answer["error"]["code"] == "qrs_unavailable"
     assert answer["error"]["message"].startswith("QRS GET /qrs/task/full failed after 3 attempt(s)")
     # Not remembered: the same requestId is served once QRS is back.
-    again = await mqtt.request(f"butler/start/id/{SALES}", {"requestId": "down"})
+    again = await mqtt.request(f"{helpers.BASE}/start/id/{SALES}", {"requestId": "down"})
     assert again == reply("ok", [line(sim_state, SALES, ["id"], "started")], request_id="down")
 
 
@@ -469,12 +497,12 @@ async def test_injection_attempts_never_start_a_task_outside_the_selector(
             f"%{b:02X}" if chr(b) in "%/+#" or b > 127 else chr(b) for b in value.encode()
         )
         for topic, payload in [
-            (f"butler/start/tag/{encoded}", {}),
-            (f"butler/start/name/{encoded}", {}),
-            (f"butler/start/cp/taskGroup/{encoded}", {}),
-            (f"butler/start/cp/{encoded}/tasks1", {}),
+            (f"{helpers.BASE}/start/tag/{encoded}", {}),
+            (f"{helpers.BASE}/start/name/{encoded}", {}),
+            (f"{helpers.BASE}/start/cp/taskGroup/{encoded}", {}),
+            (f"{helpers.BASE}/start/cp/{encoded}/tasks1", {}),
             (
-                "butler/start",
+                f"{helpers.BASE}/start",
                 {
                     "tags": [value],
                     "names": [value],

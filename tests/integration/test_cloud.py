@@ -15,6 +15,7 @@ from mqtt_starter.simulators.cloud.fixtures import App, CloudFixture, Outcome
 from mqtt_starter.simulators.cloud.server import CloudSimulator
 from mqtt_starter.simulators.cloud.state import CloudState
 from tests.conftest import wait_until
+from tests.integration import helpers
 from tests.integration.conftest import Broker, Client, LocalDaemon, daemons, site_config
 
 SALES_ORDERS = "1a000000-0000-4000-8000-000000000001"
@@ -84,17 +85,17 @@ def results(answer: dict[str, Any]) -> list[tuple[str, list[str], str]]:
 async def test_each_selector(cloud: tuple[CloudState, Any], mqtt: Client) -> None:
     state, make = cloud
     await make()
-    by_tag = await mqtt.request("butler/start/tag/Nightly")  # apps in two spaces
+    by_tag = await mqtt.request(f"{helpers.BASE}/start/tag/Nightly")  # apps in two spaces
     assert results(by_tag) == [
         (SALES_ORDERS, ["tag:Nightly"], "started"),
         (OPS_ORDERS, ["tag:Nightly"], "started"),
     ]
-    by_space = await mqtt.request("butler/start/space/Ops", {"requestId": "space"})
+    by_space = await mqtt.request(f"{helpers.BASE}/start/space/Ops", {"requestId": "space"})
     assert results(by_space) == [
         (OPS_ORDERS, ["space:Ops"], "already_running"),
         (STOCK, ["space:Ops"], "started"),
     ]
-    by_id = await mqtt.request(f"butler/start/id/{FORECAST}")
+    by_id = await mqtt.request(f"{helpers.BASE}/start/id/{FORECAST}")
     assert results(by_id) == [(FORECAST, ["id"], "started")]
     assert state.started == [SALES_ORDERS, OPS_ORDERS, STOCK, FORECAST]
 
@@ -104,7 +105,7 @@ async def test_a_name_shared_by_two_apps_starts_both(
 ) -> None:
     state, make = cloud
     await make()
-    answer = await mqtt.request("butler/start/name/Orders")
+    answer = await mqtt.request(f"{helpers.BASE}/start/name/Orders")
     assert results(answer) == [
         (SALES_ORDERS, ["name"], "started"),
         (OPS_ORDERS, ["name"], "started"),
@@ -116,9 +117,9 @@ async def test_a_name_shared_by_two_apps_starts_both(
 async def test_running_and_refused_reloads(cloud: tuple[CloudState, Any], mqtt: Client) -> None:
     state, make = cloud
     await make()
-    await mqtt.request(f"butler/start/id/{STOCK}")
+    await mqtt.request(f"{helpers.BASE}/start/id/{STOCK}")
     # The app's newest reload says it runs: not started again (policy.on_running: skip).
-    answer = await mqtt.request("butler/start", {"taskIds": [STOCK, LOCKED]})
+    answer = await mqtt.request(f"{helpers.BASE}/start", {"taskIds": [STOCK, LOCKED]})
     assert answer["tasks"] == [
         {"taskId": STOCK, "taskName": "Stock", "matchedBy": ["id"], "result": "already_running"},
         {
@@ -139,9 +140,9 @@ async def test_on_running_start_queues_one_reload_and_qlik_refuses_a_second(
 ) -> None:
     state, make = cloud
     await make(policy={"on_running": "start"})
-    first = await mqtt.request(f"butler/start/id/{STOCK}")
-    queued = await mqtt.request(f"butler/start/id/{STOCK}")
-    refused = await mqtt.request(f"butler/start/id/{STOCK}")
+    first = await mqtt.request(f"{helpers.BASE}/start/id/{STOCK}")
+    queued = await mqtt.request(f"{helpers.BASE}/start/id/{STOCK}")
+    refused = await mqtt.request(f"{helpers.BASE}/start/id/{STOCK}")
     assert [r["tasks"][0]["result"] for r in (first, queued, refused)] == [
         "started",
         "started",
@@ -160,9 +161,11 @@ async def test_a_failing_reload_with_its_reason(
     state, make = cloud
     await make()
     topic = "test/cloud-wait"
-    await mqtt.subscribe(topic, "butler/status/task/+")
+    await mqtt.subscribe(topic, f"{helpers.BASE}/status/task/+")
     await mqtt.publish(
-        f"butler/start/id/{FORECAST}", {"requestId": "f1", "wait": True}, response_topic=topic
+        f"{helpers.BASE}/start/id/{FORECAST}",
+        {"requestId": "f1", "wait": True},
+        response_topic=topic,
     )
     accepted, finished = await mqtt.wait_for(topic, 2)
     reload_id = accepted.json()["tasks"][0]["executionId"]
@@ -181,7 +184,7 @@ async def test_a_failing_reload_with_its_reason(
         "reason": "\n".join(["EDC_ERROR_SCRIPT: Field 'Amount' not found", *log[-30:]]),
     }
     assert (finished.json()["status"], reload["status"]) == ("error", "FAILED")
-    events = [e.json() for e in mqtt.on(f"butler/status/task/{FORECAST}")]
+    events = [e.json() for e in mqtt.on(f"{helpers.BASE}/status/task/{FORECAST}")]
     assert events[-1]["state"] == "FAILED" and events[-1]["stateCode"] == 8
     assert events[-1]["message"] == "Field 'Amount' not found"
 
@@ -199,12 +202,16 @@ async def test_an_oauth_token_that_expires_during_a_run_of_requests(
         answers = []
 
         async def renewed() -> bool:
-            answers.append(await mqtt.request(f"butler/start/id/{SALES_ORDERS}", {"dryRun": True}))
+            answers.append(
+                await mqtt.request(f"{helpers.BASE}/start/id/{SALES_ORDERS}", {"dryRun": True})
+            )
             return state.tokens_issued == 2
 
         await wait_until(renewed, what="the token to be renewed")
         for _ in range(3):
-            answers.append(await mqtt.request(f"butler/start/id/{OPS_ORDERS}", {"dryRun": True}))
+            answers.append(
+                await mqtt.request(f"{helpers.BASE}/start/id/{OPS_ORDERS}", {"dryRun": True})
+            )
         assert {a["status"] for a in answers} == {"ok"}
         assert state.tokens_issued == 2  # refreshed once, before it expired
         assert [e.status for e in state.journal if e.status == 401] == []
@@ -225,7 +232,7 @@ async def test_a_burst_of_120_against_the_rate_limit(
         make,
     ):
         await make(policy={"max_tasks_per_request": 200})
-        answer = await mqtt.request("butler/start/tag/Burst", {"requestId": "burst"})
+        answer = await mqtt.request(f"{helpers.BASE}/start/tag/Burst", {"requestId": "burst"})
         assert [t["result"] for t in answer["tasks"]] == ["started"] * 120
         assert answer["status"] == "ok"
         # In order, none dropped: the tenant saw the reloads in the order of the reply.
@@ -245,7 +252,9 @@ async def test_the_allow_list_works_on_apps_tags_and_spaces(
 ) -> None:
     state, make = cloud
     await make(policy={"allow": {"spaces": ["Sales"], "tags": ["Fragile"]}})
-    answer = await mqtt.request("butler/start", {"names": ["Orders"], "taskIds": [FORECAST]})
+    answer = await mqtt.request(
+        f"{helpers.BASE}/start", {"names": ["Orders"], "taskIds": [FORECAST]}
+    )
     assert results(answer) == [
         (FORECAST, ["id"], "started"),  # by its tag, although found by id
         (SALES_ORDERS, ["name"], "started"),  # by its space
@@ -264,7 +273,7 @@ async def test_the_status_page_shows_a_cloud_site(
     _, make = cloud
     port = free_port()
     await make(http={"enabled": True, "port": port})
-    await mqtt.request(f"butler/start/id/{FORECAST}", {"requestId": "page"})
+    await mqtt.request(f"{helpers.BASE}/start/id/{FORECAST}", {"requestId": "page"})
     async with aiohttp.ClientSession() as session:
 
         async def ended() -> bool:

@@ -20,6 +20,7 @@ import yaml
 from mqtt_starter.cli import main
 from mqtt_starter.simulators.qrs.server import QrsSimulator
 from tests.conftest import free_port, wait_until
+from tests.integration import helpers
 from tests.integration.conftest import Broker, Daemon, daemon_config, tls_settings
 from tests.integration.helpers import ARCHIVE, EXPORT, SALES, STOCK
 
@@ -78,7 +79,7 @@ async def test_check_all_green_beside_a_running_daemon(
     ]
     assert lines[3].startswith(
         f"  ok    broker 127.0.0.1:{broker.port} (MQTT 5, TLS off):"
-        " connected as starter-test-check-"
+        f" connected as {helpers.INSTANCE}-check-"
     )
     assert lines[4:] == [
         f"  ok    QRS {simulator.url} (certificate): answered, build 14.212.3",

@@ -17,6 +17,7 @@ import trustme
 from mqtt_starter.simulators.qrs.server import QrsSimulator
 from mqtt_starter.simulators.qrs.state import SimState
 from tests.conftest import free_port, wait_until
+from tests.integration import helpers
 from tests.integration.conftest import (
     Broker,
     Client,
@@ -76,7 +77,9 @@ async def test_sighup_reloads_policy_and_routes_keeping_the_session(
 ) -> None:
     daemon: Daemon = await make_daemon()
     assert daemon.notify is not None
-    before = await mqtt.request(f"butler/start/id/{FORECAST}", {"requestId": "before-reload"})
+    before = await mqtt.request(
+        f"{helpers.BASE}/start/id/{FORECAST}", {"requestId": "before-reload"}
+    )
     config = dict(daemon.config)
     config["policy"] = {"allow": {"tags": ["Nightly"]}}
     config["routes"] = [{"topic": "line/+/done", "names": ["Reload {1}"]}]
@@ -84,17 +87,19 @@ async def test_sighup_reloads_policy_and_routes_keeping_the_session(
     seen = len(daemon.notify.messages)
     daemon.signal(signal.SIGHUP)
     await daemon.notify.wait_for("STATUS=configuration reloaded", after=seen)
-    answer = await mqtt.request("butler/start/tag/startTask1")
+    answer = await mqtt.request(f"{helpers.BASE}/start/tag/startTask1")
     assert answer == only_nightly_started(sim_state)
-    await mqtt.subscribe("butler/reply/line/#")
+    await mqtt.subscribe(f"{helpers.BASE}/reply/line/#")
     await mqtt.publish("line/Stock/done")
-    [routed] = await mqtt.wait_for("butler/reply/line/Stock/done")
+    [routed] = await mqtt.wait_for(f"{helpers.BASE}/reply/line/Stock/done")
     assert routed.json()["tasks"][0]["taskName"] == "Reload Stock"
     # New subscriptions mean a new connection, under the same client id and session.
     assert daemon.log.count("connected to broker") == 2
-    assert daemon.log.count("as starter-test (MQTT 5)") == 2
+    assert daemon.log.count(f"as {helpers.INSTANCE} (MQTT 5)") == 2
     # The requestId memory outlives the reload: a repeat starts nothing.
-    again = await mqtt.request(f"butler/start/id/{FORECAST}", {"requestId": "before-reload"})
+    again = await mqtt.request(
+        f"{helpers.BASE}/start/id/{FORECAST}", {"requestId": "before-reload"}
+    )
     assert again == {**before, "replayed": True}
     assert sim_state.started.count(FORECAST) == 1
 
@@ -109,7 +114,7 @@ async def test_an_invalid_reload_keeps_the_running_configuration(
     daemon.signal(signal.SIGHUP)
     await daemon.notify.wait_for("STATUS=reload refused: invalid configuration", after=seen)
     assert "reload refused, keeping the running configuration: mqtt.port:" in daemon.log
-    answer = await mqtt.request(f"butler/start/id/{SALES}")
+    answer = await mqtt.request(f"{helpers.BASE}/start/id/{SALES}")
     assert answer["status"] == "ok"
 
 
@@ -123,16 +128,18 @@ async def test_json_logs_carry_no_secret(make_daemon: Any, mqtt: Client, tmp_pat
         http={"token_file": str(secret_file)},
     )
     await daemon.start(env={"MQTT_PW": "env-secret-456"})
-    answer = await mqtt.request(f"butler/start/id/{SALES}", {"requestId": "log-me"})
+    answer = await mqtt.request(f"{helpers.BASE}/start/id/{SALES}", {"requestId": "log-me"})
     assert answer["status"] == "ok"
-    await mqtt.request("butler/start", b"{broken")
+    await mqtt.request(f"{helpers.BASE}/start", b"{broken")
     await daemon.stop()
     records = [json.loads(text) for text in daemon.log.splitlines()]
     assert {"time", "level", "logger", "message"} <= set(records[0])
     messages = [r["message"] for r in records]
     assert any("requestId=log-me -> ok" in m for m in messages)
     assert any(
-        m.startswith("request mqtt butler/start requestId=None -> error bad_payload: invalid JSON")
+        m.startswith(
+            f"request mqtt {helpers.BASE}/start requestId=None -> error bad_payload: invalid JSON"
+        )
         for m in messages
     )
     for secret in ("env-secret-456", "file-secret-123"):
@@ -149,7 +156,7 @@ async def test_broker_tls_with_client_certificate_and_password(
     await daemon.start()
     try:
         async with Client(broker) as client:
-            answer = await client.request(f"butler/start/id/{SALES}")
+            answer = await client.request(f"{helpers.BASE}/start/id/{SALES}")
         assert answer == reply("ok", [line(sim_state, SALES, ["id"], "started")])
     finally:
         await daemon.stop()
@@ -187,7 +194,7 @@ async def test_daemon_pings_the_watchdog_and_reports_status(make_daemon: Any) ->
     ready = next(m for m in daemon.notify.messages if "READY=1" in m)
     assert ready.splitlines() == [
         "READY=1",
-        f"STATUS=serving butler/start on 127.0.0.1:{daemon.config['mqtt']['port']}",
+        f"STATUS=serving {helpers.BASE}/start on 127.0.0.1:{daemon.config['mqtt']['port']}",
     ]
     await daemon.stop()
 
@@ -206,14 +213,14 @@ async def test_qrs_certificate_is_verified_unless_configured_off(
         ),
         what="the daemon to refuse the unverified QRS, and to subscribe",
     )
-    answer = await mqtt.request(f"butler/start/id/{SALES}")
+    answer = await mqtt.request(f"{helpers.BASE}/start/id/{SALES}")
     assert answer["error"]["code"] == "qrs_unavailable"
     assert sim_state.started == []
     await strict.stop()
 
     lax: Daemon = await make_daemon(qrs={"ca_file": str(foreign), "insecure": True})
     assert "qrs.insecure is true: the QRS server certificate is NOT verified" in lax.log
-    assert (await mqtt.request(f"butler/start/id/{SALES}"))["status"] == "ok"
+    assert (await mqtt.request(f"{helpers.BASE}/start/id/{SALES}"))["status"] == "ok"
 
 
 @pytest.mark.parametrize("section", ["mqtt", "qrs"])
@@ -244,13 +251,13 @@ async def test_a_reload_of_qrs_settings_keeps_work_in_flight(
     assert daemon.notify is not None
     waiting, in_flight = "test/reload/wait", "test/reload/in-flight"
     await mqtt.subscribe(waiting, in_flight)
-    await mqtt.publish(f"butler/start/id/{LONG}", {"wait": True}, response_topic=waiting)
+    await mqtt.publish(f"{helpers.BASE}/start/id/{LONG}", {"wait": True}, response_topic=waiting)
     [accepted] = await mqtt.wait_for(waiting)
     assert accepted.json()["tasks"][0]["result"] == "started"
     # QRS holds every call until the reload is done: the request's task lookup is in flight
     # through the whole reload.
     sim_state.faults.open.clear()
-    await mqtt.publish(f"butler/start/id/{SALES}", response_topic=in_flight)
+    await mqtt.publish(f"{helpers.BASE}/start/id/{SALES}", response_topic=in_flight)
     await wait_until(
         lambda: any(e.path == "/qrs/task/full" and e.ended is None for e in sim_state.journal),
         what="the request to be in flight",
@@ -299,7 +306,7 @@ async def test_a_reload_naming_a_corrupt_certificate_is_refused(
         f"reload refused, keeping the running configuration: qrs.cert_file: {garbage} (with"
         in daemon.log
     )
-    answer = await mqtt.request(f"butler/start/id/{SALES}")
+    answer = await mqtt.request(f"{helpers.BASE}/start/id/{SALES}")
     assert answer["status"] == "ok"
 
 
@@ -337,7 +344,7 @@ async def test_a_corrupt_cloud_ca_file_exits_78_and_a_reload_naming_it_is_refuse
             f"reload refused, keeping the running configuration: cloud.ca_file: {garbage}"
             in good.log
         )
-        answer = await mqtt.request("butler/start/name/Sales Dashboard", {"dryRun": True})
+        answer = await mqtt.request(f"{helpers.BASE}/start/name/Sales Dashboard", {"dryRun": True})
         assert [t["result"] for t in answer["tasks"]] == ["dry_run"]
     finally:
         await broken.stop()
@@ -438,7 +445,7 @@ async def test_a_wait_in_flight_survives_a_restart(
     reply_topic = "test/reply/restart"
     await mqtt.subscribe(reply_topic)
     await mqtt.publish(
-        f"butler/start/id/{LONG}",
+        f"{helpers.BASE}/start/id/{LONG}",
         {"requestId": "across", "wait": True},
         response_topic=reply_topic,
         correlation=b"corr-7",
@@ -448,9 +455,12 @@ async def test_a_wait_in_flight_survives_a_restart(
     assert task["result"] == "started"
     execution_id = task["executionId"]
     # The memory is on the broker before the daemon stops.
-    await mqtt.subscribe("butler/following/starter-test/+", "butler/wait/starter-test/+")
-    await mqtt.wait_for("butler/wait/starter-test/+")
-    [run] = await mqtt.wait_for(f"butler/following/starter-test/{execution_id}")
+    await mqtt.subscribe(
+        f"{helpers.BASE}/following/{helpers.INSTANCE}/+",
+        f"{helpers.BASE}/wait/{helpers.INSTANCE}/+",
+    )
+    await mqtt.wait_for(f"{helpers.BASE}/wait/{helpers.INSTANCE}/+")
+    [run] = await mqtt.wait_for(f"{helpers.BASE}/following/{helpers.INSTANCE}/{execution_id}")
     assert run.json() == {
         "key": run.json()["key"],
         "taskId": LONG,
@@ -460,7 +470,9 @@ async def test_a_wait_in_flight_survives_a_restart(
     old.signal(signal.SIGTERM)
     assert await old.wait() == 0
     if memory == "deleted":
-        await mqtt.publish(f"butler/following/starter-test/{execution_id}", b"", retain=True)
+        await mqtt.publish(
+            f"{helpers.BASE}/following/{helpers.INSTANCE}/{execution_id}", b"", retain=True
+        )
     new: Daemon = await make_daemon()
     await wait_until(lambda: "resuming the wait of requestId=across" in new.log, what="resume")
     sim_state.stop(sim_state.tasks[LONG])  # the run ends (Aborted) under the new daemon
@@ -481,8 +493,11 @@ async def test_a_wait_in_flight_survives_a_restart(
             "the daemon restarted, and no memory of this run was left to follow it by"
         )
     # Once answered, the memory is cleared.
-    await mqtt.wait_for("butler/wait/starter-test/+", until=lambda r: r.payload == b"")
+    await mqtt.wait_for(
+        f"{helpers.BASE}/wait/{helpers.INSTANCE}/+", until=lambda r: r.payload == b""
+    )
     if memory == "kept":
         await mqtt.wait_for(
-            f"butler/following/starter-test/{execution_id}", until=lambda r: r.payload == b""
+            f"{helpers.BASE}/following/{helpers.INSTANCE}/{execution_id}",
+            until=lambda r: r.payload == b"",
         )

@@ -7,12 +7,20 @@ import json
 import subprocess
 from pathlib import Path
 
+import pytest
+
 from mqtt_starter.simulators.qrs.server import QrsSimulator
 from mqtt_starter.simulators.qrs.state import SimState
 from tests.integration.conftest import Broker, Client, Daemon, daemon_config
 from tests.integration.helpers import SALES, STOCK
 
 EXAMPLES = Path(__file__).parents[2] / "examples"
+
+
+@pytest.fixture
+def broker(private_broker: Broker) -> Broker:
+    """The examples speak the default base topic `butler`: a broker of their own."""
+    return private_broker
 
 
 async def test_rr_script_runs_against_the_daemon(

@@ -14,6 +14,7 @@ import trustme
 from mqtt_starter.simulators.qrs.server import QrsSimulator
 from mqtt_starter.simulators.qrs.state import SimState
 from tests.conftest import free_port, wait_until
+from tests.integration import helpers
 from tests.integration.conftest import Broker, Client, LocalDaemon, daemon_config
 from tests.integration.helpers import ARCHIVE, DECOY, EXPORT, SALES, STOCK, executions
 
@@ -228,12 +229,14 @@ async def test_butler_bad_requests(
 async def test_an_http_start_is_the_same_request_as_mqtt(
     http: Http, mqtt: Client, sim_state: SimState
 ) -> None:
-    await mqtt.subscribe(f"butler/status/task/{SALES}")
+    await mqtt.subscribe(f"{helpers.BASE}/status/task/{SALES}")
     assert (await http("POST", f"/v4/reloadtask/{SALES}/start"))[0] == 200
     [execution_id] = executions(sim_state, SALES)
     # The run it started is followed, and its status events published, as for MQTT.
     events = await mqtt.wait_for(
-        f"butler/status/task/{SALES}", 1, until=lambda m: m.json()["state"] == "FinishedSuccess"
+        f"{helpers.BASE}/status/task/{SALES}",
+        1,
+        until=lambda m: m.json()["state"] == "FinishedSuccess",
     )
     assert {e.json()["executionId"] for e in events} == {execution_id}
     assert events[-1].json()["startedBy"] == "mqtt-starter"
@@ -261,8 +264,8 @@ async def test_http_bodies_obey_policy_max_payload_bytes(http: Http, sim_state: 
 
 async def test_metrics(http: Http, mqtt: Client, sim_state: SimState) -> None:
     await http("PUT", f"/v4/reloadtask/{SALES}/start")
-    await mqtt.request(f"butler/start/id/{STOCK}")
-    await mqtt.request("butler/start", b"{bad")
+    await mqtt.request(f"{helpers.BASE}/start/id/{STOCK}")
+    await mqtt.request(f"{helpers.BASE}/start", b"{bad")
     status, text = await http("GET", "/metrics")
     assert status == 200
     lines = set(text.splitlines())
@@ -286,7 +289,9 @@ async def test_metrics(http: Http, mqtt: Client, sim_state: SimState) -> None:
 
 async def test_token_is_required_when_set(make_daemon: Any) -> None:
     port = free_port()
-    daemon: LocalDaemon = await make_daemon(http={"enabled": True, "port": port, "token": "t-1"})
+    daemon: LocalDaemon = await make_daemon(
+        http={"enabled": True, "port": port, "token": "tok-Q7vX"}
+    )
     async with aiohttp.ClientSession() as session:
         http = Http(session, port)
         assert await http("GET", "/healthz") == (
@@ -294,8 +299,8 @@ async def test_token_is_required_when_set(make_daemon: Any) -> None:
             {"code": "unauthorized", "message": "a valid bearer token is required"},
         )
         assert (await http("GET", "/metrics", token="wrong"))[0] == 401
-        assert await http("GET", "/healthz", token="t-1") == (200, {"status": "alive"})
-    assert "t-1" not in daemon.log
+        assert await http("GET", "/healthz", token="tok-Q7vX") == (200, {"status": "alive"})
+    assert "tok-Q7vX" not in daemon.log
 
 
 async def test_open_pages_do_not_hold_up_a_stop(make_daemon: Any) -> None:

@@ -20,6 +20,7 @@ from mqtt_starter.simulators.qrs.state import SimState
 from mqtt_starter.sites import base as backend
 from mqtt_starter.sites.qrs import QrsClient
 from tests.conftest import LoggedExceptions, free_port, wait_until
+from tests.integration import helpers
 from tests.integration.conftest import Broker, Client, LocalDaemon, daemon_config, daemons
 
 OK = "0a000000-0000-4000-8000-000000000001"
@@ -78,16 +79,22 @@ async def monitoring(
 ) -> LocalDaemon:
     """A daemon that watches every run, once it says so on its info topic; `sections`: more
     of its configuration."""
-    await mqtt.subscribe("butler/info/+")
+    await mqtt.subscribe(f"{helpers.BASE}/info/+")
     daemon: LocalDaemon = await make_daemon(
         monitor={**MONITOR, **monitor}, chains=chains or [], **(sections or {})
     )
-    await mqtt.wait_for("butler/info/starter-test", until=lambda r: r.json()["monitoring"])
+    await mqtt.wait_for(
+        f"{helpers.BASE}/info/{helpers.INSTANCE}", until=lambda r: r.json()["monitoring"]
+    )
     return daemon
 
 
 async def watch(mqtt: Client) -> None:
-    await mqtt.subscribe("butler/status/task/+", "butler/state/task/+", "butler/event/task/+")
+    await mqtt.subscribe(
+        f"{helpers.BASE}/status/task/+",
+        f"{helpers.BASE}/state/task/+",
+        f"{helpers.BASE}/event/task/+",
+    )
 
 
 async def fire_and_end(state: SimState, task_id: str) -> str:
@@ -104,7 +111,7 @@ def final(state: SimState, execution_id: str) -> dict[str, Any]:
 def states_of(mqtt: Client, execution_id: str) -> list[str]:
     return [
         r.json()["state"]
-        for r in mqtt.on("butler/status/task/+")
+        for r in mqtt.on(f"{helpers.BASE}/status/task/+")
         if r.json()["executionId"] == execution_id
     ]
 
@@ -134,23 +141,25 @@ async def test_scheduled_runs_are_published_with_state_and_failure_reason(
     await monitoring(make_daemon, mqtt)
     ok = await fire_and_end(sim_state, OK)
     failed = await fire_and_end(sim_state, FAIL)
-    await mqtt.wait_for("butler/event/task/failed")
+    await mqtt.wait_for(f"{helpers.BASE}/event/task/failed")
     await mqtt.wait_for(
-        f"butler/state/task/{FAIL}", until=lambda r: r.json()["executionId"] == failed
+        f"{helpers.BASE}/state/task/{FAIL}", until=lambda r: r.json()["executionId"] == failed
     )
-    await mqtt.wait_for(f"butler/state/task/{OK}", until=lambda r: r.json()["state"] != "Started")
+    await mqtt.wait_for(
+        f"{helpers.BASE}/state/task/{OK}", until=lambda r: r.json()["state"] != "Started"
+    )
 
     # Status events: each state seen once, ending in the final one, from "other".
     for execution_id, last in ((ok, "FinishedSuccess"), (failed, "FinishedFail")):
         seen = states_of(mqtt, execution_id)
         assert seen[-1] == last and len(seen) == len(set(seen)), seen
-    for event in mqtt.on("butler/status/task/+"):
+    for event in mqtt.on(f"{helpers.BASE}/status/task/+"):
         assert (event.json()["startedBy"], event.json()["requestId"]) == ("other", None)
 
     # The failure event, with the tail of the script log as the reason.
     result = final(sim_state, failed)
-    [event] = mqtt.on("butler/event/task/+")
-    assert event.topic == "butler/event/task/failed"
+    [event] = mqtt.on(f"{helpers.BASE}/event/task/+")
+    assert event.topic == f"{helpers.BASE}/event/task/failed"
     assert event.json() == {
         "taskId": FAIL,
         "taskName": "Nightly Forecast",
@@ -182,11 +191,11 @@ async def test_scheduled_runs_are_published_with_state_and_failure_reason(
 
     # A subscriber that comes later sees each task's last run at once.
     async with Client(broker) as late:
-        await late.subscribe("butler/state/task/+")
-        got = await late.wait_for("butler/state/task/+", count=2)
+        await late.subscribe(f"{helpers.BASE}/state/task/+")
+        got = await late.wait_for(f"{helpers.BASE}/state/task/+", count=2)
         assert {r.topic: r.json() for r in got} == {
-            f"butler/state/task/{OK}": expected_state(sim_state, ok),
-            f"butler/state/task/{FAIL}": expected_state(sim_state, failed),
+            f"{helpers.BASE}/state/task/{OK}": expected_state(sim_state, ok),
+            f"{helpers.BASE}/state/task/{FAIL}": expected_state(sim_state, failed),
         }
         assert all(r.retain for r in got)
 
@@ -197,7 +206,7 @@ async def test_an_external_program_fails_with_its_error_details(
     await watch(mqtt)
     await monitoring(make_daemon, mqtt)
     failed = await fire_and_end(sim_state, EXTERNAL)
-    [event] = await mqtt.wait_for("butler/event/task/failed")
+    [event] = await mqtt.wait_for(f"{helpers.BASE}/event/task/failed")
     assert (event.json()["executionId"], event.json()["taskType"], event.json()["reason"]) == (
         failed,
         "ExternalProgram",
@@ -216,9 +225,11 @@ async def test_scope_limits_what_is_published_and_what_is_read(
     inside = await fire_and_end(sim_state, OK)
     # Changes are taken in order: once the later run is published, the earlier was judged.
     await mqtt.wait_for(
-        f"butler/state/task/{OK}", until=lambda r: r.json()["state"] == "FinishedSuccess"
+        f"{helpers.BASE}/state/task/{OK}", until=lambda r: r.json()["state"] == "FinishedSuccess"
     )
-    assert {r.json()["taskId"] for r in mqtt.received if r.topic.startswith("butler/s")} == {OK}
+    assert {
+        r.json()["taskId"] for r in mqtt.received if r.topic.startswith(f"{helpers.BASE}/s")
+    } == {OK}
     assert states_of(mqtt, inside)[-1] == "FinishedSuccess"
     # Tasks are only ever read by id, for the runs that changed.
     reads = [e.query.get("filter", "") for e in sim_state.journal if e.path == "/qrs/task/full"]
@@ -233,7 +244,7 @@ async def test_scope_by_id_reads_no_task_outside_it(
     await fire_and_end(sim_state, OUTSIDE)
     await fire_and_end(sim_state, OK)
     await mqtt.wait_for(
-        f"butler/state/task/{OK}", until=lambda r: r.json()["state"] == "FinishedSuccess"
+        f"{helpers.BASE}/state/task/{OK}", until=lambda r: r.json()["state"] == "FinishedSuccess"
     )
     reads = [e.query.get("filter", "") for e in sim_state.journal if e.path == "/qrs/task/full"]
     assert reads and all(r == f"id eq {OK}" for r in reads), reads
@@ -246,13 +257,15 @@ async def test_a_deleted_task_has_its_state_cleared(
     await monitoring(make_daemon, mqtt, deleted_check_s=0.2)
     await fire_and_end(sim_state, GONE)
     await fire_and_end(sim_state, OK)
-    await mqtt.wait_for(f"butler/state/task/{GONE}", until=lambda r: r.json()["state"] != "Started")
+    await mqtt.wait_for(
+        f"{helpers.BASE}/state/task/{GONE}", until=lambda r: r.json()["state"] != "Started"
+    )
     sim_state.delete(sim_state.tasks[GONE])
-    await mqtt.wait_for(f"butler/state/task/{GONE}", until=lambda r: r.payload == b"")
+    await mqtt.wait_for(f"{helpers.BASE}/state/task/{GONE}", until=lambda r: r.payload == b"")
     async with Client(broker) as late:
-        await late.subscribe("butler/state/task/+")
-        [kept] = await late.wait_for("butler/state/task/+")
-        assert kept.topic == f"butler/state/task/{OK}"
+        await late.subscribe(f"{helpers.BASE}/state/task/+")
+        [kept] = await late.wait_for(f"{helpers.BASE}/state/task/+")
+        assert kept.topic == f"{helpers.BASE}/state/task/{OK}"
 
 
 async def test_a_run_the_daemon_started_is_published_once(
@@ -260,19 +273,21 @@ async def test_a_run_the_daemon_started_is_published_once(
 ) -> None:
     await watch(mqtt)
     await monitoring(make_daemon, mqtt)
-    reply = await mqtt.request(f"butler/start/id/{FAIL}", {"requestId": "r-1", "wait": True})
+    reply = await mqtt.request(
+        f"{helpers.BASE}/start/id/{FAIL}", {"requestId": "r-1", "wait": True}
+    )
     assert reply["stage"] == "accepted"
     execution_id = reply["tasks"][0]["executionId"]
-    [event] = await mqtt.wait_for("butler/event/task/failed")
+    [event] = await mqtt.wait_for(f"{helpers.BASE}/event/task/failed")
     await mqtt.wait_for(
-        f"butler/state/task/{FAIL}", until=lambda r: r.json()["state"] == "FinishedFail"
+        f"{helpers.BASE}/state/task/{FAIL}", until=lambda r: r.json()["state"] == "FinishedFail"
     )
     seen = states_of(mqtt, execution_id)
     assert seen[-1] == "FinishedFail" and len(seen) == len(set(seen)), seen
-    for status in mqtt.on("butler/status/task/+"):
+    for status in mqtt.on(f"{helpers.BASE}/status/task/+"):
         assert (status.json()["startedBy"], status.json()["requestId"]) == ("mqtt-starter", "r-1")
     assert (event.json()["startedBy"], event.json()["requestId"]) == ("mqtt-starter", "r-1")
-    [state] = mqtt.on(f"butler/state/task/{FAIL}")[-1:]
+    [state] = mqtt.on(f"{helpers.BASE}/state/task/{FAIL}")[-1:]
     assert state.json() == expected_state(sim_state, execution_id, "mqtt-starter")
     # The follower rode on the monitor's query: no query of its own.
     filters = [
@@ -310,20 +325,20 @@ async def test_info_and_health(make_daemon: Any, mqtt: Client, broker: Broker) -
     await monitoring(make_daemon, mqtt)
     # The info says how QRS reads filter dates once the monitor has asked (its first poll).
     await mqtt.wait_for(
-        "butler/info/starter-test",
+        f"{helpers.BASE}/info/{helpers.INSTANCE}",
         until=lambda r: r.json()["qrs"]["dateFilter"] != "not measured yet",
     )
     async with Client(broker) as late:  # the info is retained: a late subscriber gets it
-        await late.subscribe("butler/info/+")
-        [info] = await late.wait_for("butler/info/starter-test")
+        await late.subscribe(f"{helpers.BASE}/info/+")
+        [info] = await late.wait_for(f"{helpers.BASE}/info/{helpers.INSTANCE}")
     assert info.retain
     data = info.json()
     started_at = data.pop("startedAt")
     assert started_at.endswith("Z")
     assert data == {
-        "instance": "starter-test",
+        "instance": helpers.INSTANCE,
         "version": "0.1.0",
-        "baseTopic": "butler",
+        "baseTopic": helpers.BASE,
         "backend": "qrs",
         "qrs": {
             "url": data["qrs"]["url"],
@@ -333,34 +348,38 @@ async def test_info_and_health(make_daemon: Any, mqtt: Client, broker: Broker) -
         "monitor": True,
         "monitoring": True,
     }
-    health = await mqtt.request("butler/request/health", {"requestId": "h-1"})
+    health = await mqtt.request(f"{helpers.BASE}/request/health", {"requestId": "h-1"})
     latency = health.pop("qrs")
     assert health == {"status": "ok", "healthy": True, "broker": True,
-                      "instance": "starter-test", "requestId": "h-1"}  # fmt: skip
+                      "instance": helpers.INSTANCE, "requestId": "h-1"}  # fmt: skip
     assert latency["reachable"] is True and latency["latencyMs"] >= 0
     # Without a response topic the answer goes to <base>/reply/request/health.
-    await mqtt.subscribe("butler/reply/request/health")
-    await mqtt.publish("butler/request/health")
-    [default] = await mqtt.wait_for("butler/reply/request/health")
+    await mqtt.subscribe(f"{helpers.BASE}/reply/request/health")
+    await mqtt.publish(f"{helpers.BASE}/request/health")
+    [default] = await mqtt.wait_for(f"{helpers.BASE}/reply/request/health")
     assert default.json()["requestId"] is None
-    bad = await mqtt.request("butler/request/health", b"{nope")
+    bad = await mqtt.request(f"{helpers.BASE}/request/health", b"{nope")
     assert bad["error"]["code"] == "bad_payload"
 
 
 async def test_without_the_monitor_nothing_is_watched(
     make_daemon: Any, mqtt: Client, sim_state: SimState
 ) -> None:
-    await mqtt.subscribe("butler/info/+")
+    await mqtt.subscribe(f"{helpers.BASE}/info/+")
     await watch(mqtt)
     await make_daemon()
-    [info] = await mqtt.wait_for("butler/info/starter-test")
+    [info] = await mqtt.wait_for(f"{helpers.BASE}/info/{helpers.INSTANCE}")
     assert (info.json()["monitor"], info.json()["monitoring"]) == (False, False)
     await fire_and_end(sim_state, OK)
     # Nothing asked QRS what changed (a monitor asks at once when it starts watching), and
     # nothing was published for the run.
-    await mqtt.request("butler/request/health")
+    await mqtt.request(f"{helpers.BASE}/request/health")
     assert not [e for e in sim_state.journal if "modifiedDate" in e.query.get("filter", "")]
-    assert not [r for r in mqtt.received if r.topic.startswith(("butler/status", "butler/state"))]
+    assert not [
+        r
+        for r in mqtt.received
+        if r.topic.startswith((f"{helpers.BASE}/status", f"{helpers.BASE}/state"))
+    ]
 
 
 # -- one bad run never stops the rest (DESIGN.md section 3) -------------------------------------
@@ -397,18 +416,20 @@ async def test_a_log_that_cannot_be_read_stops_nothing(
     reply_topic = "test/reply/wait"
     await mqtt.subscribe(reply_topic)
     await mqtt.publish(
-        f"butler/start/id/{OUTSIDE}",
+        f"{helpers.BASE}/start/id/{OUTSIDE}",
         {"requestId": "w-1", "wait": True},
         response_topic=reply_topic,
     )
     [_, finished] = await mqtt.wait_for(reply_topic, count=2)
     assert (finished.json()["stage"], finished.json()["status"]) == ("finished", "ok")
-    [event] = await mqtt.wait_for("butler/event/task/failed")
+    [event] = await mqtt.wait_for(f"{helpers.BASE}/event/task/failed")
     assert event.json()["executionId"] == failed
     assert event.json()["reason"] == ERROR  # the run's error details, for want of its log
-    await mqtt.wait_for(f"butler/state/task/{OK}", until=lambda r: r.json()["executionId"] == later)
     await mqtt.wait_for(
-        f"butler/state/task/{FAIL}", until=lambda r: r.json()["executionId"] == failed
+        f"{helpers.BASE}/state/task/{OK}", until=lambda r: r.json()["executionId"] == later
+    )
+    await mqtt.wait_for(
+        f"{helpers.BASE}/state/task/{FAIL}", until=lambda r: r.json()["executionId"] == failed
     )
     assert states_of(mqtt, later)[-1] == "FinishedSuccess"
     if failure == "unseen-exception":
@@ -429,18 +450,22 @@ async def test_the_monitor_goes_on_while_a_log_is_awaited(
     await monitoring(make_daemon, mqtt)
     failed = await fire_and_end(sim_state, FAIL)
     await mqtt.wait_for(
-        f"butler/status/task/{FAIL}", until=lambda r: r.json()["state"] == "FinishedFail"
+        f"{helpers.BASE}/status/task/{FAIL}", until=lambda r: r.json()["state"] == "FinishedFail"
     )
     later = await fire_and_end(sim_state, OK)
-    await mqtt.wait_for(f"butler/state/task/{OK}", until=lambda r: r.json()["executionId"] == later)
-    answer = await mqtt.request(f"butler/start/id/{OUTSIDE}", {"wait": True, "requestId": "w-2"})
+    await mqtt.wait_for(
+        f"{helpers.BASE}/state/task/{OK}", until=lambda r: r.json()["executionId"] == later
+    )
+    answer = await mqtt.request(
+        f"{helpers.BASE}/start/id/{OUTSIDE}", {"wait": True, "requestId": "w-2"}
+    )
     assert answer["stage"] == "accepted"
     await mqtt.wait_for("test/reply/+", until=lambda r: r.json().get("stage") == "finished")
-    assert mqtt.on("butler/event/task/+") == []  # still waiting for the log of `failed`
+    assert mqtt.on(f"{helpers.BASE}/event/task/+") == []  # still waiting for the log of `failed`
     # Its final state waits too (an earlier state of the run may have been seen and kept).
     assert not [
         r
-        for r in mqtt.on(f"butler/state/task/{FAIL}")
+        for r in mqtt.on(f"{helpers.BASE}/state/task/{FAIL}")
         if (r.json()["executionId"], r.json()["state"]) == (failed, "FinishedFail")
     ]
 
@@ -455,14 +480,14 @@ async def test_runs_are_published_when_qrs_reads_dates_as_local_time(
     await watch(mqtt)
     await monitoring(make_daemon, mqtt)
     info = await mqtt.wait_for(
-        "butler/info/starter-test",
+        f"{helpers.BASE}/info/{helpers.INSTANCE}",
         until=lambda r: "local time" in r.json()["qrs"]["dateFilter"],
     )
     assert info[-1].json()["qrs"]["dateFilter"] == (
         f"QRS reads filter dates as its local time (UTC{offset_h:+d} h): corrected for"
     )
     failed = await fire_and_end(sim_state, FAIL)
-    [event] = await mqtt.wait_for("butler/event/task/failed")
+    [event] = await mqtt.wait_for(f"{helpers.BASE}/event/task/failed")
     assert event.json()["executionId"] == failed
 
 
@@ -475,7 +500,9 @@ async def test_a_wait_for_a_task_deleted_while_it_runs_ends_unknown(
     reply_topic = "test/reply/deleted"
     await mqtt.subscribe(reply_topic)
     await mqtt.publish(
-        f"butler/start/id/{SLOW}", {"requestId": "d-1", "wait": True}, response_topic=reply_topic
+        f"{helpers.BASE}/start/id/{SLOW}",
+        {"requestId": "d-1", "wait": True},
+        response_topic=reply_topic,
     )
     [accepted] = await mqtt.wait_for(reply_topic)
     assert accepted.json()["tasks"][0]["result"] == "started"
@@ -491,15 +518,17 @@ async def test_per_task_series_on_metrics_and_a_deleted_tasks_go_away(
 ) -> None:
     port = free_port()
     await watch(mqtt)
-    await mqtt.subscribe("butler/info/+")
+    await mqtt.subscribe(f"{helpers.BASE}/info/+")
     await make_daemon(
         monitor={**MONITOR, "deleted_check_s": 0.2}, http={"enabled": True, "port": port}
     )
-    await mqtt.wait_for("butler/info/starter-test", until=lambda r: r.json()["monitoring"])
+    await mqtt.wait_for(
+        f"{helpers.BASE}/info/{helpers.INSTANCE}", until=lambda r: r.json()["monitoring"]
+    )
     runs = {task_id: await fire_and_end(sim_state, task_id) for task_id in (OK, FAIL, GONE)}
     for task_id, execution_id in runs.items():
         await mqtt.wait_for(
-            f"butler/state/task/{task_id}",
+            f"{helpers.BASE}/state/task/{task_id}",
             until=lambda r, e=execution_id: (
                 r.json()["executionId"] == e  # type: ignore[misc]
                 and r.json()["stateCode"] in (7, 8)
@@ -518,7 +547,7 @@ async def test_per_task_series_on_metrics_and_a_deleted_tasks_go_away(
     assert ("mqtt_starter_task_last_success_timestamp_seconds", FAIL) not in samples
     # A task that is deleted: its state is cleared, and its series go away.
     sim_state.delete(sim_state.tasks[GONE])
-    await mqtt.wait_for(f"butler/state/task/{GONE}", until=lambda r: r.payload == b"")
+    await mqtt.wait_for(f"{helpers.BASE}/state/task/{GONE}", until=lambda r: r.payload == b"")
 
     async def gone() -> bool:
         return not any(GONE in key for key in await metric_samples(port))
@@ -556,16 +585,16 @@ async def test_a_chain_fires_once_for_each_upstream_end_whoever_started_it(
         "on": "success",
         "start": {"names": ["Ad hoc"]},
     }
-    await mqtt.subscribe("butler/reply/chain/#")
+    await mqtt.subscribe(f"{helpers.BASE}/reply/chain/#")
     await monitoring(make_daemon, mqtt, chains=[chain])
     scheduled = await fire_and_end(sim_state, OK)  # a schedule's run: nobody asked through MQTT
-    [first] = await mqtt.wait_for("butler/reply/chain/adhoc-after-sales")
+    [first] = await mqtt.wait_for(f"{helpers.BASE}/reply/chain/adhoc-after-sales")
     assert first.json()["requestId"] == f"chain:adhoc-after-sales:{scheduled}"
     assert [(t["taskId"], t["result"]) for t in first.json()["tasks"]] == [(OUTSIDE, "started")]
     # A run a request started fires it too, once.
-    answer = await mqtt.request(f"butler/start/id/{OK}", {"requestId": "r-1"})
+    answer = await mqtt.request(f"{helpers.BASE}/start/id/{OK}", {"requestId": "r-1"})
     requested = answer["tasks"][0]["executionId"]
-    replies = await mqtt.wait_for("butler/reply/chain/adhoc-after-sales", 2)
+    replies = await mqtt.wait_for(f"{helpers.BASE}/reply/chain/adhoc-after-sales", 2)
     assert [r.json()["requestId"] for r in replies] == [
         f"chain:adhoc-after-sales:{scheduled}",
         f"chain:adhoc-after-sales:{requested}",
@@ -581,12 +610,12 @@ async def test_a_loop_of_two_chains_stops_at_run_time(
                 "start": {"task_ids": [start]}}  # fmt: skip
 
     chains = [chain("x", OK, OUTSIDE), chain("y", OUTSIDE, OK)]
-    await mqtt.subscribe("butler/reply/chain/#")
+    await mqtt.subscribe(f"{helpers.BASE}/reply/chain/#")
     await monitoring(make_daemon, mqtt, chains=chains)
     await fire_and_end(sim_state, OK)
-    [x] = await mqtt.wait_for("butler/reply/chain/x")
+    [x] = await mqtt.wait_for(f"{helpers.BASE}/reply/chain/x")
     assert [t["result"] for t in x.json()["tasks"]] == ["started"]
-    [y] = await mqtt.wait_for("butler/reply/chain/y")
+    [y] = await mqtt.wait_for(f"{helpers.BASE}/reply/chain/y")
     assert (y.json()["status"], y.json()["tasks"], y.json()["unmatched"]) == (
         "error",
         [],

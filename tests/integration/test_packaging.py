@@ -27,6 +27,7 @@ from mqtt_starter.config import load_settings
 from mqtt_starter.simulators.qrs.server import QrsSimulator
 from mqtt_starter.simulators.qrs.state import SimState
 from tests.conftest import free_port, wait_until
+from tests.integration import helpers
 from tests.integration.conftest import Broker, Client, daemon_config
 from tests.integration.helpers import SALES
 
@@ -216,17 +217,20 @@ async def test_the_image_becomes_healthy_starts_a_task_and_stops_gracefully(
             raise AssertionError(f"{exc}; its log:\n{container.logs()}") from None
         assert container.inspect()["Running"]
         async with Client(broker) as client:
-            answer = await client.request(f"butler/start/id/{SALES}", {"requestId": "in-podman"})
+            answer = await client.request(
+                f"{helpers.BASE}/start/id/{SALES}", {"requestId": "in-podman"}
+            )
             assert answer["status"] == "ok"
             assert [t["result"] for t in answer["tasks"]] == ["started"]
             assert sim_state.started == [SALES]
-            await client.subscribe("butler/availability/starter-container")
-            [online] = await client.wait_for("butler/availability/starter-container")
+            await client.subscribe(f"{helpers.BASE}/availability/starter-container")
+            [online] = await client.wait_for(f"{helpers.BASE}/availability/starter-container")
             assert online.payload == b"online"
             await asyncio.to_thread(podman, "stop", "-t", "30", container.name)
             await wait_until(
                 lambda: (
-                    [m.payload for m in client.on("butler/availability/#")][-1:] == [b"offline"]
+                    [m.payload for m in client.on(f"{helpers.BASE}/availability/#")][-1:]
+                    == [b"offline"]
                 ),
                 what="offline",
             )

@@ -20,6 +20,7 @@ from mqtt_starter.commands.health import Health, check_health
 from mqtt_starter.config import settings_from_mapping
 from mqtt_starter.simulators.qrs.state import SimState
 from tests.conftest import free_port, wait_until
+from tests.integration import helpers
 from tests.integration.conftest import Broker, Client, Daemon, LocalDaemon
 from tests.integration.helpers import only_nightly_started
 
@@ -41,8 +42,8 @@ async def test_a_stop_without_signal_handlers_says_offline_and_exits_0(
     assert "stop signals caught without the event loop" in daemon.log
     assert daemon.log.rstrip().endswith("stopped")
     async with Client(broker) as client:
-        await client.subscribe("butler/availability/starter-test")
-        [offline] = await client.wait_for("butler/availability/starter-test")
+        await client.subscribe(f"{helpers.BASE}/availability/{helpers.INSTANCE}")
+        [offline] = await client.wait_for(f"{helpers.BASE}/availability/{helpers.INSTANCE}")
     assert (offline.payload, offline.retain) == (b"offline", True)
 
 
@@ -52,27 +53,27 @@ async def test_watch_config_applies_a_change_refuses_an_invalid_one_then_applies
     daemon = await windows_like(make_daemon, watch_config=True)
     assert daemon.notify is not None
     dry = {"dryRun": True}
-    both = await mqtt.request("butler/start/tag/startTask1", dry)
+    both = await mqtt.request(f"{helpers.BASE}/start/tag/startTask1", dry)
     assert [t["result"] for t in both["tasks"]] == ["dry_run", "dry_run"]
 
     allow_nightly = {**daemon.config, "policy": {"allow": {"tags": ["Nightly"]}}}
     seen = len(daemon.notify.messages)
     daemon.write_config(allow_nightly)
     await daemon.notify.wait_for("STATUS=configuration reloaded", after=seen)
-    answer = await mqtt.request("butler/start/tag/startTask1")
+    answer = await mqtt.request(f"{helpers.BASE}/start/tag/startTask1")
     assert answer == only_nightly_started(sim_state)
 
     seen = len(daemon.notify.messages)
     daemon.config_path.write_text(daemon.config_path.read_text() + "mqtt: {port: nope}\n")
     await daemon.notify.wait_for("STATUS=reload refused: invalid configuration", after=seen)
     assert "reload refused, keeping the running configuration: mqtt.port:" in daemon.log
-    still = await mqtt.request("butler/start/tag/startTask1", dry)
+    still = await mqtt.request(f"{helpers.BASE}/start/tag/startTask1", dry)
     assert [t["result"] for t in still["tasks"]] == ["dry_run", "denied"]
 
     seen = len(daemon.notify.messages)
     daemon.write_config({**daemon.config, "policy": {}})
     await daemon.notify.wait_for("STATUS=configuration reloaded", after=seen)
-    again = await mqtt.request("butler/start/tag/startTask1", dry)
+    again = await mqtt.request(f"{helpers.BASE}/start/tag/startTask1", dry)
     assert [t["result"] for t in again["tasks"]] == ["dry_run", "dry_run"]
     assert daemon.log.count("watch_config:") == 3
     assert "SIGHUP" not in daemon.log
@@ -162,5 +163,5 @@ async def test_the_daemon_runs_on_uvloop_unless_told_otherwise(
         daemon.unset_env = ["MQTT_STARTER_LOOP"]
     await daemon.start(env=env)
     assert f"starting on {runs_on}" in daemon.log
-    answer = await mqtt.request("butler/start/tag/startTask1", {"dryRun": True})
+    answer = await mqtt.request(f"{helpers.BASE}/start/tag/startTask1", {"dryRun": True})
     assert [t["result"] for t in answer["tasks"]] == ["dry_run", "dry_run"]

@@ -17,6 +17,7 @@ from mqtt_starter.simulators.cloud.fixtures import Outcome as AppOutcome
 from mqtt_starter.simulators.cloud.server import CloudSimulator
 from mqtt_starter.simulators.qrs.fixtures import Fixture, Outcome, TaskFixture
 from mqtt_starter.simulators.qrs.server import QrsSimulator
+from tests.integration import helpers
 from tests.integration.conftest import (
     Broker,
     Client,
@@ -89,7 +90,7 @@ async def open_site(kind: str, certs: CertPaths) -> AsyncIterator[Site]:
                 lambda: list(state.started),
                 "FinishedSuccess",
                 "FinishedFail",
-                ("butler/start/space/Sales", "space:Sales"),
+                (f"{helpers.BASE}/start/space/Sales", "space:Sales"),
             )
         finally:
             await qrs.stop()
@@ -112,7 +113,7 @@ async def open_site(kind: str, certs: CertPaths) -> AsyncIterator[Site]:
             lambda: list(tenant.started),
             "SUCCEEDED",
             "FAILED",
-            ("butler/start/cp/group/a", "cp:group=a"),
+            (f"{helpers.BASE}/start/cp/group/a", "cp:group=a"),
         )
     finally:
         await cloud.stop()
@@ -145,7 +146,7 @@ def execution_of(answer: dict[str, Any], task_id: str) -> str:
 
 async def test_start_by_id(start_daemon: Any, mqtt: Client, site: Site) -> None:
     await start_daemon()
-    answer = await mqtt.request(f"butler/start/id/{OK}", {"requestId": "r1"})
+    answer = await mqtt.request(f"{helpers.BASE}/start/id/{OK}", {"requestId": "r1"})
     assert answer == reply(
         "ok", [line(OK, ["id"], "started", executionId=execution_of(answer, OK))], request_id="r1"
     )
@@ -156,7 +157,7 @@ async def test_start_by_tag_starts_each_tagged_once(
     start_daemon: Any, mqtt: Client, site: Site
 ) -> None:
     await start_daemon()
-    answer = await mqtt.request("butler/start/tag/Nightly", {"names": ["Orders"]})
+    answer = await mqtt.request(f"{helpers.BASE}/start/tag/Nightly", {"names": ["Orders"]})
     assert answer == reply(
         "ok",
         [
@@ -172,7 +173,7 @@ async def test_wait_gets_the_finished_reply(start_daemon: Any, mqtt: Client, sit
     topic = "test/wait"
     await mqtt.subscribe(topic)
     await mqtt.publish(
-        "butler/start", {"requestId": "w1", "taskIds": [OK, FAILS], "wait": True},
+        f"{helpers.BASE}/start", {"requestId": "w1", "taskIds": [OK, FAILS], "wait": True},
         response_topic=topic,
     )  # fmt: skip
     accepted, finished = await mqtt.wait_for(topic, 2)
@@ -188,11 +189,13 @@ async def test_wait_gets_the_finished_reply(start_daemon: Any, mqtt: Client, sit
 
 async def test_status_events_name_the_request(start_daemon: Any, mqtt: Client, site: Site) -> None:
     await start_daemon()
-    await mqtt.subscribe("butler/status/task/+")
-    answer = await mqtt.request(f"butler/start/id/{OK}", {"requestId": "s1"})
+    await mqtt.subscribe(f"{helpers.BASE}/status/task/+")
+    answer = await mqtt.request(f"{helpers.BASE}/start/id/{OK}", {"requestId": "s1"})
     execution_id = execution_of(answer, OK)
     [last] = (
-        await mqtt.wait_for(f"butler/status/task/{OK}", until=lambda r: r.json()["stateCode"] == 7)
+        await mqtt.wait_for(
+            f"{helpers.BASE}/status/task/{OK}", until=lambda r: r.json()["stateCode"] == 7
+        )
     )[-1:]
     event = last.json()
     assert (event["executionId"], event["requestId"], event["startedBy"], event["state"]) == (
@@ -205,7 +208,7 @@ async def test_status_events_name_the_request(start_daemon: Any, mqtt: Client, s
 
 async def test_unknown_and_invalid_ids(start_daemon: Any, mqtt: Client, site: Site) -> None:
     await start_daemon()
-    answer = await mqtt.request("butler/start", {"taskIds": [MISSING, "not-a-guid"]})
+    answer = await mqtt.request(f"{helpers.BASE}/start", {"taskIds": [MISSING, "not-a-guid"]})
     assert answer == reply(
         "error",
         [],
@@ -219,7 +222,7 @@ async def test_unknown_and_invalid_ids(start_daemon: Any, mqtt: Client, site: Si
 
 async def test_dry_run_starts_nothing(start_daemon: Any, mqtt: Client, site: Site) -> None:
     await start_daemon()
-    answer = await mqtt.request(f"butler/start/id/{OK}", {"dryRun": True})
+    answer = await mqtt.request(f"{helpers.BASE}/start/id/{OK}", {"dryRun": True})
     assert answer == reply("ok", [line(OK, ["id"], "dry_run")])
     assert site.started() == []
 
@@ -228,8 +231,8 @@ async def test_a_repeated_request_id_is_answered_from_memory(
     start_daemon: Any, mqtt: Client, site: Site
 ) -> None:
     await start_daemon()
-    first = await mqtt.request(f"butler/start/id/{OK}", {"requestId": "same"})
-    again = await mqtt.request(f"butler/start/id/{OK}", {"requestId": "same"})
+    first = await mqtt.request(f"{helpers.BASE}/start/id/{OK}", {"requestId": "same"})
+    again = await mqtt.request(f"{helpers.BASE}/start/id/{OK}", {"requestId": "same"})
     assert again == {**first, "replayed": True}
     assert site.started() == [OK]
 
@@ -238,9 +241,9 @@ async def test_a_running_task_is_not_started_again(
     start_daemon: Any, mqtt: Client, site: Site
 ) -> None:
     await start_daemon()
-    first = await mqtt.request(f"butler/start/id/{LONG}")
+    first = await mqtt.request(f"{helpers.BASE}/start/id/{LONG}")
     assert first["tasks"][0]["result"] == "started"
-    again = await mqtt.request(f"butler/start/id/{LONG}")
+    again = await mqtt.request(f"{helpers.BASE}/start/id/{LONG}")
     assert again["status"] == "error"
     assert [t["result"] for t in again["tasks"]] == ["already_running"]
     assert site.started() == [LONG]
@@ -248,7 +251,7 @@ async def test_a_running_task_is_not_started_again(
 
 async def test_the_allow_list_denies(start_daemon: Any, mqtt: Client, site: Site) -> None:
     await start_daemon(policy={"allow": {"tags": ["Nightly"]}})
-    answer = await mqtt.request("butler/start", {"taskIds": [OK, FAILS]})
+    answer = await mqtt.request(f"{helpers.BASE}/start", {"taskIds": [OK, FAILS]})
     assert [(t["taskId"], t["result"]) for t in answer["tasks"]] == [
         (OK, "started"),
         (FAILS, "denied"),
@@ -271,7 +274,7 @@ async def test_reload_options_are_for_cloud_sites(
 ) -> None:
     await start_daemon()
     answer = await mqtt.request(
-        f"butler/start/id/{OK}", {"partial": True, "weight": 2, "variables": {"v": "x"}}
+        f"{helpers.BASE}/start/id/{OK}", {"partial": True, "weight": 2, "variables": {"v": "x"}}
     )
     if site.kind == "qrs":
         assert answer["error"]["code"] == "bad_payload"

@@ -25,6 +25,7 @@ from mqtt_starter.simulators.certs import CertPaths
 from mqtt_starter.simulators.qrs.fixtures import Fixture, Outcome, TaskFixture
 from mqtt_starter.simulators.qrs.server import QrsSimulator
 from tests.conftest import free_port, wait_until
+from tests.integration import helpers
 from tests.integration.conftest import Broker, Client, LocalDaemon, daemon_config, daemons
 from tests.receiver import Receiver, receiving
 
@@ -154,10 +155,14 @@ async def test_requests_and_runs_appear_live(
 ) -> None:
     await open_page(browser, page_daemon)
     assert "connected" in await browser.text("#broker")
-    await mqtt.request(f"butler/start/id/{ORDERS}", {"requestId": "page-1"})
+    await mqtt.request(f"{helpers.BASE}/start/id/{ORDERS}", {"requestId": "page-1"})
     await browser.wait_text("#requests", "page-1")
     row = await browser.text("#requests tr.request")
-    assert "mqtt" in row and f"butler/start/id/{ORDERS}" in row and "Reload Orders started" in row
+    assert (
+        "mqtt" in row
+        and f"{helpers.BASE}/start/id/{ORDERS}" in row
+        and "Reload Orders started" in row
+    )
     await browser.wait_text("#runs", "Started")
     assert "mqtt-starter (page-1)" in await browser.text("#runs")
     # The run ends (when the test says so, not after a time): it leaves the runs in progress
@@ -191,7 +196,9 @@ async def test_what_publishers_send_is_shown_as_text(
     page_daemon: str, browser: Browser, mqtt: Client
 ) -> None:
     await open_page(browser, page_daemon)
-    await mqtt.request("butler/start/tag/%3Cb%3Ebold%3C%2Fb%3E", {"requestId": "<i>id</i>"})
+    await mqtt.request(
+        f"{helpers.BASE}/start/tag/%3Cb%3Ebold%3C%2Fb%3E", {"requestId": "<i>id</i>"}
+    )
     await browser.wait_text("#requests", f"{EVIL_NAME} started")
     await browser.wait_text("#tasks", "FinishedFail")
     assert "<i>id</i>" in await browser.text("#requests")
@@ -234,8 +241,8 @@ async def test_snapshot_events_and_headers(page_daemon: str, mqtt: Client) -> No
             first = await events.content.readuntil(b"\n\n")
             assert first.startswith(b"event: snapshot\ndata: ")
             snapshot = json.loads(first.split(b"data: ", 1)[1])
-            assert snapshot["instance"]["instance"] == "starter-test"
-            await mqtt.request(f"butler/start/id/{ORDERS}", {"requestId": "sse-1"})
+            assert snapshot["instance"]["instance"] == helpers.INSTANCE
+            await mqtt.request(f"{helpers.BASE}/start/id/{ORDERS}", {"requestId": "sse-1"})
 
             async def request_event() -> dict[str, Any]:
                 while True:

@@ -17,12 +17,15 @@ from mqtt_starter.commands.trigger import Ask, trigger
 from mqtt_starter.config import MqttSettings
 from mqtt_starter.simulators.qrs.state import SimState
 from tests.conftest import free_port
+from tests.integration import helpers
 from tests.integration.conftest import Broker, Client, LocalDaemon
 from tests.integration.helpers import ARCHIVE, FORECAST, LONG, SALES, STOCK
 
 
 def broker_settings(broker: Broker, **values: Any) -> MqttSettings:
-    return MqttSettings.model_validate({"host": "127.0.0.1", "port": broker.port, **values})
+    return MqttSettings.model_validate(
+        {"host": "127.0.0.1", "port": broker.port, "base_topic": broker.base, **values}
+    )
 
 
 async def run(broker: Broker, ask: Ask, **options: Any) -> tuple[int, str, str]:
@@ -40,10 +43,10 @@ async def daemon(make_local_daemon: Any) -> LocalDaemon:
 async def test_everything_started_is_0_and_the_request_is_as_documented(
     daemon: LocalDaemon, broker: Broker, mqtt: Client, sim_state: SimState
 ) -> None:
-    await mqtt.subscribe("butler/start")
+    await mqtt.subscribe(f"{helpers.BASE}/start")
     code, out, err = await run(broker, Ask(task_ids=[SALES], tags=["Fragile"]))
     assert (code, err) == (0, "")
-    [request] = mqtt.on("butler/start")
+    [request] = mqtt.on(f"{helpers.BASE}/start")
     sent = request.json()
     assert sent == {
         "requestId": sent["requestId"],
@@ -103,7 +106,7 @@ async def test_no_daemon_is_4(broker: Broker) -> None:
     code, out, err = await run(broker, Ask(tags=["Nightly"]), reply_timeout_s=0.3)
     assert (code, out) == (4, "")
     assert err == (
-        f"mqtt-starter trigger: no daemon answered on butler/start within 0.3 s"
+        f"mqtt-starter trigger: no daemon answered on {helpers.BASE}/start within 0.3 s"
         f" (broker 127.0.0.1:{broker.port})\n"
     )
 
@@ -158,12 +161,20 @@ async def test_the_broker_from_a_configuration_and_the_flags(
 ) -> None:
     config = tmp_path / "c.yaml"
     config.write_text(
-        f"mqtt: {{host: 127.0.0.1, port: {broker.port}}}\nqrs: {{url: https://sense:4242}}\n"
+        f"mqtt: {{host: 127.0.0.1, port: {broker.port}, base_topic: {broker.base}}}\n"
+        "qrs: {url: https://sense:4242}\n"
     )
     code, out, err = await cli("trigger", "-c", str(config), "--id", SALES, "--dry-run")
     assert (code, out.splitlines()[:1], err) == (0, ["accepted: ok"], "")
     code, out, _ = await cli(
-        "trigger", "--broker", f"127.0.0.1:{broker.port}", "--name", "Reload Stock", "--json"
+        "trigger",
+        "--broker",
+        f"127.0.0.1:{broker.port}",
+        "--base-topic",
+        broker.base,
+        "--name",
+        "Reload Stock",
+        "--json",
     )
     assert code == 0
     assert json.loads(out)["tasks"][0]["taskId"] == STOCK

@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 
 from mqtt_starter.simulators.qrs.state import SimState
+from tests.integration import helpers
 from tests.integration.conftest import Broker, Client, LocalDaemon
 from tests.integration.helpers import (
     ARCHIVE,
@@ -40,7 +41,7 @@ def start(task_id: str) -> tuple[str, str, str]:
 
 
 async def test_start_by_id(daemon: LocalDaemon, mqtt: Client, sim_state: SimState) -> None:
-    answer = await mqtt.request(f"butler/start/id/{SALES.upper()}")
+    answer = await mqtt.request(f"{helpers.BASE}/start/id/{SALES.upper()}")
     assert answer == reply("ok", [line(sim_state, SALES, ["id"], "started")])
     assert task_calls(sim_state) == [by_id(SALES), start(SALES)]
 
@@ -48,7 +49,7 @@ async def test_start_by_id(daemon: LocalDaemon, mqtt: Client, sim_state: SimStat
 async def test_start_by_tag_reports_disabled_tasks(
     daemon: LocalDaemon, mqtt: Client, sim_state: SimState
 ) -> None:
-    answer = await mqtt.request("butler/start/tag/Nightly")
+    answer = await mqtt.request(f"{helpers.BASE}/start/tag/Nightly")
     assert answer == reply(
         "partial",
         [
@@ -63,7 +64,7 @@ async def test_start_by_tag_reports_disabled_tasks(
 async def test_start_by_custom_property_skips_the_decoy(
     daemon: LocalDaemon, mqtt: Client, sim_state: SimState
 ) -> None:
-    answer = await mqtt.request("butler/start/cp/taskGroup/tasks2")
+    answer = await mqtt.request(f"{helpers.BASE}/start/cp/taskGroup/tasks2")
     assert answer == reply("ok", [line(sim_state, STOCK, ["cp:taskGroup=tasks2"], "started")])
     assert sim_state.started == [STOCK]
 
@@ -75,13 +76,13 @@ async def test_start_by_custom_property_skips_the_decoy(
         ("butler/start/name/Quarter%20report", QUARTER, "name"),
         ("butler/start/tag/Q1'25", QUARTER, "tag:Q1'25"),
         ("butler/start/tag/a%26b%23c%2Bd%2Fe%25f", QUARTER, "tag:a&b#c+d/e%f"),
-        ("butler/start/tag/%C3%9Cn%C3%AFc%C3%B8d%C3%A9 ☃", QUARTER, "tag:Ünïcødé ☃"),
+        (f"{helpers.BASE}/start/tag/%C3%9Cn%C3%AFc%C3%B8d%C3%A9 ☃", QUARTER, "tag:Ünïcødé ☃"),
     ],
 )
 async def test_names_and_percent_encoded_levels(
     daemon: LocalDaemon, mqtt: Client, sim_state: SimState, topic: str, task_id: str, label: str
 ) -> None:
-    answer = await mqtt.request(topic)
+    answer = await mqtt.request(helpers.on_base(topic))
     assert answer == reply("ok", [line(sim_state, task_id, [label], "started")])
 
 
@@ -89,7 +90,7 @@ async def test_json_body_unites_selectors(
     daemon: LocalDaemon, mqtt: Client, sim_state: SimState
 ) -> None:
     answer = await mqtt.request(
-        "butler/start",
+        f"{helpers.BASE}/start",
         {
             "requestId": "r-json",
             "taskIds": [f" {SALES} "],
@@ -120,7 +121,7 @@ async def test_json_body_unites_selectors(
 async def test_topic_and_payload_selectors_are_united(
     daemon: LocalDaemon, mqtt: Client, sim_state: SimState
 ) -> None:
-    answer = await mqtt.request(f"butler/start/id/{SALES}", {"names": ["Reload Stock"]})
+    answer = await mqtt.request(f"{helpers.BASE}/start/id/{SALES}", {"names": ["Reload Stock"]})
     assert answer == reply(
         "ok",
         [line(sim_state, SALES, ["id"], "started"), line(sim_state, STOCK, ["name"], "started")],
@@ -129,7 +130,7 @@ async def test_topic_and_payload_selectors_are_united(
 
 async def test_butler_array_body(daemon: LocalDaemon, mqtt: Client, sim_state: SimState) -> None:
     answer = await mqtt.request(
-        "butler/start",
+        f"{helpers.BASE}/start",
         [
             {"type": "starttaskid", "payload": {"taskId": EXPORT}},
             {"type": "starttasktag", "payload": {"tag": "startTask1"}},
@@ -166,17 +167,17 @@ async def test_routes_with_wildcards_when_and_debounce(
             {"topic": "plant/+/+/done", "tags": ["{2}"], "debounce_s": 600},
         ]
     )
-    await mqtt.subscribe("butler/reply/#")
+    await mqtt.subscribe(f"{helpers.BASE}/reply/#")
     await mqtt.publish("factory/Sales/data-ready", {"status": "running"})
     await mqtt.publish("factory/Sales/data-ready", "not json")
     await mqtt.publish("factory/Sales/data-ready", {"status": "complete", "line": 4})
-    [answer] = await mqtt.wait_for("butler/reply/factory/Sales/data-ready")
+    [answer] = await mqtt.wait_for(f"{helpers.BASE}/reply/factory/Sales/data-ready")
     assert answer.json() == reply("ok", [line(sim_state, SALES, ["name"], "started")])
     assert sim_state.started == [SALES]
 
     for _ in range(3):
         await mqtt.publish("plant/a/Fragile/done")
-    answers = await mqtt.wait_for("butler/reply/plant/a/Fragile/done", 3)
+    answers = await mqtt.wait_for(f"{helpers.BASE}/reply/plant/a/Fragile/done", 3)
     # The debounced ones answer without a QRS call, so they may arrive before the first.
     debounced = {
         "requestId": None,
@@ -185,7 +186,7 @@ async def test_routes_with_wildcards_when_and_debounce(
         "tasks": [],
         "unmatched": [],
         "notes": ["debounced: started less than 600.0s ago"],
-        "instance": "starter-test",
+        "instance": helpers.INSTANCE,
     }
     assert sorted((a.json() == debounced, a.json()["status"]) for a in answers) == [
         (False, "ok"),
@@ -207,7 +208,7 @@ async def test_mosquitto_rr_round_trip_with_correlation_data(
         "-V",
         "5",
         "-t",
-        f"butler/start/id/{SALES}",
+        f"{helpers.BASE}/start/id/{SALES}",
         "-e",
         "rr/answer",
         "-D",
@@ -238,7 +239,7 @@ async def test_mqtt_311_client_with_reply_to(
     async with Client(broker, v5=False) as old:
         await old.subscribe("erp/replies")
         await old.publish(
-            f"butler/start/id/{STOCK}", {"requestId": "erp-1", "replyTo": "erp/replies"}
+            f"{helpers.BASE}/start/id/{STOCK}", {"requestId": "erp-1", "replyTo": "erp/replies"}
         )
         [answer] = await old.wait_for("erp/replies")
     assert answer.json() == reply(
@@ -247,9 +248,9 @@ async def test_mqtt_311_client_with_reply_to(
 
 
 async def test_default_reply_topic(daemon: LocalDaemon, mqtt: Client, sim_state: SimState) -> None:
-    await mqtt.subscribe("butler/reply/#")
-    await mqtt.publish("butler/start/tag/startTask1")
-    [answer] = await mqtt.wait_for("butler/reply/start/tag/startTask1")
+    await mqtt.subscribe(f"{helpers.BASE}/reply/#")
+    await mqtt.publish(f"{helpers.BASE}/start/tag/startTask1")
+    [answer] = await mqtt.wait_for(f"{helpers.BASE}/reply/start/tag/startTask1")
     assert answer.json() == reply(
         "ok",
         [
@@ -267,7 +268,11 @@ async def test_default_reply_topic(daemon: LocalDaemon, mqtt: Client, sim_state:
             "butler/start/tag/Nightly",
             "reply topic 'butler/start/tag/Nightly' is a trigger topic of this daemon",
         ),
-        ("replyTo", "butler/start", "reply topic 'butler/start' is a trigger topic of this daemon"),
+        (
+            "replyTo",
+            "butler/start",
+            "reply topic 'butler/start' is a trigger topic of this daemon",
+        ),
         ("replyTo", "$SYS/broker/x", "reply topic '$SYS/broker/x' starts with $"),
         ("response", "replies/+/x", "reply topic 'replies/+/x' contains a wildcard or NUL"),
         ("replyTo", "replies/#", "reply topic 'replies/#' contains a wildcard or NUL"),
@@ -277,15 +282,18 @@ async def test_default_reply_topic(daemon: LocalDaemon, mqtt: Client, sim_state:
 async def test_refused_reply_topics(
     make_daemon: Any, mqtt: Client, sim_state: SimState, how: str, topic: str, message: str
 ) -> None:
-    await make_daemon(mqtt={"reply_topic_allow": ["replies/#", "butler/#"]})
-    await mqtt.subscribe("butler/reply/#")
+    topic, message = helpers.on_base(topic), helpers.on_base(message)
+    await make_daemon(mqtt={"reply_topic_allow": ["replies/#", f"{helpers.BASE}/#"]})
+    await mqtt.subscribe(f"{helpers.BASE}/reply/#")
     if how == "response":
         await mqtt.publish(
-            f"butler/start/id/{SALES}", {"requestId": "bad-reply"}, response_topic=topic
+            f"{helpers.BASE}/start/id/{SALES}", {"requestId": "bad-reply"}, response_topic=topic
         )
     else:
-        await mqtt.publish(f"butler/start/id/{SALES}", {"requestId": "bad-reply", "replyTo": topic})
-    [answer] = await mqtt.wait_for(f"butler/reply/start/id/{SALES}")
+        await mqtt.publish(
+            f"{helpers.BASE}/start/id/{SALES}", {"requestId": "bad-reply", "replyTo": topic}
+        )
+    [answer] = await mqtt.wait_for(f"{helpers.BASE}/reply/start/id/{SALES}")
     assert answer.json() == refusal("reply_topic_refused", message, "bad-reply")
     assert sim_state.started == []
 
@@ -299,16 +307,16 @@ async def test_a_route_fed_by_status_events_starts_its_tasks(
     await make_daemon(
         routes=[
             {
-                "topic": f"butler/status/task/{SALES}",
+                "topic": f"{helpers.BASE}/status/task/{SALES}",
                 "task_ids": [STOCK],
                 "when": {"field": "state", "equals": "FinishedSuccess"},
             }
         ]
     )
-    await mqtt.subscribe(f"butler/reply/status/task/{SALES}")
-    upstream = await mqtt.request(f"butler/start/id/{SALES}", {"requestId": "erp-1"})
+    await mqtt.subscribe(f"{helpers.BASE}/reply/status/task/{SALES}")
+    upstream = await mqtt.request(f"{helpers.BASE}/start/id/{SALES}", {"requestId": "erp-1"})
     assert upstream["tasks"][0]["result"] == "started"
-    [chained] = await mqtt.wait_for(f"butler/reply/status/task/{SALES}")
+    [chained] = await mqtt.wait_for(f"{helpers.BASE}/reply/status/task/{SALES}")
     assert chained.json()["requestId"] == "erp-1"
     assert not chained.json().get("replayed")
     assert [t["result"] for t in chained.json()["tasks"]] == ["started"]
@@ -320,10 +328,10 @@ async def test_butlers_own_mqtt_start_a_bare_task_id(
 ) -> None:
     """`qliksense/start_task` with the task id as the whole payload, as Butler's MQTT start."""
     await make_daemon(routes=[{"topic": "qliksense/start_task", "payload_as": "task_id"}])
-    await mqtt.subscribe("butler/reply/#")
+    await mqtt.subscribe(f"{helpers.BASE}/reply/#")
     await mqtt.publish("qliksense/start_task", f"  {SALES}\n")
     await mqtt.publish("qliksense/start_task", b"")
-    answers = await mqtt.wait_for("butler/reply/qliksense/start_task", 2)
+    answers = await mqtt.wait_for(f"{helpers.BASE}/reply/qliksense/start_task", 2)
     by_status = {a.json()["status"]: a.json() for a in answers}
     assert by_status["ok"] == reply("ok", [line(sim_state, SALES, ["id"], "started")])
     assert by_status["error"]["error"] == {

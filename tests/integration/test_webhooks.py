@@ -14,6 +14,7 @@ import pytest
 
 from mqtt_starter.simulators.qrs.state import SimState
 from tests.conftest import free_port, wait_until
+from tests.integration import helpers
 from tests.integration.conftest import Client
 from tests.integration.test_monitor import (  # noqa: F401 (fixtures)
     ERROR,
@@ -102,15 +103,17 @@ async def test_a_receiver_that_hangs_delays_no_status_event_and_no_other_webhook
     await wait_until(lambda: len(ops.got) == 1, what="the receiver to hold the first POST")
     # While it hangs, the other runs' events are published and the other webhook is served.
     second = await fire_and_end(sim_state, FAIL)
-    await mqtt.wait_for("butler/event/task/failed", 2)
-    assert [r.json()["executionId"] for r in mqtt.on("butler/event/task/failed")] == [
+    await mqtt.wait_for(f"{helpers.BASE}/event/task/failed", 2)
+    assert [r.json()["executionId"] for r in mqtt.on(f"{helpers.BASE}/event/task/failed")] == [
         first,
         second,
     ]
     await wait_until(lambda: len(chat.got) == 2, what="the other webhook's deliveries")
     assert len(ops.got) == 1
     [event] = [
-        r.json() for r in mqtt.on("butler/event/task/failed") if r.json()["executionId"] == first
+        r.json()
+        for r in mqtt.on(f"{helpers.BASE}/event/task/failed")
+        if r.json()["executionId"] == first
     ]
     reason = [line for line in event["reason"].splitlines() if line.strip()][-8:]
     assert chat.bodies()[0] == {

@@ -378,7 +378,7 @@ def _outcome_json(outcome: TaskOutcome) -> dict[str, Any]:
         "taskId": outcome.task.id,
         "taskName": outcome.task.name,
         "matchedBy": [s.match_label for s in outcome.matched_by],
-        "result": outcome.result.value,
+        "result": outcome.result,  # a StrEnum: encoded as its value, without the lookup
     }
     if outcome.execution_id is not None:
         data["executionId"] = outcome.execution_id
@@ -394,7 +394,7 @@ def _outcome_json(outcome: TaskOutcome) -> dict[str, Any]:
 def reply_json(reply: Reply, instance: str) -> dict[str, Any]:
     data: dict[str, Any] = {
         "requestId": reply.request_id,
-        "status": reply.status.value,
+        "status": reply.status,  # StrEnums, as "result" above
         "stage": reply.stage,
     }
     if reply.error is not None:
@@ -402,7 +402,7 @@ def reply_json(reply: Reply, instance: str) -> dict[str, Any]:
     else:
         data["tasks"] = [_outcome_json(o) for o in reply.outcomes]
         data["unmatched"] = [
-            {"selector": u.selector.label, "reason": u.reason.value} for u in reply.unmatched
+            {"selector": u.selector.label, "reason": u.reason} for u in reply.unmatched
         ]
     if reply.notes:
         data["notes"] = list(reply.notes)

@@ -80,7 +80,7 @@ class StatusBoard:
             "door": door,
             "topic": topic,
             "requestId": reply.request_id,
-            "status": reply.status.value,
+            "status": reply.status,  # a StrEnum: the page gets its value
             "stage": reply.stage,
             "durationMs": round(duration_ms, 1),
             "replayed": reply.replayed,

@@ -104,7 +104,7 @@ class Metrics:
             child = self._trigger_children[key] = self.triggers.labels(*key)
         child.inc()
         for outcome in reply.outcomes:
-            result = outcome.result.value
+            result = outcome.result  # a StrEnum: the label is its value
             task_child = self._task_children.get(result)
             if task_child is None:
                 task_child = self._task_children[result] = self.tasks.labels(result)

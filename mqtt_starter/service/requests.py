@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections import Counter
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 
@@ -129,18 +130,17 @@ class Starter:
     def account(self, door: str, topic: str, kind: str, reply: Reply, started: float) -> None:
         """The request's metrics and its one log line; doors call it for their refusals."""
         self._metrics.count_reply(kind, reply)
-        counts: dict[str, int] = {}
-        for outcome in reply.outcomes:
-            counts[outcome.result.value] = counts.get(outcome.result.value, 0) + 1
-        detail = " ".join(f"{k}={v}" for k, v in sorted(counts.items()))
         if reply.error is not None:
             detail = f"{reply.error.code}: {reply.error.message}"
+        else:
+            counts = Counter(outcome.result for outcome in reply.outcomes)
+            detail = " ".join(f"{result}={n}" for result, n in sorted(counts.items()))
         elapsed_ms = (self._clock() - started) * 1000
         if self._watcher is not None:
             self._watcher.request(door, topic, reply, elapsed_ms)
         shown = topic if len(topic) <= TOPIC_IN_LOG else topic[:TOPIC_IN_LOG] + "..."
         self._log(
-            f"request {door} {shown} requestId={reply.request_id} -> {reply.status.value}"
+            f"request {door} {shown} requestId={reply.request_id} -> {reply.status}"
             f"{' (replayed)' if reply.replayed else ''} {detail}"
             f" unmatched={len(reply.unmatched)} in {elapsed_ms:.0f} ms"
         )

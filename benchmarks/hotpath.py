@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .harness import Broker, LoadGen, Simulator, Target, cpu_s, rss_mib, running, workspace
+from .harness import Broker, Simulator, Target, cpu_s, driving, rss_mib, running, workspace
 from .run import id_topics, load_tasks, percentiles
 
 TARGETS: dict[str, dict[str, str]] = {
@@ -45,38 +45,35 @@ def one(
 ) -> dict[str, Any]:
     kind = "floor" if name == "floor" else "daemon"
     target = Target(kind, folder, broker, sim, env=TARGETS[name] if env is None else env)
-    target.start()
-    loadgen = LoadGen(broker)
     spy: subprocess.Popen[bytes] | None = None
-    try:
-        loadgen.concurrent(id_topics(500), 50)  # warm-up: connections, caches
-        time.sleep(0.5)
-        idle = rss_mib(target.pid)
-        latencies = loadgen.one_at_a_time(id_topics(1000))
-        if profile is not None and kind == "daemon" and shutil.which("py-spy"):
-            svg = profile / f"{name.replace(' ', '-').strip('()')}.svg"
-            spy = subprocess.Popen(
-                ["py-spy", "record", "-r", "250", "-o", str(svg), "-p", str(target.pid)],
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL,
-            )
-            time.sleep(1)
-        cpu = cpu_s(target.pid)
-        elapsed = loadgen.concurrent(id_topics(requests), 50)
-        used = cpu_s(target.pid) - cpu
-        return {
-            "p50_ms": percentiles(latencies)["p50_ms"],
-            "p99_ms": percentiles(latencies)["p99_ms"],
-            "throughput_rps": requests / elapsed,
-            "cpu_ms_per_request": used * 1000 / requests,
-            "rss_idle_mib": idle,
-        }
-    finally:
-        if spy is not None:
-            spy.send_signal(2)
-            spy.wait(60)
-        loadgen.close()
-        target.stop()
+    with driving(target, broker) as loadgen:
+        try:
+            loadgen.concurrent(id_topics(500), 50)  # warm-up: connections, caches
+            time.sleep(0.5)
+            idle = rss_mib(target.pid)
+            latencies = loadgen.one_at_a_time(id_topics(1000))
+            if profile is not None and kind == "daemon" and shutil.which("py-spy"):
+                svg = profile / f"{name.replace(' ', '-').strip('()')}.svg"
+                spy = subprocess.Popen(
+                    ["py-spy", "record", "-r", "250", "-o", str(svg), "-p", str(target.pid)],
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL,
+                )
+                time.sleep(1)
+            cpu = cpu_s(target.pid)
+            elapsed = loadgen.concurrent(id_topics(requests), 50)
+            used = cpu_s(target.pid) - cpu
+            return {
+                "p50_ms": percentiles(latencies)["p50_ms"],
+                "p99_ms": percentiles(latencies)["p99_ms"],
+                "throughput_rps": requests / elapsed,
+                "cpu_ms_per_request": used * 1000 / requests,
+                "rss_idle_mib": idle,
+            }
+        finally:
+            if spy is not None:
+                spy.send_signal(2)
+                spy.wait(60)
 
 
 def main() -> None:

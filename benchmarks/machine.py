@@ -16,7 +16,7 @@ import resource
 import statistics
 import time
 
-from .harness import Broker, LoadGen, Simulator, Target, cpu_s, running, workspace
+from .harness import Broker, Simulator, Target, cpu_s, driving, running, workspace
 from .run import id_topics, load_tasks
 
 
@@ -31,9 +31,7 @@ def one(
 ) -> dict[str, float]:
     mqtt = {} if max_in_flight is None else {"max_in_flight": max_in_flight}
     target = Target(kind, broker.folder, broker, sim, mqtt=mqtt)
-    target.start()
-    loadgen = LoadGen(broker)
-    try:
+    with driving(target, broker) as loadgen:
         loadgen.concurrent(id_topics(500), 50)  # warm-up: connections, caches
         time.sleep(0.5)
         assert broker.process is not None and sim.process is not None
@@ -47,9 +45,6 @@ def one(
         row["throughput_rps"] = requests / elapsed
         row["cores_busy"] = row["total"] * row["throughput_rps"] / 1000
         return row
-    finally:
-        loadgen.close()
-        target.stop()
 
 
 def main() -> None:

@@ -21,7 +21,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from .harness import Broker, LoadGen, Simulator, Target, cpu_s, rss_mib, running, workspace
+from .harness import Broker, Simulator, Target, cpu_s, driving, rss_mib, running, workspace
 
 FAN = (1, 10, 100, 1000)
 # The daemon runs with its own defaults (mqtt.max_in_flight 20, as mosquitto's
@@ -98,37 +98,31 @@ def measure(
     kind: str, folder: Path, broker: Broker, sim: Simulator, sizes: dict[str, int], slow: bool
 ) -> dict[str, Any]:
     target = Target(kind, folder, broker, sim, mqtt=DAEMON_MQTT)
-    target.start()
-    loadgen = LoadGen(broker)
-    try:
-        loadgen.concurrent(id_topics(200), 20)  # warm-up: connections, caches
-        n_lat = sizes["slow_latency" if slow else "latency"]
-        n_thr = sizes["slow_throughput" if slow else "throughput"]
-        latencies = loadgen.one_at_a_time(id_topics(n_lat))
-        cpu = cpu_s(target.pid)
-        elapsed = loadgen.concurrent(id_topics(n_thr), 50)
-        return {
-            "startup_s": target.startup_s,
-            "latency": percentiles(latencies),
-            "latencies": latencies,
-            "throughput_rps": n_thr / elapsed,
-            "cpu_ms_per_request": (cpu_s(target.pid) - cpu) * 1000 / n_thr,
-        }
-    except RuntimeError as exc:
-        # Unanswered requests: what the daemon (or the floor) said is the first thing to read.
-        raise RuntimeError(f"{exc}; the {kind}'s log ends:\n{target.log_tail()}") from exc
-    finally:
-        loadgen.close()
-        target.stop()
+    with driving(target, broker) as loadgen:
+        try:
+            loadgen.concurrent(id_topics(200), 20)  # warm-up: connections, caches
+            n_lat = sizes["slow_latency" if slow else "latency"]
+            n_thr = sizes["slow_throughput" if slow else "throughput"]
+            latencies = loadgen.one_at_a_time(id_topics(n_lat))
+            cpu = cpu_s(target.pid)
+            elapsed = loadgen.concurrent(id_topics(n_thr), 50)
+            return {
+                "startup_s": target.startup_s,
+                "latency": percentiles(latencies),
+                "latencies": latencies,
+                "throughput_rps": n_thr / elapsed,
+                "cpu_ms_per_request": (cpu_s(target.pid) - cpu) * 1000 / n_thr,
+            }
+        except RuntimeError as exc:
+            # Unanswered requests: what the daemon (or the floor) said is the first thing to read.
+            raise RuntimeError(f"{exc}; the {kind}'s log ends:\n{target.log_tail()}") from exc
 
 
 def fan_out(kind: str, folder: Path, broker: Broker, sim: Simulator, reps: int) -> dict[str, Any]:
     target = Target(kind, folder, broker, sim, mqtt=DAEMON_MQTT)
-    target.start()
-    loadgen = LoadGen(broker)
-    loadgen.keep_replies = True
     results: dict[str, Any] = {}
-    try:
+    with driving(target, broker) as loadgen:
+        loadgen.keep_replies = True
         loadgen.one_at_a_time(["butler/start/tag/fan-1"] * 10)  # warm-up: QRS connections
         for n in FAN:
             times, calls, peaks = [], [], []
@@ -146,26 +140,18 @@ def fan_out(kind: str, folder: Path, broker: Broker, sim: Simulator, reps: int) 
                 "qrs_calls": max(calls),
                 "peak_in_flight": max(peaks),
             }
-    finally:
-        loadgen.close()
-        target.stop()
     return results
 
 
 def memory(folder: Path, broker: Broker, sim: Simulator, count: int) -> dict[str, float]:
     target = Target("daemon", folder, broker, sim, mqtt=DAEMON_MQTT)
-    target.start()
-    loadgen = LoadGen(broker)
-    try:
+    with driving(target, broker) as loadgen:
         loadgen.concurrent(id_topics(500), 50)
         time.sleep(1)
         idle = rss_mib(target.pid)
         loadgen.concurrent(id_topics(count), 50)
         time.sleep(1)
         after = rss_mib(target.pid)
-    finally:
-        loadgen.close()
-        target.stop()
     return {"idle_mib": idle, "after_mib": after, "growth_mib": after - idle, "requests": count}
 
 

@@ -23,10 +23,10 @@ import aiohttp
 
 from .harness import (
     Broker,
-    LoadGen,
     Simulator,
     Target,
     cpu_s,
+    driving,
     free_port,
     rss_mib,
     running,
@@ -87,9 +87,7 @@ def run(folder: Path, broker: Broker, sim: Simulator, pages: int, requests: int)
     daemon = Target(
         "daemon", folder, broker, sim, sections={"http": {"enabled": True, "port": port}}
     )
-    daemon.start()
-    loadgen = LoadGen(broker)
-    try:
+    with driving(daemon, broker) as loadgen:
         loadgen.concurrent(id_topics(500), 50)  # warm-up
         time.sleep(1)
         with Pages(f"http://127.0.0.1:{port}/events", pages) as opened:
@@ -100,18 +98,15 @@ def run(folder: Path, broker: Broker, sim: Simulator, pages: int, requests: int)
             cpu_ms = (cpu_s(daemon.pid) - cpu) * 1000
             rss_after = rss_mib(daemon.pid)
             received = opened.events
-        return {
-            "pages": pages,
-            "requests": requests,
-            "rss_with_pages_mib": rss_open,
-            "rss_after_mib": rss_after,
-            "cpu_ms_per_request": cpu_ms / requests if requests else 0.0,
-            "throughput_rps": requests / elapsed if elapsed else 0.0,
-            "chunks_received_by_pages": received,
-        }
-    finally:
-        loadgen.close()
-        daemon.stop()
+    return {
+        "pages": pages,
+        "requests": requests,
+        "rss_with_pages_mib": rss_open,
+        "rss_after_mib": rss_after,
+        "cpu_ms_per_request": cpu_ms / requests if requests else 0.0,
+        "throughput_rps": requests / elapsed if elapsed else 0.0,
+        "chunks_received_by_pages": received,
+    }
 
 
 def main() -> int:

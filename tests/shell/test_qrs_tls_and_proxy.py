@@ -23,7 +23,7 @@ from mqtt_starter.simulators.qrs.server import BadTokenAnswer, QrsSimulator
 from mqtt_starter.sites import qrs_token
 from mqtt_starter.sites.base import resolve_selectors
 from mqtt_starter.sites.qrs import QrsClient
-from mqtt_starter.sites.qrs_api import build_ssl_context
+from mqtt_starter.sites.qrs_api import QrsApi, build_ssl_context
 from tests.conftest import qrs_settings_for
 from tests.sense_certs import write_sense_like_certs
 
@@ -236,3 +236,20 @@ async def test_a_token_near_its_expiry_is_warned_about(
     async with QrsClient(settings, clock=lambda: now):
         pass
     assert logged == ["the QRS JWT expires at 2027-01-17 08:00 UTC, in 2.0 days: renew it"]
+
+
+@pytest.mark.parametrize(
+    ("site", "url"),
+    [
+        ("https://sense:4242", "https://sense:4242/qrs/task/full?filter=id%20eq%20x&xrfkey=k"),
+        ("https://[::1]:4242", "https://[::1]:4242/qrs/task/full?filter=id%20eq%20x&xrfkey=k"),
+        ("https://sense.example.com/jwt", "https://sense.example.com/jwt/qrs/task/full?filter=id%20eq%20x&xrfkey=k"),
+    ],
+)  # fmt: skip
+def test_a_call_url_keeps_the_site_address_and_the_proxy_prefix(site: str, url: str) -> None:
+    """Each call's URL is built from the site URL's parts (parsed once): an IPv6 address and a
+    virtual proxy's prefix come through whole, and the query is sent as encoded."""
+    api = QrsApi(QrsSettings(url=site))
+    built = api._url("task/full", {"filter": "id eq x"}, "k")
+    assert str(built) == url
+    assert built.raw_query_string == "filter=id%20eq%20x&xrfkey=k"

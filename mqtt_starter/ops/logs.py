@@ -88,16 +88,19 @@ class _Intercept(logging.Handler):
         return False
 
 
-def _json_fields(record: Record, exception: str | None) -> str:
-    data = {
-        "time": record["time"].isoformat(),
-        "level": record["level"].name,
-        "logger": record["extra"].get("logger_name", record["name"]),
-        "message": record["message"],
-    }
+def _json_object(
+    when: datetime, level: str, name: str | None, message: str, exception: str | None = None
+) -> str:
+    """One JSON log line's object: the same fields for loguru's lines and request lines."""
+    data = {"time": when.isoformat(), "level": level, "logger": name, "message": message}
     if exception:
         data["exception"] = exception
     return json.dumps(data, ensure_ascii=False)
+
+
+def _json_fields(record: Record, exception: str | None) -> str:
+    name = record["extra"].get("logger_name", record["name"])
+    return _json_object(record["time"], record["level"].name, name, record["message"], exception)
 
 
 def _json_sink(message: Message) -> None:
@@ -126,7 +129,8 @@ class RequestLog:
     same format as loguru's own lines: loguru builds a full record for every line (the caller's
     frame, thread, process, an aware time), about 20 µs, a quarter of the daemon's own work on
     a request. Everywhere else (a log file, which loguru rotates; a test's sinks), the line goes
-    through loguru, attributed to the caller.
+    through loguru, attributed to the caller. Request lines are written from the event loop's
+    thread, each in one write of a line-buffered stream, so they never split another line.
     """
 
     def __init__(self) -> None:
@@ -183,13 +187,7 @@ def _text_line(text: str, *, stamped: bool) -> str:
 
 
 def _json_line(name: str, text: str) -> str:
-    data = {
-        "time": datetime.now().astimezone().isoformat(),
-        "level": "INFO",
-        "logger": name,
-        "message": text,
-    }
-    return json.dumps(data, ensure_ascii=False) + "\n"
+    return _json_object(datetime.now().astimezone(), "INFO", name, text) + "\n"
 
 
 # The module that writes request lines: the `logger` of their JSON form.

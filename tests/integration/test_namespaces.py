@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from mqtt_starter.simulators.qrs.server import QrsSimulator
 from mqtt_starter.simulators.qrs.state import SimState
 from tests.integration import helpers
 from tests.integration.conftest import Broker, Client, LocalDaemon, daemon_config
@@ -15,7 +16,7 @@ async def test_a_test_sees_nothing_of_another_on_the_same_broker(
     make_local_daemon: Any,
     broker: Broker,
     shared_broker: Broker,
-    simulator: Any,
+    simulator: QrsSimulator,
     sim_state: SimState,
 ) -> None:
     await make_local_daemon()

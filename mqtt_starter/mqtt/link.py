@@ -1,10 +1,10 @@
 """The broker connection: the only module that imports the MQTT library (paho).
 
 paho is driven from the event loop itself: its socket is read and written through the loop's
-reader and writer callbacks, its keepalive runs on a timer, a publish waits on one future per
-message id. No thread, no queue and no timeout per message: a received message becomes the one
-task that handles it. Only the blocking connect (name lookup, TCP, TLS handshake) runs in a
-thread.
+reader and writer callbacks (one `recv` per wake-up, whatever paho asks for), its keepalive runs
+on a timer, a publish waits on one future per message id. No thread, no queue and no timeout
+per message: a received message becomes the one task that handles it. Only the blocking
+connect (name lookup, TCP, TLS handshake) runs in a thread.
 
 What it promises (mqtt-notes.md):
 - a fixed client id and a persistent session (v5: clean_start=False and a Session Expiry
@@ -61,6 +61,36 @@ class Incoming:
 
 
 Handler = Callable[[Incoming], Awaitable[None]]
+
+
+class _Client(paho.Client):
+    """paho's client, reading the socket in one call per wake-up.
+
+    paho reads a packet a few bytes at a time (its type, each byte of its length, then its
+    body), one `recv` each, and tries once more to find the socket empty: about six system
+    calls per request. Here one `recv` takes what the socket has, and paho's reads are served
+    from it. `buffered()` says whether bytes wait here, where the event loop cannot see them.
+    """
+
+    # Enough for what a broker sends between two wake-ups; a larger packet takes a few reads.
+    CHUNK = 65536
+
+    _inbox = b""
+    _at = 0
+
+    def buffered(self) -> bool:
+        return self._at < len(self._inbox)
+
+    def _sock_recv(self, bufsize: int) -> bytes:
+        if self._at >= len(self._inbox):
+            data = super()._sock_recv(self.CHUNK)  # BlockingIOError when the socket is empty
+            if len(data) <= bufsize:
+                return data  # the whole of it is asked for, or the broker closed (b"")
+            self._inbox, self._at = data, 0
+        end = self._at + bufsize
+        chunk = self._inbox[self._at : end]
+        self._at = end
+        return chunk
 
 
 def _properties(packet_type: int) -> Properties:
@@ -156,7 +186,7 @@ class _Connection:
         self._loop = asyncio.get_running_loop()
         self._loop_thread = threading.get_ident()
         self._session = session
-        client = paho.Client(
+        client = _Client(
             CallbackAPIVersion.VERSION2,
             client_id=client_id,
             protocol=paho.MQTTv5 if self.v5 else paho.MQTTv311,
@@ -256,8 +286,13 @@ class _Connection:
             self._on_loop(lambda: self._loop.remove_writer(fd))
 
     def _read(self) -> None:
+        client = self.client
         try:
-            self.client.loop_read()
+            client.loop_read()
+            # paho reads at most as many packets as it has messages in flight: what it left
+            # in the buffer, the loop would not announce again.
+            while client.buffered() and self._fd >= 0:
+                client.loop_read()
         except Exception as exc:  # paho lets some socket errors through: the connection is over
             self._end(f"reading from the broker failed: {exc}")
             return

@@ -333,12 +333,18 @@ class _Connection:
         if not self.lost.done():
             self.lost.set_result(reason)
         error = MqttLinkError(f"the broker connection was lost: {reason}")
-        if not self._connack.done():
-            self._connack.set_exception(error)
-        waits: list[asyncio.Future[Any]] = [*self._publishes.values(), *self._subscribes.values()]
+        waits: list[asyncio.Future[Any]] = [
+            self._connack,
+            *self._publishes.values(),
+            *self._subscribes.values(),
+        ]
         for waiting in waits:
             if not waiting.done():
                 waiting.set_exception(error)
+                # Marked as seen: whoever still awaits it gets the error all the same, and a
+                # wait given up meanwhile (a connect whose caller stopped waiting for the
+                # CONNACK) lost nothing, since `lost` says why the connection ended.
+                waiting.exception()
         self._publishes.clear()
         self._subscribes.clear()
 

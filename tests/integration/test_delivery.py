@@ -15,10 +15,13 @@ from paho.mqtt.properties import Properties
 from mqtt_starter.simulators.qrs.fixtures import Fixture
 from mqtt_starter.simulators.qrs.state import SimState
 from tests.conftest import wait_until
-from tests.integration.conftest import Broker, Client
+from tests.integration.conftest import AiomqttClient, Broker, Client
 from tests.integration.helpers import many_task_ids, many_tasks
 
 BULK = many_task_ids(20, 0xB0)
+
+# Every promise here holds on both event loops the daemon may run on.
+pytestmark = pytest.mark.usefixtures("daemon_loop")
 
 
 @pytest.fixture
@@ -138,7 +141,7 @@ def persistent_client(broker: Broker) -> aiomqtt.Client:
     """A requester whose session (and what is queued for it) outlives its connection."""
     properties = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
     properties.SessionExpiryInterval = 3600
-    return aiomqtt.Client(
+    return AiomqttClient(
         "127.0.0.1",
         broker.port,
         identifier="waiter",

@@ -28,15 +28,20 @@ import paho.mqtt.client as mqtt
 from .harness import Broker, Simulator, Target, cpu_s, rss_mib, running, workspace
 
 TASKS = 10_000
+QUICK_TASKS = 1_000  # --quick: the harness runs end to end, at a tenth of the site
 CHANGING = (0, 10, 100)
 INTERVAL_S = 2.0
 MONITOR = {"enabled": True, "interval_s": INTERVAL_S, "overlap_s": INTERVAL_S, "lookback_s": 0}
 
 
-def site() -> dict[str, Any]:
-    """10,000 tasks; every tenth fails and writes a 200-line script log."""
+def task_ids(count: int) -> list[str]:
+    return [str(uuid.UUID(int=0xBE0C << 112 | i)) for i in range(count)]
+
+
+def site(count: int = TASKS) -> dict[str, Any]:
+    """`count` tasks; every tenth fails and writes a 200-line script log."""
     tasks = []
-    for i in range(TASKS):
+    for i in range(count):
         failing = i % 10 == 9
         tasks.append(
             {
@@ -106,8 +111,9 @@ def scenario(
     runs: int,
     intervals: int,
     settle: int = 2,
+    count: int = TASKS,
 ) -> dict[str, Any]:
-    ids = [str(uuid.UUID(int=0xBE0C << 112 | i)) for i in range(TASKS)]
+    ids = task_ids(count)
     fired = 0
     # Intervals to settle, then the measured ones.
     per_interval: list[dict[str, Any]] = []
@@ -117,7 +123,7 @@ def scenario(
         cpu0 = cpu_s(daemon.pid)
         began = time.monotonic()
         for _ in range(runs):
-            sim.fire(ids[(fired * 37) % TASKS])  # spread over the site
+            sim.fire(ids[(fired * 37) % count])  # spread over the site
             fired += 1
         time.sleep(max(0.0, INTERVAL_S - (time.monotonic() - began)))
         calls = Counter(kind(e["path"], e["query"]) for e in sim.journal()["entries"])
@@ -147,35 +153,36 @@ def scenario(
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="2 intervals a scenario")
+    parser.add_argument("--quick", action="store_true", help="2 intervals a scenario, 1,000 tasks")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args, _ = parser.parse_known_args()  # scripts/bench.sh passes run.py's options too
     intervals, settle = (1, 1) if args.quick else (15, 2)
+    count = QUICK_TASKS if args.quick else TASKS
     results: list[dict[str, Any]] = []
     with workspace() as folder:
         broker = Broker(folder)
-        sim = Simulator(folder, site())
+        sim = Simulator(folder, site(count))
         daemon = Target("daemon", folder, broker, sim, events=True, sections={"monitor": MONITOR})
         with running(broker, sim, daemon):
             published = Published(broker)
             try:
                 for runs in CHANGING:
-                    result = scenario(sim, daemon, published, runs, intervals, settle)
+                    result = scenario(sim, daemon, published, runs, intervals, settle, count)
                     results.append(result)
                     print(json.dumps(result), flush=True)
             finally:
                 published.close()
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "monitor.json").write_text(json.dumps(results, indent=2) + "\n")
-    (args.out / "monitor.md").write_text(report(results, intervals))
+    (args.out / "monitor.md").write_text(report(results, intervals, count))
     return 0
 
 
-def report(results: list[dict[str, Any]], intervals: int) -> str:
+def report(results: list[dict[str, Any]], intervals: int, count: int = TASKS) -> str:
     lines = [
         "# Monitor cost per interval",
         "",
-        f"{TASKS:,} tasks on the site; interval {INTERVAL_S:g} s, overlap {INTERVAL_S:g} s;"
+        f"{count:,} tasks on the site; interval {INTERVAL_S:g} s, overlap {INTERVAL_S:g} s;"
         f" over {intervals} intervals (calls and messages: medians; CPU: the mean, as the kernel"
         " counts it in 10 ms ticks). One run in ten fails (its script log is read).",
         "",

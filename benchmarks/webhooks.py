@@ -18,13 +18,12 @@ import json
 import statistics
 import threading
 import time
-import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
 from .harness import Broker, Simulator, Target, cpu_s, rss_mib, running, workspace
-from .monitor import INTERVAL_S, MONITOR, TASKS, site
+from .monitor import INTERVAL_S, MONITOR, QUICK_TASKS, TASKS, site, task_ids
 
 RUNS = 100
 ANSWER_S = 2.0
@@ -59,13 +58,15 @@ class SlowReceiver:
         self.server.shutdown()
 
 
-def failing_ids() -> list[str]:
+def failing_ids(count: int) -> list[str]:
     # benchmarks.monitor's site: every tenth task fails.
-    return [str(uuid.UUID(int=0xBE0C << 112 | i)) for i in range(TASKS) if i % 10 == 9]
+    return task_ids(count)[9::10]
 
 
-def measure(sim: Simulator, daemon: Target, intervals: int, settle: int) -> dict[str, Any]:
-    ids = failing_ids()
+def measure(
+    sim: Simulator, daemon: Target, intervals: int, settle: int, count: int
+) -> dict[str, Any]:
+    ids = failing_ids(count)
     fired = 0
     cpu_ms: list[float] = []
     for n in range(intervals + settle):
@@ -87,10 +88,11 @@ def measure(sim: Simulator, daemon: Target, intervals: int, settle: int) -> dict
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="2 intervals a scenario")
+    parser.add_argument("--quick", action="store_true", help="2 intervals a scenario, 1,000 tasks")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args, _ = parser.parse_known_args()
     intervals, settle = (1, 1) if args.quick else (15, 2)
+    count = QUICK_TASKS if args.quick else TASKS
     results: dict[str, Any] = {}
     receiver = SlowReceiver()
     hook = {"name": "slow", "url": receiver.url, "timeout_s": 30, "queue_max": QUEUE_MAX,
@@ -99,27 +101,27 @@ def main() -> int:
         for name, alerts in (("without", {"webhooks": []}), ("with", {"webhooks": [hook]})):
             with workspace() as folder:
                 broker = Broker(folder)
-                sim = Simulator(folder, site())
+                sim = Simulator(folder, site(count))
                 sections: dict[str, Any] = {"monitor": MONITOR, "alerts": alerts}
                 daemon = Target("daemon", folder, broker, sim, events=True, sections=sections)
                 with running(broker, sim, daemon):
-                    results[name] = measure(sim, daemon, intervals, settle)
+                    results[name] = measure(sim, daemon, intervals, settle, count)
             results[name]["received"] = receiver.count if name == "with" else 0
             print(json.dumps({name: results[name]}), flush=True)
     finally:
         receiver.close()
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "webhooks.json").write_text(json.dumps(results, indent=2) + "\n")
-    (args.out / "webhooks.md").write_text(report(results, intervals))
+    (args.out / "webhooks.md").write_text(report(results, intervals, count))
     return 0
 
 
-def report(results: dict[str, Any], intervals: int) -> str:
+def report(results: dict[str, Any], intervals: int, count: int = TASKS) -> str:
     base = results["without"]["cpu_ms_per_interval"]
     lines = [
         "# The monitor with a slow webhook receiver",
         "",
-        f"{TASKS:,} tasks; {RUNS} failing runs per interval of {INTERVAL_S:g} s, over"
+        f"{count:,} tasks; {RUNS} failing runs per interval of {INTERVAL_S:g} s, over"
         f" {intervals} intervals; the receiver answers after {ANSWER_S:g} s;"
         f" the webhook's queue_max {QUEUE_MAX}. CPU: the mean per interval (kernel ticks).",
         "",

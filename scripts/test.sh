@@ -1,33 +1,46 @@
 #!/usr/bin/env bash
-# The whole check: install, then format, lint, types, and the test suite.
-# Extra arguments go to pytest (e.g. `scripts/test.sh -m "not slow"`).
+# The whole check: install, then format, lint, types, import layers and the test suite, then the
+# benchmark smoke runs. Extra arguments go to pytest (e.g. `scripts/test.sh -m "not slow"`).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 bash scripts/setup.sh test,dev,bench
 
-echo "== ruff format --check"
-.venv/bin/ruff format --check mqtt_starter tests benchmarks
-echo "== ruff check"
-.venv/bin/ruff check mqtt_starter tests benchmarks
-echo "== mypy --strict"
-.venv/bin/mypy mqtt_starter tests
-echo "== import-linter (the layers, .importlinter)"
-.venv/bin/lint-imports
+# The static checks run beside the test suite, whose two workers leave a core's worth of time
+# idle while they wait on brokers, daemons and simulators; their output follows the suite's.
+checks_log="$(mktemp)"
+trap 'rm -f "$checks_log"' EXIT
+(
+    set -e
+    echo "== ruff format --check"
+    .venv/bin/ruff format --check mqtt_starter tests benchmarks
+    echo "== ruff check"
+    .venv/bin/ruff check mqtt_starter tests benchmarks
+    echo "== mypy --strict"
+    .venv/bin/mypy mqtt_starter tests
+    echo "== import-linter (the layers, .importlinter)"
+    .venv/bin/lint-imports
+) >"$checks_log" 2>&1 &
+checks=$!
+
 echo "== pytest"
 status=0
-# Two workers (pytest-xdist), each with its own brokers. Coverage includes the daemon, command
-# and simulator subprocesses (pyproject.toml); a run below the floor fails.
-.venv/bin/python -m pytest -p no:cacheprovider -n 2 --cov --cov-report=term \
+# Two workers (pytest-xdist), each with its own brokers; the slow tests first, and a worker
+# that runs out takes queued tests from the other (worksteal). Coverage includes the daemon,
+# command and simulator subprocesses (pyproject.toml); a run below the floor fails. The
+# delivery and reliability tests run twice, with the daemon on uvloop and on asyncio's loop.
+.venv/bin/python -m pytest -p no:cacheprovider -n 2 --dist worksteal --cov --cov-report=term \
     --cov-fail-under=90 "$@" || status=$?
+checks_status=0
+wait "$checks" || checks_status=$?
+cat "$checks_log"
+if [ "$checks_status" -ne 0 ]; then
+    echo "a static check failed (above)" >&2
+    exit "$checks_status"
+fi
 if [ "$status" -eq 5 ]; then
     echo "pytest collected no tests: that is a failure" >&2
     exit 1
 fi
 [ "$status" -eq 0 ] || exit "$status"
-echo "== the delivery and reliability tests again, with the daemon on asyncio's own event loop"
-# The daemon runs on uvloop where it exists (ops/platform.py); these promises must hold on the
-# standard loop too, which Windows and MQTT_STARTER_LOOP=asyncio use.
-MQTT_STARTER_LOOP=asyncio .venv/bin/python -m pytest -p no:cacheprovider -q -n 2 \
-    tests/integration/test_delivery.py tests/integration/test_reliability.py
 echo "== benchmark smoke runs (benchmarks/test_smoke.py: the harness still runs end to end)"
-.venv/bin/python -m pytest -p no:cacheprovider -q -n 3 benchmarks/test_smoke.py
+.venv/bin/python -m pytest -p no:cacheprovider -q -n 4 benchmarks/test_smoke.py

@@ -37,6 +37,13 @@ class LoggedExceptions:
         return self.records
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The slow tests first, in their order, then the rest: the workers (pytest-xdist's
+    worksteal) share out the many short tests at the end, so that no long one starts last
+    and runs alone while the other worker idles."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
+
 @pytest.fixture(autouse=True)
 def logged_exceptions() -> Iterator[LoggedExceptions]:
     """Fails the test when the code logs an unexpected exception (a blind `except Exception`

@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import copy
 import getpass
+import io
 import itertools
 import json
 import os
@@ -23,6 +24,7 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
+from unittest import mock
 
 import aiomqtt
 import pytest
@@ -32,6 +34,7 @@ from loguru import logger
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
+from mqtt_starter.cli import main
 from mqtt_starter.config import settings_from_mapping
 from mqtt_starter.daemon import Daemon as AppDaemon
 from mqtt_starter.simulators.qrs.server import QrsSimulator
@@ -153,6 +156,23 @@ def daemon_loop(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch)
     loop: str = request.param
     monkeypatch.setenv("MQTT_STARTER_LOOP", loop)  # the daemon's process inherits it
     return loop
+
+
+async def cli(*args: str) -> tuple[int, str, str]:
+    """The command in this process (its output and exit code are all these tests look at),
+    in a thread of its own: it runs its own event loop. Logging is left as the suite set it."""
+
+    def run() -> tuple[int, str, str]:
+        out, err = io.StringIO(), io.StringIO()
+        with (
+            contextlib.redirect_stdout(out),
+            contextlib.redirect_stderr(err),
+            mock.patch("mqtt_starter.cli.configure_logging"),
+        ):
+            code = main(list(args))
+        return code, out.getvalue(), err.getvalue()
+
+    return await asyncio.wait_for(asyncio.to_thread(run), 60)
 
 
 class Notify:

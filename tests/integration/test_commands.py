@@ -3,43 +3,22 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import io
 import json
 import os
 import re
 import sys
 from pathlib import Path
 from typing import Any
-from unittest import mock
 
 import pytest
 import trustme
 import yaml
 
-from mqtt_starter.cli import main
 from mqtt_starter.simulators.qrs.server import QrsSimulator
 from tests.conftest import free_port, wait_until
 from tests.integration import helpers
-from tests.integration.conftest import Broker, Daemon, daemon_config, tls_settings
+from tests.integration.conftest import Broker, Daemon, cli, daemon_config, tls_settings
 from tests.integration.helpers import ARCHIVE, EXPORT, SALES, STOCK
-
-
-async def cli(*args: str) -> tuple[int, str, str]:
-    """The command in this process (its output and exit code are all these tests look at),
-    in a thread of its own: it runs its own event loop. Logging is left as the suite set it."""
-
-    def run() -> tuple[int, str, str]:
-        out, err = io.StringIO(), io.StringIO()
-        with (
-            contextlib.redirect_stdout(out),
-            contextlib.redirect_stderr(err),
-            mock.patch("mqtt_starter.cli.configure_logging"),
-        ):
-            code = main(list(args))
-        return code, out.getvalue(), err.getvalue()
-
-    return await asyncio.wait_for(asyncio.to_thread(run), 60)
 
 
 async def cli_process(*args: str) -> tuple[int, str, str]:

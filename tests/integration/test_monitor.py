@@ -406,6 +406,7 @@ async def test_a_log_that_cannot_be_read_stops_nothing(
     elif failure == "http-500":
         sim_state.faults.fail_next, sim_state.faults.fail_status = 1000, 500
         sim_state.faults.path_contains = "scriptlog"
+        monkeypatch.setattr(backend, "LOG_RETRY_S", (0.01, 0.01))
     else:
         sim_state.variants = Variants(log_ready_after_reads=10**6)
         monkeypatch.setattr(backend, "LOG_RETRY_S", (0.01, 0.01))

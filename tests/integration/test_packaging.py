@@ -38,6 +38,9 @@ BASE_IMAGE = "localhost/mqtt-starter-test-base:bookworm"
 PODMAN = ["podman", "--runtime", "runc", "--cgroup-manager=cgroupfs", "--events-backend=file"]
 LIMITS = ["--ulimit", "nofile=1024:1024", "--ulimit", "nproc=1024:1024"]
 
+# Building the wheels, the image and virtual environments takes most of a minute.
+pytestmark = pytest.mark.slow
+
 
 def sh(*args: str | Path, timeout: float = 600, check: bool = True) -> str:
     result = subprocess.run(

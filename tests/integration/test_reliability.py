@@ -21,7 +21,13 @@ from tests.integration.conftest import Broker, Client, Daemon
 from tests.integration.helpers import many_task_ids, many_tasks
 
 LOAD = many_task_ids(250, 0xC0)
+# Triggers published faster than a slow QRS lets the daemon answer them: a backlog in the
+# broker many times mqtt.max_in_flight.
+OVERLOAD = 600
 RecordProperty = Any
+
+# Every promise here holds on both event loops the daemon may run on.
+pytestmark = pytest.mark.usefixtures("daemon_loop")
 
 
 @pytest.fixture
@@ -163,16 +169,51 @@ async def test_qrs_faults_retried_within_bounds_then_unavailable(
     assert sim_state.peak_in_flight <= 3
 
 
+def outstanding_peaks(log: str, daemon_id: str, start_prefix: str) -> tuple[int, int]:
+    """From mosquitto's debug log (one line per packet, in the order it handled them): the
+    most triggers the daemon held unacknowledged at once, and the most the broker held for it
+    (received from publishers, not yet sent on)."""
+    sent_to = f"Sending PUBLISH to {daemon_id} "
+    acked_by = f"Received PUBACK from {daemon_id} "
+    held = in_daemon = peak_held = peak_in_daemon = 0
+    unacked: set[str] = set()
+    for line in log.splitlines():
+        if f"'{start_prefix}" in line and "PUBLISH" in line:
+            if sent_to in line:
+                unacked.add(re.search(r", m(\d+),", line).group(1))  # type: ignore[union-attr]
+                held -= 1
+            elif "Received PUBLISH from" in line:
+                held += 1
+        elif acked_by in line:
+            unacked.discard(re.search(r"Mid: (\d+)", line).group(1))  # type: ignore[union-attr]
+        in_daemon = len(unacked)
+        peak_held, peak_in_daemon = max(peak_held, held), max(peak_in_daemon, in_daemon)
+    return peak_in_daemon, peak_held
+
+
 @pytest.mark.slow
-async def test_overload_is_held_by_the_broker_not_the_daemon(
-    make_daemon: Any, mqtt: Client, sim_state: SimState, record_property: RecordProperty
+async def test_overload_runs_at_most_max_in_flight_and_answers_every_trigger(
+    broker: Broker, make_daemon: Any, sim_state: SimState, record_property: RecordProperty
 ) -> None:
-    daemon: Daemon = await make_daemon(log={"level": "WARNING"})
+    # A broker that logs each packet, so that the test sees where the backlog waits.
+    broker.stop()
+    broker.extra = "log_type debug\n"
+    broker.start()
+    daemon: Daemon = await make_daemon(
+        log={"level": "WARNING"}, mqtt={"max_in_flight": 10}, qrs={"max_concurrency": 32}
+    )
     assert daemon.process is not None
     pid = daemon.process.pid
+    sim_state.faults.delay_s = 0.05  # a slow QRS: the daemon cannot keep up with the publisher
+    async with Client(broker) as mqtt:
+        await overload(mqtt, pid, broker, sim_state, record_property)
+
+
+async def overload(
+    mqtt: Client, pid: int, broker: Broker, sim_state: SimState, record_property: RecordProperty
+) -> None:
     before = rss_kib(pid)
     peak = before
-    sim_state.faults.delay_s = 0.004  # a slow QRS: the daemon cannot keep up with the publisher
     await mqtt.subscribe("butler/reply/#")
     sampling = True
 
@@ -184,26 +225,33 @@ async def test_overload_is_held_by_the_broker_not_the_daemon(
 
     sampler = asyncio.create_task(sample())
     started = time.monotonic()
-    for i in range(5000):
+    for i in range(OVERLOAD):
         await mqtt.publish(
             f"butler/start/name/Load {i % 250:03d}", {"requestId": f"o-{i}", "dryRun": True}
         )
     published = time.monotonic() - started
-    replies = await mqtt.wait_for("butler/reply/#", 5000, timeout=300)
+    replies = await mqtt.wait_for("butler/reply/#", OVERLOAD, timeout=300)
     answered = time.monotonic() - started
     sampling = False
     await sampler
     ids = {r.json()["requestId"] for r in replies}
+    in_daemon, in_broker = outstanding_peaks(broker.log, broker.client_id, "butler/start/")
     growth_mib = (peak - before) / 1024
     record_property("rss_before_mib", before / 1024)
     record_property("rss_peak_mib", peak / 1024)
     print(
-        f"\noverload: 5000 triggers published in {published:.1f} s, all answered after"
-        f" {answered:.1f} s; RSS {before / 1024:.1f} MiB before, peak {peak / 1024:.1f} MiB"
+        f"\noverload: {OVERLOAD} triggers published in {published:.1f} s, all answered after"
+        f" {answered:.1f} s; at most {in_daemon} in the daemon and {in_broker} in the broker;"
+        f" RSS {before / 1024:.1f} MiB before, peak {peak / 1024:.1f} MiB"
     )
-    assert ids == {f"o-{i}" for i in range(5000)}
+    assert ids == {f"o-{i}" for i in range(OVERLOAD)}
     assert sim_state.started == []
-    # Bounded: in-flight work is capped at mqtt.max_in_flight; the broker keeps the backlog.
+    # A backlog many times mqtt.max_in_flight, and never more than that many handled at once.
+    # Where the backlog waits is the broker's choice: Debian 12's mosquitto (2.0.11) sends
+    # beyond the Receive Maximum (eclipse-mosquitto#2301), and the excess waits in the
+    # daemon unacknowledged, without a handler; a broker that honours it keeps all of it.
+    assert in_daemon + in_broker > 100
+    assert sim_state.peak_in_flight == 10
     assert growth_mib < 40
 
 

@@ -3,8 +3,6 @@ section 5, the request it sends, and what it prints."""
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import io
 import json
 from pathlib import Path
@@ -12,13 +10,12 @@ from typing import Any
 
 import pytest
 
-from mqtt_starter.cli import main
 from mqtt_starter.commands.trigger import Ask, trigger
 from mqtt_starter.config import MqttSettings
 from mqtt_starter.simulators.qrs.state import SimState
 from tests.conftest import free_port
 from tests.integration import helpers
-from tests.integration.conftest import Broker, Client, LocalDaemon
+from tests.integration.conftest import Broker, Client, LocalDaemon, cli
 from tests.integration.helpers import ARCHIVE, FORECAST, LONG, SALES, STOCK
 
 
@@ -128,16 +125,6 @@ async def test_mqtt_3_1_1_gets_its_replies_through_reply_to(
     code = await trigger(settings, Ask(task_ids=[SALES], dry_run=True), out=out, err=err)
     assert code == 0
     assert out.getvalue().splitlines()[1] == f"  dry_run           Reload Sales ({SALES})"
-
-
-async def cli(*args: str) -> tuple[int, str, str]:
-    def call() -> tuple[int, str, str]:
-        out, err = io.StringIO(), io.StringIO()
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            code = main(list(args))
-        return code, out.getvalue(), err.getvalue()
-
-    return await asyncio.to_thread(call)
 
 
 @pytest.mark.parametrize(

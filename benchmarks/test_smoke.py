@@ -28,7 +28,7 @@ def test_benchmarks_quick_run_writes_every_result(tmp_path: Path) -> None:
     report = json.loads((tmp_path / "results.json").read_text())
     assert set(report["summary"]) == {"zero", "slow"}
     fan = report["fan_out_slow"]["daemon"]
-    assert {n: fan[n]["qrs_calls"] for n in fan} == {"1": 2, "10": 11, "100": 101, "1000": 1001}
+    assert {n: fan[n]["qrs_calls"] for n in fan} == {"1": 2, "10": 11, "100": 101}
     assert max(fan[n]["peak_in_flight"] for n in fan) <= 8
     assert len(report["targets"]) == 9
     assert (tmp_path / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

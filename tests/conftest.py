@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
+import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
@@ -13,8 +14,8 @@ from typing import Any
 import pytest
 from loguru import logger
 
-from mqtt_starter.config import QrsSettings, RetrySettings
-from mqtt_starter.ops.logs import request_log
+from mqtt_starter.config import LogSettings, QrsSettings, RetrySettings
+from mqtt_starter.ops.logs import configure_logging, request_log
 from mqtt_starter.simulators.certs import CertPaths, ensure_certificates
 from mqtt_starter.simulators.qrs.fixtures import Fixture, load_fixture
 from mqtt_starter.simulators.qrs.server import QrsSimulator
@@ -35,6 +36,15 @@ class LoggedExceptions:
         """The test expects one or more: they are its to assert, and do not fail it."""
         self.expected = True
         return self.records
+
+
+def restore_logging() -> None:
+    """Logging as the suite runs with it, after a test that configured its own: to the
+    worker's own stderr (pytest captures it per test at the descriptor). Not to `sys.stderr`
+    of the moment: in a test with `capsys` that is a stream closed after the test, and every
+    later line would fail on it (or land in another test's captured output)."""
+    with contextlib.redirect_stderr(sys.__stderr__):
+        configure_logging(LogSettings(level="DEBUG"), console=True)
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

@@ -27,7 +27,7 @@ from mqtt_starter.ops.platform import (
     loop_factory,
     run,
 )
-from tests.conftest import LoggedExceptions
+from tests.conftest import LoggedExceptions, restore_logging
 from tests.windows_like import WindowsLikeLoop
 
 
@@ -223,9 +223,9 @@ def log_lines() -> Iterator[list[str]]:
 
 
 @pytest.fixture
-def restore_logging() -> Iterator[None]:
+def logging_restored() -> Iterator[None]:
     yield
-    configure_logging(LogSettings(level="DEBUG"))
+    restore_logging()
 
 
 def test_without_a_console_the_log_goes_to_the_platform_file(
@@ -238,7 +238,7 @@ def test_without_a_console_the_log_goes_to_the_platform_file(
     assert log_file(LogSettings(), console=False) == Path(default_log_file())
 
 
-@pytest.mark.usefixtures("restore_logging")
+@pytest.mark.usefixtures("logging_restored")
 @pytest.mark.parametrize("form", ["text", "json"])
 def test_the_log_file_rotates_and_keeps_so_many(
     tmp_path: Path, form: str, logged_exceptions: LoggedExceptions

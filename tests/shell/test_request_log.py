@@ -14,6 +14,7 @@ from loguru import logger
 
 from mqtt_starter.config import LogSettings
 from mqtt_starter.ops.logs import REQUEST_LOGGER, RequestLog, configure_logging
+from tests.conftest import restore_logging
 
 LINE = "request mqtt butler/start/id/{x} requestId=r-1 -> ok started=1 unmatched=0 in 3 ms"
 STAMP = r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d{3} "
@@ -33,7 +34,7 @@ class Stderr:
 def stderr(capsys: pytest.CaptureFixture[str]) -> Iterator[Stderr]:
     """The test's stderr; the test's logging set up again afterwards."""
     yield Stderr(capsys)
-    configure_logging(LogSettings(level="DEBUG"), console=True)
+    restore_logging()
 
 
 def loguru_line_and_request_line(stream: Stderr, requests: RequestLog) -> list[str]:

@@ -21,8 +21,8 @@ from tests.integration.conftest import Broker, Client, Daemon
 from tests.integration.helpers import many_task_ids, many_tasks
 
 LOAD = many_task_ids(250, 0xC0)
-# Triggers published faster than a slow QRS lets the daemon answer them: a backlog in the
-# broker many times mqtt.max_in_flight.
+# Triggers published faster than a slow QRS lets the daemon answer them: a backlog many times
+# mqtt.max_in_flight.
 OVERLOAD = 600
 RecordProperty = Any
 

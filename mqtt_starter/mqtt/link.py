@@ -162,67 +162,28 @@ def build_tls_context(settings: MqttSettings) -> ssl.SSLContext | None:
     return context
 
 
-class _Connection:
-    """One connection to the broker: a paho client driven by the running event loop.
+class _SocketDriver:
+    """A paho client's socket, read and written from the running event loop.
 
-    `open()` connects (the blocking part in a thread) and waits for CONNACK; `lost` is done
-    when the connection ends, with the reason. Every other method runs on the loop.
+    paho's socket callbacks are this class's: the socket is watched for reading once paho has
+    opened it, a write is made on the loop's next turn, and keepalive runs on a timer. `end`
+    drops the socket whatever paho says and tells `on_end` why; paho's own end of the
+    connection reaches its `on_disconnect` instead.
     """
 
-    def __init__(
-        self,
-        settings: MqttSettings,
-        tls: ssl.SSLContext | None,
-        client_id: str,
-        on_message: Callable[[paho.MQTTMessage], None],
-        *,
-        session: bool,
-        will_topic: str | None = None,
-    ) -> None:
-        """`session`: the daemon's persistent session with manual acknowledgement; otherwise
-        a clean session that paho acknowledges itself (the operator commands)."""
-        self.settings = settings
-        self.v5 = settings.protocol == "5"
+    def __init__(self, client: _Client, on_end: Callable[[str], None]) -> None:
+        self.client = client
+        self._on_end = on_end
         self._loop = asyncio.get_running_loop()
         self._loop_thread = threading.get_ident()
-        self._session = session
-        client = _Client(
-            CallbackAPIVersion.VERSION2,
-            client_id=client_id,
-            protocol=paho.MQTTv5 if self.v5 else paho.MQTTv311,
-            clean_session=None if self.v5 else not session,
-        )
-        if settings.username is not None:
-            password = settings.password.get_secret_value() if settings.password else None
-            client.username_pw_set(settings.username, password)
-        if tls is not None:
-            client.tls_set_context(tls)
-            if settings.tls.insecure:
-                client.tls_insecure_set(True)
-        if will_topic is not None:
-            client.will_set(will_topic, b"offline", qos=1, retain=True)
-        # Before CONNECT: queued session messages may arrive before we subscribe again.
-        client.manual_ack_set(session)
-        client.on_socket_open = self._socket_open
-        client.on_socket_close = self._socket_close
-        client.on_socket_register_write = self._register_write
-        client.on_socket_unregister_write = self._unregister_write
-        client.on_connect = self._connected
-        client.on_disconnect = self._disconnected
-        client.on_publish = self._published
-        client.on_subscribe = self._subscribed
-        client.on_message = lambda _client, _userdata, message: on_message(message)
-        self.client = client
         self._fd = -1
         self._flush_due = False
         self._writer_added = False
         self._misc: asyncio.TimerHandle | None = None
-        self._connack: asyncio.Future[None] = self._loop.create_future()
-        self.lost: asyncio.Future[str] = self._loop.create_future()
-        self._publishes: dict[int, asyncio.Future[None]] = {}
-        self._subscribes: dict[int, asyncio.Future[list[ReasonCode]]] = {}
-
-    # -- the socket, through the event loop ---------------------------------------------------
+        client.on_socket_open = self._socket_open
+        client.on_socket_close = self._socket_close
+        client.on_socket_register_write = self._register_write
+        client.on_socket_unregister_write = self._unregister_write
 
     def _on_loop(self, callback: Callable[..., object], *args: Any) -> None:
         """paho calls back from the connect thread too: what touches the loop runs on it."""
@@ -294,7 +255,7 @@ class _Connection:
             while client.buffered() and self._fd >= 0:
                 client.loop_read()
         except Exception as exc:  # paho lets some socket errors through: the connection is over
-            self._end(f"reading from the broker failed: {exc}")
+            self.end(f"reading from the broker failed: {exc}")
             return
         # Over TLS, records already decrypted wait in the SSL object, not in the socket: the
         # loop would not call again until more bytes arrive (paho's own loop checks the same).
@@ -306,20 +267,20 @@ class _Connection:
         try:
             self.client.loop_write()
         except Exception as exc:
-            self._end(f"writing to the broker failed: {exc}")
+            self.end(f"writing to the broker failed: {exc}")
 
     def _tick(self) -> None:
         self._misc = None
         try:
             self.client.loop_misc()
         except Exception as exc:
-            self._end(f"the broker connection failed: {exc}")
+            self.end(f"the broker connection failed: {exc}")
             return
         if self._fd >= 0:
             self._misc = self._loop.call_later(MISC_INTERVAL_S, self._tick)
 
-    def _end(self, reason: str) -> None:
-        """The connection is over whatever paho says: close it and fail what waits on it."""
+    def end(self, reason: str) -> None:
+        """The connection is over whatever paho says: drop the socket and say why."""
         if self._fd >= 0:
             self._unwatch(self._fd)
             self._fd = -1
@@ -327,7 +288,60 @@ class _Connection:
         # Last Will); this client is never used again after it.
         with contextlib.suppress(Exception):
             self.client._sock_close()
-        self._lost(reason)
+        self._on_end(reason)
+
+
+class _Connection:
+    """One connection to the broker: a paho client driven by the running event loop.
+
+    `open()` connects (the blocking part in a thread) and waits for CONNACK; `lost` is done
+    when the connection ends, with the reason. Every other method runs on the loop.
+    """
+
+    def __init__(
+        self,
+        settings: MqttSettings,
+        tls: ssl.SSLContext | None,
+        client_id: str,
+        on_message: Callable[[paho.MQTTMessage], None],
+        *,
+        session: bool,
+        will_topic: str | None = None,
+    ) -> None:
+        """`session`: the daemon's persistent session with manual acknowledgement; otherwise
+        a clean session that paho acknowledges itself (the operator commands)."""
+        self.settings = settings
+        self.v5 = settings.protocol == "5"
+        self._loop = asyncio.get_running_loop()
+        self._session = session
+        client = _Client(
+            CallbackAPIVersion.VERSION2,
+            client_id=client_id,
+            protocol=paho.MQTTv5 if self.v5 else paho.MQTTv311,
+            clean_session=None if self.v5 else not session,
+        )
+        if settings.username is not None:
+            password = settings.password.get_secret_value() if settings.password else None
+            client.username_pw_set(settings.username, password)
+        if tls is not None:
+            client.tls_set_context(tls)
+            if settings.tls.insecure:
+                client.tls_insecure_set(True)
+        if will_topic is not None:
+            client.will_set(will_topic, b"offline", qos=1, retain=True)
+        # Before CONNECT: queued session messages may arrive before we subscribe again.
+        client.manual_ack_set(session)
+        client.on_connect = self._connected
+        client.on_disconnect = self._disconnected
+        client.on_publish = self._published
+        client.on_subscribe = self._subscribed
+        client.on_message = lambda _client, _userdata, message: on_message(message)
+        self.client = client
+        self._socket = _SocketDriver(client, self._lost)
+        self._connack: asyncio.Future[None] = self._loop.create_future()
+        self.lost: asyncio.Future[str] = self._loop.create_future()
+        self._publishes: dict[int, asyncio.Future[None]] = {}
+        self._subscribes: dict[int, asyncio.Future[list[ReasonCode]]] = {}
 
     def _lost(self, reason: str) -> None:
         if not self.lost.done():
@@ -412,7 +426,7 @@ class _Connection:
 
     def close(self) -> None:
         """Drop the connection without a DISCONNECT (the broker sends the Last Will)."""
-        self._end("closed")
+        self._socket.end("closed")
 
     async def publish(
         self,

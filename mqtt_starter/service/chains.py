@@ -37,6 +37,9 @@ LINEAGES_KEPT = 10_000
 
 
 class Publisher(Protocol):
+    """Where a chain's replies go (`<base>/reply/chain/<name>`): the daemon's reply
+    publisher, which holds them while the broker is away."""
+
     async def publish(self, topic: str, payload: bytes) -> None: ...
 
 

@@ -90,6 +90,8 @@ class _Client(paho.Client):
         end = self._at + bufsize
         chunk = self._inbox[self._at : end]
         self._at = end
+        if end >= len(self._inbox):
+            self._inbox, self._at = b"", 0  # all served: nothing kept until the next read
         return chunk
 
 

@@ -9,7 +9,9 @@ installed=$SECONDS
 # The static checks run beside the test suite, which leaves much of the machine idle while it
 # waits on brokers, daemons and simulators; their output follows the suite's.
 checks_log="$(mktemp)"
-trap 'rm -f "$checks_log"' EXIT
+checks=""
+# However this command ends (a failed step, Ctrl-C), the checks end with it.
+trap '[ -z "$checks" ] || kill "$checks" 2>/dev/null; rm -f "$checks_log"' EXIT
 (
     set -e
     echo "== ruff format --check"

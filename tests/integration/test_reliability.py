@@ -169,6 +169,12 @@ async def test_qrs_faults_retried_within_bounds_then_unavailable(
     assert sim_state.peak_in_flight <= 3
 
 
+def message_id(pattern: str, line: str) -> str:
+    found = re.search(pattern, line)
+    assert found is not None, f"no message id in mosquitto's line {line!r}"
+    return found.group(1)
+
+
 def outstanding_peaks(log: str, daemon_id: str, start_prefix: str) -> tuple[int, int]:
     """From mosquitto's debug log (one line per packet, in the order it handled them): the
     most triggers the daemon held unacknowledged at once, and the most the broker held for it
@@ -180,12 +186,12 @@ def outstanding_peaks(log: str, daemon_id: str, start_prefix: str) -> tuple[int,
     for line in log.splitlines():
         if f"'{start_prefix}" in line and "PUBLISH" in line:
             if sent_to in line:
-                unacked.add(re.search(r", m(\d+),", line).group(1))  # type: ignore[union-attr]
+                unacked.add(message_id(r", m(\d+),", line))
                 held -= 1
             elif "Received PUBLISH from" in line:
                 held += 1
         elif acked_by in line:
-            unacked.discard(re.search(r"Mid: (\d+)", line).group(1))  # type: ignore[union-attr]
+            unacked.discard(message_id(r"Mid: (\d+)", line))
         in_daemon = len(unacked)
         peak_held, peak_in_daemon = max(peak_held, held), max(peak_in_daemon, in_daemon)
     return peak_in_daemon, peak_held

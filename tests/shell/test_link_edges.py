@@ -26,13 +26,19 @@ async def test_a_link_stopped_while_it_waits_for_connack_leaves_no_unseen_error(
 
     link = MqttLink(MqttSettings(host="127.0.0.1", port=port), ["butler/start/#"], "b/avail")
     running = asyncio.create_task(link.run(handler))
-    async with asyncio.timeout(30):
-        await connect_sent.wait()
-    connection = link._connection
-    assert connection is not None
-    running.cancel()  # as the daemon's task group does when it stops
-    with contextlib.suppress(asyncio.CancelledError):
-        await running
+    try:
+        async with asyncio.timeout(30):
+            await connect_sent.wait()
+        connection = link._connection
+        assert connection is not None
+    finally:
+        running.cancel()  # as the daemon's task group does when it stops
+        with contextlib.suppress(asyncio.CancelledError):
+            await running
+        for writer in held:
+            writer.close()
+        server.close()
+        await server.wait_closed()
     # Closing the connection failed its CONNACK future, which nobody awaits any more: unless
     # marked as seen, asyncio logs "Future exception was never retrieved" whenever the
     # future is collected (in a later test, or at exit).
@@ -40,7 +46,3 @@ async def test_a_link_stopped_while_it_waits_for_connack_leaves_no_unseen_error(
     assert connack.done()
     assert not connack._log_traceback  # before .exception(), which would mark it seen
     assert isinstance(connack.exception(), Exception)
-    for writer in held:
-        writer.close()
-    server.close()
-    await server.wait_closed()

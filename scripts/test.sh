@@ -11,7 +11,7 @@ installed=$SECONDS
 checks_log="$(mktemp)"
 checks=""
 # However this command ends (a failed step, Ctrl-C), the checks end with it.
-trap '[ -z "$checks" ] || kill "$checks" 2>/dev/null; rm -f "$checks_log"' EXIT
+trap '[ -z "$checks" ] || kill "$checks" 2>/dev/null || true; rm -f "$checks_log"' EXIT
 (
     set -e
     echo "== ruff format --check"
@@ -36,6 +36,7 @@ status=0
     --cov-fail-under=90 "$@" || status=$?
 checks_status=0
 wait "$checks" || checks_status=$?
+checks=""
 cat "$checks_log"
 if [ "$checks_status" -ne 0 ]; then
     echo "a static check failed (above)" >&2

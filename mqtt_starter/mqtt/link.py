@@ -3,7 +3,8 @@
 paho is driven from the event loop itself: its socket is read and written through the loop's
 reader and writer callbacks (one `recv` per wake-up, whatever paho asks for), its keepalive runs
 on a timer, a publish waits on one future per message id. No thread, no queue and no timeout
-per message: a received message becomes the one task that handles it. Only the blocking
+per message: a received message becomes the one task that handles it. A trigger and the
+PUBACK of a reply are read without paho's Properties objects (packets.py). Only the blocking
 connect (name lookup, TCP, TLS handshake) runs in a thread.
 
 What it promises (mqtt-notes.md):

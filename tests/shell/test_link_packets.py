@@ -17,7 +17,7 @@ from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode, MQTTProtocolVersi
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from mqtt_starter.mqtt.link import Incoming, _Client, _incoming
+from mqtt_starter.mqtt.link import Incoming, _Client, _incoming, _variable_int
 from mqtt_starter.mqtt.packets import Publish, read_publish
 
 TEXT = st.text(st.characters(blacklist_categories=["Cs"]), max_size=40)
@@ -40,12 +40,8 @@ def _body(topic: bytes, mid: int | None, props: bytes | None, payload: bytes) ->
 
 
 def _packet(header: int, body: bytes) -> bytes:
-    length, encoded = len(body), bytearray()
-    while True:
-        byte, length = length % 128, length // 128
-        encoded.append(byte | 0x80 if length else byte)
-        if not length:
-            return bytes([header]) + bytes(encoded) + body
+    """The whole packet: its first byte, the remaining length, the body."""
+    return bytes([header]) + _variable_int(len(body)) + body
 
 
 @given(

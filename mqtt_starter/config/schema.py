@@ -102,10 +102,12 @@ class MqttSettings(Section):
     )
     keepalive_s: int = Field(60, ge=5, le=65535, description="MQTT keep-alive interval")
     max_in_flight: int = Field(
-        20,
+        100,
         ge=1,
         le=65535,
-        description="triggers handled at once; the broker holds the rest (MQTT 5 Receive Maximum)",
+        description="triggers taken from the broker at once, each acknowledged once served; the"
+        " broker holds the rest (MQTT 5 Receive Maximum; for 3.1.1, mosquitto's"
+        " max_inflight_messages)",
     )
     stop_timeout_s: float = Field(
         30.0,

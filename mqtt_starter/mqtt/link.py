@@ -32,7 +32,7 @@ import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any, Literal, cast
 
 import paho.mqtt.client as paho
 from loguru import logger
@@ -120,7 +120,7 @@ class _Client(paho.Client):
             return self._send_puback(read.mid)
         return MQTTErrorCode.MQTT_ERR_SUCCESS
 
-    def _handle_pubackcomp(self, cmd: Any) -> MQTTErrorCode:
+    def _handle_pubackcomp(self, cmd: Literal["PUBACK", "PUBCOMP"]) -> MQTTErrorCode:
         packet = self._in_packet["packet"]
         if cmd != "PUBACK" or len(packet) != 2:
             return super()._handle_pubackcomp(cmd)

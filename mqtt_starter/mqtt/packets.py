@@ -15,9 +15,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 # MQTT 5, 2.2.2.2: the properties a PUBLISH may carry, by how their values are laid out.
-_BYTE = frozenset({0x01})  # Payload Format Indicator
-_TWO_BYTES = frozenset({0x23})  # Topic Alias
-_FOUR_BYTES = frozenset({0x02})  # Message Expiry Interval
+# Fixed widths: Payload Format Indicator, Message Expiry Interval, Topic Alias.
+_FIXED_WIDTH = {0x01: 1, 0x02: 4, 0x23: 2}
 _CONTENT_TYPE = 0x03  # UTF-8 string
 _RESPONSE_TOPIC = 0x08  # UTF-8 string
 _CORRELATION_DATA = 0x09  # binary data
@@ -78,12 +77,8 @@ def _properties(data: bytes, at: int) -> tuple[int, str | None, bytes | None] | 
     while at < end:
         ident = data[at]
         at += 1
-        if ident in _BYTE:
-            at += 1
-        elif ident in _TWO_BYTES:
-            at += 2
-        elif ident in _FOUR_BYTES:
-            at += 4
+        if ident in _FIXED_WIDTH:
+            at += _FIXED_WIDTH[ident]  # past the block is caught below
         elif ident == _SUBSCRIPTION_ID:
             number = _variable_int(data, at)
             if number is None:

@@ -143,6 +143,7 @@ def reading(protocol: MQTTProtocolVersion) -> Iterator[Reading]:
     the other end as the broker."""
     ours, theirs = socket.socketpair()
     ours.setblocking(False)
+    theirs.settimeout(5)  # a read for a packet the client never sent fails, never hangs
     client = _Client(CallbackAPIVersion.VERSION2, client_id="packets", protocol=protocol)
     client._sock = ours
     received: list[MQTTMessage] = []

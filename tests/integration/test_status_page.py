@@ -101,6 +101,11 @@ class Browser:
 
         return str(await self(read))
 
+    async def click(self, css: str) -> None:
+        """Click the first element `css` finds (found in the thread too: the page must be
+        done drawing it, or the element may be stale by the click)."""
+        await self(lambda: self.driver.find_element(By.CSS_SELECTOR, css).click())
+
     async def script(self, code: str) -> Any:
         return await self(self.driver.execute_script, code)
 
@@ -170,10 +175,18 @@ async def test_requests_and_runs_appear_live(
     sim_state.stop(sim_state.tasks[ORDERS])
     await browser.wait_text("#runs", "nothing running")
     await browser.wait_text("#tasks", "Aborted")
+    # The request's row is completed by its follow-up (drawn anew, so it is clicked only then).
+    await browser.wait_text("#requests tr.request", "error (finished)")  # the run was aborted
+    assert "Reload Orders started → Aborted" in await browser.text("#requests tr.request")
     # Details on demand: a click shows the reply as it was sent.
-    await browser(browser.driver.find_element(By.CSS_SELECTOR, "#requests tr.request").click)
+    await browser.click("#requests tr.request")
     details = json.loads(await browser.text("pre.details"))
-    assert (details["requestId"], details["tasks"][0]["result"]) == ("page-1", "started")
+    assert (details["requestId"], details["stage"], details["status"]) == (
+        "page-1",
+        "finished",
+        "error",
+    )
+    assert (details["tasks"][0]["result"], details["tasks"][0]["state"]) == ("started", "Aborted")
     assert await browser.script("return window.loadedOnce") == 42  # never reloaded
     await browser(browser.driver.save_screenshot, str(tmp_path / "status-page.png"))
 

@@ -102,8 +102,8 @@ class Browser:
         return str(await self(read))
 
     async def click(self, css: str) -> None:
-        """Click the first element `css` finds (found in the thread too: the page must be
-        done drawing it, or the element may be stale by the click)."""
+        """Click the first element `css` finds. Wait first for what the page still has to
+        draw there: an element drawn anew between the find and the click is stale."""
         await self(lambda: self.driver.find_element(By.CSS_SELECTOR, css).click())
 
     async def script(self, code: str) -> Any:
@@ -175,10 +175,10 @@ async def test_requests_and_runs_appear_live(
     sim_state.stop(sim_state.tasks[ORDERS])
     await browser.wait_text("#runs", "nothing running")
     await browser.wait_text("#tasks", "Aborted")
-    # The request's row is completed by its follow-up (drawn anew, so it is clicked only then).
+    # The follow-up completes the request's row (drawing it anew: it is clicked only after).
     await browser.wait_text("#requests tr.request", "error (finished)")  # the run was aborted
     assert "Reload Orders started → Aborted" in await browser.text("#requests tr.request")
-    # Details on demand: a click shows the reply as it was sent.
+    # Details on demand: a click shows the request's reply, as its follow-up completed it.
     await browser.click("#requests tr.request")
     details = json.loads(await browser.text("pre.details"))
     assert (details["requestId"], details["stage"], details["status"]) == (
